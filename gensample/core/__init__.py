@@ -1,0 +1,1 @@
+"""Pure torch math shared by every sampler (no diffusers import)."""

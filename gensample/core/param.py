@@ -1,0 +1,88 @@
+"""Conversions between the parameterisations of a VP denoiser.
+
+x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps              (DDPM eq. 4)
+v   = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0              (Salimans & Ho 2022, sec. 4)
+score = grad log q_t(x_t) = -eps / sqrt(1 - alpha_bar)          (Song et al. 2021, eq. 3 / Tweedie)
+
+Every sampler in gensample works on ``eps_hat``; this module is the one place that converts a
+diffusers ``prediction_type`` ("epsilon" | "sample" | "v_prediction") into it.
+`alpha_bar` may be a scalar or a per-sample (B,) tensor; it is broadcast over x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import expand_to
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def _ab(alpha_bar, x):
+    ab = expand_to(torch.as_tensor(alpha_bar, dtype=torch.float64, device=x.device), x)
+    return ab
+
+
+def eps_to_x0(eps, x_t, alpha_bar):
+    ab = _ab(alpha_bar, x_t)
+    return ((x_t.double() - (1 - ab).sqrt() * eps.double()) / ab.sqrt()).to(x_t.dtype)
+
+
+def x0_to_eps(x0, x_t, alpha_bar):
+    ab = _ab(alpha_bar, x_t)
+    return ((x_t.double() - ab.sqrt() * x0.double()) / (1 - ab).sqrt()).to(x_t.dtype)
+
+
+def v_to_eps(v, x_t, alpha_bar):
+    """eps = sqrt(ab) v + sqrt(1-ab) x_t."""
+    ab = _ab(alpha_bar, x_t)
+    return (ab.sqrt() * v.double() + (1 - ab).sqrt() * x_t.double()).to(x_t.dtype)
+
+
+def v_to_x0(v, x_t, alpha_bar):
+    """x0 = sqrt(ab) x_t - sqrt(1-ab) v."""
+    ab = _ab(alpha_bar, x_t)
+    return (ab.sqrt() * x_t.double() - (1 - ab).sqrt() * v.double()).to(x_t.dtype)
+
+
+def eps_to_v(eps, x_t, alpha_bar):
+    x0 = eps_to_x0(eps, x_t, alpha_bar)
+    ab = _ab(alpha_bar, x_t)
+    return (ab.sqrt() * eps.double() - (1 - ab).sqrt() * x0.double()).to(x_t.dtype)
+
+
+def eps_to_score(eps, alpha_bar):
+    ab = _ab(alpha_bar, eps)
+    return (-eps.double() / (1 - ab).sqrt()).to(eps.dtype)
+
+
+def score_to_eps(score, alpha_bar):
+    ab = _ab(alpha_bar, score)
+    return (-score.double() * (1 - ab).sqrt()).to(score.dtype)
+
+
+def to_eps(model_output, x_t, alpha_bar, prediction_type: str):
+    """Convert a model output of the given diffusers prediction_type to eps_hat."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return x0_to_eps(model_output, x_t, alpha_bar)
+    if prediction_type == "v_prediction":
+        return v_to_eps(model_output, x_t, alpha_bar)
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def from_eps(eps, x_t, alpha_bar, prediction_type: str):
+    """Inverse of `to_eps`: express eps_hat in the given prediction_type."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return eps_to_x0(eps, x_t, alpha_bar)
+    if prediction_type == "v_prediction":
+        return eps_to_v(eps, x_t, alpha_bar)
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def cfg_combine(eps_uncond, eps_cond, guidance_scale: float):
+    """Classifier-free guidance, diffusers convention: eps_u + w (eps_c - eps_u) (Ho & Salimans 2022)."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -1,0 +1,1 @@
+"""Evaluation: image output, oracle metrics, FID."""

@@ -1,0 +1,262 @@
+"""Exact analytic Gaussian mixtures: the oracle for every continuous sampler.
+
+p(x) = sum_k w_k N(x; mu_k, s_k^2 I), x of any event shape (vectors or C x H x W images).
+Under the VP forward process x_t = sqrt(ab) x0 + sqrt(1-ab) eps the noised marginal is again a
+mixture, q_t(x) = sum_k w_k N(x; sqrt(ab) mu_k, (ab s_k^2 + 1 - ab) I), so its score and the exact
+eps = -sqrt(1-ab) grad log q_t are closed form (Tweedie; DESIGN.md "oracle strategy").
+
+Components may carry a class label; p(x | c) is the sub-mixture of components with label c
+(weights renormalised). The label ``num_classes`` (and -1) means "unconditional" (the null class
+used for classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..core.schedule import alpha_bar_at, expand_to
+
+
+@dataclass
+class MixtureOutput:
+    sample: torch.Tensor
+
+
+class GaussianMixture:
+    """Mixture of isotropic Gaussians, all math in float64.
+
+    weights: (K,) positive, normalised here. means: (K, *event_shape). stds: (K,) positive.
+    labels: optional (K,) ints in [0, num_classes).
+    """
+
+    def __init__(self, weights, means, stds, labels=None):
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        s = torch.as_tensor(stds, dtype=torch.float64)
+        if w.ndim != 1 or w.numel() < 1:
+            raise ValueError(f"weights must be a non-empty 1-D list, got shape {tuple(w.shape)}")
+        K = w.numel()
+        if mu.ndim < 2 or mu.shape[0] != K:
+            raise ValueError(f"means must have shape (K={K}, *event_shape), got {tuple(mu.shape)}")
+        if s.ndim == 0:
+            s = s.expand(K).clone()
+        if s.shape != (K,):
+            raise ValueError(f"stds must have shape (K={K},), got {tuple(s.shape)}")
+        if not (torch.isfinite(w).all() and torch.isfinite(mu).all() and torch.isfinite(s).all()):
+            raise ValueError("weights, means and stds must be finite")
+        if (w <= 0).any():
+            raise ValueError("weights must be > 0")
+        if (s <= 0).any():
+            raise ValueError("stds must be > 0")
+        self.weights = w / w.sum()
+        self.means = mu
+        self.stds = s
+        self.event_shape = tuple(mu.shape[1:])
+        self.dim = int(math.prod(self.event_shape))
+        if labels is None:
+            self.labels = None
+            self.num_classes = 0
+        else:
+            lab = torch.as_tensor(labels, dtype=torch.long)
+            if lab.shape != (K,):
+                raise ValueError(f"labels must have shape (K={K},), got {tuple(lab.shape)}")
+            if (lab < 0).any():
+                raise ValueError("labels must be >= 0")
+            self.labels = lab
+            self.num_classes = int(lab.max()) + 1
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, path: str | Path) -> "GaussianMixture":
+        """Load {"weights": [...], "means": [[...]...], "stds": [...], "labels": [...]?}."""
+        path = Path(path)
+        try:
+            spec = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ValueError(f"mixture file not found: {path}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"mixture file {path} is not valid JSON: {err}") from err
+        if not isinstance(spec, dict):
+            raise ValueError(f"mixture file {path} must hold a JSON object with keys weights, means, stds[, labels]")
+        missing = [k for k in ("weights", "means", "stds") if k not in spec]
+        if missing:
+            raise ValueError(f"mixture file {path} lacks key(s) {missing}; needs weights, means, stds (labels optional)")
+        unknown = sorted(set(spec) - {"weights", "means", "stds", "labels"})
+        if unknown:
+            raise ValueError(f"mixture file {path} has unknown key(s) {unknown}; allowed: weights, means, stds, labels")
+        try:
+            return cls(spec["weights"], spec["means"], spec["stds"], spec.get("labels"))
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"mixture file {path}: malformed arrays ({err})") from err
+
+    def to_json(self) -> dict:
+        out = {"weights": self.weights.tolist(), "means": self.means.tolist(), "stds": self.stds.tolist()}
+        if self.labels is not None:
+            out["labels"] = self.labels.tolist()
+        return out
+
+    # -- conditioning ----------------------------------------------------------------------
+    def _check_label(self, label: int | None) -> None:
+        if label is None or self.is_null(label):
+            return
+        if self.labels is None:
+            raise ValueError("this mixture has no class labels; class_label must be None")
+        if not (0 <= int(label) < self.num_classes) or not (self.labels == int(label)).any():
+            raise ValueError(f"class_label must be in [0, {self.num_classes - 1}], got {label}")
+
+    def is_null(self, label) -> bool:
+        return label is None or int(label) < 0 or (self.num_classes > 0 and int(label) == self.num_classes)
+
+    def conditional(self, label: int | None) -> "GaussianMixture":
+        """The sub-mixture p(x | c) (itself when label is None/null)."""
+        self._check_label(label)
+        if self.is_null(label):
+            return self
+        keep = self.labels == int(label)
+        return GaussianMixture(self.weights[keep], self.means[keep], self.stds[keep], self.labels[keep])
+
+    def log_weights_for(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """(B, K) log prior weights, -inf on components outside each sample's class."""
+        lw = self.weights.log().expand(batch, -1).clone()
+        if labels is None:
+            return lw
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(self.weights.device)
+        if labels.numel() == 1 and batch > 1:
+            labels = labels.expand(batch)
+        if self.labels is None:
+            if ((labels >= 0) & (labels != 0)).any():  # tolerate null / 0 for unconditional models
+                raise ValueError("this mixture has no class labels")
+            return lw
+        null = (labels < 0) | (labels >= self.num_classes)
+        mask = self.labels[None, :] == labels[:, None]  # (B, K)
+        mask = mask | null[:, None]
+        if not mask.any(1).all():
+            raise ValueError(f"class labels must be in [0, {self.num_classes - 1}] (or {self.num_classes} = unconditional)")
+        return lw.masked_fill(~mask, -math.inf)
+
+    # -- exact quantities ------------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | None = None, label: int | None = None) -> torch.Tensor:
+        """n exact draws, float64 (n, *event_shape)."""
+        mix = self.conditional(label)
+        k = torch.multinomial(mix.weights, n, replacement=True, generator=generator)
+        z = torch.randn((n, *self.event_shape), generator=generator, dtype=torch.float64)
+        return mix.means[k] + expand_to(mix.stds[k], z) * z
+
+    def noised_params(self, alpha_bar) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means (B or 1, K, *event) and variances (B or 1, K) of q_t at alpha_bar (scalar or (B,))."""
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64, device=self.means.device).reshape(-1, 1)  # (B, 1)
+        var = ab * self.stds[None] ** 2 + (1 - ab)  # (B, K)
+        mean = ab.sqrt().reshape(-1, 1, *([1] * len(self.event_shape))) * self.means[None]
+        return mean, var
+
+    def _comp_terms(self, x: torch.Tensor, alpha_bar, labels=None):
+        x = x.double()
+        B = x.shape[0]
+        flat = x.reshape(B, -1)  # (B, D)
+        mean, var = self.noised_params(alpha_bar)
+        mean = mean.reshape(mean.shape[0], mean.shape[1], -1)  # (B|1, K, D)
+        diff = flat[:, None, :] - mean  # (B, K, D)
+        sq = (diff**2).sum(-1)  # (B, K)
+        logn = -0.5 * sq / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        logits = self.log_weights_for(labels, B).to(x.device) + logn  # (B, K)
+        return flat, diff, var, logits
+
+    def log_prob(self, x: torch.Tensor, alpha_bar=1.0, labels=None) -> torch.Tensor:
+        """log q_t(x) (alpha_bar = 1: the data density). Returns (B,) float64."""
+        _, _, _, logits = self._comp_terms(x, alpha_bar, labels)
+        return logits.logsumexp(1)
+
+    def responsibilities(self, x: torch.Tensor, alpha_bar=1.0, labels=None) -> torch.Tensor:
+        _, _, _, logits = self._comp_terms(x, alpha_bar, labels)
+        return torch.softmax(logits, 1)
+
+    def score(self, x: torch.Tensor, alpha_bar, labels=None) -> torch.Tensor:
+        """grad_x log q_t(x), float64, shape of x."""
+        _, diff, var, logits = self._comp_terms(x, alpha_bar, labels)
+        r = torch.softmax(logits, 1)  # (B, K)
+        s = -(r[:, :, None] * diff / var[:, :, None]).sum(1)  # (B, D)
+        return s.reshape(x.shape)
+
+    def eps(self, x: torch.Tensor, alpha_bar, labels=None) -> torch.Tensor:
+        """Exact eps(x_t) = -sqrt(1 - ab) score, float64."""
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64, device=x.device)
+        return -expand_to((1 - ab).sqrt(), x) * self.score(x, ab, labels)
+
+    def mean(self, label=None) -> torch.Tensor:
+        mix = self.conditional(label)
+        return (mix.weights.reshape(-1, *([1] * len(self.event_shape))) * mix.means).sum(0)
+
+    def covariance(self, label=None) -> torch.Tensor:
+        """(D, D) covariance of the (conditional) mixture."""
+        mix = self.conditional(label)
+        mu = mix.means.reshape(mix.means.shape[0], -1)
+        m = (mix.weights[:, None] * mu).sum(0)
+        d = mu - m
+        cov = (mix.weights[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+        return cov + torch.diag(torch.full((self.dim,), float((mix.weights * mix.stds**2).sum()), dtype=torch.float64))
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Most responsible component of each clean sample (B,) long."""
+        return self.responsibilities(x, 1.0).argmax(1)
+
+
+class GMMUNet(torch.nn.Module):
+    """Exact eps model with the diffusers UNet call signature.
+
+    ``model(sample, timestep, class_labels=None, return_dict=True).sample`` is the exact eps of
+    the mixture noised with ``alphas_cumprod`` at (possibly fractional, per-sample) timestep.
+    ``config`` carries ``sample_size``, ``in_channels`` and ``num_class_embeds`` like UNet2DModel.
+    """
+
+    def __init__(self, mixture: GaussianMixture, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.mixture = mixture
+        self.register_buffer("alphas_cumprod", alphas_cumprod.double().clone(), persistent=False)
+        shape = mixture.event_shape
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(
+            sample_size=shape[-1] if len(shape) == 3 else None,
+            in_channels=shape[0] if len(shape) == 3 else None,
+            out_channels=shape[0] if len(shape) == 3 else None,
+            num_class_embeds=(mixture.num_classes + 1) if mixture.num_classes else None,
+            event_shape=shape,
+        )
+        self._anchor = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def forward(self, sample, timestep, class_labels=None, return_dict: bool = True, **unused):
+        t = torch.as_tensor(timestep, device=sample.device).double()
+        if t.ndim == 0:
+            t = t.expand(sample.shape[0])
+        ab = alpha_bar_at(self.alphas_cumprod.to(sample.device), t)
+        eps = self.mixture.eps(sample.double(), ab, class_labels)
+        eps = eps.to(sample.dtype)
+        return MixtureOutput(eps) if return_dict else (eps,)
+
+    # Keep the mixture on CPU float64 regardless of .to(); moves are cheap for our sizes.
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        dev = self._anchor.device
+        m = self.mixture
+        m.weights, m.means, m.stds = m.weights.to(dev), m.means.to(dev), m.stds.to(dev)
+        if m.labels is not None:
+            m.labels = m.labels.to(dev)
+        return self
+
+
+def from_arrays(weights: Sequence[float], means, stds, labels=None) -> GaussianMixture:
+    return GaussianMixture(weights, means, stds, labels)

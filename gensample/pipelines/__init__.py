@@ -1,0 +1,1 @@
+"""DiffusionPipeline subclasses, one per method family (thin: the math lives in samplers/)."""
