@@ -111,17 +111,17 @@ def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 
 
 def timestep_from_log_snr(alphas_cumprod: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Fractional discrete time whose log-SNR is lam (inverse of log_snr o alpha_bar_at)."""
-    table = log_snr(alphas_cumprod.double())  # (T,) decreasing in t
+    """Fractional discrete time whose log-SNR is lam: the exact inverse of log_snr(alpha_bar_at(.)),
+    found in the same log alpha_bar space that alpha_bar_at interpolates linearly."""
+    log_ab = alphas_cumprod.double().log()  # (T,) decreasing in t
     lam = torch.as_tensor(lam, dtype=torch.float64)
-    # searchsorted needs increasing: flip.
-    flipped = table.flip(0)
-    idx = torch.searchsorted(flipped, lam.clamp(flipped[0], flipped[-1]))
-    idx = idx.clamp(1, table.numel() - 1)
-    lo_val, hi_val = flipped[idx - 1], flipped[idx]
-    frac = (lam - lo_val) / (hi_val - lo_val).clamp(min=1e-300)
-    pos_flipped = (idx - 1).double() + frac.clamp(0, 1)
-    return (table.numel() - 1) - pos_flipped
+    target = torch.nn.functional.logsigmoid(lam)  # log alpha_bar
+    inc = -log_ab  # increasing
+    q = (-target).clamp(inc[0], inc[-1])
+    idx = torch.searchsorted(inc, q).clamp(1, inc.numel() - 1)
+    lo, hi = inc[idx - 1], inc[idx]
+    frac = ((q - lo) / (hi - lo).clamp(min=1e-300)).clamp(0, 1)
+    return (idx - 1).double() + frac
 
 
 def expand_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -90,10 +90,20 @@ class GaussianMixture:
         unknown = sorted(set(spec) - {"weights", "means", "stds", "labels"})
         if unknown:
             raise ValueError(f"mixture file {path} has unknown key(s) {unknown}; allowed: weights, means, stds, labels")
+        arrays = {}
+        for key in ("weights", "means", "stds", "labels"):
+            if spec.get(key) is None:
+                if key != "labels":  # required key given as null
+                    raise ValueError(f"mixture file {path}: {key!r} must be an array, got null")
+                continue
+            try:
+                arrays[key] = torch.as_tensor(spec[key], dtype=torch.long if key == "labels" else torch.float64)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+                raise ValueError(f"mixture file {path}: malformed arrays in {key!r} ({err})") from None
         try:
-            return cls(spec["weights"], spec["means"], spec["stds"], spec.get("labels"))
-        except (TypeError, RuntimeError) as err:
-            raise ValueError(f"mixture file {path}: malformed arrays ({err})") from err
+            return cls(arrays["weights"], arrays["means"], arrays["stds"], arrays.get("labels"))
+        except ValueError as err:
+            raise ValueError(f"mixture file {path}: {err}") from None
 
     def to_json(self) -> dict:
         out = {"weights": self.weights.tolist(), "means": self.means.tolist(), "stds": self.stds.tolist()}
