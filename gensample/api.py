@@ -26,10 +26,10 @@ from .samplers.registry import RunContext, sample_seed
 
 COMMON_KEYS = (
     "sampler", "model", "steps", "num_samples", "batch_size", "class_label", "guidance_scale",
-    "seed", "device", "dtype", "output", "overwrite", "progress",
+    "seed", "device", "dtype", "output", "overwrite", "progress", "compile",
 )
 # keys that may differ between an interrupted run and its resumption without changing samples
-NON_SEMANTIC = ("output", "overwrite", "progress", "batch_size", "device", "num_processes")
+NON_SEMANTIC = ("output", "overwrite", "progress", "batch_size", "device", "num_processes", "compile")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -37,6 +37,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class RunResult:
     samples: dict  # name -> np.ndarray; "x" (n, *event) float32 or "tokens" (n, L) int64
     record: dict  # what run.json holds
+    is_main: bool = True  # False on the non-main processes of a multi-process launch
 
     @property
     def x(self) -> np.ndarray:
@@ -88,9 +89,7 @@ def resolve_options(sampler: str, config: str | None = None, **options) -> dict:
     merged: dict[str, Any] = {}
     if config is not None:
         merged.update(load_config_file(config))
-        if "sampler" in merged and merged["sampler"] != sampler and options.get("sampler") is None:
-            sampler = merged["sampler"]
-            spec = registry.get(sampler)
+        # an explicit sampler wins over the recipe's `sampler:` key (run() reads the key when none is given)
     merged.update({k: v for k, v in options.items() if v is not None})
     merged["sampler"] = sampler
     allowed_specific = {o.key: o for o in spec.options}
@@ -122,6 +121,7 @@ def resolve_options(sampler: str, config: str | None = None, **options) -> dict:
     out["output"] = merged.get("output")
     out["overwrite"] = bool(merged.get("overwrite", False))
     out["progress"] = merged.get("progress", True)
+    out["compile"] = _bool("compile", merged.get("compile", False))
     for key, opt in allowed_specific.items():
         value = merged.get(key, opt.default)
         out[key] = opt.validate(value)
@@ -148,6 +148,14 @@ def _intlike(v) -> bool:
         return float(v).is_integer()
     except (TypeError, ValueError):
         return False
+
+
+def _bool(name, value):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(f"--{name.replace('_', '-')} must be true or false, got {value!r}")
 
 
 def _float(name, value):
@@ -181,8 +189,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            # no fsync: rename is atomic against a killed process (our threat model); fsync on
+            # every PNG made large runs I/O bound.
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -232,11 +240,16 @@ def load_shards(out_dir: Path, n: int) -> dict:
     parts: dict[str, list] = {}
     idx_all = []
     for f in sorted((out_dir / "shards").glob("*.npz")):
-        with np.load(f) as z:
-            idx_all.append(z["indices"])
-            for k in z.files:
-                if k != "indices":
-                    parts.setdefault(k, []).append(z[k])
+        try:
+            with np.load(f) as z:
+                shard = {k: z[k] for k in z.files}
+        except Exception:  # unreadable: completed_indices skipped it too, so it was redone
+            continue
+        if "indices" not in shard:
+            continue
+        idx_all.append(shard.pop("indices"))
+        for k, v in shard.items():
+            parts.setdefault(k, []).append(v)
     if not idx_all:
         return {}
     idx = np.concatenate(idx_all)
@@ -249,9 +262,61 @@ def load_shards(out_dir: Path, n: int) -> dict:
     return out
 
 
+def remove_stale_temp_files(out_dir: Path) -> None:
+    """Delete temp files (``.NAME.XXXX.tmp``) left by a process killed mid-write."""
+    for sub in (out_dir, out_dir / "shards", out_dir / "images"):
+        if sub.is_dir():
+            for f in sub.glob(".*.tmp"):
+                f.unlink(missing_ok=True)
+
+
+def check_existing_run(out_dir: Path, cfg: dict) -> None:
+    """Refuse to resume into ``out_dir`` unless its run.json holds the same semantic config."""
+    record_path = out_dir / "run.json"
+    has_shards = (out_dir / "shards").is_dir() and any((out_dir / "shards").glob("*.npz"))
+    if not record_path.exists():
+        if has_shards:
+            raise ValueError(f"{out_dir} holds sample shards but no run.json, so its configuration is unknown; "
+                             f"pass --overwrite to start fresh or choose another --output")
+        return
+    try:
+        old = json.loads(record_path.read_text())
+        old_cfg = old["semantic_config"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the existing run record {record_path} ({err.__class__.__name__}); "
+                         f"pass --overwrite to start fresh or choose another --output") from None
+    new_cfg = json.loads(json.dumps(semantic_config(cfg), default=_json_default))
+    if old_cfg != new_cfg:
+        diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+        details = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in diff)
+        raise ValueError(f"{out_dir} holds a run with a different configuration ({details}); "
+                         f"pass --overwrite to start fresh or choose another --output")
+
+
+def clear_run(out_dir: Path) -> None:
+    """--overwrite: remove a previous run's files (only those gensample writes)."""
+    import shutil
+
+    for sub in ("shards", "images"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+    for f in ("run.json", "samples.npz", "grid.png"):
+        (out_dir / f).unlink(missing_ok=True)
+
+
 def _batches(indices: list[int], batch_size: int) -> Iterable[list[int]]:
     for i in range(0, len(indices), batch_size):
         yield indices[i : i + batch_size]
+
+
+def _combine_stats(total: dict, stats: dict) -> None:
+    """Merge already-merged stats (another process's or a previous invocation's) into total."""
+    for k, v in stats.items():
+        if isinstance(v, list) and isinstance(total.get(k, []), list):
+            total.setdefault(k, []).extend(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(total.get(k, 0), (int, float)):
+            total[k] = total.get(k, 0) + v
+        else:
+            total[k] = v
 
 
 def _merge_stats(total: dict, stats: dict) -> None:
@@ -281,6 +346,10 @@ def generate(cfg: dict, model, indices: list[int], out_dir: Path | None, ctx: Ru
         for k, v in arrays.items():
             if len(v) != len(batch):
                 raise RuntimeError(f"sampler {spec.name} returned {len(v)} rows for {k!r}, expected {len(batch)}")
+        key = "tokens" if spec.output == "tokens" else "x"
+        if key == "x" and not np.isfinite(arrays[key]).all():  # never write garbage samples
+            raise FloatingPointError(f"{spec.name}: non-finite values (NaN/Inf) in the final samples "
+                                     f"of indices {batch[0]}-{batch[-1]}")
         _merge_stats(stats, res.stats)
         if out_dir is not None:
             atomic_save_npz(out_dir / "shards" / f"{batch[0]:06d}-{batch[-1]:06d}.npz",
@@ -303,7 +372,7 @@ def _batch_arrays(res, spec) -> dict:
     return arrays
 
 
-def prepare_model(cfg: dict, device: torch.device):
+def prepare_model(cfg: dict, device: torch.device, cast: bool = True):
     from .models.loading import load_model
 
     spec = registry.get(cfg["sampler"])
@@ -324,7 +393,16 @@ def prepare_model(cfg: dict, device: torch.device):
     dtype = DTYPES[cfg.get("dtype", "fp32")]
     if dtype != torch.float32 and device.type == "cpu":
         raise ValueError(f"--dtype {cfg['dtype']} needs --device cuda; CPU runs in fp32")
-    model.to(device=device, dtype=None if dtype == torch.float32 else dtype)
+    if not cast:  # validation only (the parent of a multi-process launch)
+        return model, dtype
+    from .parallel import cast_module
+
+    # network weights in `dtype`; float64 schedule/probability tensors stay float64
+    for part in [model.unet, *model.extras.values()]:
+        if isinstance(part, torch.nn.Module):
+            cast_module(part, device, None if dtype == torch.float32 else dtype)
+    if cfg.get("compile") and isinstance(model.unet, torch.nn.Module):
+        model.unet = torch.compile(model.unet)
     return model, dtype
 
 
@@ -337,8 +415,109 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
     """Draw samples; write them (if ``output``) and return them with the run record.
 
     Every CLI option is a keyword: steps, num_samples, batch_size, class_label, guidance_scale,
-    seed, device, dtype, output, overwrite, progress, plus the sampler's own options
-    (``gensample list`` / ``gensample run --help``).
+    seed, device, dtype, output, overwrite, progress, compile, num_processes, plus the sampler's
+    own options (``gensample list`` / ``gensample run --help``).
+
+    Under a multi-process launch (``accelerate launch``, torchrun, or ``num_processes=N``) each
+    process draws a contiguous chunk of sample indices (whole particle groups) into
+    ``output/shards``; the main process merges them after a barrier and writes samples.npz,
+    images and run.json (on other processes the returned ``samples`` is empty).
+    """
+    from . import parallel
+
+    num_processes = options.pop("num_processes", None)
+    if num_processes is not None and _int("num_processes", num_processes, 1) > 1:
+        return parallel.launch_local(_int("num_processes", num_processes, 1), sampler=sampler, model=model,
+                                     config=config, **options)
+    cfg, spec, device, out_dir = plan_run(sampler, model, config, options)
+    sampler = cfg["sampler"]
+    info = parallel.process_info(device)
+    device = info.device
+    if info.world_size > 1 and out_dir is None:
+        raise ValueError("a multi-process run needs --output DIR (the processes write shards there)")
+    model_obj, dtype = prepare_model(cfg, device)
+    info.wait()  # every process has checked the old run before the main process changes it
+
+    record_path = out_dir / "run.json" if out_dir is not None else None
+    record = {
+        "sampler": sampler,
+        "model": cfg["model"],
+        "config": cfg,
+        "semantic_config": semantic_config(cfg),
+        "versions": versions(),
+        "device": str(device),
+        "num_processes": info.world_size,
+        "status": "running",
+        "num_samples": cfg["num_samples"],
+    }
+    prev: dict = {}
+    if record_path is not None and info.is_main:
+        if cfg["overwrite"]:
+            clear_run(out_dir)
+        remove_stale_temp_files(out_dir)
+        prev = json.loads(record_path.read_text()) if record_path.exists() else {}
+        record["wall_time_s"] = prev.get("wall_time_s", 0.0)
+        atomic_write_json(record_path, record)
+    info.wait()  # run.json exists before any shard
+
+    group = spec.group_size(cfg) if spec.group_size is not None else 1
+    mine = parallel.split_indices(range(cfg["num_samples"]), info.world_size, info.index, group)
+    done = completed_indices(out_dir) if out_dir is not None else set()
+    todo = [i for i in mine if i not in done]
+
+    bar = None
+    n_batches = (len(todo) + cfg["batch_size"] - 1) // cfg["batch_size"]
+    if cfg.get("progress", True) and todo and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=_progress_units(spec, cfg, n_batches), desc=f"{sampler}", unit="step",
+                   file=sys.stderr, disable=None, leave=False)
+    ctx = RunContext(sampler=sampler, device=device, dtype=dtype, progress=(bar.update if bar else None))
+    t0 = time.perf_counter()
+    try:
+        arrays, stats = generate(cfg, model_obj, todo, out_dir, ctx, bar)
+    except BaseException as err:
+        if record_path is not None and info.is_main:
+            record.update(status="failed", error=f"{err.__class__.__name__}: {err}")
+            atomic_write_json(record_path, record)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - t0
+    stats = json.loads(json.dumps(stats, default=_json_default))  # plain numbers/lists, picklable
+    per_process = info.gather_object({"stats": stats, "drawn": len(todo)})
+    stats = {}
+    for part in per_process:  # rank order = index order (contiguous chunks)
+        _combine_stats(stats, part["stats"])
+    drawn = sum(part["drawn"] for part in per_process)
+    if out_dir is not None and not info.is_main:
+        info.wait()  # the main process has written samples.npz, images and run.json
+        return RunResult(samples={}, record=record, is_main=False)
+    if out_dir is not None:
+        arrays = load_shards(out_dir, cfg["num_samples"])
+        prev_stats = prev.get("stats") or {}
+        merged_stats = json.loads(json.dumps(prev_stats)) if drawn < cfg["num_samples"] else {}
+        _combine_stats(merged_stats, stats)
+        stats = merged_stats
+    record["stats"] = stats
+    record["nfe"] = stats.get("nfe")
+    record["wall_time_s"] = record.get("wall_time_s", 0.0) + wall
+    record["wall_time_this_invocation_s"] = wall
+    record["samples_drawn_this_invocation"] = drawn
+    record["status"] = "complete"
+    if out_dir is not None:
+        write_outputs(out_dir, arrays, model_obj, spec)
+        atomic_write_json(record_path, record)
+        info.wait()
+    return RunResult(samples=arrays, record=record)
+
+
+def plan_run(sampler, model, config, options: dict):
+    """Resolve and check everything a run needs before it touches the output directory.
+
+    Returns (cfg, spec, device, out_dir). Raises ValueError for every user error, including an
+    existing run in ``output`` with a different configuration (unless ``overwrite``).
     """
     if sampler is None:
         if config is None:
@@ -350,75 +529,12 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
     device = resolve_device(cfg["device"])
     spec = registry.get(cfg["sampler"])
     out_dir = Path(cfg["output"]) if cfg.get("output") else None
-
-    todo = list(range(cfg["num_samples"]))
-    record_path = None
     if out_dir is not None:
-        record_path = out_dir / "run.json"
-        if out_dir.exists() and cfg["overwrite"]:
-            import shutil
-
-            for sub in ("shards", "images"):
-                shutil.rmtree(out_dir / sub, ignore_errors=True)
-            for f in ("run.json", "samples.npz", "grid.png"):
-                (out_dir / f).unlink(missing_ok=True)
-        if record_path.exists():
-            try:
-                old = json.loads(record_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old is not None and old.get("semantic_config") != json.loads(json.dumps(semantic_config(cfg), default=_json_default)):
-                raise ValueError(f"{out_dir} holds a run with a different configuration; "
-                                 f"pass --overwrite to start fresh or choose another --output")
-        done = completed_indices(out_dir)
-        todo = [i for i in todo if i not in done]
-
-    model_obj, dtype = prepare_model(cfg, device)
-    bar = None
-    n_batches = (len(todo) + cfg["batch_size"] - 1) // cfg["batch_size"]
-    if cfg.get("progress", True) and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=_progress_units(spec, cfg, n_batches), desc=f"{sampler}", unit="step",
-                   file=sys.stderr, disable=None, leave=False)
-    ctx = RunContext(sampler=sampler, device=device, dtype=dtype, progress=(bar.update if bar else None))
-    record = {
-        "sampler": sampler,
-        "model": cfg["model"],
-        "config": cfg,
-        "semantic_config": semantic_config(cfg),
-        "versions": versions(),
-        "device": str(device),
-        "status": "running",
-        "num_samples": cfg["num_samples"],
-    }
-    if record_path is not None:
-        prev = json.loads(record_path.read_text()) if record_path.exists() else {}
-        record["wall_time_s"] = prev.get("wall_time_s", 0.0)
-        atomic_write_json(record_path, record)
-    t0 = time.perf_counter()
-    try:
-        arrays, stats = generate(cfg, model_obj, todo, out_dir, ctx, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    wall = time.perf_counter() - t0
-    if out_dir is not None:
-        arrays = load_shards(out_dir, cfg["num_samples"])
-        prev_stats = (json.loads(record_path.read_text()).get("stats") or {}) if record_path.exists() else {}
-        merged_stats = dict(prev_stats) if len(todo) < cfg["num_samples"] else {}
-        _merge_stats(merged_stats, {k: v for k, v in stats.items()})
-        stats = merged_stats
-    record["stats"] = stats
-    record["nfe"] = stats.get("nfe")
-    record["wall_time_s"] = record.get("wall_time_s", 0.0) + wall
-    record["wall_time_this_invocation_s"] = wall
-    record["samples_drawn_this_invocation"] = len(todo)
-    record["status"] = "complete"
-    if out_dir is not None:
-        write_outputs(out_dir, arrays, model_obj, spec)
-        atomic_write_json(record_path, record)
-    return RunResult(samples=arrays, record=record)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--output {out_dir} exists and is not a directory")
+        if not cfg["overwrite"]:
+            check_existing_run(out_dir, cfg)
+    return cfg, spec, device, out_dir
 
 
 def write_outputs(out_dir: Path, arrays: dict, model, spec) -> None:

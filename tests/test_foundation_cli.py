@@ -133,3 +133,12 @@ def test_bad_mixture_files_and_configs(tmp_path):
         assert res.exit_code == 2, (extra, res.output)
         assert msg in res.output, (extra, res.output)
         assert "Traceback" not in res.output
+
+
+def test_explicit_sampler_wins_over_recipe(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("sampler: ddim\nmodel: gmm2d\nsteps: 3\nnum-samples: 2\n")
+    out = tmp_path / "o"
+    res = invoke("run", "--config", str(cfg), "--sampler", "euler", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "run.json").read_text())["sampler"] == "euler"

@@ -31,7 +31,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except (ValueError, TypeError, FileNotFoundError) as err:
             raise UserError(str(err)) from None
-        except FloatingPointError as err:
+        except (FloatingPointError, ChildProcessError) as err:  # NaN stop; a launched process died
             raise click.ClickException(str(err)) from None
 
     return wrapper
@@ -90,11 +90,12 @@ def _sampler_choice():
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help="Model dtype (fp16/bf16 on CUDA only) [default fp32].")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Output directory [default runs/<sampler>].")
 @click.option("--overwrite", is_flag=True, default=False, help="Discard an existing run in --output instead of resuming it.")
-@click.option("--num-processes", type=int, default=None, help="Launch N local processes through accelerate (sharded sampling).")
+@click.option("--num-processes", type=int, default=None, help="Launch N local processes (sharded sampling; see docs/scaling.md).")
+@click.option("--compile", "compile_unet", is_flag=True, default=False, help="torch.compile the UNet (CUDA runs).")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print the run record as JSON on stdout.")
 @_run_options
 @user_errors
-def run(sampler, model, config, as_json, num_processes, **options):
+def run(sampler, model, config, as_json, num_processes, compile_unet, **options):
     """Draw samples with a sampler; write samples.npz, run.json and images to --output."""
     from .. import api
 
@@ -109,12 +110,13 @@ def run(sampler, model, config, as_json, num_processes, **options):
         opts["overwrite"] = True
     if "output" not in opts and not (config and "output" in api.load_config_file(config)):
         opts["output"] = f"runs/{sampler}"
-    if num_processes is not None and num_processes > 1:
-        from .launch import launch_processes
-
-        launch_processes(num_processes, sys.argv[1:])
-        return
+    if num_processes is not None:
+        opts["num_processes"] = num_processes
+    if compile_unet:
+        opts["compile"] = True
     result = api.run(sampler=sampler, model=model, config=config, **opts)
+    if not result.is_main:  # other processes of `accelerate launch`: the main one reports
+        return
     rec = result.record
     if as_json:
         click.echo(json.dumps(rec, indent=2, default=api._json_default))
@@ -122,6 +124,12 @@ def run(sampler, model, config, as_json, num_processes, **options):
         out = rec["config"].get("output")
         click.echo(f"{sampler} on {rec['model']}: {rec['num_samples']} samples, NFE {rec.get('nfe')}, "
                    f"{rec['wall_time_s']:.2f} s on {rec['device']}" + (f" -> {out}" if out else ""))
+        from pathlib import Path
+
+        text = Path(out) / "samples.txt" if out else None  # token samplers: show a few decoded samples
+        if text is not None and text.exists():
+            for line in text.read_text().splitlines()[:4]:
+                click.echo(f"  {line}")
 
 
 @main.command(name="list")

@@ -75,11 +75,12 @@ class Denoiser:
 
     # -- helpers ---------------------------------------------------------------------------
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype | None:
+        """The network's parameter dtype (inputs are cast to it); None for plain callables."""
         try:
             return next(self.model.parameters()).dtype  # type: ignore[union-attr]
         except (AttributeError, StopIteration, TypeError):
-            return torch.float32
+            return None
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         if self.alphas_cumprod is None:
@@ -109,7 +110,7 @@ class Denoiser:
     def __call__(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
         """eps_hat at x_t (B, ...) and time t (scalar or (B,) tensor)."""
         t = torch.as_tensor(t, device=x_t.device)
-        model_in = x_t.to(self.dtype)
+        model_in = x_t if self.dtype is None or self.dtype == torch.float64 else x_t.to(self.dtype)
         out = self._raw(model_in, t, cond).to(x_t.dtype)
         if self.prediction_type == "epsilon":
             return out

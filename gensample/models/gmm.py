@@ -166,16 +166,23 @@ class GaussianMixture:
         return mean, var
 
     def _comp_terms(self, x: torch.Tensor, alpha_bar, labels=None):
+        """Flattened x (B, D), sqrt(ab) (B|1, 1), variances (B|1, K) and logits (B, K).
+
+        ||x - sqrt(ab) mu_k||^2 is expanded as ||x||^2 - 2 sqrt(ab) x.mu_k + ab ||mu_k||^2 so the
+        cost is one (B, D) x (D, K) matmul, not a (B, K, D) tensor (float64 keeps it exact enough).
+        """
         x = x.double()
         B = x.shape[0]
         flat = x.reshape(B, -1)  # (B, D)
-        mean, var = self.noised_params(alpha_bar)
-        mean = mean.reshape(mean.shape[0], mean.shape[1], -1)  # (B|1, K, D)
-        diff = flat[:, None, :] - mean  # (B, K, D)
-        sq = (diff**2).sum(-1)  # (B, K)
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64, device=self.means.device).reshape(-1, 1)  # (B|1, 1)
+        var = ab * self.stds[None] ** 2 + (1 - ab)  # (B|1, K)
+        mu = self.means.reshape(self.means.shape[0], -1)  # (K, D)
+        sab = ab.sqrt()
+        sq = (flat**2).sum(1, keepdim=True) - 2 * sab * (flat @ mu.T) + ab * (mu**2).sum(1)[None]  # (B, K)
+        sq = sq.clamp(min=0)
         logn = -0.5 * sq / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
         logits = self.log_weights_for(labels, B).to(x.device) + logn  # (B, K)
-        return flat, diff, var, logits
+        return flat, sab, var, logits
 
     def log_prob(self, x: torch.Tensor, alpha_bar=1.0, labels=None) -> torch.Tensor:
         """log q_t(x) (alpha_bar = 1: the data density). Returns (B,) float64."""
@@ -187,10 +194,11 @@ class GaussianMixture:
         return torch.softmax(logits, 1)
 
     def score(self, x: torch.Tensor, alpha_bar, labels=None) -> torch.Tensor:
-        """grad_x log q_t(x), float64, shape of x."""
-        _, diff, var, logits = self._comp_terms(x, alpha_bar, labels)
-        r = torch.softmax(logits, 1)  # (B, K)
-        s = -(r[:, :, None] * diff / var[:, :, None]).sum(1)  # (B, D)
+        """grad_x log q_t(x) = -sum_k r_k (x - sqrt(ab) mu_k) / v_k, float64, shape of x."""
+        flat, sab, var, logits = self._comp_terms(x, alpha_bar, labels)
+        r_over_v = torch.softmax(logits, 1) / var  # (B, K)
+        mu = self.means.reshape(self.means.shape[0], -1)  # (K, D)
+        s = -(flat * r_over_v.sum(1, keepdim=True) - sab * (r_over_v @ mu))  # (B, D)
         return s.reshape(x.shape)
 
     def eps(self, x: torch.Tensor, alpha_bar, labels=None) -> torch.Tensor:

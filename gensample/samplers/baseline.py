@@ -85,10 +85,22 @@ def _sample_with(name: str):
         x = ctx.randn(gens, model.event_shape) * sched.init_noise_sigma
         cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
         eta = opts.get("eta") if name == "ddim" else None
-        x = scheduler_loop(den, sched, x, cond, opts.get("guidance_scale", 1.0), gens, ctx, eta=eta)
+        eps_fn = _eps_scaling(opts) if name == "ddim" else None
+        x = scheduler_loop(den, sched, x, cond, opts.get("guidance_scale", 1.0), gens, ctx, eta=eta, eps_fn=eps_fn)
         return SampleBatch(x=x, stats={"nfe": den.calls, "model_rows": den.rows})
 
     return fn
+
+
+def _eps_scaling(opts: dict):
+    """Epsilon Scaling (Ning et al. 2024, arXiv 2308.15321): eps / lambda_t, lambda_t = b + k t
+    (``--eps-scale`` b, ``--eps-scale-slope`` k per training timestep); None when lambda == 1."""
+    scale, slope = opts.get("eps_scale", 1.0), opts.get("eps_scale_slope", 0.0)
+    if scale == 1.0 and slope == 0.0:
+        return None
+    from .time_shift import epsilon_scale
+
+    return lambda eps, t, x: eps / epsilon_scale(int(t), scale, slope)
 
 
 _DESCRIPTIONS = {
@@ -107,7 +119,9 @@ for _name in SCHEDULERS:
             fn=_sample_with(_name),
             default_model="gmm2d",
             default_steps=_STEPS[_name],
-            options=(Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),)
+            options=(Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),
+                     Option("eps_scale", float, 1.0, "Epsilon Scaling lambda (b): the update uses eps / (b + k t)", min=1e-6),
+                     Option("eps_scale_slope", float, 0.0, "Epsilon Scaling slope k per training timestep t"))
             if _name == "ddim"
             else (),
         )

@@ -1,0 +1,249 @@
+"""Frechet Inception Distance (Heusel et al. 2017, arXiv 1706.08500, eq. 6) and its statistics.
+
+FID = ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}), each Gaussian fitted to features.
+Statistics are accumulated in float64 as (count, sum, sum of outer products), so shards computed
+separately merge exactly (``FeatureStats.merge``) into the one-pass result. Features come from
+torch-fidelity's Inception-v3 port of the TF-slim graph used by the original FID code (the `fid`
+extra); ``--inception-weights PATH`` loads its weights from a local file (docs/fid.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png",)
+
+
+class FeatureStats:
+    """Running float64 moments of (N, D) features: count, sum (D,), sum of outer products (D, D)."""
+
+    def __init__(self, dim: int):
+        if int(dim) < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.dim = int(dim)
+        self.count = 0
+        self.total = np.zeros(self.dim, dtype=np.float64)
+        self.outer = np.zeros((self.dim, self.dim), dtype=np.float64)
+
+    def update(self, feats) -> "FeatureStats":
+        f = np.asarray(feats, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.dim:
+            raise ValueError(f"features must have shape (N, {self.dim}), got {f.shape}")
+        if not np.isfinite(f).all():
+            raise ValueError("features contain NaN or Inf")
+        self.count += f.shape[0]
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+        return self
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """Add another shard's statistics in place (the result equals one pass over both)."""
+        if not isinstance(other, FeatureStats) or other.dim != self.dim:
+            raise ValueError(f"can only merge FeatureStats of dim {self.dim}")
+        self.count += other.count
+        self.total += other.total
+        self.outer += other.outer
+        return self
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """mu (D,) and the unbiased covariance (D, D), both float64 (needs count >= 2)."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        mu = self.total / self.count
+        cov = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, (cov + cov.T) / 2
+
+    def save(self, path: str | Path) -> None:
+        """npz with mu, sigma (the usual FID reference format) plus count/total/outer for merging."""
+        mu, sigma = self.mean_cov()
+        np.savez(path, mu=mu, sigma=sigma, count=np.int64(self.count), total=self.total, outer=self.outer)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureStats":
+        with np.load(path) as z:
+            if "outer" not in z:
+                raise ValueError(f"{path} holds only mu/sigma, not mergeable statistics")
+            s = cls(z["total"].shape[0])
+            s.count, s.total, s.outer = int(z["count"]), z["total"].astype(np.float64), z["outer"].astype(np.float64)
+        return s
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), float64 (eq. 6 of 1706.08500).
+
+    scipy.linalg.sqrtm of the product; if it is not finite (near-singular covariances), both
+    covariances get ``eps * I`` added first. Imaginary parts (round-off: the product is similar to
+    a PSD matrix, so its square root has a real trace) are dropped.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shapes must be mu (D,), sigma (D, D) for both sides, got {mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
+    with warnings.catch_warnings():  # singular products are handled by the finiteness check below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = eps * np.eye(d)
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):  # round-off on (near-)singular products, e.g. fewer samples than features
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ---------------------------------------------------------------- Inception-v3 (torch-fidelity)
+
+INCEPTION_DIM = 2048
+INCEPTION_DIMS = (64, 192, 768, 2048)  # torch-fidelity's feature layers (pytorch-fid --dims); 2048 = pool3, the standard
+_EXTRACTOR_NAME = "inception-v3-compat"
+
+
+def load_images(path: str | Path) -> np.ndarray:
+    """Images as (N, 3, H, W) uint8 from a folder of PNGs, a run folder, or a samples.npz.
+
+    A run folder (with samples.npz) or samples.npz is read from its "x" array, (N, C, H, W) floats
+    in [-1, 1]; a folder of PNGs is read in sorted name order (a run's images/ subfolder if there
+    are no PNGs at the top). One-channel images are repeated to three channels.
+    """
+    from .images import to_uint8
+
+    p = Path(path)
+    if p.is_dir() and not any(p.glob("*.png")):
+        if (p / "samples.npz").exists():
+            p = p / "samples.npz"
+        elif (p / "images").is_dir():
+            p = p / "images"
+    if p.is_file() and p.suffix == ".npz":
+        with np.load(p) as z:
+            if "x" not in z:
+                raise ValueError(f"{path}: a samples .npz needs an array 'x' (N, C, H, W) in [-1, 1]; found {sorted(z.files)}")
+            x = z["x"]
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"{path}: 'x' must have shape (N, 1 or 3, H, W), got {x.shape}")
+        imgs = to_uint8(x).transpose(0, 3, 1, 2)  # (N, C, H, W) uint8
+    elif p.is_dir():
+        from PIL import Image
+
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: no PNG images found")
+        arrs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        if len({a.shape for a in arrs}) != 1:
+            raise ValueError(f"{path}: images have different sizes {sorted({a.shape for a in arrs})}")
+        imgs = np.stack(arrs).transpose(0, 3, 1, 2)  # (N, 3, H, W) uint8
+    elif not p.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    else:
+        raise ValueError(f"{path}: expected a folder of PNGs, a run folder or a .npz of samples")
+    if imgs.shape[1] == 1:
+        imgs = np.repeat(imgs, 3, axis=1)
+    return np.ascontiguousarray(imgs)
+
+
+def _check_dims(dims: int) -> int:
+    if dims not in INCEPTION_DIMS:
+        raise ValueError(f"dims must be one of {INCEPTION_DIMS} (2048 = pool3, the standard FID), got {dims}")
+    return int(dims)
+
+
+def inception_extractor(weights: str | Path | None = None, device: str = "cpu", dims: int = INCEPTION_DIM):
+    """torch-fidelity's Inception-v3 giving ``dims`` features (2048: pool3, standard FID).
+
+    weights=None downloads the weights or uses the torch hub cache.
+    """
+    dims = _check_dims(dims)
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as err:
+        raise ValueError("Inception FID needs torch-fidelity: pip install 'gensample[fid]'") from err
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"--inception-weights {weights}: no such file")
+    try:
+        net = FeatureExtractorInceptionV3(_EXTRACTOR_NAME, [str(dims)], feature_extractor_weights_path=None if weights is None else str(weights))
+    except (OSError, RuntimeError) as err:
+        if weights is None:
+            raise ValueError(f"could not download the Inception weights ({err.__class__.__name__}); "
+                             "pass --inception-weights PATH (see docs/fid.md)") from err
+        raise ValueError(f"--inception-weights {weights}: not an Inception-v3 state dict for torch-fidelity ({err})") from err
+    net.feature_dim = dims
+    return net.to(device)
+
+
+def inception_stats(images: np.ndarray, extractor, batch_size: int = 64, progress: bool = False) -> FeatureStats:
+    """Float64 statistics of Inception features of (N, 3, H, W) uint8 images (extractor from inception_extractor)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError("images must be a (N, 3, H, W) uint8 array")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(extractor.parameters()).device
+    stats = FeatureStats(getattr(extractor, "feature_dim", INCEPTION_DIM))
+    with torch.no_grad():
+        for k in tqdm(range(0, len(images), batch_size), desc="inception", disable=not progress):
+            (feats,) = extractor(torch.from_numpy(images[k : k + batch_size]).to(device))
+            stats.update(feats.double().cpu().numpy())
+    return stats
+
+
+def reference_stats(ref: str | Path, extractor_fn, batch_size: int = 64, progress: bool = False):
+    """(mu, sigma) of REF: a .npz with mu/sigma, or images (folder / run / samples.npz)."""
+    p = Path(ref)
+    if p.is_file() and p.suffix == ".npz":
+        with np.load(p) as z:
+            if "mu" in z and "sigma" in z:
+                return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    return inception_stats(load_images(p), extractor_fn(), batch_size, progress).mean_cov()
+
+
+def inception_fid(samples: str | Path, ref: str | Path, weights: str | Path | None = None, *,
+                  batch_size: int = 64, device: str = "cpu", progress: bool = False, dims: int = INCEPTION_DIM) -> float:
+    """FID between SAMPLES (folder / run / samples.npz) and REF (same, or a mu/sigma .npz)."""
+    dims = _check_dims(dims)
+    cache = {}
+
+    def extractor():
+        if "net" not in cache:
+            cache["net"] = inception_extractor(weights, device, dims)
+        return cache["net"]
+
+    images = load_images(samples)
+    mu_r, sigma_r = reference_stats(ref, extractor, batch_size, progress)
+    mu, sigma = inception_stats(images, extractor(), batch_size, progress).mean_cov()
+    if mu_r.shape != mu.shape:
+        raise ValueError(f"--ref statistics have {mu_r.shape[0]} features but --dims is {mu.shape[0]}")
+    return frechet_distance(mu, sigma, mu_r, sigma_r)
+
+
+def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised Inception-v3 state dict that torch-fidelity can load.
+
+    For offline pipeline tests only: FID values from random weights are not comparable with papers.
+    """
+    import tempfile
+
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Random(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        net = _Random(_EXTRACTOR_NAME, [str(INCEPTION_DIM)], feature_extractor_weights_path=str(empty))
+    for module in net.modules():  # He init keeps activations O(1) through 90+ layers, so features vary with the input
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = Path(path)
+    torch.save(net.state_dict(), path)
+    return path

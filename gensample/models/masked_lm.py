@@ -1,0 +1,187 @@
+"""Masked-diffusion language models: our small transformer and an adapter for transformers MLMs.
+
+Model interface used by the masked samplers (specs/masked_fhs.md sec. 4):
+
+    network(input_ids: Long[B, L], time: Float[B] | None) -> logits: Float[B, L, K']
+
+``K'`` is the vocabulary the network scores; the mask id (and any ``exclude_ids``) are forced to
+probability zero by the sampler. A time-agnostic network (MDLM default, sec. 2.2) ignores ``time``.
+
+``masked_lm_model(...)`` packs a network into a ``LoadedModel`` of kind ``"masked_lm"`` whose
+``extras`` hold: ``network``, ``mask_token_id``, ``length`` (default sequence length),
+``tokenizer`` (``encode(str) -> list[int]``, ``decode(list[int]) -> str``), ``exclude_ids``
+(token ids never sampled besides the mask) and ``time_conditioning`` (bool).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .loading import LoadedModel
+
+
+class CharTokenizer:
+    """Character-level tokenizer over a fixed alphabet; the mask id is ``len(alphabet)``.
+
+    Characters outside the alphabet encode as ``unknown`` (a space by default).
+    """
+
+    def __init__(self, alphabet: str, unknown: str = " "):
+        if not isinstance(alphabet, str) or len(alphabet) < 2 or len(set(alphabet)) != len(alphabet):
+            raise ValueError("alphabet must be a string of at least 2 distinct characters")
+        if unknown not in alphabet:
+            raise ValueError(f"unknown character {unknown!r} must be in the alphabet")
+        self.alphabet = alphabet
+        self.index = {c: i for i, c in enumerate(alphabet)}
+        self.unknown = unknown
+        self.mask_token_id = len(alphabet)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.alphabet)
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        unk = self.index[self.unknown]
+        return [self.index.get(c, unk) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.alphabet[i] if 0 <= i < len(self.alphabet) else "_" for i in (int(j) for j in ids))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"alphabet": self.alphabet, "unknown": self.unknown}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CharTokenizer":
+        data = json.loads(Path(path).read_text())
+        return cls(data["alphabet"], data.get("unknown", " "))
+
+
+class MaskedDiffusionTransformer(ModelMixin, ConfigMixin):
+    """Bidirectional transformer denoiser mu(x)[i, :] over ``vocab_size`` real tokens (MDLM "subs").
+
+    Input ids range over 0..vocab_size (vocab_size is the mask id). Time-agnostic: ``time`` is
+    accepted and ignored (Zheng et al. 2024, sec. 3: the optimal denoiser does not depend on t).
+    A residual depthwise convolution (width ``conv_kernel``) over the embeddings gives every
+    position its neighbours from the first step of training (characters depend mostly on nearby
+    ones); the transformer blocks then mix globally. Output logits: (B, L, vocab_size).
+    """
+
+    @register_to_config
+    def __init__(self, vocab_size: int = 96, max_length: int = 64, d_model: int = 128, num_layers: int = 3,
+                 num_heads: int = 4, ff_mult: int = 2, dropout: float = 0.0, conv_kernel: int = 5):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.token_emb = nn.Embedding(vocab_size + 1, d_model)
+        self.pos_emb = nn.Embedding(max_length, d_model)
+        self.local = nn.Conv1d(d_model, d_model, conv_kernel, padding=conv_kernel // 2, groups=d_model) if conv_kernel > 1 else None
+        layer = nn.TransformerEncoderLayer(d_model, num_heads, ff_mult * d_model, dropout=dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    @property
+    def mask_token_id(self) -> int:
+        return int(self.config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, time: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if length > self.config.max_length:
+            raise ValueError(f"sequence length {length} exceeds the model's max_length {self.config.max_length}")
+        pos = torch.arange(length, device=input_ids.device)
+        h = self.token_emb(input_ids) + self.pos_emb(pos)  # (B, L, D)
+        if self.local is not None:
+            h = h + self.local(h.transpose(1, 2)).transpose(1, 2)  # (B, L, D) neighbour mixing
+        h = self.norm(self.blocks(h))
+        return self.head(h)  # (B, L, K)
+
+
+class HFMaskedLMAdapter(nn.Module):
+    """A transformers masked LM (``AutoModelForMaskedLM``) as a masked-diffusion network.
+
+    Returns ``.logits`` (B, L, V_hf); time is ignored (MDLM/LLaDA-style checkpoints are
+    time-agnostic). The tokenizer's special tokens are excluded from sampling by the loader.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, time: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def masked_lm_model(name: str, network: nn.Module, *, mask_token_id: int, length: int, tokenizer,
+                    exclude_ids: tuple = (), time_conditioning: bool = False, **extras) -> LoadedModel:
+    """A LoadedModel of kind "masked_lm" (see the module docstring for the extras it carries)."""
+    if hasattr(network, "eval"):
+        network.eval()
+    return LoadedModel(
+        name=name,
+        kind="masked_lm",
+        event_shape=(int(length),),
+        extras={"network": network, "mask_token_id": int(mask_token_id), "length": int(length),
+                "tokenizer": tokenizer, "exclude_ids": tuple(int(i) for i in exclude_ids),
+                "time_conditioning": bool(time_conditioning), **extras},
+    )
+
+
+def load_mdm_folder(path: str | Path, name: str | None = None) -> LoadedModel:
+    """Our MaskedDiffusionTransformer saved by `gensample train mdm` (config.json, weights, tokenizer.json)."""
+    path = Path(path)
+    if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
+        raise ValueError(f"{path} is not a masked-diffusion model folder (needs config.json and tokenizer.json)")
+    net = MaskedDiffusionTransformer.from_pretrained(path)
+    tok = CharTokenizer.load(path / "tokenizer.json")
+    if tok.vocab_size != net.config.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tok.vocab_size} symbols but the network {net.config.vocab_size}")
+    return masked_lm_model(name or str(path), net, mask_token_id=net.mask_token_id, length=net.config.max_length,
+                           tokenizer=tok)
+
+
+class _HFTokenizer:
+    """encode/decode wrapper over a transformers tokenizer (no special tokens added)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids) -> str:
+        mask = self.tok.mask_token_id
+        return self.tok.decode([int(i) for i in ids if int(i) != mask], skip_special_tokens=False)
+
+
+def load_hf_masked_lm(path: str, length: int = 64) -> LoadedModel:
+    """``--model mlm:PATH``: a local transformers masked-LM folder (model + tokenizer), no download."""
+    try:
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+    except ImportError as err:  # pragma: no cover - transformers is a test extra
+        raise ValueError("--model mlm:PATH needs the `transformers` package") from err
+    if not Path(path).is_dir():
+        raise ValueError(f"--model mlm:{path}: not a local folder (hub downloads are not supported here)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True)
+    except OSError as err:
+        raise ValueError(f"--model mlm:{path}: cannot load a masked LM and tokenizer there ({err})") from err
+    if tok.mask_token_id is None:
+        raise ValueError(f"--model mlm:{path}: the tokenizer has no mask token")
+    max_len = getattr(model.config, "max_position_embeddings", length)
+    special = [i for i in tok.all_special_ids if i != tok.mask_token_id]
+    return masked_lm_model(f"mlm:{path}", HFMaskedLMAdapter(model), mask_token_id=tok.mask_token_id,
+                           length=min(length, max_len), tokenizer=_HFTokenizer(tok), exclude_ids=tuple(special),
+                           max_length=max_len)

@@ -1,0 +1,120 @@
+"""`STSLPipeline`: DPS / PSLD / STSL posterior sampling for inverse problems as a diffusers pipeline.
+
+Pixel models (``UNet2DModel``, no VAE) and latent models (``vae`` + ``UNet2DModel`` or
+``UNet2DConditionModel``, e.g. Stable Diffusion components) share the loop in
+`gensample.samplers.stsl.sample_inverse` (specs/stsl.md sec. 4). Text conditioning is the null
+prompt "" (no CFG) unless ``prompt`` / ``prompt_embeds`` are given. Thin: no math here.
+"""
+
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+
+from ..core.denoiser import Denoiser
+from ..core.schedule import alphas_cumprod_from_config
+from ..samplers.operators import LinearOperator
+from ..samplers.stsl import Codec, Counters, InverseConfig, init_latent, sample_inverse
+
+
+class STSLPipeline(DiffusionPipeline):
+    """Posterior sampling for y = A x + noise with a pixel or latent diffusion prior.
+
+    Components: ``unet`` (eps / v / x0 prediction, per ``scheduler.config.prediction_type``),
+    ``scheduler`` (any VP scheduler config; the loop runs a DDIMScheduler built from it),
+    optional ``vae`` (AutoencoderKL; latent path), ``text_encoder`` and ``tokenizer`` (only to
+    encode ``prompt``; pass ``prompt_embeds`` to do without them).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        unet: Union[UNet2DModel, UNet2DConditionModel],
+        scheduler: SchedulerMixin,
+        vae: Optional[AutoencoderKL] = None,
+        text_encoder=None,
+        tokenizer=None,
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.last_counters: Optional[Counters] = None
+
+    def _encode_prompt(self, prompt: str, batch: int, device) -> torch.Tensor:
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("this pipeline has no tokenizer/text_encoder: pass prompt_embeds for a text-conditional UNet")
+        ids = self.tokenizer([prompt] * batch, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        measurement: torch.Tensor,
+        operator: LinearOperator,
+        method: str = "stsl",
+        num_inference_steps: int = 50,
+        batch_size: int = 1,
+        prompt: str = "",
+        prompt_embeds: Optional[torch.Tensor] = None,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **method_kwargs,
+    ):
+        """measurement: y, (1 or batch_size, *operator.out_shape) in the [-1, 1] image convention.
+        method: "stsl" | "dps" | "psld"; method_kwargs: `InverseConfig` fields (inner_steps,
+        trace_weight, probe_scale, data_weight, zeta, gamma, omega, ddim_eta, init, ...).
+        Returns images (``output_type`` "pil" | "np" | "pt"); ``self.last_counters`` holds the NFEs."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be one of ['pil', 'np', 'pt'], got {output_type!r}")
+        if not isinstance(operator, LinearOperator):
+            raise TypeError(f"operator must be a gensample LinearOperator, got {type(operator).__name__}")
+        device = self._execution_device
+        cfg = InverseConfig(method=method, steps=num_inference_steps, **method_kwargs)
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(f"generator list has {len(generator)} entries; batch_size is {batch_size}")
+            gens = generator
+        else:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None else 0
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(batch_size)]
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.scheduler.config, prediction_type="epsilon")
+        sched.set_timesteps(num_inference_steps, device=device)
+        ac = alphas_cumprod_from_config(self.scheduler.config)
+        denoiser = Denoiser(self.unet, ac, self.scheduler.config.get("prediction_type", "epsilon"), plain_callable=False)
+        cond = None
+        if isinstance(self.unet, UNet2DConditionModel):
+            if prompt_embeds is None:
+                prompt_embeds = self._encode_prompt(prompt, batch_size, device)
+            cond = {"encoder_hidden_states": prompt_embeds.to(device).expand(batch_size, *prompt_embeds.shape[1:])}
+        counters = Counters()
+        codec = Codec(self.vae, counters)
+        c = self.unet.config
+        size = c.sample_size if isinstance(c.sample_size, int) else tuple(c.sample_size)[0]
+        latent_shape = (c.in_channels, size, size)
+        y = measurement.to(device=device, dtype=torch.float32)
+        y = y.expand(batch_size, *operator.out_shape)
+        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device)
+        z = init_latent(cfg, sched, codec, operator, y, noise, ac, counters)
+        bar = self.progress_bar(total=num_inference_steps)
+        x0, _, counters = sample_inverse(
+            denoiser, sched, codec, operator, y, z, cfg, alphas_cumprod=ac, generators=gens, cond=cond,
+            randn=lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device),
+            on_step=lambda n: bar.update(n), counters=counters, sampler_name=f"STSLPipeline[{method}]",
+        )
+        bar.close()
+        self.last_counters = counters
+        images = ((x0.clamp(-1, 1) + 1) / 2).float()  # (B, C, H, W) in [0, 1]
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,660 @@
+"""DiSA: diffusion step annealing for autoregressive models with a diffusion head.
+
+Zhao et al. 2025, "DiSA: Diffusion Step Annealing in Autoregressive Image Generation"
+(arXiv 2505.20297), on MAR (Li et al. 2024, arXiv 2406.11838). Spec: specs/disa.md.
+
+A MAR-style model fills N continuous tokens in K masked-autoregressive iterations; at iteration k
+a small diffusion head draws each new token with S(k) respaced DDPM steps. DiSA lets S(k) shrink
+from U (early, many tokens unknown) to L (late, the next token is nearly determined).
+
+| code name                     | paper / spec symbol                                         |
+|-------------------------------|-------------------------------------------------------------|
+| ``ar_steps``, ``k``           | K AR iterations, k = 0..K-1 (sec. 3)                         |
+| ``upper``, ``lower``          | U early steps, L late steps, M = U - L (sec. 3)              |
+| ``StepBudgetSchedule.steps``  | S(k) = L + i(k) (sec. 3)                                     |
+| ``mar_mask_lengths``          | m_k, tokens still masked before iteration k (sec. 2)         |
+| ``tokens_per_step``           | n_k = m_k - m_{k+1} (sec. 2)                                  |
+| ``respaced_timesteps``        | {round(j (T-1)/(S-1))} by a running float sum (sec. 2)       |
+| ``RespacedTable``             | respaced beta_i = 1 - alpha_bar_{t_i}/alpha_bar_{t_{i-1}}    |
+| ``temperature``               | tau, scales the per-step noise only (sec. 2)                 |
+| ``timestep_clip``             | the reference DiSA path's t -> min(t, 950) (sec. 10), off    |
+| ``head_calls`` / ``head_rows``| sum_k S(k) / sum_k n_k S(k) (x2 under CFG) (sec. 5)          |
+
+Layout (STYLE.md): schedule and table math first (pure), then the head step and head sampler,
+then the AR loop ``sample_mar``, the registry entries ``disa`` and ``mar``, and last the diffusers
+scheduler shell ``DiSAHeadScheduler``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..core.denoiser import check_finite
+from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
+
+SCHEDULES = ("constant", "linear", "cosine", "two-stage")
+CFG_SCHEDULES = ("linear", "constant")
+VARIANCE_TYPES = ("fixed_small", "learned_range")
+
+
+# -- 1. step-budget schedules (specs/disa.md sec. 3, sec. 9.1-9.3) -------------------------------
+def _check_int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+def budget_index(kind: str, k: int, num_iters: int, span: int, switch: float = 0.5) -> int:
+    """i(k) in [0, span] for iteration k of K = ``num_iters`` (specs/disa.md sec. 3), exact.
+
+    linear:    i = floor((K-1-k) M / (K-1)) in integers. The reference takes int() of a float
+               quotient, which is one short for some (K, M, k), e.g. K=11, M=90, k=3 gives 62, not 63.
+    cosine:    i = floor((cos(pi k / (K-1)) + 1) / 2 * M); cos is irrational, so float64 is used
+               and a value within 1e-9 of an integer is taken as that integer (so k = (K-1)/2
+               with even M gives exactly M/2, not M/2 - 1).
+    two-stage: i = M while k < switch (K-1) (exact rational comparison), else 0.
+    constant:  i = M, i.e. S(k) = U. NOTE: the reference code's "constant" strategy means L
+               (i = 0); here constant means "no annealing at U" (spec sec. 5, Constant(U)).
+    K = 1 (the reference divides by zero) gives i = M.
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    if num_iters == 1 or kind == "constant":
+        return span
+    last = num_iters - 1
+    if kind == "linear":
+        return (last - k) * span // last
+    if kind == "cosine":
+        v = (math.cos(math.pi * k / last) + 1.0) / 2.0 * span
+        r = round(v)
+        return int(r) if abs(v - r) < 1e-9 else math.floor(v)
+    return span if Fraction(k) < Fraction(switch) * last else 0  # two-stage
+
+
+@dataclass(frozen=True)
+class StepBudgetSchedule:
+    """S(k): diffusion-head steps at AR iteration k of K (specs/disa.md sec. 3 and 5).
+
+    kind: "constant" (S = U everywhere), "linear", "cosine", "two-stage", or "callable"
+        (``fn(k, K) -> int``; its values are checked to lie in [1, ...] when used).
+    upper, lower: U >= L >= 1. switch: fraction of (K-1) where two-stage drops from U to L.
+    """
+
+    kind: str = "linear"
+    upper: int = 50
+    lower: int = 5
+    switch: float = 0.5
+    fn: Optional[Callable[[int, int], int]] = field(default=None, compare=False)
+
+    def __post_init__(self):
+        kinds = SCHEDULES + ("callable",)
+        if self.kind not in kinds:
+            raise ValueError(f"schedule must be one of {kinds}, got {self.kind!r}")
+        if self.kind == "callable" and not callable(self.fn):
+            raise TypeError("schedule 'callable' needs fn=callable(k, K) -> int")
+        _check_int("head_steps_min (L)", self.lower, 1)
+        _check_int("head_steps_max (U)", self.upper, 1)
+        if self.lower > self.upper:
+            raise ValueError(f"head_steps_min (L={self.lower}) must be <= head_steps_max (U={self.upper})")
+        if not 0.0 <= float(self.switch) <= 1.0:
+            raise ValueError(f"switch must be in [0, 1], got {self.switch}")
+
+    def steps(self, k: int, num_iters: int) -> int:
+        _check_int("num_iters (K)", num_iters, 1)
+        if not 0 <= k < num_iters:
+            raise ValueError(f"k must be in [0, {num_iters - 1}], got {k}")
+        if self.kind == "callable":
+            s = self.fn(k, num_iters)
+            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+                raise ValueError(f"schedule fn({k}, {num_iters}) must return an int >= 1, got {s!r}")
+            return s
+        return self.lower + budget_index(self.kind, k, num_iters, self.upper - self.lower, self.switch)
+
+    def sequence(self, num_iters: int) -> list[int]:
+        return [self.steps(k, num_iters) for k in range(num_iters)]
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind, "upper": self.upper, "lower": self.lower, "switch": self.switch}
+
+
+# -- 2. MAR unmasking schedule (specs/disa.md sec. 2) ------------------------------------------
+def mar_mask_lengths(num_tokens: int, num_iters: int) -> list[int]:
+    """m_0 = N, ..., m_K = 0: tokens still masked before each iteration (MAR's cosine rule).
+
+    m_{k+1} = clamp(floor(N cos(pi/2 (k+1)/K)), 1, m_k - 1) for k < K-1 (float cos, as MAR), and the
+    last iteration predicts everything left. An iteration can predict 0 tokens only if K > N-ish
+    (m_k = 1 early); the AR loop then skips the head.
+    """
+    _check_int("num_tokens (N)", num_tokens, 1)
+    _check_int("ar_steps (K)", num_iters, 1)
+    lengths = [num_tokens]
+    for k in range(num_iters - 1):
+        raw = math.floor(num_tokens * math.cos(math.pi / 2 * (k + 1) / num_iters))
+        lengths.append(max(1, min(lengths[-1] - 1, raw)))
+    return lengths + [0]
+
+
+def tokens_per_step(num_tokens: int, num_iters: int) -> list[int]:
+    """n_k = m_k - m_{k+1}: tokens drawn at iteration k (sum = N)."""
+    m = mar_mask_lengths(num_tokens, num_iters)
+    return [m[k] - m[k + 1] for k in range(num_iters)]
+
+
+def cfg_scale_at(kind: str, guidance_scale: float, num_tokens: int, num_iters: int, k: int) -> float:
+    """MAR's CFG ramp (specs/disa.md sec. 2): linear w_k = 1 + (w-1)(N - m'_{k+1})/N, with
+    m'_{k+1} = max(1, min(m_k - 1, floor(N cos(pi/2 (k+1)/K)))) also at the last step; constant w_k = w."""
+    if kind not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {kind!r}")
+    if kind == "constant":
+        return guidance_scale
+    m_k = mar_mask_lengths(num_tokens, num_iters)[k]
+    raw = math.floor(num_tokens * math.cos(math.pi / 2 * (k + 1) / num_iters))
+    m_next = max(1, min(m_k - 1, raw))
+    return 1.0 + (guidance_scale - 1.0) * (num_tokens - m_next) / num_tokens
+
+
+def head_budget(schedule: StepBudgetSchedule, num_tokens: int, num_iters: int,
+                num_train_timesteps: int = 1000, timestep_clip: int | None = None) -> tuple[int, int]:
+    """(sum_k S'(k), sum_k n_k S'(k)) per image, S' = distinct respaced steps (spec sec. 5, 9.4, 10)."""
+    calls = rows = 0
+    for k, n_k in enumerate(tokens_per_step(num_tokens, num_iters)):
+        if n_k == 0:
+            continue
+        s = len(respaced_timesteps(schedule.steps(k, num_iters), num_train_timesteps, timestep_clip))
+        calls, rows = calls + s, rows + n_k * s
+    return calls, rows
+
+
+# -- 3. respaced DDPM tables (specs/disa.md sec. 2; Nichol & Dhariwal 2021, sec. 4) ---------------
+def respaced_timesteps(num_steps: int, num_train_timesteps: int = 1000, timestep_clip: int | None = None) -> list[int]:
+    """Ascending distinct training timesteps kept for ``num_steps`` head steps.
+
+    As in MAR's (improved-DDPM) ``space_timesteps``: a running float sum of stride (T-1)/(S-1),
+    each value rounded with Python's round (half to even), so S = 21 keeps 499, not 500. With
+    ``timestep_clip`` c, every t > c becomes c (the reference DiSA path, spec sec. 10), which
+    merges the top steps (S = 50 -> 48 distinct steps at c = 950).
+    """
+    _check_int("num_steps", num_steps, 1)
+    if num_steps > num_train_timesteps:
+        raise ValueError(f"num_steps must be <= num_train_timesteps ({num_train_timesteps}), got {num_steps}")
+    stride = (num_train_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 1
+    taken, cur = [], 0.0
+    for _ in range(num_steps):
+        taken.append(round(cur))
+        cur += stride
+    if timestep_clip is not None:
+        _check_int("timestep_clip", timestep_clip, 0)
+        taken = [min(t, timestep_clip) for t in taken]
+    return sorted(set(taken))
+
+
+@dataclass(frozen=True)
+class RespacedTable:
+    """Coefficients of the respaced DDPM chain, float64, index i = 0..S'-1 (i = 0 is the clean end).
+
+    timesteps: (S',) int64 original training t fed to the head. betas_i = 1 - ab_i / ab_{i-1} (ab_{-1} = 1).
+    """
+
+    timesteps: torch.Tensor
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    posterior_log_variance_clipped: torch.Tensor
+    posterior_mean_coef1: torch.Tensor  # on x0_hat
+    posterior_mean_coef2: torch.Tensor  # on x_t
+
+    def __len__(self) -> int:
+        return int(self.timesteps.numel())
+
+
+def respace(alphas_cumprod: torch.Tensor, num_steps: int, timestep_clip: int | None = None) -> RespacedTable:
+    """The respaced chain for ``num_steps`` (spec sec. 2; DDPM posterior q(x_{i-1} | x_i, x0), Ho et al. eq. 6-7)."""
+    ab_train = alphas_cumprod.double().cpu()
+    ts = respaced_timesteps(num_steps, ab_train.numel(), timestep_clip)
+    ab = ab_train[torch.tensor(ts)]  # (S',)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    betas = 1 - ab / ab_prev
+    post_var = betas * (1 - ab_prev) / (1 - ab)  # beta-tilde; 0 at i = 0
+    # log of beta-tilde with the i = 0 entry replaced by i = 1 (it is 0); a 1-step chain never adds noise.
+    first = post_var[1:2] if len(ts) > 1 else post_var.new_ones(1)
+    log_var = torch.log(torch.cat([first, post_var[1:]]))
+    return RespacedTable(
+        timesteps=torch.tensor(ts, dtype=torch.long),
+        betas=betas,
+        alphas_cumprod=ab,
+        alphas_cumprod_prev=ab_prev,
+        posterior_log_variance_clipped=log_var,
+        posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab),
+        posterior_mean_coef2=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
+    )
+
+
+class HeadDDPM:
+    """Respaced DDPM tables for the head, cached per step count (spec sec. 5)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, timestep_clip: int | None = None,
+                 variance_type: str = "fixed_small"):
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+        if timestep_clip is not None:
+            _check_int("timestep_clip", timestep_clip, 0)
+        self.alphas_cumprod = alphas_cumprod.double().cpu()
+        self.timestep_clip = timestep_clip
+        self.variance_type = variance_type
+        self._tables: dict[int, RespacedTable] = {}
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.numel())
+
+    def table(self, num_steps: int) -> RespacedTable:
+        if num_steps not in self._tables:
+            self._tables[num_steps] = respace(self.alphas_cumprod, num_steps, self.timestep_clip)
+        return self._tables[num_steps]
+
+
+# -- 4. one head step and the head sampler -------------------------------------------------------
+def ddpm_head_step(table: RespacedTable, i: int, x_t: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor,
+                   temperature: float = 1.0, v_hat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_{i-1} = mu(x_i, x0_hat) + 1[i > 0] sigma_i xi tau (spec sec. 2). Returns (x_prev, x0_hat).
+
+    sigma_i^2 = beta-tilde_i (fixed small), or with a learned interpolant v in [-1, 1]:
+    log sigma^2 = f log beta_i + (1 - f) log beta-tilde_i, f = (v + 1)/2. No clipping of x0_hat.
+    Coefficients are float64 tables cast to x_t's dtype (as the reference does).
+    """
+    def c(vec):
+        return vec[i].to(device=x_t.device, dtype=x_t.dtype)
+
+    ab = c(table.alphas_cumprod)
+    x0_hat = x_t / ab.sqrt() - (1 / ab - 1).sqrt() * eps_hat
+    mean = c(table.posterior_mean_coef1) * x0_hat + c(table.posterior_mean_coef2) * x_t
+    if v_hat is None:
+        log_var = c(table.posterior_log_variance_clipped)
+    else:
+        frac = (v_hat + 1) / 2
+        log_var = frac * c(table.betas).log() + (1 - frac) * c(table.posterior_log_variance_clipped)
+    if i == 0:
+        return mean, x0_hat
+    return mean + torch.exp(0.5 * log_var) * noise * temperature, x0_hat
+
+
+@dataclass
+class HeadCounter:
+    """Sequential head calls, token rows evaluated, head seconds."""
+
+    calls: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+
+def _head_eps(head, x_t, t, z, z_uncond, guidance_scale, counter: HeadCounter):
+    """eps (and v if the head outputs 2C) with CFG on eps only: eps_u + w (eps_c - eps_u); the
+    unconditional half mirrors x_t (MAR's forward_with_cfg) and v comes from the conditional half."""
+    c = x_t.shape[-1]
+    cfg = z_uncond is not None
+    if cfg:
+        out = head(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z, z_uncond]))
+    else:
+        out = head(x_t, t, z)
+    counter.calls += 1
+    counter.rows += out.shape[0]
+    if out.shape[-1] not in (c, 2 * c):
+        raise ValueError(f"head output has {out.shape[-1]} channels; expected {c} (eps) or {2 * c} (eps, v)")
+    eps, v = out[:, :c], (out[:, c:] if out.shape[-1] == 2 * c else None)
+    if cfg:
+        m = x_t.shape[0]
+        eps = eps[m:] + guidance_scale * (eps[:m] - eps[m:])
+        v = None if v is None else v[:m]
+    return eps, v
+
+
+def sample_head(head, z: torch.Tensor, table: RespacedTable, draw_noise: Callable[[], torch.Tensor], *,
+                temperature: float = 1.0, guidance_scale: float = 1.0, z_uncond: torch.Tensor | None = None,
+                variance_type: str = "fixed_small", counter: HeadCounter | None = None,
+                sampler: str = "disa", path: list | None = None) -> torch.Tensor:
+    """Draw tokens x0 ~ head(. | z) by ancestral DDPM over ``table`` (spec sec. 2).
+
+    z: (M, D) conditions; z_uncond: (M, D) for CFG (None = no CFG). draw_noise() -> (M, C) standard
+    normal: called once for x_T, then once at every step, the last one too (the reference's RNG order).
+    Returns (M, C). ``path`` (a list) receives x_T, ..., x_0 if given (straightness metric, sec. 6).
+    """
+    counter = HeadCounter() if counter is None else counter
+    x = draw_noise()  # x_T; tau does not scale it
+    if path is not None:
+        path.append(x)
+    for i in reversed(range(len(table))):
+        t = table.timesteps[i].to(z.device).expand(x.shape[0])  # (M,) original training t
+        eps, v = _head_eps(head, x, t, z, z_uncond, guidance_scale, counter)
+        check_finite(eps, sampler, i)
+        noise = draw_noise()
+        x, _ = ddpm_head_step(table, i, x, eps, noise, temperature, v if variance_type == "learned_range" else None)
+        if path is not None:
+            path.append(x)
+    return x
+
+
+def path_straightness(path: torch.Tensor) -> torch.Tensor:
+    """||x_0 - x_T|| / sum_i ||x_{i-1} - x_i|| per token (spec sec. 6.3; 1 = straight).
+
+    path: (S+1, M, C) from x_T to x_0. Returns (M,) float64.
+    """
+    p = path.double()
+    chord = (p[-1] - p[0]).norm(dim=-1)
+    length = (p[1:] - p[:-1]).norm(dim=-1).sum(0)
+    return chord / length.clamp(min=1e-300)
+
+
+# -- 5. the MAR loop with DiSA (specs/disa.md sec. 2-3) ------------------------------------------
+@dataclass(frozen=True)
+class DiSAConfig:
+    """Resolved DiSA sampling parameters (the one home of defaults; run.json dumps it)."""
+
+    ar_steps: int = 8
+    schedule: StepBudgetSchedule = field(default_factory=StepBudgetSchedule)
+    temperature: float = 1.0
+    guidance_scale: float = 1.0
+    cfg_schedule: str = "linear"
+
+    def __post_init__(self):
+        _check_int("ar_steps", self.ar_steps, 1)
+        if not isinstance(self.schedule, StepBudgetSchedule):
+            raise TypeError(f"schedule must be a StepBudgetSchedule, got {type(self.schedule).__name__}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {self.guidance_scale}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+
+
+def sample_mar(backbone, head, ddpm: HeadDDPM, cfg: DiSAConfig, generators: Sequence[torch.Generator], *,
+               num_tokens: int, token_dim: int, class_labels: torch.Tensor | None = None,
+               null_class: int | None = None, device=torch.device("cpu"), dtype=torch.float32,
+               on_step: Callable[[int], None] | None = None, sampler: str = "disa", record_paths: bool = False):
+    """MAR generation with a DiSA step budget (specs/disa.md sec. 2-3). Returns (tokens, stats).
+
+    Per image b (generator g_b, so results do not depend on batch composition): a random order
+    (randperm from g_b), then at each iteration k the n_k tokens masked now but not next are drawn
+    by ``sample_head`` with S(k) = cfg.schedule.steps(k, K) steps, their noise from g_b.
+    CFG (guidance_scale != 1) doubles the backbone batch with ``null_class`` labels and the head
+    batch; noise is drawn for the conditional half only (the unconditional half mirrors it).
+    tokens: (B, N, C). stats: head_calls, head_rows, nfe (= head_calls), backbone_calls,
+    backbone_rows, head_time_s, backbone_time_s, head_steps (the S'(k) list), and with
+    ``record_paths`` a list per k of (S'+1, B n_k, C) head trajectories.
+    """
+    bsz, n_k_list = len(generators), tokens_per_step(num_tokens, cfg.ar_steps)
+    use_cfg = cfg.guidance_scale != 1.0
+    if use_cfg and (class_labels is None or null_class is None):
+        raise ValueError("guidance_scale != 1 needs a class-conditional model with a null class")
+    orders = torch.stack([torch.randperm(num_tokens, generator=g) for g in generators]).to(device)  # (B, N)
+    tokens = torch.zeros(bsz, num_tokens, token_dim, device=device, dtype=dtype)  # (B, N, C)
+    masked = torch.ones(bsz, num_tokens, dtype=torch.bool, device=device)
+    counter, stats = HeadCounter(), {"backbone_calls": 0, "backbone_rows": 0, "backbone_time_s": 0.0, "head_steps": []}
+    labels_in = class_labels
+    if use_cfg:
+        labels_in = torch.cat([class_labels, torch.full_like(class_labels, null_class)])
+    paths = []
+    m_lengths = mar_mask_lengths(num_tokens, cfg.ar_steps)
+    for k, n_k in enumerate(n_k_list):
+        t0 = time.perf_counter()
+        if use_cfg:
+            z_all = backbone(torch.cat([tokens, tokens]), torch.cat([masked, masked]), labels_in)  # (2B, N, D)
+        else:
+            z_all = backbone(tokens, masked, labels_in)  # (B, N, D)
+        _sync(device)
+        stats["backbone_time_s"] += time.perf_counter() - t0
+        stats["backbone_calls"] += 1
+        stats["backbone_rows"] += z_all.shape[0]
+        if n_k == 0:
+            stats["head_steps"].append(0)
+            if on_step is not None:
+                on_step(1)
+            continue
+        pos = orders[:, m_lengths[k + 1]: m_lengths[k]].sort(dim=1).values  # (B, n_k) slots drawn now
+        rows = torch.arange(bsz, device=device)[:, None].expand_as(pos)
+        z = z_all[:bsz][rows, pos].reshape(bsz * n_k, -1)  # (B n_k, D)
+        z_u = z_all[bsz:][rows, pos].reshape(bsz * n_k, -1) if use_cfg else None
+        table = ddpm.table(cfg.schedule.steps(k, cfg.ar_steps))
+        stats["head_steps"].append(len(table))
+        w_k = cfg_scale_at(cfg.cfg_schedule, cfg.guidance_scale, num_tokens, cfg.ar_steps, k)
+
+        def draw_noise():
+            noise = [torch.randn((n_k, token_dim), generator=g) for g in generators]
+            return torch.cat(noise).to(device=device, dtype=dtype)  # (B n_k, C), rows image-major
+
+        t0 = time.perf_counter()
+        path = [] if record_paths else None
+        x0 = sample_head(head, z, table, draw_noise, temperature=cfg.temperature, guidance_scale=w_k, z_uncond=z_u,
+                         variance_type=ddpm.variance_type, counter=counter, sampler=sampler, path=path)
+        _sync(device)
+        counter.seconds += time.perf_counter() - t0
+        if record_paths:
+            paths.append(torch.stack(path))
+        tokens = tokens.clone()
+        tokens[rows, pos] = x0.reshape(bsz, n_k, token_dim).to(tokens.dtype)
+        masked = masked.clone()
+        masked[rows, pos] = False
+        if on_step is not None:
+            on_step(1)
+    stats.update(head_calls=counter.calls, head_rows=counter.rows, nfe=counter.calls, head_time_s=counter.seconds)
+    if record_paths:
+        stats["paths"] = paths
+    return tokens, stats
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evidence_metrics(backbone, head, ddpm: HeadDDPM, generators, class_labels, *, num_tokens: int, token_dim: int,
+                     ar_steps: int = 8, num_steps: int = 50, draws: int = 32, null_class=None, seed: int = 0) -> dict:
+    """DiSA's evidence per AR iteration k (spec sec. 6.2-6.3), from one full-step MAR run:
+    straightness of the head's reverse paths, and the head's sample variance for fixed z
+    (``draws`` samples per token, per-dimension variance averaged over dims and tokens).
+    Returns {"straightness": [K], "variance": [K]} (float lists)."""
+    conds = []
+
+    def recording_head(x_t, t, z):  # keeps each iteration's z (one object per iteration)
+        if not conds or conds[-1] is not z:
+            conds.append(z)
+        return head(x_t, t, z)
+
+    cfg = DiSAConfig(ar_steps=ar_steps, schedule=StepBudgetSchedule("constant", num_steps, num_steps))
+    _, stats = sample_mar(backbone, recording_head, ddpm, cfg, generators, num_tokens=num_tokens, token_dim=token_dim,
+                          class_labels=class_labels, null_class=null_class, record_paths=True)
+    g = torch.Generator().manual_seed(seed)
+    straightness, variance = [], []
+    for path, z in zip(stats["paths"], conds):
+        straightness.append(float(path_straightness(path).mean()))
+        z_rep = z.repeat_interleave(draws, 0)  # (M draws, D)
+        x = sample_head(head, z_rep, ddpm.table(num_steps), lambda: torch.randn((z_rep.shape[0], token_dim), generator=g))
+        variance.append(float(x.reshape(-1, draws, token_dim).var(1).mean()))
+    return {"straightness": straightness, "variance": variance}
+
+
+# -- 6. registry entries: `gensample run --sampler disa|mar` --------------------------------------
+def schedule_from_opts(opts: dict, annealed: bool) -> StepBudgetSchedule:
+    upper = opts.get("head_steps_max", 50)
+    lower = opts.get("head_steps_min", 5)
+    if not annealed:  # `mar`: no annealing, S = U at every iteration
+        return StepBudgetSchedule("constant", upper, upper)
+    return StepBudgetSchedule(opts.get("schedule") or "linear", upper, lower)
+
+
+def _validate(opts: dict, model) -> None:
+    if opts.get("steps") is not None:
+        raise ValueError("--steps does not apply to samplers disa/mar; use --ar-steps K and "
+                         "--head-steps-max U / --head-steps-min L")
+    annealed = opts["sampler"] == "disa"
+    sched = schedule_from_opts(opts, annealed)
+    parts = model.extras
+    for key in ("backbone", "head", "num_tokens", "token_dim", "detokenize"):
+        if key not in parts:
+            raise ValueError(f"model {model.name!r} lacks extras[{key!r}]; a 'mar' model needs backbone, head, "
+                             f"num_tokens, token_dim and detokenize (see gensample.pipelines.ar_diffusion)")
+    if opts["ar_steps"] > parts["num_tokens"]:
+        raise ValueError(f"--ar-steps must be <= the model's {parts['num_tokens']} tokens, got {opts['ar_steps']}")
+    if sched.upper > model.num_train_timesteps:
+        raise ValueError(f"--head-steps-max must be <= the head's {model.num_train_timesteps} training timesteps, got {sched.upper}")
+    clip = opts.get("timestep_clip")
+    if clip is not None and clip >= model.num_train_timesteps:
+        raise ValueError(f"--timestep-clip must be < {model.num_train_timesteps}, got {clip}")
+    if opts.get("guidance_scale", 1.0) != 1.0 and (not model.num_classes or model.null_class is None):
+        raise ValueError(f"--guidance-scale needs a class-conditional model with a null class; {model.name!r} has none")
+
+
+def _labels_for(model, opts: dict, generators, device) -> torch.Tensor | None:
+    """--class-label for all, else one label per sample drawn uniformly from its own generator."""
+    if not model.num_classes:
+        return None
+    if opts.get("class_label") is not None:
+        return torch.full((len(generators),), int(opts["class_label"]), dtype=torch.long, device=device)
+    return torch.cat([torch.randint(model.num_classes, (1,), generator=g) for g in generators]).to(device)
+
+
+def _sample_with(annealed: bool):
+    def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
+        parts = model.extras
+        gens = ctx.generators(seeds)
+        labels = _labels_for(model, opts, gens, ctx.device)
+        cfg = DiSAConfig(ar_steps=opts["ar_steps"], schedule=schedule_from_opts(opts, annealed),
+                         temperature=opts["temperature"], guidance_scale=opts.get("guidance_scale", 1.0),
+                         cfg_schedule=opts["cfg_schedule"])
+        ddpm = HeadDDPM(model.alphas_cumprod, opts.get("timestep_clip"), parts.get("variance_type", "fixed_small"))
+        tokens, stats = sample_mar(parts["backbone"], parts["head"], ddpm, cfg, gens, num_tokens=parts["num_tokens"],
+                                   token_dim=parts["token_dim"], class_labels=labels, null_class=model.null_class,
+                                   device=ctx.device, dtype=ctx.dtype, on_step=ctx.step_done, sampler=ctx.sampler)
+        x = parts["detokenize"](tokens.float())
+        extras = {} if labels is None else {"class_labels": labels.cpu()}
+        return SampleBatch(x=x, extras=extras, stats=stats)
+
+    return fn
+
+
+_OPTIONS = (
+    Option("ar-steps", int, 8, "MAR iterations K (cosine unmasking schedule)", min=1),
+    Option("head-steps-max", int, 50, "diffusion-head steps U at the first AR iteration", min=1),
+    Option("head-steps-min", int, 5, "diffusion-head steps L at the last AR iteration", min=1),
+    Option("schedule", SCHEDULES, "linear", "DiSA step budget S(k): linear|cosine|two-stage|constant (constant = U)"),
+    Option("temperature", float, 1.0, "head temperature tau (scales the per-step noise only)", min=0.0),
+    Option("timestep-clip", int, None, "map respaced head timesteps t > C to C (reference DiSA code: 950); off by default", min=0),
+    Option("cfg-schedule", CFG_SCHEDULES, "linear", "MAR CFG ramp over AR iterations: linear|constant"),
+)
+
+register(SamplerSpec(
+    name="disa",
+    description="DiSA (Zhao et al. 2025): MAR generation, head steps annealed U -> L over AR iterations",
+    fn=_sample_with(annealed=True),
+    default_model="mar-digits",
+    options=_OPTIONS,
+    default_steps=None,
+    model_kinds=("mar",),
+    progress_total=lambda opts: opts["ar_steps"],
+    validate=_validate,
+))
+register(SamplerSpec(
+    name="mar",
+    description="MAR baseline (Li et al. 2024): masked AR + diffusion head, constant U head steps",
+    fn=_sample_with(annealed=False),
+    default_model="mar-digits",
+    options=tuple(o for o in _OPTIONS if o.key not in ("head_steps_min", "schedule")),
+    default_steps=None,
+    model_kinds=("mar",),
+    progress_total=lambda opts: opts["ar_steps"],
+    validate=_validate,
+))
+
+
+# -- 7. diffusers face: a scheduler for the head -------------------------------------------------
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
+from diffusers.utils import BaseOutput  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+from ..core.schedule import alphas_cumprod_from_config  # noqa: E402
+
+
+@dataclass
+class DiSAHeadSchedulerOutput(BaseOutput):
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
+    """MAR's respaced ancestral DDPM for a per-token head (spec sec. 2, 5), as a diffusers scheduler.
+
+    DiSA calls ``set_timesteps(S(k))`` once per AR iteration; tables are cached per step count.
+    ``timesteps`` are the original training t (descending) to feed the head. ``step`` takes
+    ``noise`` (per-step standard normal, e.g. from per-image generators) or draws it with
+    ``generator``; ``disa_temperature`` scales that noise only. Differs from DDPMScheduler in the
+    timestep spacing (running float sum, banker's rounding), the clipped-log posterior variance
+    and the temperature, so MAR parity needs this class (spec sec. 5).
+    """
+
+    _compatibles = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 beta_schedule: str = "squaredcos_cap_v2", trained_betas=None, prediction_type: str = "epsilon",
+                 variance_type: str = "fixed_small", disa_temperature: float = 1.0,
+                 disa_timestep_clip: Optional[int] = None):
+        if prediction_type != "epsilon":
+            raise ValueError(f"prediction_type must be 'epsilon' for the MAR head, got {prediction_type!r}")
+        allowed = ("fixed_small", "fixed_small_log", "learned_range")
+        if variance_type not in allowed:
+            raise ValueError(f"variance_type must be one of {allowed} for the MAR head, got {variance_type!r}")
+        self.ddpm = HeadDDPM(alphas_cumprod_from_config(self.config), disa_timestep_clip,
+                             "learned_range" if variance_type == "learned_range" else "fixed_small")
+        self.alphas_cumprod = self.ddpm.alphas_cumprod.float()
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+        self._table = None
+        self._step_index = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        self._table = self.ddpm.table(num_inference_steps)
+        self.num_inference_steps = len(self._table)
+        self.timesteps = self._table.timesteps.flip(0).to(device)
+        self._step_index = 0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, noise: torch.Tensor | None = None,
+             generator=None, return_dict: bool = True):
+        if self._table is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step()")
+        i = len(self._table) - 1 - self._step_index
+        if int(timestep) != int(self._table.timesteps[i]):
+            raise ValueError(f"timestep {int(timestep)} is not the expected {int(self._table.timesteps[i])} at step {self._step_index}")
+        c = sample.shape[1] if sample.ndim > 1 else 1
+        eps, v = model_output, None
+        if model_output.shape != sample.shape:
+            eps, v = model_output[:, :c], model_output[:, c:]
+        if noise is None:
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev, x0_hat = ddpm_head_step(self._table, i, sample, eps, noise, self.config.disa_temperature,
+                                      v if self.config.variance_type == "learned_range" else None)
+        self._step_index += 1
+        if not return_dict:
+            return (prev, x0_hat)
+        return DiSAHeadSchedulerOutput(prev_sample=prev, pred_original_sample=x0_hat)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        ab = self.alphas_cumprod.to(original_samples.device)[timesteps.long().to(original_samples.device)]
+        ab = ab.to(original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return ab.sqrt() * original_samples + (1 - ab).sqrt() * noise
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

@@ -1,0 +1,578 @@
+"""First-hitting sampler (FHS) and the ancestral grid sampler for masked diffusion models.
+
+Zheng, Chen, Mao, Liu, Zhu, Zhang, "Masked Diffusion Models are Secretly Time-Agnostic Masked
+Models and Exploit Inaccurate Categorical Sampling", ICLR 2025, arXiv 2409.02908.
+Spec: specs/masked_fhs.md (sec. 2.3 ancestral step, sec. 2.4 FHS, sec. 2.5 precision, sec. 4 scheduler).
+Baseline semantics: MDLM (Sahoo et al. 2024) ``ddpm_cache`` with ``noise_removal``.
+
+Code name -> paper symbol:
+    x            x_t, Long[B, L]; ``mask_token_id`` is m
+    alpha(t)     alpha_t, probability that a token is still clean at time t (alpha_0 = 1)
+    log_mu       log mu(x)[i, v], float64 (B, L, K), the denoiser's clean-token law
+    t, s         current and next time (s < t) of an ancestral step
+    tau          next first-hitting time, tau = alpha^-1(1 - (1 - alpha_t) r)   (sec. 2.4)
+    r            u^(1/n) for one reveal, Beta(n - k + 1, k) for k reveals
+    n            number of masked positions in a row
+The network never sees t unless ``time_conditioning``; then it gets sigma(t) = -log alpha_t.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ..core.categorical import PRECISIONS, Generators, gumbel_argmax, masked_log_softmax, uniform
+from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
+
+SCHEDULES = ("linear", "loglinear", "cosine")
+FINAL_STEPS = ("sample", "argmax")
+METHODS = ("first_hitting", "ancestral")
+SCHEDULE_EPS = 1e-3  # epsilon of the log-linear and cosine schedules (MDLM)
+
+
+# -- 1. schedules (sec. 2.1) ------------------------------------------------------------------
+def mask_alpha(t, schedule: str = "linear") -> torch.Tensor:
+    """alpha_t: linear 1 - t; loglinear 1 - (1 - eps) t; cosine eps + (1 - eps) cos(pi t / 2)
+    (MDLM's cosine; MD4's "cosine" 1 - sin(pi t / 2) differs). eps = 1e-3. float64."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if schedule == "linear":
+        return 1.0 - t
+    if schedule == "loglinear":
+        return 1.0 - (1.0 - SCHEDULE_EPS) * t
+    if schedule == "cosine":
+        return SCHEDULE_EPS + (1.0 - SCHEDULE_EPS) * torch.cos(math.pi * t / 2)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def mask_alpha_inv(a, schedule: str = "linear") -> torch.Tensor:
+    """t with alpha_t = a (sec. 2.1 table), clamped to [0, 1]. float64."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    if schedule == "linear":
+        t = 1.0 - a
+    elif schedule == "loglinear":
+        t = (1.0 - a) / (1.0 - SCHEDULE_EPS)
+    elif schedule == "cosine":
+        t = (2 / math.pi) * torch.arccos(((a - SCHEDULE_EPS) / (1.0 - SCHEDULE_EPS)).clamp(-1.0, 1.0))
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return t.clamp(0.0, 1.0)
+
+
+def time_input(t: torch.Tensor, schedule: str) -> torch.Tensor:
+    """sigma(t) = -log alpha_t, the time input of time-conditioned models (SEDD convention)."""
+    return -torch.log(mask_alpha(t, schedule))
+
+
+# -- 2. parameters --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskedDiffusionConfig:
+    """Sampling parameters (specs/masked_fhs.md sec. 3 defaults)."""
+
+    mask_token_id: int
+    schedule: str = "linear"
+    num_inference_steps: int | None = None  # ancestral grid size N
+    t_min: float = 1e-5  # last grid time; a final step t_min -> 0 follows when t_min > 0
+    final_step: str = "sample"  # "sample" (exact) | "argmax" (MDLM noise_removal)
+    tokens_per_step: int = 1  # FHS k
+    precision: str = "float64"
+    uniform_bits: int | None = None
+    temperature: float = 1.0
+    time_conditioning: bool = False
+    cache: bool = True
+    exclude_ids: tuple = ()
+
+    def __post_init__(self):
+        if isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
+            raise ValueError(f"mask_token_id must be a non-negative int, got {self.mask_token_id!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.final_step not in FINAL_STEPS:
+            raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {self.final_step!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.num_inference_steps is not None and (not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps must be a positive int, got {self.num_inference_steps!r}")
+        if not (isinstance(self.tokens_per_step, int) and self.tokens_per_step >= 1):
+            raise ValueError(f"tokens_per_step must be an int >= 1, got {self.tokens_per_step!r}")
+        if not 0.0 <= self.t_min < 1.0:
+            raise ValueError(f"t_min must be in [0, 1), got {self.t_min}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+
+# -- 3. pure step functions -----------------------------------------------------------------
+def token_log_probs(logits: torch.Tensor, cfg: MaskedDiffusionConfig) -> torch.Tensor:
+    """log mu over the vocabulary, float64 (B, ..., K'); the mask and exclude ids get -inf (MDLM "subs")."""
+    return masked_log_softmax(logits, (cfg.mask_token_id, *cfg.exclude_ids), cfg.temperature)
+
+
+def hitting_fraction(n: torch.Tensor, k: int, generator: Generators) -> torch.Tensor:
+    """r = (1 - alpha_tau) / (1 - alpha_t) after revealing min(k, n) of n masks (sec. 2.4).
+
+    The masking times of n masks are iid with CDF (1 - alpha)/(1 - alpha_t); the k-th latest is
+    the k-th largest of n uniforms ~ Beta(n - k + 1, k) = S_{n-k+1} / S_{n+1} with S_j a sum of j
+    Exp(1) (Renyi's representation). For k = 1 this is u^(1/n), drawn exactly so. n: (B,) int64.
+    Rows with n = 0 return 1 (no change). Returns (B,) float64.
+    """
+    B = n.shape[0]
+    n = n.to("cpu")
+    if k == 1:
+        u = uniform((B,), generator, dtype=torch.float64)
+        r = u ** (1.0 / n.clamp_min(1).double())
+    elif isinstance(generator, torch.Generator):
+        n_max = int(n.max()) if B else 0
+        E = -torch.log1p(-uniform((B, n_max + 1), generator, dtype=torch.float64))  # (B, n_max + 1) Exp(1)
+        S = torch.cumsum(E, 1)
+        total = S.gather(1, n[:, None])[:, 0]  # S_{n+1}
+        part = S.gather(1, (n - n.clamp_max(k)).clamp_min(0)[:, None])[:, 0]  # S_{n-k+1}
+        r = part / total
+    else:  # one generator per row: each row draws exactly n_b + 1 exponentials (batch-independent)
+        r = torch.ones(B, dtype=torch.float64)
+        for b, (g, n_b) in enumerate(zip(generator, n.tolist())):
+            S = torch.cumsum(-torch.log1p(-torch.rand(n_b + 1, generator=g, dtype=torch.float64)), 0)
+            r[b] = S[n_b - min(k, n_b)] / S[n_b]
+    return torch.where(n > 0, r, torch.ones_like(r))
+
+
+def first_hitting_time(t: torch.Tensor, r: torch.Tensor, schedule: str) -> torch.Tensor:
+    """tau = alpha^-1(1 - (1 - alpha_t) r) (sec. 2.4); linear: tau = t r. float64 (B,)."""
+    return mask_alpha_inv(1.0 - (1.0 - mask_alpha(t, schedule)) * r, schedule)
+
+
+def choose_masked_positions(is_masked: torch.Tensor, k: int, generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
+    """min(k, n_b) distinct masked positions per row, uniformly (random scores, -inf elsewhere, top-k).
+
+    is_masked: (B, L) bool. Returns positions (B, k') int64 and valid (B, k') bool, k' = min(k, L).
+    """
+    B, L = is_masked.shape
+    k = min(k, L)
+    scores = uniform((B, L), generator, dtype=torch.float64).to(is_masked.device)
+    scores = scores.masked_fill(~is_masked, float("-inf"))
+    top, pos = scores.topk(k, dim=1)
+    return pos, torch.isfinite(top)
+
+
+def next_hitting_time(x: torch.Tensor, t: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators) -> torch.Tensor:
+    """tau for each row (B,) float64 on CPU: the time of the next min(k, n) reveals (sec. 2.4 step 1).
+    Rows without masks keep t."""
+    n = (x == cfg.mask_token_id).sum(1).cpu()  # (B,)
+    r = hitting_fraction(n, cfg.tokens_per_step, generator)
+    return torch.where(n > 0, first_hitting_time(t.cpu(), r, cfg.schedule), t.cpu())
+
+
+def fhs_reveal(x: torch.Tensor, log_mu: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators) -> torch.Tensor:
+    """Reveal min(k, n) uniformly chosen masked positions, each drawn from its own row of mu
+    (sec. 2.4 steps 3-4). Only those rows are sampled: B x k x K work, not B x L x K.
+
+    x: (B, L) int64; log_mu: (B, L, K') float64 from ``token_log_probs`` on this x. Returns x_new.
+    """
+    pos, valid = choose_masked_positions(x == cfg.mask_token_id, cfg.tokens_per_step, generator)  # (B, k)
+    rows = log_mu.gather(1, pos[..., None].expand(-1, -1, log_mu.shape[-1]))  # (B, k, K')
+    tokens = gumbel_argmax(rows, generator, precision=cfg.precision, uniform_bits=cfg.uniform_bits)  # (B, k)
+    x_new = x.clone()
+    x_new.scatter_(1, pos, torch.where(valid, tokens, x.gather(1, pos)))
+    return x_new
+
+
+def ancestral_step(x: torch.Tensor, log_mu: torch.Tensor, t: float, s: float, cfg: MaskedDiffusionConfig,
+                   generator: Generators) -> torch.Tensor:
+    """One grid step t -> s (sec. 2.3): each masked position stays masked with weight 1 - alpha_s or
+    becomes v with weight (alpha_s - alpha_t) mu[i, v], drawn by Gumbel-max over all B x L x (K'+1)
+    entries (MDLM ``ddpm_cache``: unnormalised row, mask weight last). Unmasked positions are frozen.
+
+    x: (B, L) int64; log_mu: (B, L, K') float64. Returns the new x.
+    """
+    a_t, a_s = mask_alpha(t, cfg.schedule).item(), mask_alpha(s, cfg.schedule).item()
+    move = math.log(a_s - a_t) if a_s > a_t else float("-inf")
+    stay = math.log(1.0 - a_s) if a_s < 1.0 else float("-inf")
+    stay_col = torch.full(log_mu.shape[:-1] + (1,), stay, dtype=torch.float64, device=log_mu.device)
+    log_w = torch.cat([log_mu + move, stay_col], -1)  # (B, L, K'+1)
+    draw = gumbel_argmax(log_w, generator, precision=cfg.precision, uniform_bits=cfg.uniform_bits)  # (B, L)
+    draw = torch.where(draw == log_mu.shape[-1], cfg.mask_token_id, draw)
+    return torch.where(x == cfg.mask_token_id, draw, x)
+
+
+def final_argmax_step(x: torch.Tensor, log_mu: torch.Tensor, cfg: MaskedDiffusionConfig) -> torch.Tensor:
+    """MDLM ``noise_removal``: every still-masked position takes argmax mu (greedy, not exact)."""
+    return torch.where(x == cfg.mask_token_id, log_mu.argmax(-1), x)
+
+
+def ancestral_times(num_steps: int, t_min: float) -> list[float]:
+    """MDLM grid linspace(1, t_min, N + 1), plus 0 when t_min > 0 (the final step). float64 values."""
+    grid = np.linspace(1.0, t_min, num_steps + 1).tolist()
+    return grid + [0.0] if t_min > 0 else grid
+
+
+# -- 4. loops ---------------------------------------------------------------------------------
+Network = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class _Evaluator:
+    """Calls the network on selected rows, checks the output, converts to log mu, counts and times."""
+
+    def __init__(self, network: Network, cfg: MaskedDiffusionConfig, name: str):
+        self.network, self.cfg, self.name = network, cfg, name
+        self.stats = {"nfe": 0, "model_rows": 0, "model_time_s": 0.0, "categorical_time_s": 0.0}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        time_in = time_input(t, self.cfg.schedule).float().to(x.device) if self.cfg.time_conditioning else None
+        logits = self.network(x, time_in)
+        if hasattr(logits, "logits"):
+            logits = logits.logits
+        if logits.ndim != 3 or logits.shape[:2] != x.shape:
+            raise ValueError(f"network must return logits (B, L, K) for input {tuple(x.shape)}, got {tuple(logits.shape)}")
+        if torch.isnan(logits).any() or (logits == float("inf")).any():
+            raise FloatingPointError(f"{self.name}: non-finite values (NaN/+Inf) in the model output at step {step}")
+        self.stats["nfe"] += 1
+        self.stats["model_rows"] += x.shape[0]
+        self.stats["model_time_s"] += time.perf_counter() - t0
+        return token_log_probs(logits, self.cfg)
+
+    def timed(self, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.stats["categorical_time_s"] += time.perf_counter() - t0
+        return out
+
+
+def _rows(generator: Generators, idx: torch.Tensor) -> Generators:
+    """The generators of the selected rows (a single shared generator stays as is)."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    return [generator[i] for i in idx.tolist()]
+
+
+def sample_first_hitting(network: Network, x: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators,
+                         on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """FHS (Zheng et al. 2024, sec. 4.1 / spec sec. 2.4) from x (B, L) with masks; t starts at 1.
+
+    Each iteration: evaluate mu on the current x at the new time, reveal min(k, n) positions.
+    NFE is exactly ceil(n / k) for rows with n masks. Returns (x0, stats).
+    """
+    ev = _Evaluator(network, cfg, "fhs")
+    t = torch.ones(x.shape[0], dtype=torch.float64)
+    step = 0
+    while True:
+        active = (x == cfg.mask_token_id).any(1).nonzero()[:, 0]
+        if active.numel() == 0:
+            break
+        gens = _rows(generator, active)
+        tau = next_hitting_time(x[active], t[active], cfg, gens)  # (A,)
+        # the network sees the pre-jump x at the new time tau (sec. 7); time-agnostic nets ignore it
+        log_mu = ev(x[active], tau, step)
+        x_a = ev.timed(fhs_reveal, x[active], log_mu, cfg, gens)
+        x = x.clone()
+        x[active] = x_a
+        t[active] = tau
+        step += 1
+        if on_step is not None:
+            on_step(1)
+    ev.stats["steps"] = step
+    return x, ev.stats
+
+
+def sample_ancestral(network: Network, x: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators,
+                     on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """Ancestral grid sampler with caching (MDLM ``ddpm_cache``, spec sec. 2.3).
+
+    Grid linspace(1, t_min, N + 1); then, if t_min > 0, a final step to 0: ``final_step="sample"``
+    is the exact step to s = 0, ``"argmax"`` is MDLM's noise removal. mu is re-evaluated only on
+    rows whose tokens changed since their last evaluation (time-agnostic model, ``cache=True``).
+    """
+    if cfg.num_inference_steps is None:
+        raise ValueError("the ancestral sampler needs num_inference_steps (--steps)")
+    ev = _Evaluator(network, cfg, "mdm-ancestral")
+    times = ancestral_times(cfg.num_inference_steps, cfg.t_min)
+    B, L = x.shape
+    cached = None  # (B, L, K') float64
+    stale = torch.ones(B, dtype=torch.bool, device=x.device)
+    reuse = cfg.cache and not cfg.time_conditioning
+    for j, (t, s) in enumerate(zip(times[:-1], times[1:])):
+        has_mask = (x == cfg.mask_token_id).any(1)
+        if not has_mask.any():
+            if on_step is not None:
+                on_step(len(times) - 1 - j)
+            break
+        need = (stale if reuse else torch.ones_like(stale)) & has_mask
+        if need.any():
+            idx = need.nonzero()[:, 0]
+            t_vec = torch.full((idx.numel(),), t, dtype=torch.float64)
+            log_mu = ev(x[idx], t_vec, j)
+            if cached is None:
+                cached = torch.full((B, L, log_mu.shape[-1]), float("-inf"), dtype=torch.float64, device=x.device)
+            cached[idx] = log_mu
+            stale[idx] = False
+        is_final = s == 0.0 and cfg.t_min > 0
+        if is_final and cfg.final_step == "argmax":
+            x_new = final_argmax_step(x, cached, cfg)
+        else:
+            x_new = ev.timed(ancestral_step, x, cached, t, s, cfg, generator)
+        stale |= (x_new != x).any(1)
+        x = x_new
+        if on_step is not None:
+            on_step(1)
+    ev.stats["steps"] = len(times) - 1
+    return x, ev.stats
+
+
+def initial_tokens(batch: int, length: int, mask_token_id: int, prompt: Sequence[int] = (), device=None) -> torch.Tensor:
+    """(B, L) all-mask start with ``prompt`` ids fixed at the first positions (never masked)."""
+    if len(prompt) >= length:
+        raise ValueError(f"prompt has {len(prompt)} tokens; it must be shorter than --length ({length})")
+    x = torch.full((batch, length), int(mask_token_id), dtype=torch.long, device=device)
+    if len(prompt):
+        x[:, : len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+    return x
+
+
+def expected_ancestral_nfe(num_steps: int, num_masks: int, skip_finished: bool = True) -> float:
+    """E[NFE] per row of the cached ancestral sampler, linear schedule, grid 1 -> 0 (spec sec. 2.3).
+
+    Spec/MDLM count: 1 + (N - 1)(1 - (1 - 1/N)^L) (a call follows every step that changed the row,
+    even the step that revealed its last mask). ``skip_finished=True`` (our sampler) makes no call on
+    a row without masks, which removes that call when the last grid interval reveals nothing:
+    minus (1 - 1/N)^L.
+    """
+    N, L = num_steps, num_masks
+    none_last = (1 - 1 / N) ** L
+    return 1 + (N - 1) * (1 - none_last) - (none_last if skip_finished else 0.0)
+
+
+# -- 5. diffusers scheduler -------------------------------------------------------------------
+@dataclass
+class MaskedDiffusionSchedulerOutput(BaseOutput):
+    """prev_sample: Long[B, L]; pred_original_sample: Long[B, L] (masks filled by argmax mu);
+    changed: Bool[B] (any token revealed: the model cache is invalid); t: Float[B] times after the step."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+    changed: torch.Tensor
+    t: torch.Tensor
+
+
+class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
+    """Masked-diffusion scheduler: first-hitting (default) or ancestral grid (specs/masked_fhs.md sec. 4).
+
+    Mirrors diffusers' AmusedScheduler / VQDiffusionScheduler: ``sample`` is a LongTensor of token
+    ids, ``model_output`` the network's logits (B, L, K'). The mask logit (if present) is forced to
+    -inf. ``set_timesteps(num_inference_steps)`` builds the ancestral grid; for FHS pass
+    ``num_masked`` (n): the timesteps are then ceil(n / k) integer counters and per-row continuous
+    times live in ``self.t`` (use ``time_input()`` for time-conditioned networks).
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+    _compatibles: list = []
+
+    @register_to_config
+    def __init__(self, mask_token_id: int = 0, masking_schedule: str = "linear", sampler: str = "first_hitting",
+                 t_min: float = 1e-5, final_step: str = "sample", tokens_per_step: int = 1,
+                 noise_dtype: str = "float64", temperature: float = 1.0, time_conditioning: bool = False,
+                 exclude_ids: list | None = None):
+        if sampler not in METHODS:
+            raise ValueError(f"sampler must be one of {METHODS}, got {sampler!r}")
+        self._cfg = self._make_cfg(None)
+        self.timesteps = None
+        self.num_inference_steps = None
+        self.t = None
+        self._times = None
+        self._step_index = None
+        self.init_noise_sigma = 1.0
+
+    def _make_cfg(self, steps):
+        c = self.config
+        return MaskedDiffusionConfig(
+            mask_token_id=int(c.mask_token_id), schedule=c.masking_schedule, num_inference_steps=steps,
+            t_min=float(c.t_min), final_step=c.final_step, tokens_per_step=int(c.tokens_per_step),
+            precision=c.noise_dtype, temperature=float(c.temperature), time_conditioning=bool(c.time_conditioning),
+            exclude_ids=tuple(c.exclude_ids or ()))
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, num_masked: int | None = None):
+        if self.config.sampler == "ancestral":
+            if num_inference_steps is None or int(num_inference_steps) < 1:
+                raise ValueError(f"num_inference_steps must be a positive int for the ancestral sampler, got {num_inference_steps!r}")
+            self._cfg = self._make_cfg(int(num_inference_steps))
+            self._times = ancestral_times(int(num_inference_steps), float(self.config.t_min))
+            self.timesteps = torch.tensor(self._times[:-1], dtype=torch.float64, device=device)
+            self.num_inference_steps = len(self._times) - 1
+        else:
+            n = num_masked if num_masked is not None else num_inference_steps
+            if n is None or int(n) < 0:
+                raise ValueError(f"num_masked must be a non-negative int for the first-hitting sampler, got {n!r}")
+            self._cfg = self._make_cfg(None)
+            k = int(self.config.tokens_per_step)
+            count = -(-int(n) // k)
+            self.timesteps = torch.arange(count - 1, -1, -1, dtype=torch.long, device=device)
+            self.num_inference_steps = count
+        self.t = None
+        self._step_index = 0
+
+    def time_input(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """sigma(t) = -log alpha_t for time-conditioned networks (t defaults to the current per-row times)."""
+        t = self.t if t is None else t
+        if t is None:
+            raise ValueError("no current time: call step() first or pass t")
+        return time_input(t, self.config.masking_schedule)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: Generators | None = None, return_dict: bool = True):
+        """One reveal step. model_output: logits (B, L, K') on ``sample`` (B, L) int64."""
+        if self._step_index is None:
+            raise ValueError("call set_timesteps() before step()")
+        if sample.dtype != torch.long or sample.ndim != 2:
+            raise TypeError(f"sample must be a LongTensor (B, L), got {sample.dtype} {tuple(sample.shape)}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        cfg = self._cfg
+        log_mu = token_log_probs(model_output, cfg)
+        B = sample.shape[0]
+        if self.t is None:
+            self.t = torch.ones(B, dtype=torch.float64)
+        if self.config.sampler == "ancestral":
+            if self._step_index >= len(self._times) - 1:
+                raise ValueError("no steps left; call set_timesteps() again")
+            t, s = self._times[self._step_index], self._times[self._step_index + 1]
+            if s == 0.0 and cfg.t_min > 0 and cfg.final_step == "argmax":
+                prev = final_argmax_step(sample, log_mu, cfg)
+            else:
+                prev = ancestral_step(sample, log_mu, t, s, cfg, generator)
+            self.t = torch.full((B,), s, dtype=torch.float64)
+        else:
+            # time-agnostic networks: tau is bookkeeping; time-conditioned ones should use
+            # sample_first_hitting, which draws tau before the model call
+            self.t = next_hitting_time(sample, self.t, cfg, generator)
+            prev = fhs_reveal(sample, log_mu, cfg, generator)
+        self._step_index += 1
+        changed = (prev != sample).any(1)
+        pred = torch.where(sample == cfg.mask_token_id, log_mu.argmax(-1), sample)
+        if not return_dict:
+            return prev, pred, changed, self.t
+        return MaskedDiffusionSchedulerOutput(prev_sample=prev, pred_original_sample=pred, changed=changed, t=self.t)
+
+    def add_noise(self, original_samples: torch.Tensor, timesteps, generator: Generators | None = None) -> torch.Tensor:
+        """Forward process q(x_t | x_0): each token independently becomes the mask with prob 1 - alpha_t.
+        timesteps: scalar or (B,) continuous times in [0, 1]."""
+        x0 = original_samples
+        t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+        if ((t < 0) | (t > 1)).any():
+            raise ValueError("timesteps must be continuous times in [0, 1]")
+        keep = mask_alpha(t, self.config.masking_schedule)
+        keep = keep.expand(x0.shape[0]) if keep.numel() == 1 else keep
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        u = uniform(x0.shape, g, dtype=torch.float64)
+        return torch.where(u.to(x0.device) >= keep[:, None].to(x0.device), torch.full_like(x0, self.config.mask_token_id), x0)
+
+    def __len__(self) -> int:
+        return 1000
+
+
+# -- 6. registry: `gensample run --sampler fhs | mdm-ancestral` -------------------------------
+def _sequence_length(opts: dict, model) -> int:
+    length = opts.get("length") or model.extras["length"]
+    max_len = model.extras.get("max_length", model.extras["length"])
+    if max_len is not None and length > max_len:
+        raise ValueError(f"--length must be <= {max_len} for model {model.name!r}, got {length}")
+    return int(length)
+
+
+def _prompt_ids(opts: dict, model) -> list[int]:
+    text = opts.get("prompt")
+    return [] if not text else list(model.extras["tokenizer"].encode(text))
+
+
+def _validate(opts: dict, model, fhs: bool) -> None:
+    length = _sequence_length(opts, model)
+    prompt = _prompt_ids(opts, model)
+    if len(prompt) >= length:
+        raise ValueError(f"--prompt encodes to {len(prompt)} tokens; it must be shorter than --length ({length})")
+    if fhs and opts.get("steps") is not None:
+        raise ValueError("--steps does not apply to fhs (it makes one model call per revealed token); "
+                         "use --tokens-per-step to reveal several tokens per call")
+    chain = model.extras.get("chain")
+    if chain is not None and prompt and not torch.isfinite(chain.log_prob(torch.tensor([prompt]))).all():
+        raise ValueError(f"--prompt {opts.get('prompt')!r} has probability 0 under the Markov chain")
+
+
+def _make_cfg(opts: dict, model, steps: int | None) -> MaskedDiffusionConfig:
+    return MaskedDiffusionConfig(
+        mask_token_id=int(model.extras["mask_token_id"]), schedule=opts.get("masking_schedule") or "linear",
+        num_inference_steps=steps, final_step=opts.get("final_step") or "sample",
+        tokens_per_step=int(opts.get("tokens_per_step") or 1), precision=opts.get("precision") or "float64",
+        temperature=float(opts.get("temperature") or 1.0), exclude_ids=tuple(model.extras.get("exclude_ids", ())),
+        time_conditioning=bool(model.extras.get("time_conditioning", False)))
+
+
+def _run(method: str):
+    def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
+        length = _sequence_length(opts, model)
+        x = initial_tokens(len(seeds), length, model.extras["mask_token_id"], _prompt_ids(opts, model), ctx.device)
+        gens = ctx.generators(seeds)
+        t0 = time.perf_counter()
+        if method == "first_hitting":
+            x, stats = sample_first_hitting(model.extras["network"], x, _make_cfg(opts, model, None), gens, ctx.step_done)
+        else:
+            steps = opts.get("steps") or length
+            x, stats = sample_ancestral(model.extras["network"], x, _make_cfg(opts, model, steps), gens, ctx.step_done)
+        stats["sampling_time_s"] = time.perf_counter() - t0
+        stats.pop("steps", None)
+        return SampleBatch(x=x, stats=stats)
+
+    return fn
+
+
+def write_samples_txt(out_dir, arrays: dict, model) -> None:
+    """samples.txt: one decoded sample per line (mask shown as '_')."""
+    from pathlib import Path
+
+    tok = model.extras["tokenizer"]
+    lines = [tok.decode(row.tolist()).replace("\n", " ") for row in arrays["tokens"]]
+    (Path(out_dir) / "samples.txt").write_text("\n".join(lines) + "\n")
+
+
+_COMMON = (
+    Option("length", int, None, "Sequence length in tokens (default: the model's)", min=1),
+    Option("prompt", str, None, "Text (or token ids for markov models) fixed at the start, never masked"),
+    Option("temperature", float, 1.0, "Softmax temperature of the token draws", min=1e-6),
+    Option("precision", PRECISIONS, "float64", "Categorical-sampling precision; float32 reproduces the MDLM/SEDD truncation"),
+    Option("masking_schedule", SCHEDULES, "linear", "Masking schedule alpha_t (linear, loglinear, cosine; eps=1e-3)"),
+)
+
+register(SamplerSpec(
+    name="fhs",
+    description="First-hitting sampler for masked diffusion (Zheng et al. 2024): one model call per revealed token",
+    fn=_run("first_hitting"),
+    default_model="mdm-text",
+    options=_COMMON + (Option("tokens_per_step", int, 1, "Tokens revealed per model call (parallel FHS)", min=1),),
+    default_steps=None,
+    model_kinds=("masked_lm",),
+    progress_total=lambda cfg: -(-(cfg.get("length") or 64) // (cfg.get("tokens_per_step") or 1)),
+    output="tokens",
+    validate=lambda opts, model: _validate(opts, model, fhs=True),
+    write_extra=write_samples_txt,
+))
+
+register(SamplerSpec(
+    name="mdm-ancestral",
+    description="Masked-diffusion ancestral grid sampler with caching (MDLM ddpm_cache), --steps grid points",
+    fn=_run("ancestral"),
+    default_model="mdm-text",
+    options=_COMMON + (Option("final_step", FINAL_STEPS, "sample", "Last step t_min -> 0: exact sample, or argmax (MDLM)"),),
+    default_steps=None,
+    model_kinds=("masked_lm",),
+    progress_total=lambda cfg: (cfg.get("steps") or cfg.get("length") or 64) + 1,
+    output="tokens",
+    validate=lambda opts, model: _validate(opts, model, fhs=False),
+    write_extra=write_samples_txt,
+))

@@ -1,0 +1,662 @@
+"""Feynman-Kac Correctors with SMC resampling (FKC).
+
+Skreta, Akhound-Sadegh, Ohanesian et al., "Feynman-Kac Correctors in Diffusion: Annealing,
+Guidance, and Product of Experts", ICML 2025, arXiv 2503.02819; our spec: specs/fkc.md.
+
+Target path rho_t ~ prod_i q_{i,t}^{beta_i} (sec. 2): annealing p^beta (one expert), products
+p1*p2 (betas (1, 1)), geometric averages, CFG p(x|c)^w p(x)^(1-w) (betas (w, 1-w)).
+Move: a DDIM step with eta^2 = c on eps_eff = sum_i beta_i eps_i (sec. 2 "Move step"; eta = 1 is
+the "target score" DDPM step). Log-weight per step, Euler with the scores at the start of the
+step (sec. 2 "Per-step discretization"):
+
+    Delta log w_k = 1/2 (Delta_k / sigma_k^2) (||sum_i beta_i eps_i||^2 - sum_i beta_i ||eps_i||^2),
+    Delta_k = log(alpha_bar_{k+1} / alpha_bar_k),  sigma_k^2 = 1 - alpha_bar_k.
+
+No divergence term; initial noise N(0, I / B), B = sum_i beta_i.
+
+| code name          | paper / spec symbol                                  |
+|--------------------|------------------------------------------------------|
+| ``betas``          | beta_i, exponents of the experts                     |
+| ``eps_experts``    | eps_i = eps_theta(x_k, t_k, c_i), stacked (M, N, ...) |
+| ``eps_eff``        | sum_i beta_i eps_i (= -sigma S)                      |
+| ``delta``          | Delta_k = int g^2 dtau over the step (VP)            |
+| ``log_w``          | log-weights (G, K) float64, specs/fkc.md sec. 3      |
+| ``eta``            | sqrt(c), the free noise level of the simulated SDE   |
+| ``ess``            | effective sample size per group                      |
+
+Particles are a flat group-major batch of N = G * K rows (G groups of K particles); resampling
+never crosses groups (core/smc.py).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..core import smc
+from ..core.denoiser import check_finite
+from ..core.param import PREDICTION_TYPES, to_eps
+from ..core.schedule import alphas_cumprod_from_config
+from .registry import Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
+
+TARGETS = ("anneal", "product", "cfg")
+POLICIES = ("every", "ess", "never")
+FINALS = ("resample", "weighted", "one_per_group")
+QUADRATURES = ("euler", "trapezoid")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Parameters
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FKCConfig:
+    """FKC parameters (specs/fkc.md sec. 2-3), validated on construction.
+
+    betas: exponent beta_i per expert (any real, sum B > 0).
+    eta: DDIM eta, eta^2 = c (1 = target-score DDPM step, 1/sqrt(B) = tempered noise, 0 = ODE).
+    resample: "every" step | when "ess" < ess_threshold * K | "never".
+    window: (t_hi, t_lo): resample only while t_lo <= t / T <= t_hi (1 = noise end).
+    scheme: systematic | multinomial | stratified | residual (core/smc.py).
+    final: "resample" (unweighted population) | "weighted" (particles + weights) |
+        "one_per_group" (one particle per group drawn by weight).
+    quadrature: "euler" (scores at the step start, the reference code) or "trapezoid" (each
+        node weighted by the mean of its two neighbouring steps; no extra model call).
+    max_log_increment: opt-in clamp of the group-centred increment to +-m (biased; EDM2 code).
+    """
+
+    betas: tuple = (1.0,)
+    eta: float = 1.0
+    resample: str = "ess"
+    ess_threshold: float = 0.7
+    window: tuple = (1.0, 0.0)
+    scheme: str = "systematic"
+    final: str = "weighted"
+    quadrature: str = "euler"
+    max_log_increment: float | None = None
+
+    def __post_init__(self):
+        betas = tuple(float(b) for b in self.betas)
+        if not betas or not all(math.isfinite(b) for b in betas):
+            raise ValueError(f"betas must be a non-empty sequence of finite numbers, got {self.betas!r}")
+        if sum(betas) <= 0:
+            raise ValueError(f"the sum of betas must be > 0 (initial noise is N(0, I/B)), got {sum(betas)}")
+        object.__setattr__(self, "betas", betas)
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if self.resample not in POLICIES:
+            raise ValueError(f"resample must be one of {POLICIES}, got {self.resample!r}")
+        if not 0.0 <= self.ess_threshold <= 1.0:
+            raise ValueError(f"ess_threshold must be in [0, 1] (a fraction of K), got {self.ess_threshold}")
+        hi, lo = (float(v) for v in self.window)
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(f"window must be (t_hi, t_lo) with 0 <= t_lo <= t_hi <= 1, got {self.window!r}")
+        object.__setattr__(self, "window", (hi, lo))
+        if self.scheme not in smc.SCHEMES:
+            raise ValueError(f"scheme must be one of {smc.SCHEMES}, got {self.scheme!r}")
+        if self.final not in FINALS:
+            raise ValueError(f"final must be one of {FINALS}, got {self.final!r}")
+        if self.quadrature not in QUADRATURES:
+            raise ValueError(f"quadrature must be one of {QUADRATURES}, got {self.quadrature!r}")
+        if self.max_log_increment is not None and not self.max_log_increment > 0:
+            raise ValueError(f"max_log_increment must be > 0 or None, got {self.max_log_increment}")
+
+    @property
+    def total_beta(self) -> float:
+        return float(sum(self.betas))
+
+    @property
+    def is_trivial(self) -> bool:
+        """beta = 1 with one expert, or w in {0, 1}: all increments vanish (spec T7)."""
+        nonzero = [b for b in self.betas if b != 0.0]
+        return len(nonzero) == 1 and nonzero[0] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Pure step functions (tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------
+def _betas_like(betas: Sequence[float], eps_experts: torch.Tensor) -> torch.Tensor:
+    b = torch.as_tensor(list(betas), dtype=torch.float64, device=eps_experts.device)
+    if b.numel() != eps_experts.shape[0]:
+        raise ValueError(f"got {eps_experts.shape[0]} expert outputs for {b.numel()} betas")
+    return b.reshape(-1, *([1] * (eps_experts.ndim - 1)))  # (M, 1, ...)
+
+
+def combine_eps(eps_experts: torch.Tensor, betas: Sequence[float]) -> torch.Tensor:
+    """eps_eff = sum_i beta_i eps_i (specs/fkc.md sec. 2), in float64, returned in the input dtype.
+
+    eps_experts: (M, N, ...). Returns (N, ...)."""
+    b = _betas_like(betas, eps_experts)
+    return (b * eps_experts.double()).sum(0).to(eps_experts.dtype)
+
+
+def weight_rate(eps_experts: torch.Tensor, betas: Sequence[float]) -> torch.Tensor:
+    """||sum_i beta_i eps_i||^2 - sum_i beta_i ||eps_i||^2 per particle (specs/fkc.md sec. 2).
+
+    Norms summed over all elements of a particle. eps_experts: (M, N, ...). Returns (N,) float64.
+    Annealing: beta(beta-1)||eps||^2; CFG: w(w-1)||eps_c - eps_u||^2; product: 2<eps_1, eps_2>.
+    """
+    b = _betas_like(betas, eps_experts)
+    e = eps_experts.double().flatten(2)  # (M, N, D)
+    eff = (b.flatten(2) * e).sum(0)  # (N, D)
+    return (eff**2).sum(-1) - (b.flatten(1)[:, :, None] * e**2).sum((0, 2))
+
+
+def step_delta(alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor) -> torch.Tensor:
+    """Delta_k = int g^2 dtau = log(alpha_bar_s / alpha_bar_t) for VP (specs/fkc.md sec. 2)."""
+    return torch.log(torch.as_tensor(alpha_bar_s, dtype=torch.float64) / torch.as_tensor(alpha_bar_t, dtype=torch.float64))
+
+
+def log_weight_increment(eps_experts: torch.Tensor, betas: Sequence[float], alpha_bar_t, alpha_bar_s) -> torch.Tensor:
+    """Euler FK increment 1/2 (Delta_k / sigma_k^2) rate (specs/fkc.md sec. 2). Returns (N,) float64."""
+    sigma2_t = 1.0 - torch.as_tensor(alpha_bar_t, dtype=torch.float64)
+    return 0.5 * step_delta(alpha_bar_t, alpha_bar_s) / sigma2_t * weight_rate(eps_experts, betas)
+
+
+def ddim_move(x_t: torch.Tensor, eps_eff: torch.Tensor, alpha_bar_t, alpha_bar_s, eta: float,
+              noise: torch.Tensor | None) -> torch.Tensor:
+    """DDIM step with noise eta (Song et al. 2021, eq. 12; eta = 1 is DDPM ancestral), in float64.
+
+    x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma_s^2) eps_eff + sigma_s z,
+    sigma_s = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). Returns x_t's dtype.
+    """
+    ab_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
+    ab_s = torch.as_tensor(alpha_bar_s, dtype=torch.float64)
+    x, e = x_t.double(), eps_eff.double()
+    x0_hat = (x - (1 - ab_t).sqrt() * e) / ab_t.sqrt()
+    sigma_s = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).clamp(min=0).sqrt()
+    out = ab_s.sqrt() * x0_hat + (1 - ab_s - sigma_s**2).clamp(min=0).sqrt() * e
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_move needs noise when eta > 0")
+        out = out + sigma_s * noise.double()
+    return out.to(x_t.dtype)
+
+
+def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+    """Descending int64 timesteps, the diffusers rules for leading | trailing | linspace spacing."""
+    T = int(num_train_timesteps)
+    if spacing not in SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    if spacing == "leading":
+        ts = (np.arange(steps) * (T // steps)).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    else:
+        ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    return torch.from_numpy(ts.copy())
+
+
+def alpha_bar_pairs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha_bar: float = 1.0):
+    """(alpha_bar at each timestep, alpha_bar at the next one; final_alpha_bar after the last). float64."""
+    ab = alphas_cumprod.double().cpu()
+    ts = timesteps.long().cpu()
+    ab_t = ab[ts]
+    ab_s = torch.cat([ab[ts[1:]], torch.tensor([final_alpha_bar], dtype=torch.float64)])
+    return ab_t, ab_s
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FKCResult:
+    x: torch.Tensor  # (N, ...) particles, final policy applied (N rows, or G for one_per_group)
+    weights: torch.Tensor  # (rows,) float64, normalised within each group
+    log_w: torch.Tensor  # (G, K) float64 final log-weights (before the final policy)
+    ess: torch.Tensor  # (G, S) float64 ESS before each step's resampling decision
+    resampled: torch.Tensor  # (G, S) bool, whether the group resampled at that step
+    group: torch.Tensor  # (rows,) int64 group index of each output row
+
+
+def _in_window(cfg: FKCConfig, t_frac: float) -> bool:
+    hi, lo = cfg.window
+    return lo <= t_frac <= hi
+
+
+def sample_fkc(
+    expert_eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_T: torch.Tensor,
+    cfg: FKCConfig,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    group_size: int,
+    noise_generators: Sequence[torch.Generator],
+    resample_generators: Sequence[torch.Generator],
+    final_alpha_bar: float = 1.0,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    sampler: str = "fkc",
+) -> FKCResult:
+    """FKC-SMC (specs/fkc.md sec. 2-3, pseudo-code sec. 5), one loop for every target.
+
+    expert_eps(x, t) -> (M, N, ...) eps of each expert at x (N, ...) and timestep t (one batched
+        model call). x_T: (N, ...) standard normal noise, N = G * group_size; it is scaled by
+        1 / sqrt(B) here. noise_generators: one CPU generator per particle (move noise; the API's
+        per-sample convention) or a single generator (one batched draw per step, faster);
+        resample_generators: one per group (or one shared). on_step(k, x, log_w) is called after each
+        step; a tensor it returns replaces x (diffusers callback_on_step_end).
+    """
+    N = x_T.shape[0]
+    K = int(group_size)
+    if K < 1 or N % K:
+        raise ValueError(f"number of particles N={N} must be a positive multiple of group_size={K}")
+    G = N // K
+    batched_noise = isinstance(noise_generators, torch.Generator)
+    if not batched_noise and len(noise_generators) != N:
+        raise ValueError(f"noise_generators must be one generator or one per particle ({N}), got {len(noise_generators)}")
+    if cfg.eta == 0 and cfg.resample != "never":
+        warnings.warn("FKC with eta=0 (ODE move) and resampling duplicates particles forever "
+                      "(specs/fkc.md sec. 6 T8); use eta > 0", RuntimeWarning, stacklevel=2)
+    T = alphas_cumprod.numel()
+    ab_t_all, ab_s_all = alpha_bar_pairs(alphas_cumprod, timesteps, final_alpha_bar)
+    deltas = step_delta(ab_t_all, ab_s_all)  # (S,)
+    if cfg.quadrature == "trapezoid":  # node k carries half of each neighbouring step
+        node_w = 0.5 * deltas + 0.5 * torch.cat([torch.zeros(1, dtype=torch.float64), deltas[:-1]])
+        node_w[-1] = node_w[-1] + 0.5 * deltas[-1]  # no model call at the clean end: Euler there
+    else:
+        node_w = deltas
+    event = tuple(x_T.shape[1:])
+    x = (x_T.double() / math.sqrt(cfg.total_beta)).to(x_T.dtype)  # N(0, I/B), spec sec. 2
+    log_w = torch.zeros((G, K), dtype=torch.float64)
+    ess_trace = torch.empty((G, len(timesteps)), dtype=torch.float64)
+    did = torch.zeros((G, len(timesteps)), dtype=torch.bool)
+    trivial = cfg.is_trivial
+    for k, t in enumerate(timesteps):
+        eps_experts = expert_eps(x, t)  # (M, N, ...)
+        check_finite(eps_experts, sampler, k)
+        if not trivial:
+            rate = weight_rate(eps_experts, cfg.betas).cpu()  # (N,)
+            inc = (0.5 * node_w[k] / (1 - ab_t_all[k]) * rate).reshape(G, K)
+            if cfg.max_log_increment is not None:
+                inc = inc - inc.mean(1, keepdim=True)
+                inc = inc.clamp(-cfg.max_log_increment, cfg.max_log_increment)
+            log_w = log_w + inc
+            if not torch.isfinite(log_w).all():
+                raise FloatingPointError(f"{sampler}: non-finite log-weights at step {k}")
+            log_w = log_w - log_w.max(1, keepdim=True).values  # keep in range; ratios unchanged
+        ess = smc.effective_sample_size(log_w)  # (G,)
+        ess_trace[:, k] = ess
+        eps_eff = combine_eps(eps_experts, cfg.betas)  # (N, ...)
+        if cfg.resample != "never" and _in_window(cfg, float(t) / T):
+            want = ess < cfg.ess_threshold * K if cfg.resample == "ess" else torch.ones(G, dtype=torch.bool)
+            want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
+            if want.any():
+                (x, eps_eff), log_w, _ = smc.resample([x, eps_eff], log_w, cfg.scheme, resample_generators, mask=want)
+                did[:, k] = want
+        noise = None
+        if cfg.eta > 0 and batched_noise:
+            noise = torch.randn((N, *event), generator=noise_generators, dtype=x.dtype).to(x.device)
+        elif cfg.eta > 0:
+            noise = torch.stack([torch.randn(event, generator=g, dtype=x.dtype) for g in noise_generators]).to(x.device)
+        x = ddim_move(x, eps_eff, ab_t_all[k].to(x.device), ab_s_all[k].to(x.device), cfg.eta, noise)
+        if on_step is not None:
+            new_x = on_step(k, x, log_w)
+            x = new_x if isinstance(new_x, torch.Tensor) else x
+    return finalize(x, log_w, cfg, ess_trace, did, resample_generators)
+
+
+def finalize(x, log_w, cfg: FKCConfig, ess_trace, did, resample_generators) -> FKCResult:
+    """Apply cfg.final: resample | weighted | one_per_group (specs/fkc.md sec. 3 "Output")."""
+    G, K = log_w.shape
+    w_bar = smc.normalized_weights(log_w)  # (G, K)
+    group = torch.arange(G).repeat_interleave(K)
+    if cfg.final == "weighted":
+        return FKCResult(x, w_bar.reshape(-1), log_w, ess_trace, did, group)
+    if cfg.final == "resample":
+        (x,), _, _ = smc.resample([x], log_w, cfg.scheme, resample_generators)
+        return FKCResult(x, torch.full((G * K,), 1.0 / K, dtype=torch.float64), log_w, ess_trace, did, torch.arange(G).repeat_interleave(K))
+    # one_per_group: one draw from w_bar per group
+    pick = smc.draw_one_per_group(log_w, resample_generators).cpu()  # (G,)
+    rows = torch.arange(G) * K + pick
+    return FKCResult(x[rows.to(x.device)], torch.ones(G, dtype=torch.float64), log_w, ess_trace, did, torch.arange(G))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. `gensample run --sampler fkc`
+# ---------------------------------------------------------------------------------------------
+_RESAMPLE_SEED_INDEX = 2**40  # sample_seed(first seed of a group, this) seeds the group's resampler
+
+
+def parse_experts(text) -> list[int]:
+    """'3,5' -> [3, 5] (class labels; prompts go through FKCPipeline)."""
+    if text is None or text == "":
+        return []
+    if isinstance(text, (list, tuple)):
+        parts = list(text)
+    else:
+        parts = [p.strip() for p in str(text).split(",")]
+    try:
+        return [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ValueError(f"--experts must be comma-separated integer class labels such as 3,5, got {text!r} "
+                         "(text prompts as experts: use gensample.pipelines.fkc.FKCPipeline)") from None
+
+
+def resolve_target(opts: dict, model) -> tuple[FKCConfig, list]:
+    """(FKCConfig, expert class labels; None = unconditional) from the run options.
+
+    anneal: p^beta, one expert (--experts C or --class-label C, else unconditional), beta default 2.
+    product: prod_i p(x|c_i)^beta over --experts C1,C2[,...], beta default 1.
+    cfg: p(x|c)^w p(x)^(1-w), w = --guidance-scale, c from --experts C or --class-label C.
+    """
+    target = opts.get("fkc_target") or "anneal"
+    labels = parse_experts(opts.get("experts"))
+    beta = opts.get("beta")
+    w = float(opts.get("guidance_scale", 1.0))
+    if target != "cfg" and w != 1.0:
+        raise ValueError(f"--guidance-scale applies to --fkc-target cfg only (got target {target!r}, scale {w}); "
+                         "use --beta for annealing")
+    if labels and opts.get("class_label") is not None:
+        raise ValueError("give the condition either by --experts or by --class-label, not both")
+    if opts.get("class_label") is not None:
+        labels = [int(opts["class_label"])]
+    n_cls = int(getattr(model, "num_classes", 0) or 0)
+    for c in labels:
+        if not 0 <= c < max(n_cls, 1) or not n_cls:
+            raise ValueError(f"--experts class labels must be in [0, {n_cls - 1}] for model {model.name!r}, got {c}"
+                             if n_cls else f"model {model.name!r} is unconditional: --experts needs a class-conditional model")
+    if beta is not None and beta <= 0 and target in ("anneal", "product"):
+        raise ValueError(f"--beta must be > 0 for --fkc-target {target} (the target is p^beta), got {beta}")
+    if target == "anneal":
+        if len(labels) > 1:
+            raise ValueError(f"--fkc-target anneal takes at most one expert, got {labels}")
+        betas = (2.0 if beta is None else beta,)
+        experts = labels or [None]
+    elif target == "product":
+        if len(labels) < 2:
+            raise ValueError(f"--fkc-target product needs --experts C1,C2 (two or more class labels), got {labels}")
+        b = 1.0 if beta is None else beta
+        betas, experts = tuple([b] * len(labels)), labels
+    elif target == "cfg":
+        if beta is not None:
+            raise ValueError("--beta does not apply to --fkc-target cfg; the CFG exponents are (w, 1 - w) with w = --guidance-scale")
+        if len(labels) != 1:
+            raise ValueError(f"--fkc-target cfg needs exactly one class (--experts C or --class-label C), got {labels}")
+        if not n_cls or getattr(model, "null_class", None) is None:
+            raise ValueError(f"--fkc-target cfg needs a class-conditional model with a null class; {model.name!r} has none")
+        betas, experts = (w, 1.0 - w), [labels[0], None]
+    else:
+        raise ValueError(f"--fkc-target must be one of {list(TARGETS)}, got {target!r}")
+    cfg = FKCConfig(
+        betas=betas, eta=opts.get("eta", 1.0), resample=opts.get("resample", "ess"),
+        ess_threshold=opts.get("ess_threshold", 0.7),
+        window=(opts.get("resample_from", 1.0), opts.get("resample_until", 0.0)),
+        scheme=opts.get("scheme", "systematic"), final=opts.get("final", "resample"),
+        quadrature=opts.get("quadrature", "euler"), max_log_increment=opts.get("max_log_increment"),
+    )
+    return cfg, experts
+
+
+def _validate(opts: dict, model) -> None:
+    resolve_target(opts, model)
+    if model.kind != "diffusion":
+        raise ValueError(f"sampler 'fkc' needs a diffusion model, got kind {model.kind!r}")
+
+
+def _expert_fn(den, model, experts: list, n: int, device):
+    """expert_eps(x, t) -> (M, n, ...): one batched model call over all experts."""
+    conds = [model.cond_for(c, n, device) for c in experts]
+    M = len(experts)
+    if all(c is None for c in conds):
+        if M != 1:
+            raise ValueError("several experts need a class-conditional model")
+        return lambda x, t: den(x, t, None)[None]
+    labels = torch.cat([c["class_labels"] for c in conds])  # (M * n,)
+
+    def expert_eps(x, t):
+        xs = x.repeat(M, *([1] * (x.ndim - 1)))  # (M * n, ...)
+        return den(xs, t, {"class_labels": labels}).reshape(M, *x.shape)
+
+    return expert_eps
+
+
+def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
+    cfg, experts = resolve_target(opts, model)
+    K = int(opts["particles"])
+    steps = int(opts["steps"])
+    sc = model.scheduler_config
+    timesteps = spaced_timesteps(model.num_train_timesteps, steps, sc.get("timestep_spacing", "leading"), int(sc.get("steps_offset", 0)))
+    ab = model.alphas_cumprod
+    final_ab = 1.0 if sc.get("set_alpha_to_one", True) else float(ab[0])
+    den = model.denoiser()
+    if cfg.final == "one_per_group":  # seeds: one per output sample = one group of K particles
+        group_seeds = list(seeds)
+        particle_seeds = [[sample_seed(s, j) for j in range(K)] for s in group_seeds]
+    else:
+        group_seeds = [seeds[g * K] for g in range(len(seeds) // K)]
+        particle_seeds = [seeds[g * K:(g + 1) * K] for g in range(len(group_seeds))]
+    per_chunk = max(1, int(opts.get("batch_size", 256)) // K)
+    chunks = [list(range(i, min(i + per_chunk, len(group_seeds)))) for i in range(0, len(group_seeds), per_chunk)]
+    xs, ws, esss, n_res = [], [], [], 0
+    for chunk in chunks:
+        gens = ctx.generators([s for g in chunk for s in particle_seeds[g]])
+        rgens = [torch.Generator().manual_seed(sample_seed(group_seeds[g], _RESAMPLE_SEED_INDEX)) for g in chunk]
+        x_T = ctx.randn(gens, model.event_shape)
+        fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device)
+        res = sample_fkc(fn, x_T, cfg, ab, timesteps, group_size=K, noise_generators=gens,
+                         resample_generators=rgens, final_alpha_bar=final_ab,
+                         on_step=lambda k, x, lw: ctx.step_done(1.0 / len(chunks)), sampler="fkc")
+        xs.append(res.x)
+        ws.append(res.weights)
+        esss.append(res.ess[res.group])  # (rows, S): the group's trace on each row
+        n_res += int(res.resampled.sum())
+    fkc_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    fkc_cfg.update(target=opts.get("fkc_target"), experts=experts, particles=K)
+    return SampleBatch(
+        x=torch.cat(xs), extras={"weights": torch.cat(ws), "ess": torch.cat(esss)},
+        stats={"nfe": den.calls, "model_rows": den.rows, "fkc_resample_events": n_res, "fkc": fkc_cfg},
+    )
+
+
+def write_ess_plot(out_dir, arrays: dict, model) -> None:
+    """ess.png: ESS / K over the sampling steps (median and range over groups)."""
+    from pathlib import Path
+
+    if "ess" not in arrays or arrays["ess"].size == 0:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ess = np.asarray(arrays["ess"], dtype=np.float64)  # (n, S), rows of a group repeat its trace
+    uniq = np.unique(ess, axis=0)
+    k_max = max(float(uniq.max()), 1.0)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    steps = np.arange(uniq.shape[1])
+    ax.fill_between(steps, uniq.min(0), uniq.max(0), alpha=0.25, label="range over groups")
+    ax.plot(steps, np.median(uniq, 0), label="median")
+    ax.set_xlabel("sampling step (noise -> data)")
+    ax.set_ylabel("ESS (before resampling)")
+    ax.set_ylim(0, k_max * 1.05)
+    ax.set_title(f"FKC effective sample size, {uniq.shape[0]} group(s)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / "ess.png"
+    fig.savefig(path)
+    plt.close(fig)
+
+
+register(
+    SamplerSpec(
+        name="fkc",
+        description="Feynman-Kac correctors + SMC (arXiv 2503.02819): annealing p^beta, product of experts, CFG",
+        fn=_sample,
+        default_model="gmm2d",
+        default_steps=100,
+        options=(
+            Option("fkc_target", TARGETS, "anneal", "target: anneal (p^beta) | product (prod p(x|c_i)^beta) | cfg (p(x|c)^w p(x)^(1-w))"),
+            Option("beta", float, None, "exponent: anneal default 2, product default 1 (each expert)"),
+            Option("experts", str, None, "comma-separated class labels, e.g. 3,5"),
+            Option("particles", int, 16, "particles K per group (--num-samples counts particles; with --final one_per_group it counts groups)", min=1),
+            Option("resample", POLICIES, "ess", "resampling policy: every step | when ESS < threshold*K | never"),
+            Option("ess_threshold", float, 0.7, "ESS fraction of K below which --resample ess resamples", min=0.0, max=1.0),
+            Option("resample_from", float, 1.0, "resample only while t/T <= this (1 = noise end)", min=0.0, max=1.0),
+            Option("resample_until", float, 0.0, "resample only while t/T >= this", min=0.0, max=1.0),
+            Option("scheme", smc.SCHEMES, "systematic", "resampling scheme"),
+            Option("final", FINALS, "resample", "output: resampled population | weighted particles | one particle per group"),
+            Option("eta", float, 1.0, "DDIM eta of the move step (1 = DDPM / target score)", min=0.0),
+            Option("quadrature", QUADRATURES, "euler", "log-weight rule over each step"),
+            Option("max_log_increment", float, None, "opt-in clamp of centred log-weight increments (biased)", min=0.0),
+        ),
+        group_size=lambda o: 1 if o.get("final") == "one_per_group" else o["particles"],
+        validate=_validate,
+        write_extra=write_ess_plot,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. diffusers face: FKCScheduler
+# ---------------------------------------------------------------------------------------------
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
+from diffusers.utils import BaseOutput  # noqa: E402
+
+
+@dataclass
+class FKCSchedulerOutput(BaseOutput):
+    """prev_sample (N, ...), pred_original_sample (N, ...), log_weight_increment (N,) float64."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+    log_weight_increment: torch.Tensor | None = None
+
+
+class FKCScheduler(SchedulerMixin, ConfigMixin):
+    """FKC move + weight step as a diffusers scheduler (specs/fkc.md sec. 5).
+
+    ``step(model_output, t, sample)`` takes either one eps tensor (one expert with exponent
+    ``fkc_betas[0]``, e.g. annealing) or a list / stacked (M, N, ...) tensor of expert outputs
+    (exponents ``fkc_betas``), forms eps_eff = sum beta_i eps_i, makes a DDIM(eta = fkc_eta)
+    step, and returns the FK log-weight increment (float64) beside ``prev_sample``. Resampling
+    is ``resample(...)`` (within groups of ``group_size``). Initial noise must be multiplied by
+    ``init_noise_sigma`` = 1 / sqrt(B). Loads any DDPM/DDIM config (``from_config``).
+    """
+
+    _compatibles = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+                    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                    "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "UniPCMultistepScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        set_alpha_to_one: bool = True,
+        rescale_betas_zero_snr: bool = False,
+        fkc_betas: Sequence[float] = (1.0,),
+        fkc_eta: float = 1.0,
+        fkc_resample: str = "ess",
+        fkc_ess_threshold: float = 0.7,
+        fkc_scheme: str = "systematic",
+    ):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+        self.fkc = FKCConfig(betas=tuple(fkc_betas), eta=fkc_eta, resample=fkc_resample,
+                             ess_threshold=fkc_ess_threshold, scheme=fkc_scheme)
+        cfg = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+               "beta_schedule": beta_schedule, "trained_betas": trained_betas, "rescale_betas_zero_snr": rescale_betas_zero_snr}
+        ab = alphas_cumprod_from_config(cfg)
+        self.alphas_cumprod = ab.float()
+        self.betas = (1 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])).float()
+        self.alphas = 1.0 - self.betas
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(ab[0])
+        self.init_noise_sigma = 1.0 / math.sqrt(self.fkc.total_beta)
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy().astype(np.int64))
+        self._ab64 = ab
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        if timesteps is not None:
+            ts = torch.as_tensor(list(timesteps), dtype=torch.long)
+            if ts.ndim != 1 or ts.numel() == 0 or (ts[1:] >= ts[:-1]).any() or ts.min() < 0 or ts.max() >= self.config.num_train_timesteps:
+                raise ValueError(f"timesteps must be a non-empty, strictly descending list of integers in [0, {self.config.num_train_timesteps - 1}]")
+        else:
+            ts = spaced_timesteps(self.config.num_train_timesteps, num_inference_steps,
+                                  self.config.timestep_spacing, self.config.steps_offset)
+        self.num_inference_steps = len(ts)
+        self.timesteps = ts.to(device)
+
+    def _next_alpha_bar(self, timestep: int) -> float:
+        ts = self.timesteps.cpu().tolist()
+        if timestep not in ts:
+            raise ValueError(f"timestep {timestep} is not in the current schedule (set_timesteps)")
+        i = ts.index(timestep)
+        return float(self._ab64[ts[i + 1]]) if i + 1 < len(ts) else self.final_alpha_cumprod
+
+    def step(self, model_output, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True):
+        """One FKC step. model_output: eps-like (N, ...) or M expert outputs ([M] list or (M, N, ...))."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(...) before step(...)")
+        t = int(timestep)
+        if isinstance(model_output, (list, tuple)):
+            outs = torch.stack(list(model_output))
+        elif model_output.shape == sample.shape:
+            outs = model_output[None]
+        else:
+            outs = model_output
+        if outs.shape[1:] != sample.shape:
+            raise ValueError(f"expert outputs must each have the sample's shape {tuple(sample.shape)}, got {tuple(outs.shape)}")
+        ab_t = self._ab64[t]
+        ab_s = torch.tensor(self._next_alpha_bar(t), dtype=torch.float64)
+        eps = torch.stack([to_eps(o, sample, ab_t, self.config.prediction_type) for o in outs])  # (M, N, ...)
+        inc = log_weight_increment(eps, self.fkc.betas, ab_t, ab_s)
+        eps_eff = combine_eps(eps, self.fkc.betas)
+        noise = None
+        if self.fkc.eta > 0:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev = ddim_move(sample, eps_eff, ab_t.to(sample.device), ab_s.to(sample.device), self.fkc.eta, noise)
+        x0 = ((sample.double() - (1 - ab_t).sqrt() * eps_eff.double()) / ab_t.sqrt()).to(sample.dtype)
+        if not return_dict:
+            return (prev, x0, inc)
+        return FKCSchedulerOutput(prev_sample=prev, pred_original_sample=x0, log_weight_increment=inc)
+
+    def resample(self, tensors, log_w: torch.Tensor, generator=None, force: bool = False):
+        """Resample flat group-major tensors by (G, K) log_w under the configured policy.
+
+        Returns (tensors, log_w, resampled (G,) bool). ``force`` ignores the policy."""
+        G, K = log_w.shape
+        if force or self.fkc.resample == "every":
+            want = torch.ones(G, dtype=torch.bool)
+        elif self.fkc.resample == "ess":
+            want = smc.effective_sample_size(log_w).cpu() < self.fkc.ess_threshold * K
+        else:
+            want = torch.zeros(G, dtype=torch.bool)
+        if not want.any():
+            return list(tensors), log_w, want
+        out, lw, _ = smc.resample(list(tensors), log_w, self.fkc.scheme, generator, mask=want)
+        return out, lw, want
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        ab = self._ab64.to(original_samples.device)[timesteps.to(original_samples.device).long()]
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        ab = ab.reshape(shape) if ab.ndim else ab
+        return (ab.sqrt() * original_samples.double() + (1 - ab).sqrt() * noise.double()).to(original_samples.dtype)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

@@ -1,0 +1,1 @@
+"""Training loops for the small embedded models (the shipped weights come from these)."""

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# GPU smoke check (issue 10): run every registered sampler once on CUDA with its demo model and
+# print timings; then the `gpu`-marked tests. Samplers are read from `gensample list`, so samplers
+# added later are included automatically.
+#
+#   scripts/gpu_check.sh                      # fp32, 16 samples each
+#   DTYPE=fp16 N=64 scripts/gpu_check.sh      # half-precision networks
+#   COMPILE=1 SKIP_TESTS=1 scripts/gpu_check.sh
+#
+# Env: DEVICE (cuda), DTYPE (fp32|fp16|bf16), N (samples per sampler), COMPILE (1 = --compile),
+# OUT (output root; default a temp dir), SKIP_TESTS (1 = skip pytest -m gpu),
+# ONLY ("ddim fkc": just these samplers).
+# DEVICE=cpu DTYPE=fp32 SKIP_TESTS=1 gives a CPU dry run of the same loop.
+# Exit status: non-zero if any sampler or test failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-fp32}
+N=${N:-16}
+OUT=${OUT:-$(mktemp -d -t gensample-gpu-check-XXXX)}
+mkdir -p "$OUT"
+EXTRA=()
+[[ "${COMPILE:-0}" == 1 ]] && EXTRA+=(--compile)
+
+if [[ "$DEVICE" == cuda* ]]; then
+    python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || { echo "CUDA is not available: nothing to check (DEVICE=cpu gives a CPU dry run)" >&2; exit 1; }
+    python -c "import torch; print('torch', torch.__version__, '| device', torch.cuda.get_device_name(0))"
+fi
+
+# sampler names: the lines between "Samplers:" and "Zoo models:" of `gensample list`
+if [[ -n "${ONLY:-}" ]]; then
+    read -r -a SAMPLERS <<<"$ONLY"
+else
+    mapfile -t SAMPLERS < <(python -m gensample list | awk '/^Samplers:/{s=1; next} /^[^ ]/{s=0} s && NF {print $1}')
+fi
+if [[ ${#SAMPLERS[@]} -eq 0 ]]; then
+    echo "no samplers found in 'gensample list'" >&2
+    exit 1
+fi
+
+printf '%-16s %-6s %10s %10s %8s  %s\n' sampler status total_s sample_s nfe note
+failed=0
+for s in "${SAMPLERS[@]}"; do
+    dir="$OUT/$s"
+    log="$OUT/$s.log"
+    t0=$(date +%s.%N)
+    n=$N
+    python -m gensample run --sampler "$s" -n "$n" --device "$DEVICE" --dtype "$DTYPE" "${EXTRA[@]}" \
+        -o "$dir" --overwrite >"$log" 2>&1
+    rc=$?
+    group=$(sed -n 's/.*must be a multiple of the group size \([0-9]*\).*/\1/p' "$log" | head -n 1)
+    if [[ $rc -eq 2 && -n "$group" ]]; then  # particle-group samplers (FKC): round N up to whole groups
+        n=$(( (N + group - 1) / group * group ))
+        python -m gensample run --sampler "$s" -n "$n" --device "$DEVICE" --dtype "$DTYPE" "${EXTRA[@]}" \
+            -o "$dir" --overwrite >"$log" 2>&1
+        rc=$?
+    fi
+    t1=$(date +%s.%N)
+    total=$(python -c "print(f'{$t1 - $t0:.2f}')")
+    if [[ $rc -eq 0 ]]; then
+        read -r wall nfe < <(python -c "import json; r = json.load(open('$dir/run.json')); print(f\"{r['wall_time_s']:.3f} {r.get('nfe')}\")")
+        printf '%-16s %-6s %10s %10s %8s  %s\n' "$s" ok "$total" "$wall" "$nfe" "$(python -c "import json; print(json.load(open('$dir/run.json'))['model'])") n=$n"
+    else
+        failed=$((failed + 1))
+        printf '%-16s %-6s %10s %10s %8s  %s\n' "$s" FAIL "$total" - - "exit $rc: $(tail -n 1 "$log")"
+    fi
+done
+echo "outputs and logs: $OUT"
+
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+    python -m pytest -q -m gpu tests/test_gpu.py || failed=$((failed + 1))
+fi
+exit $((failed > 0))

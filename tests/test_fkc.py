@@ -1,0 +1,241 @@
+"""FKC sampler: properties, plain-sampler identity, scheduler face, CLI (specs/fkc.md sec. 6 T6-T8)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import gensample
+from gensample.cli import main
+from gensample.core.schedule import alphas_cumprod_from_config
+from gensample.models.gmm import GaussianMixture
+from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
+from gensample.samplers import fkc
+from gensample.samplers.fkc import FKCConfig, FKCScheduler, sample_fkc, spaced_timesteps
+
+AB = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a thread pool only adds sync cost on a shared CI box; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run_loop(mixes, betas, K, G=1, steps=50, seed=0, labels=None, **kw):
+    """FKC on exact mixtures; labels: per-row class labels (G*K,) for group-specific experts."""
+    cfg = FKCConfig(betas=tuple(betas), final=kw.pop("final", "weighted"), **kw)
+    gen = torch.Generator().manual_seed(seed)
+    dim = mixes[0].event_shape
+    x_T = torch.randn(G * K, *dim, generator=gen)
+
+    def expert_eps(x, t):
+        return torch.stack([m.eps(x.double(), AB[int(t)], labels).float() for m in mixes])
+
+    return sample_fkc(expert_eps, x_T, cfg, AB, spaced_timesteps(1000, steps), group_size=K, noise_generators=gen,
+                      resample_generators=[torch.Generator().manual_seed(seed + 1 + g) for g in range(G)])
+
+
+# -- pure functions --------------------------------------------------------------------------
+def test_weight_rate_special_cases():
+    g = torch.Generator().manual_seed(0)
+    e1, e2 = torch.randn(2, 5, 3, 4, 4, generator=g, dtype=torch.float64)
+    n2 = lambda v: (v**2).flatten(1).sum(1)  # noqa: E731
+    b = 3.0  # annealing: beta (beta - 1) ||eps||^2
+    torch.testing.assert_close(fkc.weight_rate(e1[None], [b]), b * (b - 1) * n2(e1))
+    w = 2.5  # CFG: w (w - 1) ||eps_c - eps_u||^2
+    torch.testing.assert_close(fkc.weight_rate(torch.stack([e1, e2]), [w, 1 - w]), w * (w - 1) * n2(e1 - e2))
+    torch.testing.assert_close(fkc.weight_rate(torch.stack([e1, e2]), [1, 1]), 2 * (e1 * e2).flatten(1).sum(1))
+    assert torch.equal(fkc.weight_rate(torch.stack([e1, e2]), [1.0, 0.0]), torch.zeros(5, dtype=torch.float64))
+
+
+def test_ddim_move_matches_diffusers_ddim():
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(DEFAULT_SCHEDULER_CONFIG)
+    sched.set_timesteps(10)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = 0.1 * x
+    t, t_next = sched.timesteps[2], sched.timesteps[3]
+    ref = sched.step(eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(5)).prev_sample
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    ours = fkc.ddim_move(x, eps, AB[t], AB[t_next], 1.0, noise)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(spaced_timesteps(1000, 10), sched.timesteps)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(betas=()), "betas"), (dict(betas=(-1.0,)), "sum of betas"), (dict(betas=(float("nan"),)), "betas"),
+    (dict(eta=-1.0), "eta"), (dict(resample="sometimes"), "resample must be one of"),
+    (dict(ess_threshold=1.5), "ess_threshold"), (dict(window=(0.2, 0.5)), "window"),
+    (dict(scheme="x"), "scheme"), (dict(final="x"), "final"), (dict(quadrature="x"), "quadrature"),
+    (dict(max_log_increment=0.0), "max_log_increment"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FKCConfig(**kwargs)
+
+
+# -- T7: trivial targets are the plain sampler ------------------------------------------------
+def test_beta_one_is_plain_ddpm_through_api():
+    kw = dict(num_samples=8, steps=20, progress=False)
+    a = gensample.run(sampler="fkc", beta=1.0, particles=4, final="weighted", resample="every", **kw)
+    b = gensample.run(sampler="ddim", eta=1.0, **kw)
+    np.testing.assert_allclose(a.x, b.x, atol=2e-5)  # same seeds, float64 vs float32 step arithmetic
+    assert (a.samples["weights"] == 0.25).all() and (a.samples["ess"] == 4.0).all()
+    assert a.record["stats"]["fkc_resample_events"] == 0
+
+
+def test_cfg_w_one_is_plain_conditional_sampler():
+    kw = dict(num_samples=8, steps=20, progress=False)
+    a = gensample.run(sampler="fkc", fkc_target="cfg", guidance_scale=1.0, experts="2", particles=4, **kw)
+    b = gensample.run(sampler="ddim", eta=1.0, class_label=2, **kw)
+    np.testing.assert_allclose(a.x, b.x, atol=2e-5)
+    assert (a.samples["ess"] == 4.0).all()
+
+
+def test_single_expert_loop_has_zero_log_weights():
+    mix = GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], [0.3, 0.8])
+    res = _run_loop([mix], [1.0], K=64, G=2, steps=30, resample="every")
+    assert (res.log_w == 0).all() and (res.ess == 64).all() and not res.resampled.any()
+
+
+def test_equal_variance_cfg_keeps_full_ess():
+    # T6: ||s_c - s_u|| is constant in x for equal-variance Gaussians, so ESS/K = 1 at every step.
+    cond = GaussianMixture([1.0], [[1.0]], [0.7])
+    uncond = GaussianMixture([1.0], [[-0.5]], [0.7])
+    res = _run_loop([cond, uncond], [3.0, -2.0], K=256, steps=40, resample="ess")
+    assert (res.ess / 256 > 1 - 1e-9).all()
+
+
+# -- robustness --------------------------------------------------------------------------------
+@pytest.mark.parametrize("beta", [10.0, 0.05])
+def test_extreme_beta_and_huge_scores_stay_finite(beta):
+    sharp = GaussianMixture([0.3, 0.7], [[-300.0, 1.0], [200.0, -5.0]], [1e-3, 2e-3])  # score norms ~ 1e5+
+    K = 128
+    res = _run_loop([sharp], [beta], K=K, G=2, steps=40, resample="every")
+    assert torch.isfinite(res.x).all() and torch.isfinite(res.weights).all()
+    assert ((res.ess >= 1.0) & (res.ess <= K)).all()
+    torch.testing.assert_close(res.weights.reshape(2, K).sum(1), torch.ones(2, dtype=torch.float64))
+
+
+def test_resampling_never_crosses_groups():
+    mix = GaussianMixture([0.5, 0.5], [[-4.0, 0.0], [4.0, 0.0]], [0.5, 0.5], labels=[0, 1])
+    K, G = 64, 4
+    labels = torch.tensor([0, 1, 0, 1]).repeat_interleave(K)  # group g is conditioned on class g % 2
+    res = _run_loop([mix], [3.0], K=K, G=G, steps=40, resample="every", labels=labels)
+    side = (res.x[:, 0] > 0).long()
+    assert torch.equal(side, labels), "a particle moved into another group's class"
+    assert res.resampled.any()
+
+
+def test_eta_zero_with_resampling_warns():
+    mix = GaussianMixture([1.0], [[0.0]], [0.5])
+    with pytest.warns(RuntimeWarning, match="eta=0"):
+        _run_loop([mix], [2.0], K=8, steps=5, eta=0.0, resample="every")
+
+
+def test_final_modes_shapes():
+    mix = GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], [0.3, 0.8])
+    out = {f: _run_loop([mix], [2.0], K=32, G=3, steps=20, final=f, seed=3) for f in fkc.FINALS}
+    assert out["weighted"].x.shape == (96, 1) and out["resample"].x.shape == (96, 1)
+    assert out["one_per_group"].x.shape == (3, 1) and out["one_per_group"].group.tolist() == [0, 1, 2]
+    # the one_per_group draw is one of the group's particles
+    for g in range(3):
+        assert (out["weighted"].x[g * 32:(g + 1) * 32, 0] == out["one_per_group"].x[g, 0]).any()
+    torch.testing.assert_close(out["resample"].weights, torch.full((96,), 1 / 32, dtype=torch.float64))
+
+
+# -- scheduler face ------------------------------------------------------------------------------
+def _sched_step(s, seed=0):
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return s.step(0.1 * x, s.timesteps[1], x, generator=torch.Generator().manual_seed(seed))
+
+
+def test_scheduler_contract(tmp_path):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    s = FKCScheduler.from_config(DDIMScheduler.from_config(DEFAULT_SCHEDULER_CONFIG).config, fkc_betas=[2.0])
+    with pytest.raises(ValueError, match="set_timesteps"):
+        _sched_step(s)
+    s.set_timesteps(10)
+    out = _sched_step(s)
+    assert out.prev_sample.shape == (4, 3, 8, 8) and out.log_weight_increment.dtype == torch.float64
+    tup = s.step(0.1 * torch.ones(4, 3, 8, 8), s.timesteps[1], torch.ones(4, 3, 8, 8), generator=torch.Generator().manual_seed(0), return_dict=False)
+    dat = s.step(0.1 * torch.ones(4, 3, 8, 8), s.timesteps[1], torch.ones(4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tup[0], dat.prev_sample) and torch.equal(tup[2], dat.log_weight_increment)
+    s.save_pretrained(tmp_path)
+    s2 = FKCScheduler.from_pretrained(tmp_path)
+    s2.set_timesteps(10)
+    assert {k: v for k, v in s2.config.items() if not k.startswith("_")} == {k: v for k, v in s.config.items() if not k.startswith("_")}
+    torch.testing.assert_close(_sched_step(s2).prev_sample, out.prev_sample, atol=1e-6, rtol=0)
+    assert s.init_noise_sigma == pytest.approx(1 / math.sqrt(2))
+    back = DDPMScheduler.from_config(s.config)  # sibling round trip keeps the schedule
+    assert back.config.num_train_timesteps == 1000
+    with pytest.raises(ValueError, match="strictly descending"):
+        s.set_timesteps(timesteps=[1, 5])
+
+
+def test_scheduler_step_matches_pure_functions():
+    s = FKCScheduler(fkc_betas=[2.0, -1.0])
+    s.set_timesteps(10)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
+    e = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(3))
+    t, t_next = s.timesteps[4], s.timesteps[5]
+    out = s.step(list(e), t, x, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out.log_weight_increment, fkc.log_weight_increment(e, [2.0, -1.0], AB[t], AB[t_next]))
+    torch.testing.assert_close(out.prev_sample, fkc.ddim_move(x, fkc.combine_eps(e, [2.0, -1.0]), AB[t], AB[t_next], 1.0, noise))
+
+
+# -- API / CLI ---------------------------------------------------------------------------------------
+def test_cli_default_demo_writes_weights_ess_and_plot(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["run", "--sampler", "fkc", "--steps", "30", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    z = np.load(out / "samples.npz")
+    assert z["x"].shape == (16, 2) and z["weights"].shape == (16,) and z["ess"].shape == (16, 30)
+    assert ((z["ess"] >= 1) & (z["ess"] <= 16)).all()
+    assert (out / "ess.png").stat().st_size > 1000
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["stats"]["fkc"]["betas"] == [2.0] and rec["stats"]["fkc"]["target"] == "anneal"
+
+
+def test_one_per_group_counts_output_samples_and_is_batch_independent():
+    kw = dict(fkc_target="product", experts="2,2", particles=8, final="one_per_group", steps=15, progress=False, num_samples=5)
+    a = gensample.run(sampler="fkc", batch_size=16, **kw)
+    b = gensample.run(sampler="fkc", batch_size=3, **kw)
+    assert a.x.shape == (5, 2) and (a.samples["weights"] == 1).all()
+    np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_groups_batch_independent():
+    kw = dict(particles=4, num_samples=12, steps=15, progress=False, beta=3.0, resample="every")
+    a = gensample.run(sampler="fkc", batch_size=4, **kw)
+    b = gensample.run(sampler="fkc", batch_size=12, **kw)
+    np.testing.assert_array_equal(a.x, b.x)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--fkc-target", "product", "--experts", "1"], "two or more"),
+    (["--fkc-target", "cfg", "--guidance-scale", "2"], "exactly one class"),
+    (["--fkc-target", "cfg", "--experts", "1", "--beta", "2"], "--beta does not apply"),
+    (["--guidance-scale", "3"], "applies to --fkc-target cfg only"),
+    (["--experts", "a,b"], "integer class labels"),
+    (["--experts", "7"], "class labels must be in"),
+    (["--particles", "5"], "multiple of the group size 5"),
+    (["--resample", "sometimes"], "sometimes"),
+    (["--ess-threshold", "2"], "ess-threshold"),
+    (["--model", "gmm-digits", "--experts", "1", "--class-label", "1"], "not both"),
+])
+def test_cli_user_errors_exit_2(args, match, tmp_path):
+    r = CliRunner().invoke(main, ["run", "--sampler", "fkc", "--steps", "3", "-o", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2, r.output
+    assert match in r.output
+    assert "Traceback" not in r.output

@@ -1,0 +1,233 @@
+"""OMSModule architecture and OMSPipeline with tiny random components (specs/oms.md sec. 3, 4, 7)."""
+
+import pytest
+import torch
+
+from gensample.models.oms import OMS_B_CONFIG, OMSModule, small_oms_module
+from gensample.pipelines.oms import OMSPipeline
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions run far faster single-threaded on a shared 2-core box (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+TINY_OMS = dict(OMS_B_CONFIG, block_out_channels=[8, 16, 16], attention_head_dim=[2, 2, 2], cross_attention_dim=8,
+                norm_num_groups=4, sample_size=8, layers_per_block=1)
+
+
+def test_released_layout_is_unet2dcondition_minus_time_embedding():
+    """State-dict keys/shapes = UNet2DConditionModel's minus time_embedding.* and *.time_emb_proj.*."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    oms, unet = OMSModule(**TINY_OMS), UNet2DConditionModel(**TINY_OMS)
+    ref = {k: v.shape for k, v in unet.state_dict().items()
+           if not k.startswith("time_embedding.") and ".time_emb_proj." not in k}
+    got = {k: v.shape for k, v in oms.state_dict().items()}
+    assert got == ref
+    assert any(".time_emb_proj." in k for k in unet.state_dict())  # the filter did something
+
+
+def test_oms_b_parameter_count():
+    """OMS-B: about 154.0M parameters (fp16 file 308,083,816 B, spec sec. 3)."""
+    with torch.device("meta"):
+        m = OMSModule(**OMS_B_CONFIG)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - 154.0e6) < 0.1e6, n
+
+
+def test_load_released_style_checkpoint_by_path(tmp_path):
+    """A folder with a UNet2DConditionModel-style config.json (foreign _class_name and extra
+    keys such as time_embedding_type) and time-free weights loads with from_pretrained."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = OMSModule(**TINY_OMS)
+    cfg = dict(TINY_OMS, _class_name="UNet2DConditionWoCTModel", time_embedding_type="positional", flip_sin_to_cos=True)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    loaded = OMSModule.from_pretrained(tmp_path)
+    x = torch.randn(2, 4, 8, 8)
+    ehs = torch.randn(2, 3, 8)
+    torch.testing.assert_close(loaded(x, encoder_hidden_states=ehs).sample, src(x, encoder_hidden_states=ehs).sample)
+
+
+def test_small_variant_round_trip_and_class_errors(tmp_path):
+    torch.manual_seed(0)
+    m = small_oms_module(in_channels=1, num_classes=3).eval()
+    m.save_pretrained(tmp_path)
+    m2 = OMSModule.from_pretrained(tmp_path).eval()
+    x = torch.randn(3, 1, 16, 16)
+    lab = torch.tensor([0, 1, 3])
+    torch.testing.assert_close(m(x, class_labels=lab).sample, m2(x, class_labels=lab).sample)
+    assert m2.null_class == 3
+    with pytest.raises(ValueError, match="class_labels must be in"):
+        m(x, class_labels=torch.tensor([0, 1, 4]))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        m(x)
+    with pytest.raises(ValueError, match="num_class_embeds"):
+        OMSModule(**dict(TINY_OMS, num_class_embeds=1))
+
+
+# -- Stable Diffusion-shaped pipeline -----------------------------------------------------------
+class Spy(torch.nn.Module):
+    """Wraps an OMS module and records what psi is fed."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = []
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def null_class(self):
+        return self.inner.null_class
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, sample, **kw):
+        self.seen.append((sample.clone(), {k: v.clone() for k, v in kw.items()}))
+        return self.inner(sample, **kw)
+
+
+def tiny_sd(scheduler="ddim"):
+    """Tiny SD per specs/ecosystem.md sec. 4 (no tokenizer: prompt embeddings are passed)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=2, attention_head_dim=2)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=2)
+    sd = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+              set_alpha_to_one=False, steps_offset=1)
+    if scheduler == "ddim":
+        sched = DDIMScheduler(**sd)
+    else:
+        sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _oms_for_sd():
+    torch.manual_seed(1)
+    return OMSModule(**TINY_OMS).eval()
+
+
+def _embeds(n, seed):
+    return torch.randn(n, 5, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_sd_shaped_pipeline_end_to_end_and_oms_off_is_bare():
+    sd = tiny_sd()
+    pipe = OMSPipeline(oms_module=_oms_for_sd(), base_pipeline=sd)
+    kw = dict(prompt_embeds=_embeds(2, 0), negative_prompt_embeds=_embeds(2, 1), guidance_scale=3.0,
+              num_inference_steps=4, output_type="np", height=16, width=16)
+    out = pipe(oms_prompt_embeds=_embeds(2, 2), oms_negative_embeds=_embeds(2, 3), oms_guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(0), **kw).images
+    assert out.shape == (2, 16, 16, 3) and torch.isfinite(torch.as_tensor(out)).all()
+    off = pipe(oms_flag=False, generator=torch.Generator().manual_seed(0), **kw).images
+    bare = sd(generator=torch.Generator().manual_seed(0), **kw).images
+    assert (off == bare).all()  # property 5: bit-identical
+    assert abs(out - bare).max() > 1e-3  # and OMS does change the sample
+
+
+def test_euler_oms_input_has_unit_variance_and_vp_latents():
+    """Property 6 / pitfall: psi sees unit-variance noise even with init_noise_sigma ~ 14.6 (Euler);
+    the latents handed to the base are VP-scale (the base multiplies by init_noise_sigma)."""
+    sd = tiny_sd("euler")
+    spy = Spy(_oms_for_sd())
+    captured = {}
+
+    def grab(pipe, i, t, tensors):
+        captured.setdefault("first", tensors["latents"].clone())
+        return tensors
+
+    pipe = OMSPipeline(oms_module=spy, base_pipeline=sd)
+    n = 8
+    pipe(prompt_embeds=_embeds(1, 0).expand(n, 5, 8), oms_prompt_embeds=_embeds(1, 2), num_inference_steps=20,
+         guidance_scale=1.0, output_type="latent", height=64, width=64, generator=torch.Generator().manual_seed(0), oms_eta=0.0,
+         callback_on_step_end=grab)
+    sd.scheduler.set_timesteps(20)
+    assert float(sd.scheduler.init_noise_sigma) > 10
+    x_in = spy.seen[0][0]
+    # n * 4 * 8 * 8 = 2048 entries: the sample sd has relative error ~ 1.6 %; 6 % is ~4 sd.
+    assert abs(x_in.std().item() - 1) < 0.06, x_in.std().item()
+
+
+def test_negative_batch_is_prompt_batch_times_images_per_prompt():
+    """Pitfall: reference sizes the OMS negative batch as len(prompt) // n; ours has one row per image."""
+    sd = tiny_sd()
+    spy = Spy(_oms_for_sd())
+    pipe = OMSPipeline(oms_module=spy, base_pipeline=sd)
+    cond, neg = _embeds(2, 2), _embeds(1, 3)
+    pipe(prompt_embeds=_embeds(2, 0), oms_prompt_embeds=cond, oms_negative_embeds=neg, oms_guidance_scale=2.0,
+         guidance_scale=1.0, num_images_per_prompt=3, num_inference_steps=2, output_type="latent", height=16, width=16,
+         generator=torch.Generator().manual_seed(0))
+    x_in, kw = spy.seen[0]
+    ehs = kw["encoder_hidden_states"]
+    assert x_in.shape[0] == 12 and ehs.shape[0] == 12  # 6 conditional + 6 unconditional rows
+    torch.testing.assert_close(ehs[:6], cond.repeat_interleave(3, 0))
+    torch.testing.assert_close(ehs[6:], neg.expand(6, 5, 8))
+    # w = 1 skips the unconditional branch (spec sec. 2.4c)
+    spy.seen.clear()
+    pipe(prompt_embeds=_embeds(2, 0), oms_prompt_embeds=cond, num_images_per_prompt=3, num_inference_steps=2, guidance_scale=1.0,
+         output_type="latent", height=16, width=16)
+    assert spy.seen[0][0].shape[0] == 6
+
+
+def test_pipeline_errors():
+    sd = tiny_sd()
+    pipe = OMSPipeline(oms_module=_oms_for_sd(), base_pipeline=sd)
+    with pytest.raises(ValueError, match="oms_text_encoder"):
+        pipe(prompt="a cat", num_inference_steps=2, output_type="latent")  # no encoder, no embeds
+    with pytest.raises(ValueError, match="oms_prompt_embeds"):
+        pipe(prompt_embeds=_embeds(2, 0), oms_prompt_embeds=_embeds(3, 0), num_inference_steps=2, guidance_scale=1.0,
+             output_type="latent")
+    with pytest.raises(ValueError, match="eta"):
+        pipe(prompt_embeds=_embeds(1, 0), oms_prompt_embeds=_embeds(1, 0), oms_eta=2.0, num_inference_steps=2,
+             guidance_scale=1.0)
+
+
+def test_pixel_ddim_pipeline_with_class_oms():
+    """DDIMPipeline (no `latents` argument): OMS runs the same loop from x_T; oms_flag=False is bare."""
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    base = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.006))
+    base.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    pipe = OMSPipeline(oms_module=small_oms_module(in_channels=1, num_classes=3).eval(), base_pipeline=base)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=3, num_inference_steps=5, output_type="np")
+    out = pipe(oms_class_labels=torch.tensor([0, 1, 2]), generator=torch.Generator().manual_seed(0), **kw).images
+    assert out.shape == (3, 16, 16, 1)
+    off = pipe(oms_flag=False, generator=torch.Generator().manual_seed(0), **kw).images
+    bare = base(generator=torch.Generator().manual_seed(0), **kw).images
+    assert (off == bare).all()

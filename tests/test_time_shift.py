@@ -1,0 +1,275 @@
+"""Time-Shift sampler: selection rule, identities with DDIM, run.json trace, epsilon scaling, errors
+(specs/time_shift.md sec. 7 items 1-2; issue 4 "Must show")."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gensample import api
+from gensample.cli import main
+from gensample.core.schedule import alphas_cumprod_from_config
+from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
+from gensample.samplers.time_shift import (
+    TimeShiftParams,
+    TimeShiftScheduler,
+    default_window_cutoff,
+    epsilon_scale,
+    sample_variance,
+    select_shift,
+    window_candidates,
+)
+
+ONE_MINUS_AB = 1 - alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)  # (1000,) float64
+T = ONE_MINUS_AB.numel()
+
+
+# -- spec sec. 7.1: the selection rule -------------------------------------------------------
+def test_sample_variance_is_unbiased_per_sample():
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref = np.var(x.reshape(5, -1).numpy().astype(np.float64), axis=1, ddof=1)
+    got = sample_variance(x)
+    assert got.dtype == torch.float64 and got.shape == (5,)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("centre,window,tau_star,expected", [
+    (500, 40, 512, 512),    # inside the window: exact match
+    (500, 40, 480, 480),    # lower edge is inside
+    (500, 40, 560, 520),    # above the window: nearest (upper) edge
+    (500, 40, 300, 480),    # below the window: nearest (lower) edge
+    (5, 40, 0, 0),          # window clipped at 0
+    (995, 40, 999, 999),    # window clipped at T - 1
+    (999, 200, 999, 999),
+])
+def test_select_shift_finds_exact_variance(centre, window, tau_star, expected):
+    var_hat = ONE_MINUS_AB[[tau_star]]  # (1,) exactly 1 - alpha_bar at tau*
+    t_s = select_shift(var_hat, ONE_MINUS_AB, centre, window)
+    assert t_s.dtype == torch.long and t_s.shape == (1,)
+    assert t_s.item() == expected
+    cand = window_candidates(centre, window, T)
+    assert cand.min() <= t_s.item() <= cand.max()
+
+
+def test_select_shift_ties_go_to_smallest_tau():
+    table = torch.tensor([0.125, 0.25, 0.5, 0.5, 0.75, 0.875], dtype=torch.float64)  # exact binary values
+    assert select_shift(torch.tensor([0.5], dtype=torch.float64), table, 3, 4).item() == 2
+    # exactly equidistant between 0.25 (tau 1) and 0.5 (tau 2): the smaller tau wins
+    assert select_shift(torch.tensor([0.375], dtype=torch.float64), table, 2, 4).item() == 1
+
+
+def test_select_shift_is_per_sample():
+    g = torch.Generator().manual_seed(3)
+    var_hat = torch.rand(64, generator=g, dtype=torch.float64)
+    t_s = select_shift(var_hat, ONE_MINUS_AB, 600, 200)
+    perm = torch.randperm(64, generator=g)
+    assert torch.equal(select_shift(var_hat[perm], ONE_MINUS_AB, 600, 200), t_s[perm])
+    assert ((t_s >= 500) & (t_s <= 700)).all()
+
+
+def test_window_below_two_has_one_candidate():
+    for w in (0, 1):
+        assert window_candidates(400, w, T).tolist() == [400]
+
+
+def test_default_windows_follow_spec_table():
+    assert default_window_cutoff(5) == (40, 200)
+    assert default_window_cutoff(10) == (40, 200)
+    assert default_window_cutoff(20) == (30, 300)
+    assert default_window_cutoff(50) == (8, 300)
+    assert default_window_cutoff(100) == (2, 300)
+    assert default_window_cutoff(1000) == (2, 300)
+    assert default_window_cutoff(10, 2000) == (80, 400)  # scaled by T / 1000
+
+
+# -- spec sec. 7.2: identities with plain DDIM (bit for bit, same seed) ----------------------
+def _run(sampler, **kw):
+    kw.setdefault("model", "gmm-digits")
+    kw.setdefault("num_samples", 6)
+    kw.setdefault("steps", 10)
+    kw.setdefault("progress", False)
+    kw.setdefault("device", "cpu")
+    return api.run(sampler=sampler, **kw)
+
+
+@pytest.fixture(scope="module")
+def ddim_ref():
+    return {eta: _run("ddim", eta=eta).x for eta in (0.0, 1.0)}
+
+
+@pytest.mark.parametrize("opts", [
+    {"window": 0}, {"window": 1}, {"cutoff": 900}, {"cutoff": 5000},
+    {"window": 1, "variant": "reference_pnm"}, {"cutoff": 900, "variant": "reference_pnm"},
+])
+@pytest.mark.parametrize("sampler,eta", [("ts-ddim", 0.0), ("ts-ddpm", 1.0)])
+def test_no_shift_configs_reproduce_ddim_bit_for_bit(ddim_ref, sampler, eta, opts):
+    x = _run(sampler, **opts).x
+    assert np.array_equal(x, ddim_ref[eta]), f"{sampler} {opts}: max diff {np.abs(x - ddim_ref[eta]).max()}"
+
+
+def test_disabled_scheduler_matches_stock_ddim_float32():
+    from diffusers import DDIMScheduler
+
+    cfg = dict(DEFAULT_SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 8, 8, generator=g)
+    for eta in (0.0, 1.0):
+        xs = []
+        for sched in (DDIMScheduler.from_config(cfg), TimeShiftScheduler.from_config(cfg, enabled=False)):
+            sched.set_timesteps(10)
+            x, gen = x0.clone(), torch.Generator().manual_seed(1)
+            for t in sched.timesteps:
+                x = sched.step(0.3 * x * (t + 1) / 1000, t, x, eta=eta, generator=gen).prev_sample
+            xs.append(x)
+        assert torch.equal(xs[0], xs[1])
+
+
+def test_cutoff_zero_is_not_an_identity(ddim_ref):
+    x = _run("ts-ddim", cutoff=0, window=40).x
+    assert not np.array_equal(x, ddim_ref[0.0])
+
+
+# -- chosen t_s inside the window, recorded in run.json ---------------------------------------
+@pytest.mark.parametrize("variant", ["paper", "reference_pnm"])
+def test_ts_in_window_and_recorded(tmp_path, variant):
+    steps, w, c = 10, 40, 200
+    res = _run("ts-ddim", steps=steps, window=w, cutoff=c, variant=variant, num_samples=32, batch_size=16,
+               output=str(tmp_path / "out"))
+    rec = json.loads((tmp_path / "out" / "run.json").read_text())
+    stats = rec["stats"]
+    assert stats["nfe"] == 2 * steps and len(stats["ts_mean"]) == 2  # one trace per batch
+    grid = np.arange(900, -1, -100)
+    for b in range(2):
+        assert stats["timestep"][b] == grid.tolist()
+        lo, hi, mean = (np.asarray(stats[k][b]) for k in ("ts_min", "ts_max", "ts_mean"))
+        # the time the model saw (paper) or the step's target (reference_pnm)
+        centre = grid if variant == "paper" else np.maximum(grid - 100, -1)
+        assert (lo <= mean).all() and (mean <= hi).all()
+        assert (lo >= np.maximum(centre - w // 2, -1)).all() and (hi <= centre + w // 2).all()
+        shifted = (np.arange(steps) >= 1) & (centre > c)
+        assert (lo[~shifted] == centre[~shifted]).all() and (hi[~shifted] == centre[~shifted]).all()
+        assert (hi[shifted] > lo[shifted]).any()  # D = 64: the selection is noisy (spec sec. 8)
+    assert rec["stats"]["ts_window_cutoff"][0] == [w, c]
+    assert res.x.shape == (32, 1, 8, 8)
+
+
+def test_defaults_run_on_demo_model():
+    res = api.run(sampler="ts-ddim", num_samples=4, progress=False, device="cpu")
+    assert res.record["config"]["steps"] == 10 and res.record["stats"]["ts_window_cutoff"] == [[40, 200]]
+    assert np.isfinite(res.x).all()
+
+
+# -- epsilon scaling baseline (spec sec. 6) --------------------------------------------------
+def test_eps_scale_one_is_ddim_and_lambda_divides_eps(ddim_ref):
+    assert np.array_equal(_run("ddim", eps_scale=1.0).x, ddim_ref[0.0])
+    from diffusers import DDIMScheduler
+
+    from gensample.models.loading import load_model
+
+    model = load_model("gmm-digits")
+    res = _run("ddim", eps_scale=1.02, eps_scale_slope=1e-5, num_samples=3)
+    sched = DDIMScheduler.from_config({**model.scheduler_config, "prediction_type": "epsilon"})
+    sched.set_timesteps(10)
+    from gensample.samplers.registry import RunContext, sample_seed
+
+    ctx = RunContext("ddim")
+    x = ctx.randn(ctx.generators([sample_seed(0, i) for i in range(3)]), model.event_shape)
+    den = model.denoiser()
+    for t in sched.timesteps:
+        x = sched.step(den(x, t) / (1.02 + 1e-5 * int(t)), t, x).prev_sample
+    np.testing.assert_allclose(res.x, x.numpy(), rtol=0, atol=1e-6)
+    assert np.abs(res.x - ddim_ref[0.0][:3]).max() > 1e-3
+
+
+def test_epsilon_scale_rejects_nonpositive():
+    assert epsilon_scale(100, 1.0, 0.001) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="must be > 0"):
+        epsilon_scale(900, 1.0, -0.01)
+
+
+# -- user errors -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    ({"window_size": -1, "cutoff": 0}, "window_size"),
+    ({"window_size": 2.5, "cutoff": 0}, "window_size"),
+    ({"window_size": 4, "cutoff": -3}, "cutoff"),
+    ({"window_size": 4, "cutoff": 3, "variant": "pnm"}, "variant must be one of"),
+    ({"window_size": 4, "cutoff": 3, "eta": -1.0}, "eta"),
+])
+def test_params_validate(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TimeShiftParams(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        TimeShiftScheduler(**kwargs)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--window", "-2"], "--window must be >= 0"),
+    (["--cutoff", "-1"], "--cutoff must be >= 0"),
+    (["--variant", "pnm"], "pnm"),
+    (["--steps", "2000"], "--steps"),
+])
+def test_cli_user_errors_exit_2(args, match):
+    r = CliRunner().invoke(main, ["run", "--sampler", "ts-ddim", "-n", "2", "-o", "/tmp/unused-ts", *args])
+    assert r.exit_code == 2, r.output
+    assert match in r.output and "Traceback" not in r.output
+
+
+def test_cli_eps_scale_errors_and_scope():
+    r = CliRunner().invoke(main, ["run", "--sampler", "ddim", "--eps-scale", "0", "-n", "2"])
+    assert r.exit_code == 2 and "--eps-scale must be >=" in r.output
+    r = CliRunner().invoke(main, ["run", "--sampler", "ddpm", "--eps-scale", "1.01", "-n", "2"])
+    assert r.exit_code == 2 and "does not apply" in r.output
+    r = CliRunner().invoke(main, ["run", "--sampler", "ddim", "--window", "4", "-n", "2"])
+    assert r.exit_code == 2 and "does not apply" in r.output
+
+
+def test_cli_runs_ts_ddim(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["run", "--sampler", "ts-ddim", "--model", "gmm-digits", "-n", "4", "--steps", "5", "--window", "30",
+                                  "--cutoff", "300", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["config"]["window"] == 30 and rec["stats"]["ts_window_cutoff"] == [[30, 300]]
+
+
+def test_scheduler_misuse_raises():
+    s = TimeShiftScheduler(window_size=40, cutoff=200)
+    x = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.model_timesteps(x, 900)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(x, 900, x)
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match="not on the grid"):
+        s.model_timesteps(x, 905)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    ts = s.model_timesteps(x, 800)
+    with pytest.raises(ValueError, match="model_timesteps differs"):
+        s.step(torch.zeros_like(x), 800, x, model_timesteps=ts - 1)
+    with pytest.raises(ValueError, match="shape"):
+        s.step(torch.zeros(2, 1, 4, 5), 800, x)
+    with pytest.raises(ValueError, match="strictly descending"):
+        s.set_timesteps(timesteps=[100, 200])
+    with pytest.raises(ValueError, match="exactly one"):
+        s.set_timesteps()
+
+
+def test_cfg_batch_shares_ts_per_sample():
+    """Under CFG the Denoiser makes one [x; x] call per step; both halves get the sample's t_s."""
+    from gensample.models.loading import load_model
+    from gensample.samplers.time_shift import make_time_shift_scheduler, sample_time_shift
+
+    model = load_model("gmm-digits")
+    seen = []
+    unet = model.unet
+    unet.register_forward_pre_hook(lambda mod, args: seen.append(torch.as_tensor(args[1]).clone()))
+    sched = make_time_shift_scheduler(model.scheduler_config, window_size=40, cutoff=200)
+    sched.set_timesteps(5)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.8, 1.0, 1.1, 1.3]).reshape(4, 1, 1, 1)
+    cond = model.cond_for(3, 4, "cpu")
+    x, trace = sample_time_shift(model.denoiser(), x_T, sched, cond=cond, guidance_scale=2.0)
+    assert torch.isfinite(x).all() and len(seen) == 5
+    assert all(t.shape == (8,) and torch.equal(t[:4], t[4:]) for t in seen)
+    assert any(len(set(t[:4].tolist())) > 1 for t in seen)  # per-sample shifts differ
