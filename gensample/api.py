@@ -350,7 +350,7 @@ def generate(cfg: dict, model, indices: list[int], out_dir: Path | None, ctx: Ru
         if key == "x" and not np.isfinite(arrays[key]).all():  # never write garbage samples
             raise FloatingPointError(f"{spec.name}: non-finite values (NaN/Inf) in the final samples "
                                      f"of indices {batch[0]}-{batch[-1]}")
-        _merge_stats(stats, res.stats)
+        _merge_stats(stats, {**res.stats, "batches": 1})
         if out_dir is not None:
             atomic_save_npz(out_dir / "shards" / f"{batch[0]:06d}-{batch[-1]:06d}.npz",
                             {"indices": np.asarray(batch, dtype=np.int64), **arrays})
@@ -501,7 +501,10 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
         _combine_stats(merged_stats, stats)
         stats = merged_stats
     record["stats"] = stats
-    record["nfe"] = stats.get("nfe")
+    # NFE per sample trajectory (sequential model calls of one batch, averaged over batches);
+    # the sum over batches is kept as nfe_total_calls.
+    record["nfe_total_calls"] = stats.get("nfe")
+    record["nfe"] = None if stats.get("nfe") is None else stats["nfe"] / max(1, stats.get("batches", 1))
     record["wall_time_s"] = record.get("wall_time_s", 0.0) + wall
     record["wall_time_this_invocation_s"] = wall
     record["samples_drawn_this_invocation"] = drawn

@@ -16,14 +16,6 @@ from gensample.core.categorical import (
 H32 = -math.log1p(-(2.0**-24))  # smallest float32-grid E: 5.96e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def chi2_p(draws: torch.Tensor, p: torch.Tensor) -> float:
     counts = torch.bincount(draws, minlength=p.numel()).double()

@@ -27,14 +27,6 @@ from gensample.samplers.disa import (
 
 COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny per-call workloads: one torch thread avoids OpenMP sync cost on a busy CPU (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 AB = alphas_cumprod_from_config(COSINE)  # (1000,) float64
 MU = torch.tensor([0.5, -0.5, 0.0, 1.0])
 

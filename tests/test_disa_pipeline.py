@@ -14,14 +14,6 @@ from gensample.pipelines.ar_diffusion import ARDiffusionPipeline
 from gensample.samplers.disa import DiSAHeadScheduler, StepBudgetSchedule, head_budget
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny per-call workloads: one torch thread avoids OpenMP sync cost on a busy CPU (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run(sampler, **kw):
     kw.setdefault("num_samples", 2)

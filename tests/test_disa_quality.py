@@ -8,14 +8,6 @@ from gensample import api
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread avoids OpenMP sync cost on a busy CPU (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def draw(sampler, n, seed, **kw):
     res = api.run(sampler, "mar-digits", num_samples=n, batch_size=n, seed=seed, device="cpu", progress=False, **kw)

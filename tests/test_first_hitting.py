@@ -26,14 +26,6 @@ from gensample.samplers.first_hitting import (
 MASK = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class CountingNet:
     """Uniform logits over K real tokens; records every input batch (a call-counting dummy, sec. 6.4)."""

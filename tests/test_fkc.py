@@ -19,14 +19,6 @@ from gensample.samplers.fkc import FKCConfig, FKCScheduler, sample_fkc, spaced_t
 AB = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a thread pool only adds sync cost on a shared CI box; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _run_loop(mixes, betas, K, G=1, steps=50, seed=0, labels=None, **kw):
     """FKC on exact mixtures; labels: per-row class labels (G*K,) for group-specific experts."""

@@ -10,13 +10,6 @@ from gensample.pipelines.fkc import FKCPipeline
 from gensample.samplers.fkc import FKCScheduler
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tiny_tokenizer(tmp_path):
     from transformers import CLIPTokenizer

@@ -18,13 +18,6 @@ from gensample.samplers.oms import (OMSConfig, base_scheduler, first_alpha_bar, 
                                     oms_initial_latents)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def flawed():

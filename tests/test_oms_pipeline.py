@@ -7,14 +7,6 @@ from gensample.models.oms import OMS_B_CONFIG, OMSModule, small_oms_module
 from gensample.pipelines.oms import OMSPipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run far faster single-threaded on a shared 2-core box (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 TINY_OMS = dict(OMS_B_CONFIG, block_out_channels=[8, 16, 16], attention_head_dim=[2, 2, 2], cross_attention_dim=8,
                 norm_num_groups=4, sample_size=8, layers_per_block=1)
 

@@ -12,14 +12,6 @@ from gensample.samplers import registry
 from gensample.samplers.registry import RunContext
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run far faster single-threaded on a shared 2-core box (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_model(variant: str, tmp_path) -> LoadedModel:
     """A random 16x16x1 class-conditional UNet2DModel on a variant's schedule, with a random OMS module."""

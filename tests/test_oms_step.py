@@ -8,14 +8,6 @@ import torch
 from gensample.samplers.oms import OMSConfig, first_alpha_bar, oms_step, oms_v, to_scheduler_scale
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run far faster single-threaded on a shared 2-core box (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SHAPE = (4, 1, 8, 8)
 
 

@@ -8,14 +8,6 @@ import torch
 from gensample.core import smc
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a thread pool only adds sync cost on a shared CI box; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)

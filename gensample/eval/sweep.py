@@ -220,10 +220,12 @@ def run_sweep(config: str | Path | dict, output: str | Path, *, progress: bool =
 
 
 def nfe_per_sample(record: dict) -> float | None:
-    """Network evaluations per sample: run.json's ``nfe`` counts calls summed over batches."""
+    """Network evaluations per sample trajectory (older run.json files summed ``nfe`` over batches)."""
     nfe = record.get("nfe")
     if nfe is None:
         return None
+    if "nfe_total_calls" in record:  # run.json already reports NFE per sample trajectory
+        return float(nfe)
     bs = record["config"].get("batch_size") or record["num_samples"]
     return nfe / math.ceil(record["num_samples"] / bs)
 

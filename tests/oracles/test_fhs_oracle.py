@@ -31,14 +31,6 @@ MASK = CHAIN.mask_token_id
 NET = MarkovDenoiser(CHAIN)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def draw(method: str, n: int, seed: int, **cfg_kw) -> torch.Tensor:
     """n sequences from the sampler with the exact denoiser; one shared generator (the math is per

@@ -50,13 +50,6 @@ MEASURED_SD_K4000 = {
 METRICS = ("mass", "mean", "var")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def grid_target(experts, betas) -> dict:
     g = torch.linspace(-10, 10, 40001, dtype=torch.float64)
