@@ -504,7 +504,8 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
     # NFE per sample trajectory (sequential model calls of one batch, averaged over batches);
     # the sum over batches is kept as nfe_total_calls.
     record["nfe_total_calls"] = stats.get("nfe")
-    record["nfe"] = None if stats.get("nfe") is None else stats["nfe"] / max(1, stats.get("batches", 1))
+    nfe = None if stats.get("nfe") is None else stats["nfe"] / max(1, stats.get("batches", 1))
+    record["nfe"] = int(nfe) if nfe is not None and float(nfe).is_integer() else nfe
     record["wall_time_s"] = record.get("wall_time_s", 0.0) + wall
     record["wall_time_this_invocation_s"] = wall
     record["samples_drawn_this_invocation"] = drawn
