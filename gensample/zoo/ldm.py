@@ -17,23 +17,14 @@ from pathlib import Path
 
 import torch
 
+from ..models.loading import DEFAULT_SCHEDULER_CONFIG
 from . import DATA, register
 
 NAME = "digits-ldm"
 WEIGHTS = DATA / NAME
 LATENT_SHAPE = (2, 4, 4)
 PIXEL_SHAPE = (1, 8, 8)
-SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 1e-4,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "set_alpha_to_one": True,
-    "timestep_spacing": "leading",
-    "steps_offset": 0,
-}
+SCHEDULER_CONFIG = dict(DEFAULT_SCHEDULER_CONFIG)  # DDPM linear betas, eps, no clipping
 
 
 def build_vae():
