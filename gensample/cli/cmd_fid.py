@@ -6,6 +6,8 @@ import json
 
 import click
 
+from . import user_errors
+
 
 @click.command(name="fid", context_settings={"show_default": True})
 @click.argument("samples", type=click.Path(exists=True))
@@ -15,17 +17,13 @@ import click
 @click.option("--device", default="cpu", help="cpu | cuda | cuda:N")
 @click.option("--dims", type=click.Choice(["64", "192", "768", "2048"]), default="2048", help="Inception feature layer; 2048 (pool3) is the standard, comparable FID.")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print {\"fid\": ...} as JSON.")
+@user_errors
 def fid_cmd(samples, ref, inception_weights, batch_size, device, dims, as_json):
     """Inception FID of SAMPLES (folder of PNGs, run folder or samples.npz) against --ref."""
     from ..eval.fid import inception_fid
-    from . import user_errors
 
-    @user_errors
-    def go():
-        value = inception_fid(samples, ref, inception_weights, batch_size=batch_size, device=device, progress=not as_json, dims=int(dims))
-        click.echo(json.dumps({"fid": value}) if as_json else f"FID {value:.4f}")
-
-    go()
+    value = inception_fid(samples, ref, inception_weights, batch_size=batch_size, device=device, progress=not as_json, dims=int(dims))
+    click.echo(json.dumps({"fid": value}) if as_json else f"FID {value:.4f}")
 
 
 @click.command(name="fid-stats", context_settings={"show_default": True})
@@ -35,18 +33,14 @@ def fid_cmd(samples, ref, inception_weights, batch_size, device, dims, as_json):
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @click.option("--device", default="cpu", help="cpu | cuda | cuda:N")
 @click.option("--dims", type=click.Choice(["64", "192", "768", "2048"]), default="2048", help="Inception feature layer; 2048 (pool3) is the standard, comparable FID.")
+@user_errors
 def fid_stats_cmd(folder, out, inception_weights, batch_size, device, dims):
     """Reference Inception statistics of FOLDER (PNGs, run folder or samples.npz) -> --out ref.npz."""
     from ..eval.fid import inception_extractor, inception_stats, load_images
-    from . import user_errors
 
-    @user_errors
-    def go():
-        stats = inception_stats(load_images(folder), inception_extractor(inception_weights, device, int(dims)), batch_size, progress=True)
-        stats.save(out)
-        click.echo(f"{stats.count} images -> {out}")
-
-    go()
+    stats = inception_stats(load_images(folder), inception_extractor(inception_weights, device, int(dims)), batch_size, progress=True)
+    stats.save(out)
+    click.echo(f"{stats.count} images -> {out}")
 
 
 def register(main: click.Group) -> None:
