@@ -1,4 +1,4 @@
-"""DiSA on mar-digits (issue 7, specs/disa.md sec. 7-8): quality vs head budget, one run.
+"""DiSA on mar-digits (issue 7, docs/disa.md): quality vs head budget, one run.
 
 Conditions (K = 8 AR iterations, MAR cosine unmasking, DDPM head):
   full       constant 50 head steps (the `mar` sampler)          400 calls / 800 rows per image
@@ -13,18 +13,27 @@ images, vs the held-out split), class accuracy of the shipped classifier against
 labels, head calls/rows, head seconds and total seconds. Ratios are against `full` for the
 same seed. With --evidence, per-iteration head sample variance and path straightness (sec. 6).
 
-    python benchmarks/bench_disa.py --n 1000 --seeds 0 1 2 --out benchmarks/results/disa.json
+    python benchmarks/bench_disa.py --n 500 --seeds 0 1 2 --out benchmarks/results/disa.json
+    python benchmarks/bench_disa.py --conditions --evidence --out benchmarks/results/disa_evidence.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULT_FIELDS = {  # a literal: tests/test_results_provenance.py reads it statically
+    "disa.json": ["args", "rows", "summary", "fid_floor"],
+    "disa_evidence.json": ["args", "rows", "summary", "fid_floor", "evidence"],
+}
 
 CONDITIONS = {
     "full": dict(sampler="mar", head_steps_max=50),
@@ -37,7 +46,7 @@ CONDITIONS = {
 
 
 def pca_fd(x: np.ndarray, x_ref: np.ndarray, x_fit: np.ndarray, dim: int = 20) -> float:
-    """Frechet distance of Gaussians fitted in a PCA-`dim` space of real training images (spec sec. 8)."""
+    """Frechet distance of Gaussians fitted in a PCA-`dim` space of real training images (docs/disa.md)."""
     from scipy import linalg
     from sklearn.decomposition import PCA
 
@@ -57,6 +66,9 @@ def run_condition(name: str, n: int, seed: int, ar_steps: int, guidance: float, 
 
     opts = dict(CONDITIONS[name])
     sampler = opts.pop("sampler")
+    # One batch of n per condition, so that sequential head calls and timings compare across
+    # conditions (the API otherwise sizes batches by elapsed time; the samples are the same).
+    api.FIRST_BATCH, api.SHARD_SECONDS = n, float("inf")
     t0 = time.perf_counter()
     res = api.run(sampler, "mar-digits", num_samples=n, batch_size=n, seed=seed, device="cpu", progress=False,
                   ar_steps=ar_steps, guidance_scale=guidance, timestep_clip=clip, **opts)
@@ -68,13 +80,13 @@ def run_condition(name: str, n: int, seed: int, ar_steps: int, guidance: float, 
         "condition": name, "seed": seed, "n": n,
         "digits_fid": digits_fid(x), "pca20_fd": pca_fd(x, x_test, x_train),
         "class_acc": class_accuracy(x, labels),
-        "head_calls": st["head_calls"], "head_rows": st["head_rows"],
+        "head_calls": st["head_calls"], "head_rows": st["head_rows"], "batches": len(st["head_steps"]),
         "head_time_s": st["head_time_s"], "backbone_time_s": st["backbone_time_s"], "total_time_s": total,
     }
 
 
 def evidence(n: int, seed: int, ar_steps: int, draws: int = 32) -> dict:
-    """Per-iteration head variance (fixed z, `draws` samples) and path straightness (spec sec. 6)."""
+    """Per-iteration head variance (fixed z, `draws` samples) and path straightness (docs/disa.md)."""
     from scipy.stats import spearmanr
 
     from gensample.models.loading import load_model
@@ -136,9 +148,6 @@ def main():
         for name in args.conditions:
             r = run_condition(name, args.n, seed, args.ar_steps, args.guidance_scale, args.timestep_clip)
             rows.append(r)
-            if args.out is not None:  # partial results survive an interrupted run
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"partial": True, "rows": rows}, indent=2) + "\n")
             print(f"seed {seed} {name:<9} dFID {r['digits_fid']:7.3f}  PCA-FD {r['pca20_fd']:7.3f}  "
                   f"acc {r['class_acc']:.3f}  calls {r['head_calls']:5d}  rows {r['head_rows']:7d}  "
                   f"head {r['head_time_s']:6.2f}s  total {r['total_time_s']:6.2f}s", flush=True)
@@ -162,9 +171,10 @@ def main():
         for e in ev:
             print("straightness by k", np.round(e["straightness"], 3).tolist(), f"rho {e['spearman_straightness']:.2f}")
             print("variance by k    ", np.round(e["variance"], 4).tolist(), f"rho {e['spearman_variance']:.2f}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.out is not None:  # atomic, with the command, commit, model checksums and machine
+        from _provenance import write_result
+
+        write_result(args.out, result, models=["mar-digits"])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""FHS vs the cached ancestral sampler on a long exact Markov-chain language (specs/masked_fhs.md sec. 5).
+"""FHS vs the cached ancestral sampler on a long exact Markov-chain language (docs/first_hitting.md).
 
 Zheng et al. 2024 (arXiv 2409.02908) claim ~20x for FHS over MDLM's ``ddpm_cache`` in the
 categorical-heavy regime (N >= 10 L grid steps, |V| = 50k). Here: a banded random chain with
@@ -11,17 +11,22 @@ stands in for the network, so the output law is known:
 - wall time split into model time (forward-backward) and categorical-sampling time, and NFE.
 
 Run:  python benchmarks/bench_fhs.py [--vocab 1000 --length 256 --batch 8 --mults 1,4 --float32 --json out.json]
-      python benchmarks/bench_fhs.py --toy-table   # spec sec. 6.6 table: entropy vs N with 8-bit uniforms
+      python benchmarks/bench_fhs.py --toy-table   # docs/first_hitting.md table: entropy vs N with 8-bit uniforms
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+RESULT_FIELDS = {"bench_fhs.json": ["args", "exact_nll_per_token", "rows"]}
 
 from gensample.models.markov import MarkovDenoiser, banded_chain
 from gensample.samplers.first_hitting import (
@@ -70,7 +75,7 @@ def run_one(name, fn, net, chain, cfg, batch, seed):
 
 
 def toy_table(n: int = 20_000, seed: int = 8) -> None:
-    """Spec sec. 6.6 on the K=3, L=4 toy chain: ancestral sampler with b-bit uniforms, entropy of the
+    """docs/first_hitting.md on the K=3, L=4 toy chain: ancestral sampler with b-bit uniforms, entropy of the
     empirical law over the 81 sequences and P(all four equal); FHS at b=8 for comparison."""
     from gensample.models.markov import toy_chain
 
@@ -107,7 +112,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--toy-table", action="store_true", help="print the spec sec. 6.6 entropy table and exit")
+    ap.add_argument("--toy-table", action="store_true", help="print the docs/first_hitting.md entropy table and exit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.toy_table:
@@ -137,8 +142,9 @@ def main() -> None:
               f"{r['categorical_time_s'] / fhs['categorical_time_s']:10.1f}{r['gen_ppl']:9.3f}"
               f"{r['nll_per_token']:10.4f} +- {r['nll_se']:.4f}{r['entropy']:10.3f} +- {r['entropy_se']:.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "exact_nll_per_token": ref, "rows": rows}, f, indent=2)
+        from _provenance import write_result
+
+        write_result(args.json, {"args": vars(args), "exact_nll_per_token": ref, "rows": rows}, models=[])
 
 
 if __name__ == "__main__":

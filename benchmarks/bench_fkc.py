@@ -1,36 +1,53 @@
-"""FKC overhead: time per step of FKC with K particles vs plain sampling of K samples (issue 5).
+"""FKC benchmarks: paired, interleaved overhead timing, and FKC-CFG vs plain CFG on digits-ddpm.
 
-Same model (a random-weight diffusers UNet2DModel, or any zoo model), same number of steps, same
-per-sample generators. Plain = stock diffusers DDIMScheduler(eta=1) loop (= DDPM ancestral);
-FKC = annealing beta=2 (one model call per particle per step, like plain) with weights and
-resampling every step (the worst case for overhead) and with the default ESS policy. The
-overhead attributable to FKC is reported two ways: wall-time ratio, and the time spent outside
-model calls (weights, ESS, resampling, move) per step.
+Overhead (default mode). Same random-weight diffusers UNet2DModel, same steps, same per-sample
+generators. Arm A = plain: stock diffusers DDIMScheduler(eta=1) loop (= DDPM ancestral) on K
+samples; arm B = FKC annealing beta=2 on K particles (one model call per particle per step, like
+plain) with weights and resampling, policy ``--policy`` (every step: the worst case; or the
+default ESS rule). The arms run interleaved A B B A A B ... (the order flips every repeat, so
+slow drifts in machine load hit both arms alike), ``--repeats`` pairs; each pair gives one ratio
+B / A of the wall time per step. Reported: median and spread (min..max and interquartile range)
+of the per-pair ratios, and of the time spent outside model calls. An overhead whose size is
+below the spread of the ratios is reported as "within noise", not as a number.
 
-    python benchmarks/bench_fkc.py --particles 64 --steps 50 [--device cuda] [--size 32]
+    python benchmarks/bench_fkc.py --particles 16 --steps 10 --size 16 --repeats 6 \
+        --out benchmarks/results/bench_fkc_cpu.json
 
-`--digits` instead compares FKC-CFG with plain CFG (stock DDIM eta=1, which clips x0 when the model
-config says clip_sample=True, and the same CFG drift unclipped) on the `digits-ddpm` zoo model at
-equal NFE (same steps, same 2 model rows per sample per step, same number of output samples:
-FKC outputs its resampled population of G groups x K particles per class), reporting digits-FID
-(gensample.eval.digits) and classifier accuracy for each guidance scale.
+Digits (``--digits``). FKC-CFG against plain CFG (stock DDIM eta=1; the shipped digits-ddpm config
+has clip_sample=false, so this is the same CFG drift without weights) at equal NFE: same steps,
+the same 2 model rows per sample per step, the same number of output samples (FKC outputs its
+resampled population, G groups x K particles per class). For every seed in ``--seeds`` (each
+seed gives every method the same per-class seeds), digits-FID (gensample.eval.digits, against the
+test split) and classifier accuracy; the table reports mean and sd over seeds and the paired
+FID difference FKC - CFG per seed.
 
-    python benchmarks/bench_fkc.py --digits --per-class 64 --particles 8 --steps 100 --scales 2,4
+    python benchmarks/bench_fkc.py --digits --per-class 16 --particles 8 --steps 25 --scales 2,4 \
+        --seeds 0,1,2 --out benchmarks/results/fkc_digits.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from gensample.core.denoiser import Denoiser
-from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
-from gensample.samplers.baseline import make_scheduler, scheduler_loop
-from gensample.samplers.fkc import FKCConfig, sample_fkc, spaced_timesteps
-from gensample.samplers.registry import RunContext
+sys.path.insert(0, str(Path(__file__).parent))
+from _provenance import write_result  # noqa: E402
+
+from gensample.core.denoiser import Denoiser  # noqa: E402
+from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG  # noqa: E402
+from gensample.samplers.baseline import make_scheduler, scheduler_loop  # noqa: E402
+from gensample.samplers.fkc import FKCConfig, sample_fkc, spaced_timesteps  # noqa: E402
+from gensample.samplers.registry import RunContext  # noqa: E402
+
+RESULT_FIELDS = {
+    "bench_fkc_cpu.json": ["device", "particles", "steps", "shape", "repeats", "policy", "order", "pairs", "summary", "verdict"],
+    "fkc_digits.json": ["model", "per_class", "particles", "steps", "seeds", "scales", "runs", "table"],
+}
 
 
 def _sync(device):
@@ -63,16 +80,21 @@ class TimedDenoiser(Denoiser):
         return out
 
 
-def run(args) -> dict:
+def _quantiles(vals: list[float]) -> dict:
+    v = sorted(vals)
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": q[0], "q3": q[2]}
+
+
+def overhead(args) -> dict:
     device = torch.device(args.device)
     unet = build_unet(args.size, args.channels, device)
     ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     K, steps = args.particles, args.steps
     shape = (args.channels, args.size, args.size)
     ctx = RunContext(sampler="bench", device=device)
-    results = {}
-    for rep in range(args.repeats):
-        # plain: K samples through diffusers DDIM(eta=1)
+
+    def plain():
         den = TimedDenoiser(unet, ab)
         gens = ctx.generators(range(K))
         sched = make_scheduler("ddim", DEFAULT_SCHEDULER_CONFIG)
@@ -83,34 +105,49 @@ def run(args) -> dict:
         with torch.no_grad():
             scheduler_loop(den, sched, x, None, 1.0, gens, ctx, eta=1.0)
         _sync(device)
-        rec = results.setdefault("plain", [])
-        rec.append({"wall": time.perf_counter() - t0, "model": den.model_time})
-        for name, policy in (("fkc_every", "every"), ("fkc_ess", "ess")):
-            den = TimedDenoiser(unet, ab)
-            gens = ctx.generators(range(K))
-            x = ctx.randn(gens, shape)
-            cfg = FKCConfig(betas=(2.0,), resample=policy, final="resample")
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                sample_fkc(lambda x, t: den(x, t, None)[None], x, cfg, ab, spaced_timesteps(1000, steps), group_size=K,
-                           noise_generators=gens, resample_generators=[torch.Generator().manual_seed(1)])
-            _sync(device)
-            results.setdefault(name, []).append({"wall": time.perf_counter() - t0, "model": den.model_time})
-    summary = {"device": str(device), "particles": K, "steps": steps, "shape": list(shape), "repeats": args.repeats}
-    plain_wall = min(r["wall"] for r in results["plain"]) / steps
-    for name, recs in results.items():
-        best = min(recs, key=lambda r: r["wall"])
-        summary[name] = {"ms_per_step": 1e3 * best["wall"] / steps,
-                         "model_ms_per_step": 1e3 * best["model"] / steps,
-                         "outside_model_ms_per_step": 1e3 * (best["wall"] - best["model"]) / steps,
-                         "wall_ratio_vs_plain": best["wall"] / steps / plain_wall}
-    p = summary["plain"]
-    for name in ("fkc_every", "fkc_ess"):
-        s = summary[name]
-        # FKC's own cost: extra time outside the model relative to plain's whole step
-        s["fkc_overhead_vs_plain_step"] = (s["outside_model_ms_per_step"] - p["outside_model_ms_per_step"]) / p["ms_per_step"]
-    return summary
+        return time.perf_counter() - t0, den.model_time
+
+    def fkc():
+        den = TimedDenoiser(unet, ab)
+        gens = ctx.generators(range(K))
+        x = ctx.randn(gens, shape)
+        cfg = FKCConfig(betas=(2.0,), resample=args.policy)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            sample_fkc(lambda x, t: den(x, t, None)[None], x, cfg, ab, spaced_timesteps(1000, steps), group_size=K,
+                       noise_generators=gens, resample_generators=[torch.Generator().manual_seed(1)])
+        _sync(device)
+        return time.perf_counter() - t0, den.model_time
+
+    plain(), fkc()  # warm-up, not recorded
+    pairs, order = [], []
+    for rep in range(args.repeats):
+        arms = ("plain", "fkc") if rep % 2 == 0 else ("fkc", "plain")
+        order.append("".join("A" if a == "plain" else "B" for a in arms))
+        rec = {}
+        for arm in arms:
+            wall, model = (plain if arm == "plain" else fkc)()
+            rec[arm] = {"ms_per_step": 1e3 * wall / steps, "model_ms_per_step": 1e3 * model / steps,
+                        "outside_model_ms_per_step": 1e3 * (wall - model) / steps}
+        rec["wall_ratio"] = rec["fkc"]["ms_per_step"] / rec["plain"]["ms_per_step"]
+        rec["outside_model_extra_ms"] = rec["fkc"]["outside_model_ms_per_step"] - rec["plain"]["outside_model_ms_per_step"]
+        rec["outside_model_extra_vs_plain_step"] = rec["outside_model_extra_ms"] / rec["plain"]["ms_per_step"]
+        pairs.append(rec)
+        print(f"pair {rep} ({order[-1]}): plain {rec['plain']['ms_per_step']:.1f} ms/step, fkc {rec['fkc']['ms_per_step']:.1f} "
+              f"ms/step, ratio {rec['wall_ratio']:.3f}, extra outside model {rec['outside_model_extra_ms']:+.2f} ms", flush=True)
+    ratio = _quantiles([p["wall_ratio"] for p in pairs])
+    extra = _quantiles([p["outside_model_extra_vs_plain_step"] for p in pairs])
+    summary = {"wall_ratio": ratio, "outside_model_extra_vs_plain_step": extra,
+               "plain_ms_per_step": _quantiles([p["plain"]["ms_per_step"] for p in pairs]),
+               "fkc_ms_per_step": _quantiles([p["fkc"]["ms_per_step"] for p in pairs])}
+    spread = ratio["q3"] - ratio["q1"] if len(pairs) >= 4 else ratio["max"] - ratio["min"]
+    over = ratio["median"] - 1.0
+    verdict = ("within noise" if abs(over) <= spread else f"{100 * over:+.1f}% wall time (median of paired ratios)")
+    return {"device": str(device), "particles": K, "steps": steps, "shape": list(shape), "repeats": args.repeats,
+            "policy": args.policy, "order": order, "pairs": pairs, "summary": summary,
+            "verdict": {"wall_overhead": verdict, "median_ratio": ratio["median"], "spread_used": spread,
+                        "spread_kind": "interquartile range" if len(pairs) >= 4 else "min..max"}}
 
 
 def digits_comparison(args) -> dict:
@@ -119,66 +156,82 @@ def digits_comparison(args) -> dict:
     import gensample
     from gensample.eval.digits import class_accuracy, digits_fid
 
-    out = {"model": args.digits_model, "per_class": args.per_class, "particles": args.particles, "steps": args.steps,
-           "seed": args.seed, "rows": {}}
-    for w in [float(v) for v in args.scales.split(",")]:
-        for method in ("cfg", "cfg_noclip", "fkc_cfg"):
-            xs, labels, nfe_rows = [], [], 0
-            for c in range(10):
-                common = dict(model=args.digits_model, steps=args.steps, num_samples=args.per_class, guidance_scale=w,
-                              seed=args.seed + 1000 * c, progress=False, device=args.device)
-                if method == "cfg":  # stock DDIM(eta=1): follows the model config (digits-ddpm: clip_sample=True)
-                    res = gensample.run(sampler="ddim", eta=1.0, class_label=c, **common)
-                elif method == "cfg_noclip":  # the same CFG drift without x0 clipping: FKC with no weights
-                    res = gensample.run(sampler="fkc", fkc_target="cfg", experts=str(c), particles=args.particles,
-                                        resample="never", final="weighted", **common)
-                else:
-                    res = gensample.run(sampler="fkc", fkc_target="cfg", experts=str(c), particles=args.particles,
-                                        final="resample", **common)
-                xs.append(res.x)
-                labels.append(np.full(len(res.x), c))
-                nfe_rows += res.record["stats"].get("model_rows", 0)
-            x, lab = np.concatenate(xs), np.concatenate(labels)
-            row = {"digits_fid": digits_fid(x), "accuracy": class_accuracy(x, lab), "model_rows": nfe_rows}
-            out["rows"][f"{method}_w{w:g}"] = row
-            print(f"w={w:g} {method:>8}: digits-FID {row['digits_fid']:.3f}  accuracy {row['accuracy']:.3f}  "
-                  f"model rows {nfe_rows}", flush=True)
-    return out
+    seeds = [int(s) for s in args.seeds.split(",")]
+    scales = [float(v) for v in args.scales.split(",")]
+    runs = []
+    for seed in seeds:
+        for w in scales:
+            for method in ("cfg", "fkc_cfg"):
+                xs, labels, rows = [], [], 0
+                t0 = time.perf_counter()
+                for c in range(10):
+                    common = dict(model=args.digits_model, steps=args.steps, num_samples=args.per_class, guidance_scale=w,
+                                  seed=seed * 100_000 + 1000 * c, progress=False, device=args.device)
+                    if method == "cfg":  # stock DDIM(eta=1), the model's own config (clip_sample=false)
+                        res = gensample.run(sampler="ddim", eta=1.0, class_label=c, **common)
+                    else:
+                        res = gensample.run(sampler="fkc", fkc_target="cfg", experts=str(c), particles=args.particles,
+                                            final="resample", **common)
+                    xs.append(res.x)
+                    labels.append(np.full(len(res.x), c))
+                    rows += res.record["stats"].get("model_rows", 0)
+                x, lab = np.concatenate(xs), np.concatenate(labels)
+                run = {"seed": seed, "w": w, "method": method, "digits_fid": digits_fid(x), "accuracy": class_accuracy(x, lab),
+                       "model_rows": rows, "n": int(len(x)), "seconds": time.perf_counter() - t0}
+                runs.append(run)
+                print(f"seed {seed} w={w:g} {method:>8}: digits-FID {run['digits_fid']:.3f}  accuracy {run['accuracy']:.3f}  "
+                      f"model rows {rows}  {run['seconds']:.0f} s", flush=True)
+    table = {}
+    for w in scales:
+        cell = {}
+        for method in ("cfg", "fkc_cfg"):
+            fid = [r["digits_fid"] for r in runs if r["w"] == w and r["method"] == method]
+            acc = [r["accuracy"] for r in runs if r["w"] == w and r["method"] == method]
+            cell[method] = {"fid_mean": statistics.mean(fid), "fid_sd": statistics.stdev(fid) if len(fid) > 1 else None,
+                            "acc_mean": statistics.mean(acc), "acc_sd": statistics.stdev(acc) if len(acc) > 1 else None}
+        diff = [next(r["digits_fid"] for r in runs if r["w"] == w and r["seed"] == s and r["method"] == "fkc_cfg")
+                - next(r["digits_fid"] for r in runs if r["w"] == w and r["seed"] == s and r["method"] == "cfg") for s in seeds]
+        cell["paired_fid_diff_fkc_minus_cfg"] = {"per_seed": diff, "mean": statistics.mean(diff),
+                                                 "sd": statistics.stdev(diff) if len(diff) > 1 else None}
+        table[f"w{w:g}"] = cell
+    return {"model": args.digits_model, "per_class": args.per_class, "particles": args.particles, "steps": args.steps,
+            "seeds": seeds, "scales": scales, "runs": runs, "table": table}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--particles", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--particles", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--channels", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=6, help="interleaved A/B pairs")
+    ap.add_argument("--policy", choices=("every", "ess"), default="every", help="FKC resampling policy in the timed arm")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--digits", action="store_true", help="FKC-CFG vs CFG on digits-ddpm (FID, accuracy)")
-    ap.add_argument("--per-class", type=int, default=64)
+    ap.add_argument("--out", default=None, help="write the result here through _provenance.write_result")
+    ap.add_argument("--digits", action="store_true", help="FKC-CFG vs CFG on digits-ddpm (FID, accuracy, seed spread)")
+    ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--scales", default="2,4")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--digits-model", default="digits-ddpm")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.digits:
-        summary = digits_comparison(args)
+        result = digits_comparison(args)
+        for w, cell in result["table"].items():
+            d = cell["paired_fid_diff_fkc_minus_cfg"]
+            print(f"{w}: CFG FID {cell['cfg']['fid_mean']:.2f} +- {cell['cfg']['fid_sd'] or 0:.2f}, FKC-CFG "
+                  f"{cell['fkc_cfg']['fid_mean']:.2f} +- {cell['fkc_cfg']['fid_sd'] or 0:.2f}; paired FKC - CFG "
+                  f"{d['mean']:+.2f} +- {d['sd'] or 0:.2f}")
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(summary, f, indent=1)
+            write_result(args.out, result, models=[args.digits_model, "digits-classifier"])
         return
-    summary = run(args)
-    print(json.dumps(summary, indent=1))
-    for name in ("plain", "fkc_every", "fkc_ess"):
-        s = summary[name]
-        extra = f", FKC overhead {100 * s['fkc_overhead_vs_plain_step']:+.1f}% of a plain step" if name != "plain" else ""
-        print(f"{name:>10}: {s['ms_per_step']:.2f} ms/step (model {s['model_ms_per_step']:.2f}), "
-              f"x{s['wall_ratio_vs_plain']:.3f} vs plain{extra}")
+    result = overhead(args)
+    s = result["summary"]
+    print(f"wall ratio FKC / plain: median {s['wall_ratio']['median']:.3f} (IQR {s['wall_ratio']['q1']:.3f}..{s['wall_ratio']['q3']:.3f}, "
+          f"range {s['wall_ratio']['min']:.3f}..{s['wall_ratio']['max']:.3f}) -> {result['verdict']['wall_overhead']}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=1)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

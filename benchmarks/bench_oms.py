@@ -1,4 +1,4 @@
-"""The brightness-flaw table (specs/oms.md sec. 6) on the shipped digits-flawed family.
+"""The brightness-flaw table (docs/oms.md "Results") on the shipped digits-flawed family.
 
     python benchmarks/bench_oms.py [--n 1500] [--steps 50] [--seed 0] [--out docs/oms]
     # or in parallel: --rows 0,1 & --rows 2,3 & ... then a plain invocation writes the report
@@ -58,8 +58,7 @@ def forward_noised_means(n: int, steps: int, seed: int) -> tuple[np.ndarray, np.
     x_T = a**0.5 * x0 + (1 - a) ** 0.5 * torch.randn(x0.shape, generator=gen)
     seeds = [sample_seed(seed, i) for i in range(n)]
     with torch.no_grad():
-        x = run_base(model, sched, direct, x_T, model.cond_for(None, n, "cpu"), opts, ctx.generators(seeds), ctx,
-                     model.denoiser())
+        x = run_base(sched, direct, x_T, model.cond_for(None, n, "cpu"), opts, ctx.generators(seeds), ctx, model.denoiser())
     return x.mean(dim=(1, 2, 3)).numpy(), labels.numpy()
 
 

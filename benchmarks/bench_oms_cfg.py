@@ -1,4 +1,4 @@
-"""OMS-CFG steering and the x_T variance scale on digits-flawed (specs/oms.md sec. 2.3, 6).
+"""OMS-CFG steering and the x_T variance scale on digits-flawed (docs/oms.md "Results").
 
     python benchmarks/bench_oms_cfg.py [--n 128] [--steps 50] [--out docs/oms]
 

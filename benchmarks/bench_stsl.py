@@ -1,168 +1,189 @@
-"""STSL vs DPS vs PSLD benchmarks (specs/stsl.md sec. 6-7; issue 6 "Must show").
+"""DPS / PSLD / STSL against the exact posterior and on held-out digits (docs/stsl.md, "Measured").
 
-Part 1 (oracle): distance of each sampler to the exact Gaussian-mixture posterior on gmm2d and
-gmm-digits, for a random-inpainting mask and a dense `matrix:` operator, at equal paper NFE.
-Part 2 (trained models): held-out digits, box inpainting and 2x bicubic SR, with digits-ddpm
-(pixel, when present in the zoo), digits-ldm (latent) and gmm-digits (pixel, exact mixture prior
-fitted to digits; the stand-in pixel model): PSNR / SSIM / classifier accuracy for
-DPS, PSLD, STSL at equal paper NFE, and STSL at 1/4 of PSLD's NFE.
+Part "oracle": distance of each sampler to the exact Gaussian-mixture posterior at equal paper NFE
+(100), with the default step rule (auto) and with the papers' raw weights (paper), on five problems:
+the 2-D two-mode case (modes (+-1.5, +-1.5), sd 0.5, y = x_1 = 0.2, sigma_y = 0.3), gmm2d random
+inpainting, gmm-digits random inpainting at sigma_y 0.05 and 0.3, gmm-digits with a dense 32x64
+matrix. Columns: share of samples outside the prior's 99.9% region, mode-mass error
+max_k |mean r_k - w'_k|, error of the mean along the rows of A (prior-std units), Bures W2 per
+sqrt(D). `exact` rows are n exact posterior draws (the Monte Carlo floor).
+Part "digits": held-out digits, box inpainting and 2x bicubic SR, digits-ddpm (pixel) and digits-ldm
+(latent): PSNR / SSIM (mean +- SE over the digits) and classifier accuracy, DPS / PSLD / STSL at
+equal paper NFE and STSL at 1/4, default rule, plus first-order STSL and the paper-rule rows.
 
-    python benchmarks/bench_stsl.py [--part oracle|digits|trace|all] [--n 64] [--json out.json]
-Single-threaded; every number comes with its seed set and sample size.
+    python benchmarks/bench_stsl.py [--part oracle|digits|all] [--n 200] [--n-digits 32]
+Single-threaded; seeds fixed; results go to benchmarks/results/stsl_{oracle,digits}.json through
+_provenance.write_result, with the markdown tables of docs/stsl.md in "table_md".
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import re
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from gensample.models.posterior import GaussianMixturePosterior, posterior_distance
-from gensample.samplers.operators import MatrixOperator, make_operator
-from gensample.samplers.stsl import reconstruct
+sys.path.insert(0, str(Path(__file__).parent))
+from _provenance import write_result  # noqa: E402
+
+from gensample.models.gmm import GaussianMixture  # noqa: E402
+from gensample.models.loading import gmm_model  # noqa: E402
+from gensample.models.posterior import GaussianMixturePosterior, posterior_distance  # noqa: E402
+from gensample.samplers.operators import MatrixOperator, make_operator, random_inpaint  # noqa: E402
+from gensample.samplers.stsl import reconstruct  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+RESULT_FIELDS = {  # a literal: tests/test_results_provenance.py reads it statically
+    "stsl_oracle.json": ["args", "rows", "table_md"],
+    "stsl_digits.json": ["args", "rows", "table_md"],
+}
+NFE = 100  # paper NFE of every oracle row
+ORACLE_METHODS = {
+    "DPS N=100": ("dps", dict(steps=100)),
+    "PSLD N=100": ("psld", dict(steps=100)),
+    "STSL N=20 K=5": ("stsl", dict(steps=20, inner_steps=5)),
+    "STSL N=20 K=5 eta=0": ("stsl", dict(steps=20, inner_steps=5, trace_weight=0.0)),
+}
 
 
-def oracle_part(n: int = 500, nfe: int = 250) -> list[dict]:
+def oracle_problems():
     from gensample.zoo.analytic import gmm2d, gmm_digits
 
+    mix = GaussianMixture([0.5, 0.5], [[1.5, 1.5], [-1.5, -1.5]], [0.5, 0.5])
+    yield "2-D two-mode, x_1 observed, s=0.3", gmm_model("two-mode", mix), MatrixOperator((2,), [[1.0, 0.0]]), torch.tensor([[0.2]]), 0.3
+    g2 = gmm2d()
+    op = random_inpaint((2,), missing=0.5, seed=1)
+    x = torch.tensor([[0.3, 3.5]], dtype=torch.float64)
+    yield "gmm2d inpaint-random, s=0.3", g2, op, op.measure(x, 0.3, [torch.Generator().manual_seed(0)]), 0.3
+    gd = gmm_digits()
+    xt = gd.extras["mixture"].sample(1, torch.Generator().manual_seed(3))
+    for s in (0.05, 0.3):
+        op = random_inpaint((1, 8, 8), missing=0.5, seed=1)
+        yield f"gmm-digits inpaint-random(0.5), s={s}", gd, op, op.measure(xt, s, [torch.Generator().manual_seed(0)]), s
+    op = MatrixOperator((1, 8, 8), np.random.default_rng(0).normal(size=(32, 64)) / 8)
+    yield "gmm-digits matrix 32x64, s=0.1", gd, op, op.measure(xt, 0.1, [torch.Generator().manual_seed(0)]), 0.1
+
+
+def _outside(mix, x, thr):
+    return float((mix.log_prob(x.double().reshape(len(x), -1)) < thr).double().mean())
+
+
+def oracle_part(n: int) -> list[dict]:
     rows = []
-    rng = np.random.default_rng(0)
-    for model_fn in (gmm2d, gmm_digits):
-        model = model_fn()
+    for name, model, op, y, s in oracle_problems():
         mix = model.extras["mixture"]
-        shape = mix.event_shape
-        d = mix.dim
-        mat = np.array([[0.6, 0.8]]) if d == 2 else rng.normal(size=(d // 2, d)) / math.sqrt(d)
-        ops = {
-            "inpaint-random(0.5)": make_operator("inpaint-random", shape, seed=1, missing=0.5),
-            f"matrix({mat.shape[0]}x{d})": MatrixOperator(shape, mat),
-        }
-        x_true = mix.sample(1, torch.Generator().manual_seed(3))
-        for op_name, op in ops.items():
-            sigma = 0.1 if d > 2 else 0.3
-            y = op.measure(x_true, sigma, [torch.Generator().manual_seed(0)])
-            post = GaussianMixturePosterior(mix, op.matrix(), y.reshape(-1), sigma)
-            methods = {
-                "gold(exact)": None,
-                f"stsl N={nfe // 5} K=5": ("stsl", dict(steps=nfe // 5, inner_steps=5)),
-                f"stsl-1st N={nfe // 5} K=5 (eta=0)": ("stsl", dict(steps=nfe // 5, inner_steps=5, trace_weight=0.0)),
-                f"dps N={nfe}": ("dps", dict(steps=nfe, zeta=1.0)),
-                f"psld N={nfe}": ("psld", dict(steps=nfe, gamma=0.0, omega=1.0)),
-                f"stsl N={nfe // 20} K=5 (1/4 NFE)": ("stsl", dict(steps=nfe // 20, inner_steps=5)),
-            }
-            for name, spec in methods.items():
-                t0 = time.time()
-                if spec is None:
-                    x = post.sample(n, torch.Generator().manual_seed(0)).float()
-                else:
-                    x, _ = reconstruct(model, op, y, spec[0], list(range(n)), **spec[1])
-                dist = posterior_distance(x, post).as_dict()
-                rows.append({"model": model.name, "task": op_name, "sigma_y": sigma, "method": name, "n": n,
-                             "seconds": round(time.time() - t0, 1), **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in dist.items()}})
-                print(json.dumps(rows[-1]), flush=True)
+        prior = mix.sample(20000, torch.Generator().manual_seed(0)).reshape(20000, -1)
+        thr = torch.quantile(mix.log_prob(prior).double(), 1e-3).item()
+        post = GaussianMixturePosterior(mix, op.matrix(), y.reshape(-1), s)
+        runs = {"exact draws": None}
+        for label, (method, params) in ORACLE_METHODS.items():
+            runs[label] = (method, dict(params, noise_std=s))
+            runs[label + " [paper rule]"] = (method, dict(params, step_rule="paper"))
+        for label, spec in runs.items():
+            if "eta=0 [paper" in label:
+                continue
+            t0 = time.time()
+            if spec is None:
+                x = post.sample(n, torch.Generator().manual_seed(1)).float()
+            else:
+                x, _ = reconstruct(model, op, y, spec[0], list(range(n)), **spec[1])
+            d = posterior_distance(x, post)
+            rows.append({"problem": name, "method": label, "n": n, "outside_prior": round(_outside(mix, x, thr), 3),
+                         "mode_mass_err": round(d.weight_err, 3), "mean_err_measured": round(d.mean_err_measured, 3),
+                         "w2": round(d.w2_gauss, 3), "top_mode_share": round(d.top_mode_share, 3),
+                         "exact_top_weight": round(float(post.weights.max()), 3), "seconds": round(time.time() - t0, 1)})
+            print(rows[-1], flush=True)
     return rows
 
 
-def digits_part(n: int = 64, psld_steps: int = 200, only: str | None = None, models=None) -> list[dict]:
+def oracle_table(rows) -> str:
+    out = ["| problem | method | outside prior | mode-mass err | mean err (A rows) | W2 |", "|---|---|---|---|---|---|"]
+    last = None
+    for r in rows:
+        prob = r["problem"] if r["problem"] != last else ""
+        last = r["problem"]
+        out.append(f"| {prob} | {r['method']} | {r['outside_prior']:.3f} | {r['mode_mass_err']:.3f} | "
+                   f"{r['mean_err_measured']:.3f} | {r['w2']:.3f} |")
+    return "\n".join(out)
+
+
+def digits_part(n: int, nfe: int = 100) -> list[dict]:
     from gensample.eval.digits import classify
     from gensample.eval.digits_data import real_digits
     from gensample.eval.restoration import psnr, ssim
     from gensample.models.loading import load_model
-    from gensample.zoo import discover
 
-    zoo = discover()
     x_all, labels = real_digits("test")
     x_true = torch.from_numpy(x_all[:n]).double()
     lab = labels[:n]
+    k = 5
+    methods = {
+        f"DPS N={nfe}": ("dps", dict(steps=nfe)),
+        f"PSLD N={nfe}": ("psld", dict(steps=nfe)),
+        f"STSL N={nfe // k} K={k}": ("stsl", dict(steps=nfe // k, inner_steps=k)),
+        f"STSL N={nfe // k} K={k} eta=0": ("stsl", dict(steps=nfe // k, inner_steps=k, trace_weight=0.0)),
+        f"STSL N={nfe // (4 * k)} K={k} (1/4 NFE)": ("stsl", dict(steps=nfe // (4 * k), inner_steps=k)),
+        f"STSL N={nfe // k} K={k} [paper rule, eta=0.02]": ("stsl", dict(steps=nfe // k, inner_steps=k, step_rule="paper")),
+        f"PSLD N={nfe} [paper rule]": ("psld", dict(steps=nfe, step_rule="paper")),
+    }
     rows = []
-    for model_name in models or ("digits-ddpm", "digits-ldm", "gmm-digits"):
-        if model_name not in zoo:
-            print(f"# {model_name} not in the zoo; skipped", flush=True)
-            continue
+    for model_name in ("digits-ddpm", "digits-ldm"):
         model = load_model(model_name)
         for task in ("inpaint-box", "sr-bicubic"):
             op = make_operator(task, (1, 8, 8), seed=0, sr_factor=2)
             y = op.measure(x_true, 0.05, [torch.Generator().manual_seed(100 + i) for i in range(n)])
-            k = 5
-            methods = {
-                f"dps N={psld_steps}": ("dps", dict(steps=psld_steps, zeta=1.0)),
-                f"psld N={psld_steps}": ("psld", dict(steps=psld_steps, gamma=0.1 if "vae" in model.extras else 0.0, omega=1.0)),
-                f"stsl N={psld_steps // k} K={k} (equal NFE)": ("stsl", dict(steps=psld_steps // k, inner_steps=k)),
-                f"stsl N={psld_steps // (4 * k)} K={k} (1/4 NFE)": ("stsl", dict(steps=psld_steps // (4 * k), inner_steps=k)),
-                f"stsl N={psld_steps // k} K={k} delta=0.01": ("stsl", dict(steps=psld_steps // k, inner_steps=k, probe_scale=0.01)),
-                f"stsl N={psld_steps // k} K={k} eta=0 (first order)": ("stsl", dict(steps=psld_steps // k, inner_steps=k, trace_weight=0.0)),
-                f"stsl N={psld_steps // (4 * k)} K={k} eta=0 (1/4 NFE)": ("stsl", dict(steps=psld_steps // (4 * k), inner_steps=k, trace_weight=0.0)),
-            }
+            bp = op.back_project(y.float()).clamp(-1, 1)
+            rows.append({"model": model_name, "task": task, "method": "A^T y (no prior)", "n": n,
+                         "psnr": round(psnr(bp, x_true).mean().item(), 2), "psnr_se": None,
+                         "ssim": round(ssim(bp, x_true).mean().item(), 3), "class_acc": round(float((classify(bp) == lab).mean()), 3)})
             for name, (method, params) in methods.items():
-                if only and not re.search(only, name):
-                    continue
                 t0 = time.time()
                 x, c = reconstruct(model, op, y, method, list(range(n)), **params)
                 p, s = psnr(x, x_true), ssim(x, x_true)
-                acc = float((classify(x.clamp(-1, 1).float()) == lab).mean())
                 rows.append({"model": model_name, "task": task, "method": name, "n": n,
                              "psnr": round(p.mean().item(), 2), "psnr_se": round(p.std().item() / math.sqrt(n), 2),
-                             "ssim": round(s.mean().item(), 3), "ssim_se": round(s.std().item() / math.sqrt(n), 3),
-                             "class_acc": round(acc, 3), "seconds": round(time.time() - t0, 1), **c.as_stats()})
-                print(json.dumps(rows[-1]), flush=True)
-            if only:
-                continue
-            # reference: the measurement itself (back-projected) and class accuracy of the truth
-            bp = op.back_project(y.float()).clamp(-1, 1)
-            rows.append({"model": model_name, "task": task, "method": "A^T y (no prior)", "n": n,
-                         "psnr": round(psnr(bp, x_true).mean().item(), 2), "ssim": round(ssim(bp, x_true).mean().item(), 3),
-                         "class_acc": round(float((classify(bp) == lab).mean()), 3)})
-            print(json.dumps(rows[-1]), flush=True)
+                             "ssim": round(s.mean().item(), 3), "class_acc": round(float((classify(x.clamp(-1, 1).float()) == lab).mean()), 3),
+                             "nfe_paper": c.nfe_paper, "unet_forward": c.unet_forward, "unet_backward": c.unet_backward,
+                             "seconds": round(time.time() - t0, 1)})
+                print(rows[-1], flush=True)
     return rows
 
 
-def trace_direction_part(n: int = 400) -> list[dict]:
-    """Where does the trace term move mass? Two-component 2-D mixture (equal weights, stds 0.3 and
-    1.0), noiseless measurement of the coordinate that does not separate them (y = 0): share of
-    samples in the narrow component as the trace weight eta grows (N = 50, K = 2), against the
-    exact posterior share at sigma_y = 0.05 (w'_k prop. to w_k N(0; 0, s_k^2 + sigma^2))."""
-    from gensample.models.gmm import GaussianMixture
-    from gensample.models.loading import gmm_model
-
-    model = gmm_model("two-widths", GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.3, 1.0]))
-    op = MatrixOperator((2,), [[0.0, 1.0]])
-    exact = GaussianMixturePosterior(model.extras["mixture"], op.matrix(), torch.zeros(1), 0.05).weights[0].item()
-    rows = []
-    for eta in (0.0, 0.02, 2.0, 20.0):
-        x, _ = reconstruct(model, op, torch.tensor([[0.0]]), "stsl", list(range(n)), steps=50, inner_steps=2, trace_weight=eta)
-        share = (x[:, 0] < 0).double().mean().item()
-        rows.append({"part": "trace-direction", "eta": eta, "n": n, "narrow_share": round(share, 4),
-                     "narrow_share_se": round(math.sqrt(share * (1 - share) / n), 4),
-                     "exact_share_sigma_0.05": round(exact, 4)})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+def digits_table(rows) -> str:
+    out = ["| model | task | method | PSNR | SSIM | class acc | paper NFE | fwd / bwd per batch |", "|---|---|---|---|---|---|---|---|"]
+    last = None
+    for r in rows:
+        key = (r["model"], r["task"])
+        head = f"{r['model']} | {r['task']}" if key != last else " | "
+        last = key
+        ps = f"{r['psnr']:.2f}" + (f" +- {r['psnr_se']:.2f}" if r.get("psnr_se") is not None else "")
+        cost = f"{r['nfe_paper']} | {r['unet_forward']} / {r['unet_backward']}" if "nfe_paper" in r else " | "
+        out.append(f"| {head} | {r['method']} | {ps} | {r['ssim']:.3f} | {r['class_acc']:.3f} | {cost} |")
+    return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("oracle", "digits", "trace", "all"), default="all")
-    ap.add_argument("--n", type=int, default=None, help="samples (oracle: 500) / held-out digits (digits: 64)")
-    ap.add_argument("--nfe", type=int, default=200, help="paper NFE for the equal-cost comparison")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default=None, help="regex: run only the methods whose name matches (digits part)")
-    ap.add_argument("--models", default=None, help="comma-separated model names (digits part)")
+    ap.add_argument("--part", choices=("oracle", "digits", "all"), default="all")
+    ap.add_argument("--n", type=int, default=200, help="samples per oracle run")
+    ap.add_argument("--n-digits", type=int, default=32, help="held-out digits (digits part)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rows = []
     if args.part in ("oracle", "all"):
-        rows += oracle_part(args.n or 500, args.nfe)
-    if args.part in ("trace", "all"):
-        rows += trace_direction_part(args.n or 400)
+        rows = oracle_part(args.n)
+        table = oracle_table(rows)
+        print(table)
+        write_result(RESULTS / "stsl_oracle.json", {"args": vars(args), "rows": rows, "table_md": table})
     if args.part in ("digits", "all"):
-        rows += digits_part(args.n or 64, args.nfe, args.only, args.models.split(",") if args.models else None)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        rows = digits_part(args.n_digits)
+        table = digits_table(rows)
+        print(table)
+        write_result(RESULTS / "stsl_digits.json", {"args": vars(args), "rows": rows, "table_md": table},
+                     models=["digits-ddpm", "digits-ldm"])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Time-Shift benchmarks (issue 4; specs/time_shift.md).
+"""Time-Shift benchmarks (docs/time_shift.md "Measured").
 
     python benchmarks/bench_time_shift.py overhead [--model digits-ddpm] [--batch 256] [--steps 20]
         per-step wall time of ts-ddim / ddim on the same model in one process (target <= 3 %).
@@ -9,6 +9,11 @@
         exposure-bias diagnostic: v_hat of sampled x_t (ddim, ts-ddim) vs forward-noised data.
     python benchmarks/bench_time_shift.py summary FILE.json [FILE.json ...]
         markdown table, mean +- std over seeds.
+    python benchmarks/bench_time_shift.py dataaware [--models digits-ddpm digits-ldm] [--steps 10 20]
+            [--seeds 0 1 2] [-n 1000] [--out benchmarks/results/time_shift_data_aware.json]
+        the data-aware statistic (reference (1 - ab) + ab Var_data, Var_data estimated once from the
+        model ("auto") or measured on the training data ("given")) vs the paper's statistic vs DDIM:
+        digits-FID per (model, steps, seed), paired against DDIM (same seeds = same start noise).
 
 Single-threaded by default (``--threads``) so that numbers from a shared machine stay comparable.
 """
@@ -26,6 +31,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+DATA_AWARE_FILE = "time_shift_data_aware.json"
+RESULT_FIELDS = {DATA_AWARE_FILE: ["num_samples", "steps", "seeds", "models", "data_var_given", "rows", "paired"]}
 
 
 def pick_model(name: str | None) -> str:
@@ -108,7 +116,7 @@ def overhead(model_name: str, batch: int, steps: int, repeats: int, window: int,
 # -- exposure-bias diagnostic ------------------------------------------------------------------
 def variance_diagnostic(model_name: str, n: int, steps: int) -> list:
     """Per step: batch mean and sd of v_hat(x_t) for DDIM and TS samples vs the forward-noised
-    training digits q(x_t) (spec sec. 7.6 "per-step |v_hat(x_t) - v_hat(q(x_t))|")."""
+    training digits q(x_t) (the per-step |v_hat(x_t) - v_hat(q(x_t))| of docs/time_shift.md "Measured")."""
     from gensample.eval.digits_data import real_digits
     from gensample.models.loading import load_model
     from gensample.samplers.registry import RunContext
@@ -218,6 +226,102 @@ def summarise(results_list: list) -> str:
     return "\n".join(lines)
 
 
+# -- data-aware statistic ----------------------------------------------------------------------
+def data_var_of_training_data(model_name: str) -> float:
+    """E[var_hat(x0)] over the training digits, in the model's sample space (pixels in [-1, 1], or
+    the scaled VAE latents (z - shift) * scaling_factor of the latent model)."""
+    from gensample.eval.digits_data import real_digits
+    from gensample.models.loading import load_model
+    from gensample.samplers.time_shift import sample_variance
+
+    model = load_model(model_name)
+    x = torch.from_numpy(real_digits("train")[0])
+    if model.is_latent:
+        vae = model.extras["vae"]
+        sf = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        with torch.no_grad():
+            x = (vae.encode(x).latent_dist.mean - shift) * sf
+    return float(sample_variance(x).mean())
+
+
+DATA_AWARE_RUNS = (  # label, sampler options; None data_var = the paper's statistic
+    ("ddim", "ddim", {}),
+    ("ts-paper", "ts-ddim", {}),
+    ("ts-data-auto", "ts-ddim", {"data_var": "auto"}),
+    ("ts-data-given", "ts-ddim", {"data_var": "given"}),
+    ("ts-data-given-c0", "ts-ddim", {"data_var": "given", "cutoff": 0}),
+)
+
+
+def data_aware(models, steps_list, seeds, n: int) -> dict:
+    import warnings
+
+    from gensample import api
+    from gensample.eval.digits import digits_fid
+
+    given = {m: data_var_of_training_data(m) for m in models}
+    rows = []
+    for model in models:
+        for steps in steps_list:
+            for seed in seeds:
+                for label, sampler, opts in DATA_AWARE_RUNS:
+                    opts = dict(opts)
+                    if opts.get("data_var") == "given":
+                        opts["data_var"] = given[model]
+                    t0 = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # the latent-model warning of ts-paper is expected here
+                        res = api.run(sampler=sampler, model=model, steps=steps, seed=seed, num_samples=n, batch_size=n,
+                                      device="cpu", progress=False, **opts)
+                    stats = res.record.get("stats", {})
+                    images = res.samples.get("images", res.x)
+                    row = {"model": model, "name": label, "steps": steps, "seed": seed, "fid": digits_fid(images),
+                           "wall_s": time.perf_counter() - t0,
+                           "sample_var": float(np.var(res.x.reshape(len(res.x), -1), axis=1, ddof=1).mean())}
+                    if "ts_mean" in stats:
+                        row["ts_offset_mean"] = [m - t for m, t in zip(stats["ts_mean"][0], stats["timestep"][0])]
+                    if "ts_data_var" in stats:
+                        row["data_var"] = stats["ts_data_var"][0]
+                    rows.append(row)
+                    print(f"{model:12s} {label:18s} steps={steps:3d} seed={seed} fid={row['fid']:8.3f} "
+                          f"var={row['sample_var']:.4f} ({row['wall_s']:.0f} s)", flush=True)
+    paired = []
+    base = {(r["model"], r["steps"], r["seed"]): r["fid"] for r in rows if r["name"] == "ddim"}
+    for model in models:
+        for steps in steps_list:
+            for label, _, _ in DATA_AWARE_RUNS[1:]:
+                d = [r["fid"] - base[(model, steps, r["seed"])] for r in rows
+                     if r["model"] == model and r["steps"] == steps and r["name"] == label]
+                paired.append({"model": model, "steps": steps, "name": label, "mean": float(np.mean(d)),
+                               "sd": float(np.std(d, ddof=1)) if len(d) > 1 else None, "k": len(d)})
+    return {"num_samples": n, "steps": list(steps_list), "seeds": list(seeds), "models": list(models),
+            "data_var_given": given, "rows": rows, "paired": paired}
+
+
+def summarise_data_aware(res: dict) -> str:
+    rows = res["rows"]
+    lines = [f"digits-FID (n = {res['num_samples']} per cell, mean +- sd over seeds {res['seeds']}); "
+             f"Var_data measured on the training data: " + ", ".join(f"{m} {v:.4f}" for m, v in res["data_var_given"].items()), "",
+             "| model | steps | run | FID | paired FID - ddim | sample var | Var_data used |", "|---|---|---|---|---|---|---|"]
+    paired = {(p["model"], p["steps"], p["name"]): p for p in res["paired"]}
+    for model in res["models"]:
+        for steps in res["steps"]:
+            for label, _, _ in DATA_AWARE_RUNS:
+                sel = [r for r in rows if r["model"] == model and r["steps"] == steps and r["name"] == label]
+                if not sel:
+                    continue
+                f = [r["fid"] for r in sel]
+                p = paired.get((model, steps, label))
+                pd = "" if p is None else f"{p['mean']:+.2f} +- {p['sd']:.2f}"
+                dv = [r["data_var"] for r in sel if "data_var" in r]
+                lines.append(f"| {model} | {steps} | {label} | {np.mean(f):.2f} +- {np.std(f, ddof=1):.2f} | {pd} | "
+                             f"{np.mean([r['sample_var'] for r in sel]):.4f} | {np.mean(dv):.4f} |" if dv else
+                             f"| {model} | {steps} | {label} | {np.mean(f):.2f} +- {np.std(f, ddof=1):.2f} | {pd} | "
+                             f"{np.mean([r['sample_var'] for r in sel]):.4f} | |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -241,6 +345,13 @@ def main(argv=None) -> None:
     d.add_argument("-n", type=int, default=256)
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--threads", type=int, default=1)
+    a = sub.add_parser("dataaware")
+    a.add_argument("--models", nargs="+", default=["digits-ddpm", "digits-ldm"])
+    a.add_argument("--steps", nargs="+", type=int, default=[10, 20])
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    a.add_argument("-n", type=int, default=1000)
+    a.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / DATA_AWARE_FILE))
+    a.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("summary")
     s.add_argument("results", nargs="+", help="result JSON files to merge")
     args = p.parse_args(argv)
@@ -263,6 +374,13 @@ def main(argv=None) -> None:
         print("sampler   t     vhat(x_t) mean / sd    q(x_t) mean / sd   (t = -1: final samples vs training digits)")
         for r in rows:
             print(f"{r['sampler']:8s} {r['t']:4d}   {r['vhat_mean']:.4f} / {r['vhat_sd']:.3f}      {r['q_mean']:.4f} / {r['q_sd']:.3f}")
+    elif args.cmd == "dataaware":
+        from _provenance import write_result
+
+        with torch.no_grad():
+            res = data_aware(args.models, args.steps, args.seeds, args.n)
+        write_result(args.out, res, models=args.models)
+        print(summarise_data_aware(res))
     elif args.cmd == "eval":
         res = evaluate(args.config, Path(args.out) if args.out else None, args.labels, args.steps, args.seeds)
         print(summarise([res]))

@@ -1,25 +1,29 @@
-"""Resampling-policy / weight-quadrature study for FKC (issue 5, specs/fkc.md sec. 6).
+"""Resampling-policy / weight-rule study for FKC (docs/fkc.md "Resampling policy").
 
-1-D two-mode mixture M = .5 N(-2, .3^2) + .5 N(2, .8^2), target p^beta, 1000 DDPM (DDIM eta=1)
-steps, K particles, several seeds. Reports the mean and seed spread of the weighted mass
-P(x > 0), mean and variance against the exact target (grid of 40001 points over [-10, 10]).
+1-D two-mode mixture M = .5 N(-2, .3^2) + .5 N(2, .8^2), target p^beta, DDPM (DDIM eta=1) steps,
+K particles, several seeds. Reports the mean and seed spread of the weighted mass P(x > 0), mean
+and variance against the exact target (grid of 40001 points over [-10, 10]). The weight rule of
+every policy is the sampler's default (``FKCConfig().quadrature``) unless the policy names one.
 
-    python benchmarks/study_fkc_policy.py --K 4000 --seeds 6 --out benchmarks/results/fkc_policy.json
+    python benchmarks/study_fkc_policy.py --K 2000 --steps 250 --seeds 6 --out benchmarks/results/fkc_policy.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _provenance import write_result  # noqa: E402
+
 from gensample.core.schedule import alphas_cumprod_from_config
 from gensample.models.gmm import GaussianMixture
 from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
-from gensample.samplers.fkc import FKCConfig, sample_fkc, spaced_timesteps
+from gensample.samplers.fkc import DEFAULTS, FKCConfig, sample_fkc, spaced_timesteps
 
 MIX = GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], [0.3, 0.8])
 POLICIES = {
@@ -29,10 +33,10 @@ POLICIES = {
     "ess0.7": dict(resample="ess", ess_threshold=0.7),
     "ess0.9": dict(resample="ess", ess_threshold=0.9),
     "every_t>=0.1": dict(resample="every", window=(1.0, 0.1)),
-    "every_trapezoid": dict(resample="every", quadrature="trapezoid"),
-    "ess0.5_trapezoid": dict(resample="ess", ess_threshold=0.5, quadrature="trapezoid"),
-    "ess0.9_trapezoid": dict(resample="ess", ess_threshold=0.9, quadrature="trapezoid"),
+    "ess0.7_euler": dict(resample="ess", ess_threshold=0.7, quadrature="euler"),
+    "every_euler": dict(resample="every", quadrature="euler"),
 }
+RESULT_FIELDS = {"fkc_policy.json": ["K", "steps", "seeds", "quadrature_default", "results"]}
 
 
 def grid_target(beta: float):
@@ -60,15 +64,15 @@ def one_run(beta: float, K: int, steps: int, seed: int, **kw) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--K", type=int, default=4000)
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--K", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--betas", default="2,3")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    report = {"K": args.K, "steps": args.steps, "seeds": args.seeds, "results": {}}
+    report = {"K": args.K, "steps": args.steps, "seeds": args.seeds, "quadrature_default": DEFAULTS["quadrature"], "results": {}}
     for beta in [float(b) for b in args.betas.split(",")]:
         tgt = grid_target(beta)
         report["results"][str(beta)] = {"target": tgt}
@@ -87,8 +91,7 @@ def main() -> None:
                   f"(target {tgt['mass']:.4f}, worst |err| {row['mass_max_abs_err']:.4f}); var {row['var_mean']:.3f} "
                   f"+- {row['var_sd']:.3f} (target {tgt['var']:.3f}); resamples {row['resamples_mean']:.0f}", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 Work unit = the global sample index (a whole particle group for FKC-style samplers); sample i
 is drawn from ``sample_seed(seed, i)`` on a CPU generator, so the sample set does not depend on
-the world size (specs/ecosystem.md sec. 5). Each process takes a *contiguous* chunk of groups,
+the world size (README "Scaling out", docs/scaling.md). Each process takes a *contiguous* chunk of groups,
 the first ``n_groups % world_size`` processes one group more (accelerate's
 ``split_between_processes`` without padding, so nothing is drawn twice).
 
 Processes are found through the usual launcher environment (``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), as set by ``accelerate launch``, ``torchrun``
-or :func:`launch_local` (``gensample run --num-processes N``); the process group is created by
+or ``gensample.api.launch_local`` (``gensample run --num-processes N``); the process group is created by
 accelerate's ``PartialState`` (gloo on CPU, NCCL on CUDA).
 
 FID statistics (EDM ``fid.py`` style): each process accumulates the feature count, the feature
@@ -206,7 +206,7 @@ def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
 
     float64 tensors (schedule tables such as ``alphas_cumprod``, exact-model constants) are left
     in float64: the network runs in half precision, the probability/schedule math does not
-    (DESIGN.md conventions; specs/ecosystem.md sec. 0, dtype set at load).
+    (docs/scaling.md, GPU options: the network in half precision, the probability math not).
     """
     module.to(device=device)
     if dtype is None:
@@ -218,7 +218,7 @@ def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     return module._apply(cast)
 
 
-# -- local launch (`gensample run --num-processes N`) -------------------------------------------
+# -- local launch helpers (the launch itself: gensample.api.launch_local) ----------------------
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (for MASTER_PORT)."""
     import socket
@@ -226,133 +226,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-_EXIT_USAGE, _EXIT_NONFINITE, _EXIT_ERROR = 2, 3, 1
-
-
-def launch_local(num_processes: int, sampler=None, model=None, config=None, **options):
-    """Run ``gensample.api.run`` in ``num_processes`` local processes; return the merged RunResult.
-
-    The options are checked here first (a user error stops before any process starts, with the
-    same ValueError a one-process run raises). Each child gets the launcher environment torchrun
-    would set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT on a free port) and runs
-    ``python -m gensample.parallel``; accelerate's PartialState then joins them (gloo on CPU,
-    NCCL on CUDA: one GPU per process, so N must not exceed the visible GPUs for --device cuda).
-    If any child fails the others are stopped and the first child's error is re-raised here:
-    ValueError (exit 2 in the CLI), FloatingPointError (NaN/Inf stop, exit 1) or ChildProcessError
-    (a crashed or killed process, exit 1).
-    """
-    import json
-    import subprocess
-    import sys
-    import tempfile
-    import time
-    from pathlib import Path
-
-    from . import api
-
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"--num-processes must be an integer >= 1, got {num_processes!r}")
-    if env_world_size() > 1:
-        raise ValueError("--num-processes cannot be used inside a multi-process launch (accelerate launch / torchrun "
-                         "already started the processes); drop --num-processes")
-    cfg, spec, device, out_dir = api.plan_run(sampler, model, config, dict(options))
-    if out_dir is None:
-        raise ValueError("a multi-process run needs --output DIR (the processes write shards there)")
-    api.prepare_model(cfg, device, cast=False)  # user errors about the model, before any process starts
-    if device.type == "cuda" and torch.cuda.device_count() < num_processes:
-        raise ValueError(f"--num-processes {num_processes} with --device {cfg['device']} needs {num_processes} GPUs; "
-                         f"{torch.cuda.device_count()} visible")
-    request = {"sampler": sampler, "model": model, "config": config, "options": options}
-    with tempfile.TemporaryDirectory(prefix="gensample-launch-") as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / "request.json").write_text(json.dumps(request, default=str))
-        port = free_port()
-        procs = []
-        for rank in range(num_processes):
-            env = dict(os.environ)
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_processes),
-                       LOCAL_WORLD_SIZE=str(num_processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-            cmd = [sys.executable, "-m", "gensample.parallel", str(tmp_path), str(rank)]
-            procs.append(subprocess.Popen(cmd, env=env))
-        failed: list[int] = []
-        try:
-            while any(p.poll() is None for p in procs):
-                failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-                if failed:
-                    break
-                time.sleep(0.05)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        failed = failed or [r for r, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            _raise_child_error(tmp_path, failed, procs)
-        record = json.loads((tmp_path / "record.json").read_text())
-    arrays = api.load_shards(out_dir, cfg["num_samples"])
-    return api.RunResult(samples=arrays, record=record)
-
-
-def _raise_child_error(tmp, failed: list[int], procs) -> None:
-    """Re-raise the cause: a user or NaN error if any process reported one, else the first
-    process that died (its peers' "connection closed" errors are consequences, not causes)."""
-    import json
-
-    errors = {}
-    for rank in range(len(procs)):
-        f = tmp / f"error-{rank}.json"
-        if f.exists():
-            errors[rank] = json.loads(f.read_text())
-    for kind, exc in (("ValueError", ValueError), ("FloatingPointError", FloatingPointError)):
-        for rank in [*failed, *sorted(errors)]:
-            if rank in errors and errors[rank]["type"] == kind:
-                raise exc(errors[rank]["message"])
-    hard = [r for r in failed if r not in errors]  # killed or crashed without a Python error: the cause
-    rank = hard[0] if hard else failed[0]
-    rc = procs[rank].returncode
-    if rank in errors:
-        detail = errors[rank]["traceback"].rstrip()
-    elif rc is not None and rc < 0:
-        detail = f"killed by signal {-rc}"
-    else:
-        detail = f"exit code {rc}"
-    raise ChildProcessError(f"process {rank} of {len(procs)} failed ({detail}); the other processes were stopped. "
-                            f"Run the same command again to finish the missing samples.")
-
-
-def _child_main(tmp: str, rank: str) -> int:
-    """Entry point of one launched process (``python -m gensample.parallel TMPDIR RANK``)."""
-    import json
-    import traceback
-    from pathlib import Path
-
-    from . import api
-
-    tmp_path = Path(tmp)
-    request = json.loads((tmp_path / "request.json").read_text())
-    try:
-        result = api.run(request["sampler"], request["model"], config=request["config"], **request["options"])
-    except BaseException as err:  # noqa: BLE001 - reported to the launcher, which re-raises it cleanly
-        kind = "ValueError" if isinstance(err, (ValueError, TypeError, FileNotFoundError)) else type(err).__name__
-        api.atomic_write_json(tmp_path / f"error-{rank}.json",
-                              {"type": kind, "message": str(err), "traceback": traceback.format_exc()})
-        return {"ValueError": _EXIT_USAGE, "FloatingPointError": _EXIT_NONFINITE}.get(kind, _EXIT_ERROR)
-    if int(rank) == 0:
-        api.atomic_write_json(tmp_path / "record.json", result.record)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(_child_main(*sys.argv[1:3]))

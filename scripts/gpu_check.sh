@@ -9,7 +9,7 @@
 #
 # Env: DEVICE (cuda), DTYPE (fp32|fp16|bf16), N (samples per sampler), COMPILE (1 = --compile),
 # OUT (output root; default a temp dir), SKIP_TESTS (1 = skip pytest -m gpu),
-# ONLY ("ddim fkc": just these samplers).
+# ONLY ("ddim fkc": just these samplers), BENCH (1 = also the MAR-B DiSA and MDLM FHS speed benchmarks).
 # DEVICE=cpu DTYPE=fp32 SKIP_TESTS=1 gives a CPU dry run of the same loop.
 # Exit status: non-zero if any sampler or test failed.
 set -uo pipefail
@@ -71,5 +71,14 @@ echo "outputs and logs: $OUT"
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
     python -m pytest -q -m gpu tests/test_gpu.py || failed=$((failed + 1))
+fi
+
+# The papers' speed claims at their real shapes (random weights; speed does not depend on them).
+# BENCH=1 runs them; each prints its ratios and writes a result file with provenance to $OUT.
+if [[ "${BENCH:-0}" == 1 && "$DEVICE" == cuda* ]]; then
+    python benchmarks/bench_disa_mar.py --device cuda --batch 64 --ar-steps 64 --repeats 3 \
+        --out "$OUT/disa_mar_b_cuda.json" || failed=$((failed + 1))
+    python benchmarks/bench_fhs_mdlm.py --device cuda --batch 16 --repeats 3 \
+        --out "$OUT/bench_fhs_mdlm_gpu.json" || failed=$((failed + 1))
 fi
 exit $((failed > 0))

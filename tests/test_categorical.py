@@ -1,5 +1,5 @@
 """core/categorical.py: exact float64 draws, exclusions, per-row generators, and the float32 truncation
-(specs/masked_fhs.md sec. 2.5 and oracle 6.5)."""
+(docs/first_hitting.md)."""
 
 import math
 
@@ -79,7 +79,7 @@ def test_integer_logits_and_generator_count_mismatch_raise():
         sample_categorical(torch.zeros(3, 4), [torch.Generator()] * 2)
 
 
-# -- sec. 2.5: the Exp(1) noise floor -------------------------------------------------------------
+# -- precision (docs/first_hitting.md): the Exp(1) noise floor -------------------------------------------------------------
 def test_float32_noise_floor():
     g = torch.Generator().manual_seed(4)
     e32 = exponential_noise((5_000_000,), g, precision="float32")
@@ -109,7 +109,7 @@ def tail_hits(n: int, tail_k: int, tail_p: float, seed: int, chunk: int, **kw) -
 
 
 def test_truncated_uniforms_suppress_the_tail_fast_proxy():
-    """The sec. 6.5 test at b = 16 bits (h16 = 1.5e-5) so that it runs in seconds: 1000 tail tokens at
+    """The large-vocabulary precision test at b = 16 bits (h16 = 1.5e-5) so that it runs in seconds: 1000 tail tokens at
     p = 5e-6, 6000 draws, 30 tail hits expected exactly; b=16 expects 30 R(h16/p) = 4.7 (R(x) = x/(e^x-1))."""
     n, k, p = 6000, 1000, 5e-6
     exact = tail_hits(n, k, p, seed=5, chunk=1000)
@@ -131,7 +131,7 @@ def test_float32_gumbel_suppresses_tail_tokens_large_vocab():
 
 @pytest.mark.slow
 def test_float32_hit_rate_at_the_floor():
-    """At tail p = h the float32 hit rate is ~R(1) p = .58 p (sec. 2.5). 10k tail tokens at p = h,
+    """At tail p = h the float32 hit rate is ~R(1) p = .58 p (docs/first_hitting.md, precision). 10k tail tokens at p = h,
     100k draws: 59.6 exact hits expected, 34.6 truncated; Poisson 5-sigma band around 34.6."""
     n, k, p = 100_000, 10_000, H32
     f32 = tail_hits(n, k, p, seed=7, chunk=1000, precision="float32")

@@ -1,4 +1,4 @@
-"""DiSA head sampler, scheduler shell and counters (specs/disa.md sec. 2, 5, 9.4, 9.7).
+"""DiSA head sampler, scheduler shell and counters (docs/disa.md).
 
 Oracle for the head sampler: with Gaussian token data x0 ~ N(mu, s^2) the exact eps is linear in
 x_t, so each respaced DDPM step is x' = A x + B mu + sigma tau xi and the output law is Gaussian
@@ -85,7 +85,7 @@ def test_head_sampler_matches_exact_gaussian_law(S, s, tau):
 
 
 def test_temperature_zero_ignores_later_noise():
-    # spec sec. 9.7: with tau = 0 and the same x_T the output does not depend on the later RNG state.
+    # docs/disa.md: with tau = 0 and the same x_T the output does not depend on the later RNG state.
     n, table = 64, HeadDDPM(AB).table(20)
     z = MU.repeat(n, 1)
     x_T = torch.randn((n, 4), generator=torch.Generator().manual_seed(0))
@@ -150,7 +150,7 @@ def test_scheduler_contract():
         DiSAHeadScheduler(variance_type="fixed_large")
 
 
-# -- counters (spec sec. 9.4) ------------------------------------------------------------------
+# -- counters (docs/disa.md) ------------------------------------------------------------------
 class FakeBackbone(torch.nn.Module):
     """z = [tokens, mask, label] per slot: cheap, deterministic, depends on its inputs."""
 
@@ -235,4 +235,32 @@ def test_learned_range_variance_endpoints():
     fixed = draw(GaussHead(0.3), "fixed_small")
     assert torch.equal(draw(with_v(-1.0), "learned_range"), fixed)
     assert not torch.allclose(draw(with_v(1.0), "learned_range"), fixed)
-    assert torch.equal(draw(with_v(1.0), "fixed_small"), fixed)  # v ignored unless learned_range
+    # A 2C head output is never cut to eps silently: "auto" (the default) uses v, as MAR's DiffLoss
+    # does; "fixed_small" with a 2C output and "learned_range" with a C output are errors.
+    assert torch.equal(draw(with_v(1.0), "auto"), draw(with_v(1.0), "learned_range"))
+    assert torch.equal(draw(GaussHead(0.3), "auto"), fixed)
+    with pytest.raises(ValueError, match="would drop v"):
+        draw(with_v(1.0), "fixed_small")
+    with pytest.raises(ValueError, match="needs a head output of 8 channels"):
+        draw(GaussHead(0.3), "learned_range")
+
+
+def test_scheduler_learned_variance_and_betas():
+    """DiSAHeadScheduler: the 2C output's v is used by default ("auto"), refused under fixed_small;
+    betas/alphas are the training chain (alphas_cumprod = cumprod(alphas))."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    out = torch.cat([torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.ones(6, 4)], dim=1)
+    noise = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+
+    def one_step(variance_type):
+        sched = DiSAHeadScheduler(variance_type=variance_type)
+        sched.set_timesteps(10)
+        return sched.step(out, sched.timesteps[1 - 1], x, noise=noise).prev_sample
+
+    assert torch.equal(one_step("auto"), one_step("learned_range"))
+    with pytest.raises(ValueError, match="would drop v"):
+        one_step("fixed_small")
+    sched = DiSAHeadScheduler()
+    assert sched.betas.shape == sched.alphas.shape == (1000,)
+    assert torch.allclose(torch.cumprod(sched.alphas.double(), 0), sched.alphas_cumprod.double(), rtol=1e-5, atol=1e-9)
+    assert torch.equal(sched.alphas, 1 - sched.betas)

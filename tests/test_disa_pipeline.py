@@ -1,4 +1,4 @@
-"""DiSA / MAR end to end on the shipped mar-digits model: API, CLI, pipeline (specs/disa.md sec. 9.4, 9.6)."""
+"""DiSA / MAR end to end on the shipped mar-digits model: API, CLI, pipeline (docs/disa.md)."""
 
 import json
 
@@ -65,14 +65,14 @@ def test_cfg_doubles_rows():
      dict(head_steps_max=20, timestep_clip=950)),
 ])
 def test_annealing_off_equals_mar_bit_for_bit(disa_opts, mar_opts):
-    # spec sec. 9.6: Constant(U) (or U = L) through the DiSA path equals the plain MAR sampler.
+    # docs/disa.md: Constant(U) (or U = L) through the DiSA path equals the plain MAR sampler.
     a = run("disa", **disa_opts).x
     b = run("mar", **mar_opts).x
     assert np.array_equal(a, b)
 
 
 def test_hidden_clip_breaks_parity():
-    # spec sec. 10: clipping t > 950 on one side only changes the samples (and the step count).
+    # docs/disa.md: clipping t > 950 on one side only changes the samples (and the step count).
     a = run("disa", schedule="constant", head_steps_max=50, timestep_clip=950, num_samples=1)
     b = run("mar", head_steps_max=50, num_samples=1)
     assert not np.array_equal(a.x, b.x)

@@ -1,4 +1,4 @@
-"""DiSA quality on mar-digits (slow; specs/disa.md sec. 8). Full numbers: benchmarks/bench_disa.py."""
+"""DiSA quality on mar-digits (slow; docs/disa.md). Full numbers: benchmarks/bench_disa.py."""
 
 import pytest
 import torch

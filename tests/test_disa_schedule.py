@@ -1,4 +1,4 @@
-"""DiSA step-budget schedules, MAR unmasking and respacing tables: exact oracles of specs/disa.md sec. 9.
+"""DiSA step-budget schedules, MAR unmasking and respacing tables: exact oracles (docs/disa.md).
 
 Expected numbers come from the spec (sec. 7 table, sec. 9, sec. 10), which derives them from the
 reference code (Qinyu-Allen-Zhao/DiSA, LTH14/mar); none is produced by this package.
@@ -55,7 +55,7 @@ def test_linear_sequences(K, U, L, expected):
 
 
 def test_linear_is_exact_where_float_int_is_not():
-    # spec sec. 3: K=11, U=91, L=1, k=3: int((K-1-k)/(K-1)*M) = 62 in floats, exact floor 63.
+    # docs/disa.md: K=11, U=91, L=1, k=3: int((K-1-k)/(K-1)*M) = 62 in floats, exact floor 63.
     assert int((11 - 1 - 3) / (11 - 1) * 90) == 62
     assert budget_index("linear", 3, 11, 90) == 63
     assert StepBudgetSchedule("linear", 91, 1).steps(3, 11) == 64
@@ -121,11 +121,11 @@ def test_steps_validation():
 def test_mar_tokens_per_step_n256_k64():
     n = tokens_per_step(256, 64)
     assert sum(n) == 256 and n[0] == 1 and min(n) >= 1
-    assert max(n) <= 7  # spec sec. 2: n_k grows from 1 to about 6
+    assert max(n) <= 7  # docs/disa.md: n_k grows from 1 to about 6
 
 
 def test_toy_tokens_per_step():
-    assert tokens_per_step(16, 8) == [1, 1, 1, 2, 3, 2, 3, 3]  # spec sec. 8
+    assert tokens_per_step(16, 8) == [1, 1, 1, 2, 3, 2, 3, 3]  # docs/disa.md
     m = mar_mask_lengths(16, 8)
     assert m[0] == 16 and m[-1] == 0
 
@@ -145,11 +145,11 @@ def test_head_budget_baselines():
     ("constant", 50, 50, 400, 800), ("linear", 50, 5, 217, 344), ("cosine", 50, 5, 217, 330),
     ("two-stage", 50, 5, 220, 305), ("constant", 5, 5, 40, 80), ("constant", 27, 27, 216, 432)])
 def test_toy_conditions(kind, U, L, calls, rows):
-    assert head_budget(StepBudgetSchedule(kind, U, L), 16, 8) == (calls, rows)  # spec sec. 8
+    assert head_budget(StepBudgetSchedule(kind, U, L), 16, 8) == (calls, rows)  # docs/disa.md
 
 
 def test_timestep_clip_budget():
-    # spec sec. 10: the reference DiSA path (t clipped to 950) really makes 1681 calls / 5246 rows.
+    # docs/disa.md: the reference DiSA path (t clipped to 950) really makes 1681 calls / 5246 rows.
     assert head_budget(StepBudgetSchedule("linear", 50, 5), 256, 64, timestep_clip=950) == (1681, 5246)
 
 
@@ -172,7 +172,7 @@ def test_respacing_examples():
 
 @pytest.mark.parametrize("S, ours, linspace", [(21, 499, 500), (23, 499, 500), (35, 499, 500), (31, 500, 499)])
 def test_running_sum_differs_from_linspace(S, ours, linspace):
-    # spec sec. 2: the running float sum with banker's round differs from numpy linspace rounding.
+    # docs/disa.md: the running float sum with banker's round differs from numpy linspace rounding.
     # (The spec lists 31 among the "499" cases; its running sum is 499.5000000000001 -> 500,
     # while linspace gives 499: the two still differ, in the other direction.)
     kept = respaced_timesteps(S)

@@ -1,5 +1,5 @@
 """samplers/first_hitting.py: schedules, NFE accounting, caching, prompts, determinism, the diffusers
-scheduler contract, and the CLI / API faces (specs/masked_fhs.md sec. 3, 4, 6.4, 6.7)."""
+scheduler contract, and the CLI / API faces (docs/first_hitting.md)."""
 
 import json
 import math
@@ -28,7 +28,7 @@ MASK = 3
 
 
 class CountingNet:
-    """Uniform logits over K real tokens; records every input batch (a call-counting dummy, sec. 6.4)."""
+    """Uniform logits over K real tokens; records every input batch (a call-counting dummy)."""
 
     def __init__(self, K: int = 3):
         self.K, self.inputs, self.times = K, [], []
@@ -58,7 +58,7 @@ def test_schedule_and_config_errors():
             MaskedDiffusionConfig(mask_token_id=3, **kw)
 
 
-# -- NFE (sec. 6.4) ----------------------------------------------------------------------------
+# -- NFE (docs/first_hitting.md, oracles) ----------------------------------------------------------------------------
 @pytest.mark.parametrize("k,length,prompt", [(1, 10, 0), (1, 10, 3), (3, 10, 3), (4, 12, 0), (20, 6, 1)])
 def test_fhs_makes_exactly_ceil_n_over_k_calls(k, length, prompt):
     net = CountingNet()
@@ -114,7 +114,7 @@ def test_time_conditioned_network_gets_sigma_of_the_new_time():
     assert (sig[1:] < sig[:-1]).all() and (sig > 0).all()
 
 
-# -- invariants and determinism (sec. 6.7) -----------------------------------------------------------
+# -- invariants and determinism (docs/first_hitting.md, oracles) -----------------------------------------------------------
 @pytest.mark.parametrize("sampler,extra", [("fhs", {}), ("fhs", {"tokens_per_step": 2}),
                                            ("mdm-ancestral", {"steps": 5}), ("mdm-ancestral", {"final_step": "argmax", "steps": 3})])
 def test_api_prompt_fixed_no_mask_deterministic(sampler, extra):
@@ -171,7 +171,7 @@ def test_scheduler_contract(tmp_path, config):
         tup = MaskedDiffusionScheduler.from_config(s.config)
         tup.set_timesteps(num_inference_steps=4, num_masked=5)
         t = tup.step(logits, tup.timesteps[0], x, generator=torch.Generator().manual_seed(1), return_dict=False)
-        assert torch.equal(o.prev_sample, t[0]) and torch.equal(o.changed, t[2])
+        assert len(t) == 2 and torch.equal(o.prev_sample, t[0]) and torch.equal(o.pred_original_sample, t[1])
         assert o.prev_sample.shape == x.shape and o.prev_sample.dtype == torch.long
         assert (o.prev_sample[:, 0] == 0).all() and (o.pred_original_sample != MASK).all()
         outs.append(o.prev_sample)
@@ -270,3 +270,57 @@ def test_cli_user_errors_exit_2(tmp_path, args, match):
 def test_cli_precision_choice_rejected():
     r = CliRunner().invoke(main, ["run", "--sampler", "fhs", "--model", "markov-toy", "--precision", "bf16"])
     assert r.exit_code == 2 and "float64" in r.output
+
+
+# -- memory / randomness layout (issue: float64 only on the rows that are sampled) ------------------
+def test_fhs_upcasts_only_the_sampled_rows_and_ancestral_only_masked_rows(monkeypatch):
+    import gensample.core.categorical as cat
+
+    seen_softmax, seen_uniform = [], []
+    real_lsm, real_uniform = cat.masked_log_softmax, cat.uniform
+    monkeypatch.setattr(cat, "masked_log_softmax", lambda lg, *a, **k: seen_softmax.append(lg.shape) or real_lsm(lg, *a, **k))
+    monkeypatch.setattr(cat, "uniform", lambda shape, *a, **k: seen_uniform.append(tuple(shape)) or real_uniform(shape, *a, **k))
+    B, L, K = 3, 9, 40
+    net = CountingNet(K)
+    x = initial_tokens(B, L, K, [1, 2])  # mask id K; two prompt tokens never masked
+    gens = [torch.Generator().manual_seed(i) for i in range(B)]
+    sample_first_hitting(net, x, MaskedDiffusionConfig(mask_token_id=K, exclude_ids=(0,)), gens)
+    assert seen_softmax and max(s[0] for s in seen_softmax) <= 1 and all(len(s) == 2 for s in seen_softmax)
+    seen_softmax.clear(), seen_uniform.clear()
+    cfg = MaskedDiffusionConfig(mask_token_id=K, num_inference_steps=1, t_min=0.0)
+    sample_ancestral(net, x, cfg, gens)  # one step from all-mask (prompt excepted) to t = 0
+    masked_per_row = L - 2
+    # each row draws (K + 1) uniforms for each of its masked positions only, never for the prompt
+    assert sum(s[0] for s in seen_softmax) == B * masked_per_row
+    token_draws = [s for s in seen_uniform if len(s) == 2 and s[1] == K + 1]
+    assert sum(s[0] for s in token_draws) == B * masked_per_row
+
+
+def test_ancestral_chunks_keep_the_law_and_are_batch_independent():
+    from gensample.core.categorical import sample_rows
+
+    logits = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    owner = torch.arange(50) // 10
+    a = sample_rows(logits, owner, [torch.Generator().manual_seed(i) for i in range(5)], chunk_entries=16)
+    b = sample_rows(logits[10:20], torch.zeros(10, dtype=torch.long), [torch.Generator().manual_seed(1)], chunk_entries=16)
+    assert torch.equal(a[10:20], b)  # row 1's draws depend only on its own generator
+
+
+def test_scheduler_step_honours_the_timestep_it_is_given():
+    net = CountingNet(3)
+    x0 = initial_tokens(4, 6, MASK)
+    sched = MaskedDiffusionScheduler(mask_token_id=MASK, sampler="ancestral")
+    sched.set_timesteps(4)  # grid 1, 0.75, 0.5, 0.25, 1e-5 (+ 0)
+    # skipping to the grid time 0.5 steps 0.5 -> 0.25, whatever the internal counter says
+    out = sched.step(net(x0), sched.timesteps[2], x0, generator=torch.Generator().manual_seed(0))
+    assert out.t[0].item() == pytest.approx(sched.timesteps[3].item())
+    # the last grid point steps to 0 and fills every mask
+    sched.set_timesteps(4)
+    last = sched.step(net(x0), sched.timesteps[-1], x0, generator=torch.Generator().manual_seed(0))
+    assert last.t[0].item() == 0.0 and (last.prev_sample != MASK).all()
+    with pytest.raises(ValueError, match="timestep"):
+        sched.step(net(x0), 1.5, x0)
+    fhs = MaskedDiffusionScheduler(mask_token_id=MASK)
+    fhs.set_timesteps(num_masked=6)
+    with pytest.raises(ValueError, match="first-hitting counters"):
+        fhs.step(net(x0), 17, x0)

@@ -1,4 +1,4 @@
-"""FKC sampler: properties, plain-sampler identity, scheduler face, CLI (specs/fkc.md sec. 6 T6-T8)."""
+"""FKC sampler: properties, plain-sampler identity, scheduler face, CLI (docs/fkc.md "Design choices")."""
 
 import json
 import math
@@ -161,7 +161,7 @@ def test_scheduler_contract(tmp_path):
     assert out.prev_sample.shape == (4, 3, 8, 8) and out.log_weight_increment.dtype == torch.float64
     tup = s.step(0.1 * torch.ones(4, 3, 8, 8), s.timesteps[1], torch.ones(4, 3, 8, 8), generator=torch.Generator().manual_seed(0), return_dict=False)
     dat = s.step(0.1 * torch.ones(4, 3, 8, 8), s.timesteps[1], torch.ones(4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(tup[0], dat.prev_sample) and torch.equal(tup[2], dat.log_weight_increment)
+    assert len(tup) == 2 and torch.equal(tup[0], dat.prev_sample) and torch.equal(tup[1], dat.pred_original_sample)
     s.save_pretrained(tmp_path)
     s2 = FKCScheduler.from_pretrained(tmp_path)
     s2.set_timesteps(10)
@@ -182,7 +182,12 @@ def test_scheduler_step_matches_pure_functions():
     t, t_next = s.timesteps[4], s.timesteps[5]
     out = s.step(list(e), t, x, generator=torch.Generator().manual_seed(4))
     noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(out.log_weight_increment, fkc.log_weight_increment(e, [2.0, -1.0], AB[t], AB[t_next]))
+    coef = fkc.node_coefficients(AB[t].reshape(1), AB[t_next].reshape(1), s.fkc.quadrature)[0]
+    torch.testing.assert_close(out.log_weight_increment, coef * fkc.weight_rate(e, [2.0, -1.0]))
+    euler = FKCScheduler(fkc_betas=[2.0, -1.0], fkc_quadrature="euler")
+    euler.set_timesteps(10)
+    torch.testing.assert_close(euler.step(list(e), t, x, generator=torch.Generator().manual_seed(4)).log_weight_increment,
+                               fkc.log_weight_increment(e, [2.0, -1.0], AB[t], AB[t_next]))
     torch.testing.assert_close(out.prev_sample, fkc.ddim_move(x, fkc.combine_eps(e, [2.0, -1.0]), AB[t], AB[t_next], 1.0, noise))
 
 
@@ -225,9 +230,41 @@ def test_groups_batch_independent():
     (["--resample", "sometimes"], "sometimes"),
     (["--ess-threshold", "2"], "ess-threshold"),
     (["--model", "gmm-digits", "--experts", "1", "--class-label", "1"], "not both"),
+    (["--experts", "a cat,a dog"], "--experts-prompts"),
+    (["--fkc-target", "product", "--experts-prompts", "a cat|a dog"], "needs a text-to-image model"),
+    (["--quadrature", "simpson"], "simpson"),
 ])
 def test_cli_user_errors_exit_2(args, match, tmp_path):
     r = CliRunner().invoke(main, ["run", "--sampler", "fkc", "--steps", "3", "-o", str(tmp_path / "o"), *args])
     assert r.exit_code == 2, r.output
     assert match in r.output
     assert "Traceback" not in r.output
+
+
+# -- one source of truth per default ---------------------------------------------------------------
+def test_defaults_have_one_home():
+    """FKCConfig's fields are the defaults of the CLI options, FKCPipeline and FKCScheduler."""
+    import inspect
+
+    from gensample.cli import main as cli_main
+    from gensample.pipelines.fkc import FKCPipeline
+    from gensample.samplers.registry import SAMPLERS
+
+    d = fkc.DEFAULTS
+    opts = {o.key: o.default for o in SAMPLERS["fkc"].options}
+    assert (opts["final"], opts["eta"], opts["resample"], opts["ess_threshold"], opts["scheme"], opts["quadrature"]) == \
+        (d["final"], d["eta"], d["resample"], d["ess_threshold"], d["scheme"], d["quadrature"])
+    assert (opts["resample_from"], opts["resample_until"]) == d["window"]
+    sig = inspect.signature(FKCPipeline.__call__).parameters
+    for name in ("final", "eta", "resample", "ess_threshold", "scheme", "quadrature"):
+        assert sig[name].default == d[name], name
+    sc = FKCScheduler().config
+    assert (sc.fkc_eta, sc.fkc_resample, sc.fkc_ess_threshold, sc.fkc_scheme, sc.fkc_quadrature) == \
+        (d["eta"], d["resample"], d["ess_threshold"], d["scheme"], d["quadrature"])
+    # what `gensample run --help` shows for fkc's eta and final is that default
+    text = CliRunner().invoke(cli_main, ["run", "--help"]).output.replace("\n", " ")
+    assert "fkc: default 1.0" in " ".join(text.split()) and d["eta"] == 1.0
+    # a run with no policy flags records the same defaults
+    res = gensample.run(sampler="fkc", num_samples=16, steps=3, progress=False)
+    rec = res.record["stats"]["fkc"]
+    assert (rec["final"], rec["quadrature"], rec["eta"]) == (d["final"], d["quadrature"], d["eta"])

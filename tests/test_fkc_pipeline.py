@@ -1,4 +1,4 @@
-"""FKCPipeline end to end on tiny random diffusers models built offline (ecosystem.md sec. 4)."""
+"""FKCPipeline end to end on tiny random diffusers models built offline (docs/fkc.md "CLI")."""
 
 import json
 

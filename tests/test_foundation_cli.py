@@ -64,12 +64,14 @@ def test_gmm_json_model(tmp_path):
 
 
 def test_every_sampler_runs_with_no_other_flag(tmp_path, monkeypatch):
-    """`gensample run --sampler X` alone works for the baseline samplers (demo model, default steps)."""
+    """`gensample run --sampler X` alone works for the baseline samplers (demo model, default
+    steps) and writes runs/<sampler>-<model>-<config hash>/ under the working folder (here tmp)."""
     monkeypatch.chdir(tmp_path)
     for s in ("ddim", "dpm", "euler"):
         res = invoke("run", "--sampler", s)
         assert res.exit_code == 0, res.output
-        assert (tmp_path / "runs" / s / "samples.npz").exists()
+        (folder,) = (tmp_path / "runs").glob(f"{s}-gmm2d-*")
+        assert (folder / "samples.npz").exists() and str(folder.relative_to(tmp_path)) in res.output
 
 
 BAD = [
@@ -82,6 +84,8 @@ BAD = [
     (["run", "--sampler", "ddim", "--device", "cuda"], "CUDA is not available"),
     (["run", "--sampler", "ddim", "--device", "tpu"], "--device must be"),
     (["run", "--sampler", "ddim", "--model", "gmm2d", "--class-label", "9"], "--class-label must be in [0, 2]"),
+    (["run", "--sampler", "ddim", "--model", ""], "--model must be a non-empty model spec"),
+    (["run", "--sampler", "ddim", "--model", "gmm:/"], "is a directory"),
     (["run", "--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0.0"),
     (["run", "--sampler", "ddpm", "--eta", "0.5"], "--eta does not apply to sampler 'ddpm'"),
     (["run", "--sampler", "ddim", "--model", "gmm:/no/such/file.json"], "mixture file not found"),
@@ -91,15 +95,17 @@ BAD = [
 
 
 @pytest.mark.parametrize("args, msg", BAD, ids=[" ".join(a[1:4]) for a, _ in BAD])
-def test_user_errors_exit_2_with_message(args, msg):
+def test_user_errors_exit_2_with_message(args, msg, tmp_path):
     import torch
 
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA present")
-    res = invoke(*args)
+    out = tmp_path / "o"
+    res = invoke(*args, *(["-o", str(out)] if len(args) > 1 else []))
     assert res.exit_code == 2, res.output
     assert msg in res.output, res.output
     assert "Traceback" not in res.output
+    assert not out.exists()  # a refused run leaves nothing behind
 
 
 def test_bad_mixture_files_and_configs(tmp_path):

@@ -127,3 +127,66 @@ def test_check_finite_names_sampler_and_step():
     check_finite(torch.zeros(2), "ddim", 0)
     with pytest.raises(FloatingPointError, match=r"ddim.*step 7"):
         check_finite(torch.tensor([0.0, math.nan]), "ddim", 7)
+
+
+def test_rescale_cfg_matches_diffusers_and_its_definition():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(0)
+    guided, cond = 3 * torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    for phi in (0.0, 0.3, 1.0):
+        torch.testing.assert_close(param.rescale_cfg(guided, cond, phi), rescale_noise_cfg(guided, cond, guidance_rescale=phi))
+    full = param.rescale_cfg(guided, cond, 1.0)  # phi = 1: per-sample std equals the conditional's
+    torch.testing.assert_close(full.flatten(1).std(1), cond.flatten(1).std(1))
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        param.rescale_cfg(guided, cond, 1.5)
+
+
+def test_guided_rescale_runs_on_the_raw_v_output():
+    """Rescaled CFG of a v-model: combine + rescale v (as diffusers), then convert to eps."""
+    ac = alphas_cumprod_from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"})
+
+    def v_model(x, t, cond):  # a v "network" whose scale depends on the condition
+        return (0.5 + cond["c"].view(-1, 1, 1, 1)) * x
+
+    den = Denoiser(v_model, ac, "v_prediction", plain_callable=True, null_cond={"c": torch.zeros(1)}, guidance_rescale=0.6)
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond = {"c": torch.tensor([1.0, -2.0, 0.5])}
+    v_c, v_u = v_model(x, None, cond), v_model(x, None, {"c": torch.zeros(3)})
+    v = param.rescale_cfg(v_u + 4.0 * (v_c - v_u), v_c, 0.6)
+    want = param.v_to_eps(v, x, alpha_bar_at(ac, torch.tensor(300)))
+    torch.testing.assert_close(den.guided(x, 300, cond, 4.0), want)
+    plain = Denoiser(v_model, ac, "v_prediction", plain_callable=True, null_cond={"c": torch.zeros(1)})
+    assert not torch.allclose(plain.guided(x, 300, cond, 4.0), want)  # phi = 0 is plain CFG
+
+
+def test_default_cond_and_dtype_of_conditioning():
+    seen = {}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            seen["dtype"] = encoder_hidden_states.dtype
+            return sample * self.w + encoder_hidden_states.mean()
+
+    emb = torch.ones(1, 3, 2, dtype=torch.float32)
+    den = Denoiser(Net(), default_cond={"encoder_hidden_states": emb})
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(den(x, 10), torch.ones_like(x))  # cond=None: the default (empty prompt)
+    assert seen["dtype"] == torch.float64  # floating conditioning follows the network's dtype
+
+
+def test_model_call_failure_names_model_and_call():
+    from gensample.core.denoiser import ModelCallError
+
+    class NoTimestep(torch.nn.Module):
+        def forward(self, sample):
+            return sample
+
+    den = Denoiser(NoTimestep(), name="my-model")
+    with pytest.raises(ModelCallError, match=r"model 'my-model' failed when called as NoTimestep\(sample=Tensor\(2, 3\).*TypeError"):
+        den(torch.zeros(2, 3), 5, {"class_labels": torch.tensor([0, 1])})
+    assert not issubclass(ModelCallError, (TypeError, ValueError))  # not a usage error

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True, scope="module")
 def exact_fp32_kernels():
-    """TF32 off and cuDNN benchmark off (specs/ecosystem.md sec. 3), restored afterwards."""
+    """TF32 off and cuDNN benchmark off (reproducible GPU numerics), restored afterwards."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
     yield
@@ -26,7 +26,7 @@ def exact_fp32_kernels():
 
 @pytest.fixture(scope="module")
 def tiny_unet_dir(tmp_path_factory):
-    """A random tiny UNet2DModel folder (specs/ecosystem.md sec. 4 sizes) with its training schedule."""
+    """A random tiny UNet2DModel folder (the sizes of diffusers' own UNet tests) with its training schedule."""
     from diffusers import UNet2DModel
 
     from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG

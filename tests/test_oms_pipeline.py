@@ -1,4 +1,4 @@
-"""OMSModule architecture and OMSPipeline with tiny random components (specs/oms.md sec. 3, 4, 7)."""
+"""OMSModule architecture and OMSPipeline with tiny random components (docs/oms.md "Python")."""
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ def test_released_layout_is_unet2dcondition_minus_time_embedding():
 
 
 def test_oms_b_parameter_count():
-    """OMS-B: about 154.0M parameters (fp16 file 308,083,816 B, spec sec. 3)."""
+    """OMS-B: about 154.0M parameters (the released fp16 file is 308,083,816 B = 2 bytes each)."""
     with torch.device("meta"):
         m = OMSModule(**OMS_B_CONFIG)
     n = sum(p.numel() for p in m.parameters())
@@ -98,7 +98,7 @@ class Spy(torch.nn.Module):
 
 
 def tiny_sd(scheduler="ddim"):
-    """Tiny SD per specs/ecosystem.md sec. 4 (no tokenizer: prompt embeddings are passed)."""
+    """A tiny SD pipeline as diffusers' fast tests build one (no tokenizer: prompt embeddings are passed)."""
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
 
@@ -148,26 +148,43 @@ def test_sd_shaped_pipeline_end_to_end_and_oms_off_is_bare():
 
 
 def test_euler_oms_input_has_unit_variance_and_vp_latents():
-    """Property 6 / pitfall: psi sees unit-variance noise even with init_noise_sigma ~ 14.6 (Euler);
-    the latents handed to the base are VP-scale (the base multiplies by init_noise_sigma)."""
+    """psi sees unit-variance noise even with init_noise_sigma ~ 14.6 (Euler-leading), and the
+    latents handed to the base pipeline are VP-scale: exactly the OMS step's x_T (eta = 0:
+    sqrt(a) x0_hat + sqrt(1 - a) x_T'), which the base then multiplies by init_noise_sigma itself."""
+    import math
+
+    from gensample.samplers.oms import first_alpha_bar, oms_step
+
     sd = tiny_sd("euler")
     spy = Spy(_oms_for_sd())
     captured = {}
+    prepare = sd.prepare_latents
 
-    def grab(pipe, i, t, tensors):
-        captured.setdefault("first", tensors["latents"].clone())
-        return tensors
+    def record(*args, **kwargs):  # StableDiffusionPipeline.prepare_latents(..., latents=given)
+        given = kwargs["latents"] if "latents" in kwargs else args[7]
+        captured["given"] = given.clone()
+        captured["scaled"] = prepare(*args, **kwargs).clone()
+        return captured["scaled"]
 
+    sd.prepare_latents = record
     pipe = OMSPipeline(oms_module=spy, base_pipeline=sd)
     n = 8
     pipe(prompt_embeds=_embeds(1, 0).expand(n, 5, 8), oms_prompt_embeds=_embeds(1, 2), num_inference_steps=20,
-         guidance_scale=1.0, output_type="latent", height=64, width=64, generator=torch.Generator().manual_seed(0), oms_eta=0.0,
-         callback_on_step_end=grab)
+         guidance_scale=1.0, output_type="latent", height=64, width=64, generator=torch.Generator().manual_seed(0), oms_eta=0.0)
     sd.scheduler.set_timesteps(20)
-    assert float(sd.scheduler.init_noise_sigma) > 10
+    sigma = float(sd.scheduler.init_noise_sigma)
+    assert sigma > 10
+    a = first_alpha_bar(sd.scheduler)
     x_in = spy.seen[0][0]
-    # n * 4 * 8 * 8 = 2048 entries: the sample sd has relative error ~ 1.6 %; 6 % is ~4 sd.
-    assert abs(x_in.std().item() - 1) < 0.06, x_in.std().item()
+    # n * 4 * 32 * 32 = 32768 entries: the sample sd has relative sd 1 / sqrt(2 N) = 0.4 %; 2 % is 5 sd.
+    assert abs(x_in.std().item() - 1) < 0.02, x_in.std().item()
+    with torch.no_grad():
+        v = spy.inner(x_in, **spy.seen[0][1]).sample
+    expect = oms_step(v, None, x_in, a, eta=0.0)
+    torch.testing.assert_close(captured["given"], expect.to(captured["given"].dtype))  # VP scale, not sigma scale
+    var_x0 = v.double().var().item()
+    assert abs(captured["given"].double().std().item() / math.sqrt(1 - a + a * var_x0) - 1) < 0.02
+    torch.testing.assert_close(captured["scaled"], captured["given"] * sigma)  # the base did the init_noise_sigma multiply
 
 
 def test_negative_batch_is_prompt_batch_times_images_per_prompt():
@@ -184,7 +201,7 @@ def test_negative_batch_is_prompt_batch_times_images_per_prompt():
     assert x_in.shape[0] == 12 and ehs.shape[0] == 12  # 6 conditional + 6 unconditional rows
     torch.testing.assert_close(ehs[:6], cond.repeat_interleave(3, 0))
     torch.testing.assert_close(ehs[6:], neg.expand(6, 5, 8))
-    # w = 1 skips the unconditional branch (spec sec. 2.4c)
+    # w = 1 skips the unconditional branch (OMS, arXiv 2311.15744: guidance on the OMS module with w = 1 is the conditional branch alone)
     spy.seen.clear()
     pipe(prompt_embeds=_embeds(2, 0), oms_prompt_embeds=cond, num_images_per_prompt=3, num_inference_steps=2, guidance_scale=1.0,
          output_type="latent", height=16, width=16)

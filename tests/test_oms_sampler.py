@@ -48,7 +48,8 @@ def test_skip_oms_equals_bare_ddim(tmp_path):
     assert torch.equal(with_oms.extras["x_no_oms"], bare)  # the compare half is the bare sampler
     # 8 leading steps with steps_offset 1: t0 = 7 * 125 + 1 = 876
     ab = alphas_cumprod_from_config(model.scheduler_config)[876].item()
-    assert with_oms.stats["oms_alpha_bar"] == pytest.approx(ab, rel=1e-5)  # diffusers keeps float32 tables
+    assert with_oms.stats["oms"]["alpha_bar"] == pytest.approx(ab, rel=1e-5)  # diffusers keeps float32 tables
+    assert with_oms.stats["oms"]["t0"] == 876
 
 
 def test_zero_terminal_snr_makes_oms_a_no_op(tmp_path):
@@ -58,7 +59,7 @@ def test_zero_terminal_snr_makes_oms_a_no_op(tmp_path):
     bare = draw("ddim", model, rescale_zero_snr=True)
     assert torch.isfinite(bare.x).all()
     res = draw("oms", model, oms_eta=0.0, oms_class=0, skip_compare=True)
-    assert res.stats["oms_alpha_bar"] == 0.0
+    assert res.stats["oms"]["alpha_bar"] == 0.0
     assert torch.equal(res.x, bare.x)
     # power: on the flawed schedule the same call is not a no-op
     flawed = tiny_model("flawed", tmp_path)
@@ -80,6 +81,26 @@ def test_offset_noise_start(tmp_path):
     assert torch.equal(draw("ddim", model, offset_noise=0.0).x, draw("ddim", model).x)
 
 
+def test_ddim_declares_its_flaw_options_and_nothing_re_registers_it():
+    """The ddim spec (baseline.py) owns --rescale-zero-snr / --offset-noise; importing the oms
+    sampler leaves SAMPLERS["ddim"] as baseline registered it."""
+    import gensample.samplers.oms  # noqa: F401
+    from gensample.samplers import baseline
+
+    spec = registry.get("ddim")
+    assert {"rescale_zero_snr", "offset_noise", "eta", "eps_scale"} <= {o.key for o in spec.options}
+    assert spec.fn.__module__ == baseline.__name__
+    assert "guidance_rescale" not in {o.key for o in spec.options}  # the common rescaled-CFG option
+
+
+def test_offset_noise_combines_with_eps_scaling(tmp_path):
+    """Offset noise only changes x_T, so Epsilon Scaling applies on top of it."""
+    model = tiny_model("flawed", tmp_path)
+    both = draw("ddim", model, offset_noise=0.3, eps_scale=1.05).x
+    assert not torch.equal(both, draw("ddim", model, offset_noise=0.3).x)
+    assert not torch.equal(both, draw("ddim", model, eps_scale=1.05).x)
+
+
 def test_guidance_rescale_uses_diffusers_rescale(tmp_path):
     model = tiny_model("zero-snr", tmp_path)
     plain = draw("ddim", model, rescale_zero_snr=True, guidance_scale=3.0, class_label=1)
@@ -89,13 +110,13 @@ def test_guidance_rescale_uses_diffusers_rescale(tmp_path):
 
 @pytest.mark.parametrize("variant,opts,match", [
     ("flawed", {"rescale_zero_snr": True}, "v_prediction"),
-    ("flawed", {"guidance_rescale": 0.5}, "--rescale-zero-snr"),
+    ("zero-snr", {"rescale_zero_snr": True, "eps_scale": 1.01}, "cannot be combined"),
     ("flawed", {"oms_class": 4}, "--oms-class"),
     ("flawed", {"oms_module": "/nonexistent/oms"}, "--oms-module"),
 ])
 def test_user_errors(variant, opts, match, tmp_path):
     model = tiny_model(variant, tmp_path)
-    sampler = "ddim" if ("rescale_zero_snr" in opts or "guidance_rescale" in opts) else "oms"
+    sampler = "ddim" if "rescale_zero_snr" in opts else "oms"
     with pytest.raises(ValueError, match=match):
         draw(sampler, model, **opts)
 
@@ -104,9 +125,8 @@ def test_user_errors(variant, opts, match, tmp_path):
     (["--sampler", "oms", "--oms-eta", "2"], "--oms-eta"),
     (["--sampler", "oms", "--oms-base", "heun"], "--oms-base"),
     (["--sampler", "ddim", "--model", "gmm-digits", "--rescale-zero-snr"], "v_prediction"),
-    (["--sampler", "ddim", "--model", "gmm-digits", "--guidance-rescale", "0.5", "--class-label", "1"], "--rescale-zero-snr"),
     (["--sampler", "ddim", "--model", "gmm-digits", "--offset-noise", "-1"], "--offset-noise"),
-    (["--sampler", "ddim", "--model", "gmm-digits", "--offset-noise", "0.1", "--eps-scale", "1.01"], "cannot be combined"),
+    (["--sampler", "ddim", "--model", "gmm-digits", "--rescale-zero-snr", "--eps-scale", "1.01"], "cannot be combined"),
 ])
 def test_cli_user_errors_exit_2(args, match, tmp_path):
     from gensample.cli import main
@@ -156,3 +176,14 @@ def test_brightness_data_levels():
     for k, level in enumerate(LEVELS):
         assert abs(means[lab == k].mean().item() - level) < 0.02  # only the clamp moves the mean
     assert x0.min() >= -1 and x0.max() <= 1
+
+
+def test_mean_luminance():
+    """BT.601 luma in [0, 255]: black 0, white 255, pure red 0.299 * 255; one channel: the value."""
+    import numpy as np
+
+    from gensample.samplers.oms import mean_luminance
+
+    imgs = np.stack([np.full((3, 2, 2), -1.0), np.full((3, 2, 2), 1.0), np.stack([np.ones((2, 2)), -np.ones((2, 2)), -np.ones((2, 2))])])
+    np.testing.assert_allclose(mean_luminance(imgs), [0.0, 255.0, 0.299 * 255], rtol=1e-12)
+    np.testing.assert_allclose(mean_luminance(np.zeros((1, 1, 4, 4))), [127.5])

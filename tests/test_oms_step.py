@@ -1,4 +1,4 @@
-"""OMS step: exact unit properties (specs/oms.md sec. 6 "Exact unit properties" 1-4, 7-9)."""
+"""OMS step: exact unit properties (docs/oms.md, "The step")."""
 
 import math
 
@@ -42,7 +42,7 @@ def test_legacy_variance_is_exactly_variance_times_z():
     fixed = oms_step(v, None, x_Tp, a, generator=torch.Generator().manual_seed(5)).double()
     torch.testing.assert_close(legacy, ((1 - a) * z).float().double(), rtol=0, atol=1e-6)
     torch.testing.assert_close(fixed, (math.sqrt(1 - a) * z).float().double(), rtol=0, atol=1e-6)
-    assert abs(math.sqrt(1 - a) - 0.99767) < 1e-5 and abs((1 - a) - 0.99534) < 1e-5  # spec sec. 2.4a numbers
+    assert abs(math.sqrt(1 - a) - 0.99767) < 1e-5 and abs((1 - a) - 0.99534) < 1e-5  # nu of the OMS step on SD's schedulembers
 
 
 def test_alpha_bar_zero_is_identity():
@@ -116,7 +116,7 @@ def test_config_validation():
         OMSConfig(guidance_scale=float("nan"))
 
 
-# -- t0 / alpha_bar table (property 8, spec sec. 2.1) -------------------------------------------
+# -- t0 / alpha_bar table (docs/oms.md, "The step") -------------------------------------------
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
           clip_sample=False, set_alpha_to_one=False)
 
@@ -153,3 +153,60 @@ def test_first_alpha_bar_needs_set_timesteps():
 
     with pytest.raises(ValueError, match="set_timesteps"):
         first_alpha_bar(DDIMScheduler.from_config(SD))
+
+
+# -- every random draw on its generator's device (diffusers' torch.Generator("cuda") idiom) ------
+class _ClaimsCuda:
+    """A generator stand-in that says it lives on CUDA and records nothing itself; the patched
+    torch.randn / torch.randint below record the device each draw is asked for."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, seed):
+        self.inner = torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def recorded_draws(monkeypatch):
+    calls = []
+    real_randn, real_randint = torch.randn, torch.randint
+
+    def unwrap(kw):
+        g = kw.get("generator")
+        calls.append((torch.device(kw["device"]) if kw.get("device") is not None else torch.device("cpu"),
+                      getattr(g, "device", None)))
+        if isinstance(g, _ClaimsCuda):
+            kw = dict(kw, generator=g.inner, device="cpu")  # draw on CPU for real, after recording
+        return kw
+
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: real_randn(*a, **unwrap(kw)))
+    monkeypatch.setattr(torch, "randint", lambda *a, **kw: real_randint(*a, **unwrap(kw)))
+    return calls
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_oms_step_draws_on_the_generators_device(recorded_draws, as_list):
+    """The z of the OMS step is drawn on the generator's device (a CUDA generator must not be asked
+    for a CPU tensor, which torch refuses), then moved to x's device."""
+    x_Tp = torch.zeros(SHAPE)
+    gen = [_ClaimsCuda(i) for i in range(SHAPE[0])] if as_list else _ClaimsCuda(0)
+    out = oms_step(torch.zeros(SHAPE), None, x_Tp, 0.1, eta=1.0, generator=gen)
+    assert out.device == x_Tp.device and out.shape == SHAPE
+    assert recorded_draws and all(dev == torch.device("cuda", 0) for dev, _ in recorded_draws), recorded_draws
+    # and a CPU generator draws on the CPU, bit-identical to a plain draw
+    recorded_draws.clear()
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = oms_step(torch.zeros(SHAPE), None, x_Tp, 0.0, eta=1.0, generator=torch.Generator().manual_seed(4))
+    assert all(dev == torch.device("cpu") for dev, _ in recorded_draws)
+    torch.testing.assert_close(got, z.float(), rtol=0, atol=0)
+
+
+def test_sampler_class_draws_on_the_generators_device(recorded_draws):
+    """The per-sample OMS class of the sampler is drawn on its stream's device too."""
+    from gensample.models.oms import small_oms_module
+    from gensample.samplers.oms import _oms_classes
+
+    module = small_oms_module(in_channels=1, num_classes=3)
+    labels = _oms_classes(module, {}, [1, 2, 3], [_ClaimsCuda(i) for i in range(3)])
+    assert labels.shape == (3,) and labels.device.type == "cpu" and int(labels.max()) < 3
+    assert [dev for dev, _ in recorded_draws] == [torch.device("cuda", 0)] * 3

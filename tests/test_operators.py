@@ -1,4 +1,4 @@
-"""Forward operators for inverse problems (specs/stsl.md sec. 4)."""
+"""Forward operators for inverse problems (docs/stsl.md, "What is here")."""
 
 import numpy as np
 import pytest

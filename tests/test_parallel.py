@@ -1,4 +1,4 @@
-"""Multi-process sampling (issue 10, specs/ecosystem.md sec. 5): sharding, identity to one
+"""Multi-process sampling (issue 10; README "Scaling out", docs/scaling.md): sharding, identity to one
 process, float64 FID-statistics reduction across processes."""
 
 import os

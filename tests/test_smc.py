@@ -1,4 +1,4 @@
-"""SMC bookkeeping (gensample.core.smc; specs/fkc.md sec. 3 and sec. 6 "ESS/SMC")."""
+"""SMC bookkeeping (gensample.core.smc; Douc, Cappe & Moulines 2005; docs/fkc.md)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""STSL / DPS / PSLD component properties (specs/stsl.md sec. 7.4) and the CLI."""
+"""STSL / DPS / PSLD component properties (docs/stsl.md, "Tests") and the CLI."""
 
 import json
 import math
@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 
 
 def exact_trace_hessian(mix: GaussianMixture, x: torch.Tensor, ab: float) -> torch.Tensor:
-    """Tr grad^2 log p_t for an isotropic mixture: sum_k pi_k (-D / v_k + |g_k|^2) - |g|^2 (sec. 7.1)."""
+    """Tr grad^2 log p_t for an isotropic mixture: sum_k pi_k (-D / v_k + |g_k|^2) - |g|^2."""
     mean, var = mix.noised_params(ab)  # (1, K, D), (1, K)
     diff = x[:, None, :] - mean  # (B, K, D)
     g_k = -diff / var[:, :, None]
@@ -31,7 +31,7 @@ def exact_trace_hessian(mix: GaussianMixture, x: torch.Tensor, ab: float) -> tor
 
 @pytest.mark.parametrize("prior, delta", [("gaussian", 1.0), ("gaussian", 0.1), ("gmm", 1e-3)])
 def test_hutchinson_probe_estimates_trace(prior, delta):
-    """Sec. 7.4(a): the mean of T_delta over probes equals Tr(H) within 5 MC standard errors."""
+    """Check (a): the mean of T_delta over probes equals Tr(H) within 5 MC standard errors."""
     mix = GaussianMixture([1.0], [[0.5, -1.0]], [0.7]) if prior == "gaussian" else gmm2d_mixture()
     ab, n = 0.6, 20000
     x = torch.tensor([[0.8, 2.0]], dtype=torch.float64).expand(n, 2)
@@ -71,14 +71,15 @@ def test_trace_gradient_is_a_descent_direction_for_the_exact_trace():
 
 
 def test_gaussian_prior_trace_term_has_no_effect():
-    """Sec. 7.4(b): linear score => grad of the trace term is 0, STSL(eta) == STSL(eta=0)."""
+    """Check (b): linear score => grad of the trace term is 0, STSL(eta) == STSL(eta=0)."""
     model = gmm_model("gauss", GaussianMixture([1.0], [[0.5, -1.0]], [0.7]))
     op = MatrixOperator((2,), [[1.0, 0.5]])
     y = torch.tensor([[0.3]])
-    kw = dict(steps=10, inner_steps=2)
+    kw = dict(steps=10, inner_steps=2, ddim_eta=0.0)
     a, _ = reconstruct(model, op, y, "stsl", list(range(8)), trace_weight=0.0, **kw)
     b, _ = reconstruct(model, op, y, "stsl", list(range(8)), trace_weight=5.0, **kw)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # float32 UNet-batch rounding only
+    # float32 UNet-batch rounding only (amplified by the (1 - ab)^2 / ab trace scale at the first steps)
+    torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
     # power: on a mixture (non-linear score) the same trace weight changes the samples
     c, _ = reconstruct(gmm2d(), op, y, "stsl", list(range(8)), trace_weight=0.0, **kw)
     d, _ = reconstruct(gmm2d(), op, y, "stsl", list(range(8)), trace_weight=5.0, **kw)
@@ -95,13 +96,15 @@ def _ddim_baseline(model, seeds, steps, eta):
 
 
 @pytest.mark.parametrize("method, params, eta", [
-    ("stsl", dict(data_weight=0.0, trace_weight=0.0, inner_steps=2, init="gaussian"), 0.0),
-    ("stsl", dict(data_weight=0.0, trace_weight=0.0, inner_steps=2, init="gaussian", reuse_eps=True), 0.0),
+    ("stsl", dict(data_weight=0.0, trace_weight=0.0, inner_steps=2, init="gaussian", ddim_eta=0.0), 0.0),
+    ("stsl", dict(data_weight=0.0, trace_weight=0.0, inner_steps=2, init="gaussian", reuse_eps=True, ddim_eta=0.0), 0.0),
+    ("stsl", dict(data_weight=0.0, trace_weight=0.0, inner_steps=1, init="gaussian"), 1.0),
     ("dps", dict(zeta=0.0, ddim_eta=1.0), 1.0),
-    ("psld", dict(gamma=0.0, omega=0.0), 0.0),
+    ("psld", dict(gamma=0.0, omega=0.0, ddim_eta=0.0), 0.0),
+    ("psld", dict(gamma=0.0, omega=0.0, step_rule="paper"), 0.0),
 ])
 def test_zero_data_weight_is_unconditional_ddim(method, params, eta):
-    """Sec. 7.4(c): with zero guidance weights the loop reproduces the stock DDIM trajectory."""
+    """Check (c): with zero guidance weights the loop reproduces the stock DDIM trajectory."""
     model = gmm2d()
     seeds = list(range(10, 22))
     op = random_inpaint((2,), 0.5, seed=0)
@@ -115,7 +118,7 @@ def test_zero_data_weight_is_unconditional_ddim(method, params, eta):
 
 
 def test_pixel_psld_equals_dps_on_ddim_for_inpainting():
-    """Sec. 7.4(d): identity codec + mask => gluing residual == measurement residual, so PSLD(gamma, omega)
+    """Check (d): identity codec + mask => gluing residual == measurement residual, so PSLD(gamma, omega)
     == DPS on DDIM with zeta = gamma + omega."""
     from gensample.zoo.analytic import gmm_digits
 
@@ -124,7 +127,7 @@ def test_pixel_psld_equals_dps_on_ddim_for_inpainting():
     x_true = model.extras["mixture"].sample(1, torch.Generator().manual_seed(0))
     y = op.measure(x_true, 0.05, [torch.Generator().manual_seed(1)])
     seeds = [3, 4, 5]
-    a, _ = reconstruct(model, op, y, "psld", seeds, steps=15, gamma=0.3, omega=0.7)
+    a, _ = reconstruct(model, op, y, "psld", seeds, steps=15, gamma=0.3, omega=0.7, ddim_eta=0.0)
     b, _ = reconstruct(model, op, y, "dps", seeds, steps=15, zeta=1.0, ddim_eta=0.0)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     c, _ = reconstruct(model, op, y, "dps", seeds, steps=15, zeta=0.3, ddim_eta=0.0)
@@ -132,10 +135,11 @@ def test_pixel_psld_equals_dps_on_ddim_for_inpainting():
 
 
 def test_identity_operator_noiseless_recovers_y():
-    """Sec. 7.4(e): A = I, sigma -> 0, strong data weight: the output approaches y."""
+    """Check (e): A = I, sigma -> 0, strong data weight: the output approaches y."""
     op = MatrixOperator((2,), np.eye(2))
     y = torch.tensor([[1.0, 2.0]])
-    x, _ = reconstruct(gmm2d(), op, y, "stsl", list(range(16)), steps=50, inner_steps=5, data_weight=0.4, data_loss="sq")
+    x, _ = reconstruct(gmm2d(), op, y, "stsl", list(range(16)), steps=50, inner_steps=5, data_weight=0.4, data_loss="sq",
+                       step_rule="paper")
     assert (x - y).abs().max() < 0.15
     x0, _ = reconstruct(gmm2d(), op, y, "stsl", list(range(16)), steps=50, inner_steps=1, data_weight=0.0, trace_weight=0.0)
     assert (x0 - y).abs().max() > 1.0  # power: no data term, no recovery
@@ -143,13 +147,16 @@ def test_identity_operator_noiseless_recovers_y():
 
 @pytest.mark.parametrize("reuse, forward", [(False, 550), (True, 500)])
 def test_nfe_counters(reuse, forward):
-    """Sec. 7.4(f): N = 50, K = 5 -> 250 paper NFE; UNet evaluations counted honestly."""
+    """Check (f): N = 50, K = 5 -> 250 paper NFE; UNet evaluations counted honestly."""
     op = MatrixOperator((2,), [[1.0, 0.0]])
-    _, c = reconstruct(gmm2d(), op, torch.tensor([[1.0]]), "stsl", [0], steps=50, inner_steps=5, reuse_eps=reuse)
+    _, c = reconstruct(gmm2d(), op, torch.tensor([[1.0]]), "stsl", [0], steps=50, inner_steps=5, reuse_eps=reuse, prior_var=1.0)
     assert c.nfe_paper == 250
     assert c.unet_forward == forward and c.unet_backward == 500
+    # the auto rule's one-off prior-variance estimate (8 points, one forward + one backward each) is counted
+    _, c = reconstruct(gmm2d(), op, torch.tensor([[1.0]]), "stsl", [0], steps=50, inner_steps=5, reuse_eps=reuse)
+    assert (c.unet_forward, c.unet_backward) == (forward + 8, 508) and c.prior_var > 0
     _, c = reconstruct(gmm2d(), op, torch.tensor([[1.0]]), "psld", [0], steps=40)
-    assert (c.nfe_paper, c.unet_forward, c.unet_backward, c.vae_decode) == (40, 40, 40, 0)
+    assert (c.nfe_paper, c.unet_forward, c.unet_backward, c.vae_decode) == (40, 48, 48, 0)
 
 
 def test_config_user_errors():
@@ -177,7 +184,7 @@ def test_cli_stsl_on_gmm_digits_writes_before_after(cli, tmp_path):
             "--from-sample", "5", "--device", "cpu", "-o", str(out))
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "run.json").read_text())
-    assert rec["stats"]["nfe_paper"] == 8 and rec["stats"]["unet_forward"] == 4 * (2 * 2 + 1)
+    assert rec["stats"]["nfe_paper"] == 8 and rec["stats"]["unet_forward"] == 4 * (2 * 2 + 1) + 8
     for f in ("before_after.png", "metrics.json", "measurement.npy", "grid.png"):
         assert (out / f).exists(), f
     z = np.load(out / "samples.npz")
@@ -218,7 +225,7 @@ def test_cli_matrix_task_on_gmm2d(cli, tmp_path):
     (["--sampler", "dps", "--model", "gmm2d", "--inner-steps", "2"], "does not apply to sampler"),
     (["--sampler", "gold", "--model", "gmm2d", "--noise-std", "0"], "--noise-std > 0"),
     (["--sampler", "stsl", "--model", "gmm2d", "--measurement", "nope.npy"], "not found"),
-    (["--sampler", "dps", "--model", "gmm-digits", "--measurement", "y.npy", "--from-digit", "1"], "not both"),
+    (["--sampler", "dps", "--model", "gmm-digits", "--measurement", "y.npy", "--from-digit", "1"], "pass one of"),
 ])
 def test_cli_user_errors_exit_2(cli, tmp_path, args, match):
     r = cli("run", *args, "-n", "2", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "e"))

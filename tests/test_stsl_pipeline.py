@@ -1,4 +1,4 @@
-"""STSLPipeline on Stable-Diffusion-shaped tiny random components (specs/ecosystem.md sec. 4) and on
+"""STSLPipeline on Stable-Diffusion-shaped tiny random components (diffusers fast-test style) and on
 a pixel UNet2DModel: the latent path runs end to end on SD classes, with honest VAE/UNet counts."""
 
 import numpy as np

@@ -1,18 +1,25 @@
-"""Time-Shift in diffusers pipelines: stock DDPM/DDIM/StableDiffusion pipelines via
-`enable_time_shift`, and our `TimeShiftPipeline` (specs/time_shift.md sec. 4, ecosystem.md sec. 2)."""
+"""Time-Shift in diffusers pipelines: stock DDPM/DDIM/Stable Diffusion pipelines via
+`enable_time_shift`, the `from_config` idiom, and our `TimeShiftPipeline` (docs/time_shift.md
+"Python / diffusers"). SD pipelines are tiny random ones built offline (tests/sd_fixtures.py)."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-
-from gensample.pipelines.time_shift import (
-    TimeShiftModelWrapper,
-    TimeShiftPipeline,
-    disable_time_shift,
-    enable_time_shift,
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+    UNet2DModel,
 )
-from gensample.samplers.time_shift import TimeShiftScheduler
+
+from gensample.pipelines.time_shift import TimeShiftPipeline, disable_time_shift, enable_time_shift
+from gensample.samplers.time_shift import TimeShiftScheduler, reference_variance, sample_variance, time_shift_times
 
 
 def tiny_unet(num_class_embeds=None) -> UNet2DModel:
@@ -25,13 +32,13 @@ def tiny_unet(num_class_embeds=None) -> UNet2DModel:
 
 
 class Spy:
-    """Records the timestep tensors a UNet receives."""
+    """Records the timestep tensors a UNet receives (after the Time-Shift hook)."""
 
     def __init__(self, unet):
         self.seen = []
-        unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+        self.handle = unet.register_forward_hook(self.hook, with_kwargs=True)
 
-    def hook(self, module, args, kwargs):
+    def hook(self, module, args, kwargs, output):
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         self.seen.append(torch.as_tensor(t).clone())
 
@@ -42,20 +49,23 @@ def _ddim_pipe():
     return pipe
 
 
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_pipeline_window_zero_is_stock_bit_for_bit(eta):
-    ref = _ddim_pipe()(batch_size=2, num_inference_steps=5, eta=eta, output_type="np",
-                       generator=torch.Generator().manual_seed(0)).images
+    ref = _ddim_pipe()(batch_size=2, num_inference_steps=5, eta=eta, output_type="np", generator=_gen()).images
     pipe = enable_time_shift(_ddim_pipe(), window_size=0)
-    got = pipe(batch_size=2, num_inference_steps=5, eta=eta, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    got = pipe(batch_size=2, num_inference_steps=5, eta=eta, output_type="np", generator=_gen()).images
     assert np.array_equal(ref, got)
 
 
 def test_ddim_pipeline_time_shift_passes_per_sample_timesteps():
     pipe = enable_time_shift(_ddim_pipe(), window_size=40, cutoff=200)
-    spy = Spy(pipe.unet.unet)
-    out = pipe(batch_size=3, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert type(pipe.unet) is UNet2DModel  # the pipeline's unet stays the model (hook, no wrapper)
+    spy = Spy(pipe.unet)
+    out = pipe(batch_size=3, num_inference_steps=5, output_type="np", generator=_gen())
     assert out.images.shape == (3, 8, 8, 3) and np.isfinite(out.images).all()
     grid = pipe.scheduler.timesteps.tolist()
     assert len(spy.seen) == 5 and all(t.shape == (3,) for t in spy.seen)
@@ -68,81 +78,157 @@ def test_ddim_pipeline_time_shift_passes_per_sample_timesteps():
     assert any((t_s != t).any() for t, t_s in zip(grid, spy.seen))
     disable_time_shift(pipe)
     assert isinstance(pipe.unet, UNet2DModel) and isinstance(pipe.scheduler, DDIMScheduler)
+    spy.seen.clear()
+    pipe(batch_size=3, num_inference_steps=5, output_type="np", generator=_gen())
+    assert all(t.numel() == 1 for t in spy.seen)  # the hook is gone
 
 
 def test_ddpm_pipeline_time_shift_runs_ddpm_like():
     pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
     enable_time_shift(pipe, window_size=30, cutoff=300)
     assert isinstance(pipe.scheduler, TimeShiftScheduler) and pipe.scheduler.config.eta == 1.0
-    a = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(0)).images
-    c = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(1)).images
+    a = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen(0)).images
+    c = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen(1)).images
     assert not np.array_equal(a, c) and np.isfinite(a).all()  # stochastic (seeded: contract tests)
     with pytest.raises(ValueError, match="already enabled"):
         enable_time_shift(pipe)
 
 
-def test_wrapper_cfg_halves_share_ts():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, norm_num_groups=2, attention_head_dim=2,
-    ).eval()
-    sched = TimeShiftScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, window_size=40, cutoff=0)
-    sched.set_timesteps(10)
-    wrapper = TimeShiftModelWrapper(unet, sched)
-    spy = Spy(unet)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, 8, 8, generator=g) * torch.tensor([0.5, 1.0, 2.0]).reshape(3, 1, 1, 1)
-    emb = torch.randn(6, 5, 8, generator=g)
-    t = sched.timesteps[3]
-    with torch.no_grad():
-        out = wrapper(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
-    t_s = spy.seen[0]
-    assert out.shape == (6, 4, 8, 8) and t_s.shape == (6,)
-    assert torch.equal(t_s[:3], t_s[3:]) and torch.equal(t_s[:3], sched.model_timesteps(x, t))
-    assert t_s[0] != t_s[2]  # per-sample: different variances give different shifts
-    assert wrapper.config.in_channels == 4 and wrapper.dtype == torch.float32
-
-
-@pytest.mark.slow  # ~5 s idle, 40 s on the shared dev machine
-def test_stable_diffusion_pipeline_time_shift():
-    pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, norm_num_groups=2, attention_head_dim=2,
-    ).eval()
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2).eval()
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    g = torch.Generator().manual_seed(0)
-    emb, neg = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
-    kw = dict(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=5, guidance_scale=3.0,
-              height=32, width=32, output_type="np")
-    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+# -- issue: clip_sample default, the from_config idiom ------------------------------------------
+@pytest.mark.parametrize("source,expected", [
+    (PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), False),  # no clip_sample key
+    (EulerDiscreteScheduler(), False),
+    (DDIMScheduler(clip_sample=True), True),
+    (DDIMScheduler(clip_sample=False), False),
+])
+def test_clip_sample_comes_from_the_source_config_else_false(source, expected):
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=source)  # keeps the scheduler it is given
     enable_time_shift(pipe, window_size=0)
-    assert np.array_equal(ref, pipe(generator=torch.Generator().manual_seed(0), **kw).images)
-    disable_time_shift(pipe)
-    enable_time_shift(pipe, window_size=40, cutoff=0)
-    spy = Spy(pipe.unet.unet)
-    out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
-    assert all(t.shape == (4,) and torch.equal(t[:2], t[2:]) for t in spy.seen)  # CFG halves share t_s
+    assert pipe.scheduler.config.clip_sample is expected
+    assert TimeShiftScheduler.from_config(source.config).config.clip_sample is expected
+
+
+def test_from_config_swap_in_a_stock_pipeline_fails_loudly():
+    """`pipe.scheduler = TimeShiftScheduler.from_config(...)` leaves the UNet at the grid time:
+    the step that would shift raises with the fix instead of mixing DDIM and TS."""
+    pipe = _ddim_pipe()
+    pipe.scheduler = TimeShiftScheduler.from_config(pipe.scheduler.config, window_size=40, cutoff=0)
+    with pytest.raises(ValueError, match="enable_time_shift"):
+        pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen())
+    # configurations that never move the model time are correct as they are
+    ref = _ddim_pipe()(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen()).images
+    pipe.scheduler = TimeShiftScheduler.from_config(pipe.scheduler.config, window_size=0)
+    assert np.array_equal(pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen()).images, ref)
+    pipe.scheduler = TimeShiftScheduler.from_config(pipe.scheduler.config, window_size=40, cutoff=0,
+                                                    variant="reference_pnm")
+    out = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen()).images
+    assert np.isfinite(out).all() and not np.array_equal(out, ref)
+
+
+def test_scheduler_swap_after_enable_works():
+    pipe = enable_time_shift(_ddim_pipe(), window_size=40, cutoff=0)
+    ref = _ddim_pipe()(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen()).images
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # back to stock DDIM
+    assert np.array_equal(pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen()).images, ref)
+    pipe.scheduler = TimeShiftScheduler.from_config(pipe.scheduler.config, window_size=40, cutoff=0)
+    spy = Spy(pipe.unet)
+    out = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen()).images
+    assert np.isfinite(out).all() and any((t != g).any() for t, g in zip(spy.seen, pipe.scheduler.timesteps))
+
+
+def test_window_wider_than_stride_with_eta_is_refused_and_steps_stay_finite():
+    pipe = enable_time_shift(_ddim_pipe(), window_size=40, cutoff=0)
+    with pytest.raises(ValueError, match=r"window_size 40 .* must be in \[0, 19\]"):
+        pipe(batch_size=2, num_inference_steps=100, eta=1.0, output_type="np", generator=_gen())
+
+
+# -- Stable Diffusion -------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+from sd_fixtures import LATENT, PIXELS, inpaint_inputs, tiny_sd_pipeline  # noqa: E402
+
+SD_KW = dict(prompt=["a cat", "a dog"], negative_prompt=["red", "red"], num_inference_steps=4, guidance_scale=5.0,
+             num_images_per_prompt=2, output_type="np")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sd_enable_save_load_same_images(tmp_path, prediction_type):
+    pipe = tiny_sd_pipeline(tmp_path, prediction_type)
+    with pytest.warns(UserWarning, match="latent pipeline"):
+        enable_time_shift(pipe, window_size=40, cutoff=0)
+    spy = Spy(pipe.unet)
+    steps_seen = []
+    cb = lambda p, i, t, tensors: steps_seen.append(i) or {}  # noqa: E731
+    a = pipe(generator=_gen(), callback_on_step_end=cb, **SD_KW).images
+    assert a.shape == (4, PIXELS, PIXELS, 3) and np.isfinite(a).all() and steps_seen == [0, 1, 2, 3]
+    assert all(t.shape == (8,) and torch.equal(t[:4], t[4:]) for t in spy.seen)  # CFG halves share t_s
+    assert any((t != g).any() for t, g in zip(spy.seen, pipe.scheduler.timesteps))
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["scheduler"][1] == "TimeShiftScheduler"
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved", safety_checker=None,
+                                                     requires_safety_checker=False)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.unet) is UNet2DConditionModel and loaded.scheduler.config.window_size == 40
+    with pytest.warns(UserWarning):
+        enable_time_shift(loaded)  # keeps the saved window / cutoff / variant
+    assert np.array_equal(loaded(generator=_gen(), **SD_KW).images, a)
+    lat = loaded(generator=_gen(), **{**SD_KW, "output_type": "latent"}).images
+    assert tuple(lat.shape) == (4, 4, LATENT, LATENT)
+
+
+def test_sd_scheduler_swap_after_enable(tmp_path):
+    pipe = tiny_sd_pipeline(tmp_path)
+    ref = pipe(generator=_gen(), **SD_KW).images
+    with pytest.warns(UserWarning):
+        enable_time_shift(pipe, window_size=40, cutoff=0)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert np.array_equal(pipe(generator=_gen(), **SD_KW).images, ref)
+    pipe.scheduler = TimeShiftScheduler.from_config(pipe.scheduler.config, window_size=40, cutoff=0)
+    out = pipe(generator=_gen(), **SD_KW).images
+    assert np.isfinite(out).all() and not np.array_equal(out, ref)
+
+
+def test_sd_inpaint_selects_on_the_latent_channels(tmp_path):
+    """SD inpaint feeds the UNet 9 channels (latents, mask, masked-image latents): t_s must be
+    picked from the 4 latent channels that `step` updates; step raises on any disagreement."""
+    pipe = tiny_sd_pipeline(tmp_path, kind="inpaint")
+    with pytest.warns(UserWarning):
+        enable_time_shift(pipe, window_size=40, cutoff=0)
+    spy = Spy(pipe.unet)
+    states = [torch.randn(1, 4, LATENT, LATENT, generator=_gen(3))]  # latents before each step
+    cb = lambda p, i, t, tensors: states.append(tensors["latents"].clone()) or {}  # noqa: E731
+    out = pipe(prompt="a cat", num_inference_steps=4, guidance_scale=3.0, generator=_gen(), output_type="np",
+               latents=states[0].clone(), callback_on_step_end=cb, **inpaint_inputs()).images
+    assert out.shape == (1, PIXELS, PIXELS, 3) and np.isfinite(out).all()
+    sched = pipe.scheduler
+    grid = sched.timesteps.tolist()
+    ref = reference_variance(sched.alphas_cumprod)
+    for k, seen in enumerate(spy.seen):  # Algorithm 3 on the latents the step updates
+        expect, _ = time_shift_times(states[k], k, grid, ref, sched.window_size_eff, sched.cutoff_eff)
+        assert seen.shape == (2,) and (seen == expect).all(), (k, seen, expect)
+    assert any((t != g).any() for t, g in zip(spy.seen, grid))
+    # the selection on all 9 channels is a different time: the scheduler would refuse it
+    sched.set_timesteps(4)
+    t = sched.timesteps[1]
+    x = torch.randn(1, 9, LATENT, LATENT, generator=_gen(1))
+    lat = x[:, :4]
+    x[:, :4] = lat * ((1 - sched.alphas_cumprod[t].double()) / sample_variance(lat)).sqrt().float()  # var = 1 - ab_t
+    x[:, 4:] = x[:, 4:] * 3.0 + 1.0  # mask / image channels: other statistics
+    full = sched.model_timesteps(x, t)
+    assert not torch.equal(full, sched.model_timesteps(x[:, :4], t))
+    with pytest.raises(ValueError, match="model_timesteps differs"):
+        sched.step(torch.zeros_like(x[:, :4]), t, x[:, :4], model_timesteps=full)
 
 
 # -- our pipeline ------------------------------------------------------------------------------
 def test_time_shift_pipeline_window_zero_equals_ddim_pipeline():
-    ref = _ddim_pipe()(batch_size=2, num_inference_steps=5, output_type="np",
-                       generator=torch.Generator().manual_seed(0)).images
+    ref = _ddim_pipe()(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen()).images
     pipe = TimeShiftPipeline(unet=tiny_unet(), scheduler=TimeShiftScheduler(clip_sample=False, window_size=0))
-    got = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    got = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=_gen()).images
     assert np.array_equal(ref, got)
     converted = TimeShiftPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(clip_sample=False, steps_offset=1))
     assert isinstance(converted.scheduler, TimeShiftScheduler) and converted.scheduler.config.steps_offset == 1
@@ -151,16 +237,19 @@ def test_time_shift_pipeline_window_zero_equals_ddim_pipeline():
 def test_time_shift_pipeline_class_conditional_contract(tmp_path):
     pipe = TimeShiftPipeline(unet=tiny_unet(num_class_embeds=3),
                              scheduler=TimeShiftScheduler(clip_sample=False, window_size=40, cutoff=200, eta=1.0))
+    pipe.set_progress_bar_config(disable=True)
     gens = lambda: [torch.Generator().manual_seed(s) for s in (0, 1, 2)]  # noqa: E731
     out = pipe(batch_size=3, num_inference_steps=5, class_labels=[0, 1, 2], output_type="np", generator=gens())
     assert out.images.shape == (3, 8, 8, 3) and np.isfinite(out.images).all()
     tup = pipe(batch_size=3, num_inference_steps=5, class_labels=[0, 1, 2], output_type="np", generator=gens(),
                return_dict=False)
     assert np.array_equal(tup[0], out.images)
+    lat = pipe(batch_size=3, num_inference_steps=5, class_labels=[0, 1, 2], output_type="latent", generator=gens()).images
+    assert torch.allclose((lat / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), torch.from_numpy(out.images))
     one = pipe(batch_size=1, num_inference_steps=5, class_labels=[1], output_type="np",
                generator=[torch.Generator().manual_seed(1)]).images
     assert np.abs(one[0] - out.images[1]).max() < 1e-4  # batch of one equals its batch element
-    pil = pipe(batch_size=1, class_labels=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0)).images
+    pil = pipe(batch_size=1, class_labels=2, num_inference_steps=5, generator=_gen()).images
     assert pil[0].size == (8, 8)
     pipe.save_pretrained(tmp_path)
     again = TimeShiftPipeline.from_pretrained(tmp_path)
@@ -175,7 +264,7 @@ def test_time_shift_pipeline_class_conditional_contract(tmp_path):
         return {"latents": torch.zeros_like(tensors["latents"])}
 
     zero = pipe(batch_size=1, num_inference_steps=4, class_labels=0, output_type="np", callback_on_step_end=cb,
-                generator=torch.Generator().manual_seed(0)).images
+                generator=_gen()).images
     assert seen == [0, 1, 2, 3] and np.allclose(zero, 0.5)  # zeroed latents decode to mid-grey
     with pytest.raises(ValueError, match="output_type"):
         pipe(output_type="latentz")

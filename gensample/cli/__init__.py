@@ -1,16 +1,29 @@
 """The `gensample` command line (Click). Thin: parse, call gensample.api, report.
 
-User errors (ValueError/TypeError from the API) become usage errors: exit code 2, one message,
-no traceback. Subcommand modules ``gensample/cli/cmd_*.py`` define ``register(main)`` and are
-picked up automatically; ``gensample train`` subcommands attach to the ``train`` group.
+Exit codes: 0 done; 2 a user error (ValueError/TypeError from the API: one message, no
+traceback); 1 the run could not finish (NaN/Inf stop, the model's own forward failed, a launched process died, the output folder
+is read-only / full / in use); 130 Ctrl-C and 143 SIGTERM (run.json says ``interrupted``, the
+finished shards are kept: the same command resumes).
+
+Start-up is kept light: importing this module loads click only. torch, diffusers and the sampler
+modules load when a command needs them; `gensample list` reads a cache of the registry (in the
+user cache folder, rebuilt whenever a file of the package changes) and `run`'s sampler-specific
+flags are built on first use (`_LazyRunCommand`).
+
+Subcommand modules ``gensample/cli/cmd_*.py`` define ``register(main)`` and are picked up
+automatically; ``gensample train`` subcommands attach to the ``train`` group.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
+import os
 import pkgutil
+import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -22,8 +35,8 @@ class UserError(click.UsageError):
 
 
 def user_errors(fn):
-    """Decorator: ValueError/TypeError/FileNotFoundError -> exit 2 message; NaN stop -> exit 1."""
-    import functools
+    """Decorator: ValueError/TypeError/FileNotFoundError -> exit 2 message; NaN stop, a dead
+    launched process, or an output folder that cannot be written (OSError) -> exit 1 message."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,11 +46,51 @@ def user_errors(fn):
             raise UserError(str(err)) from None
         except (FloatingPointError, ChildProcessError) as err:  # NaN stop; a launched process died
             raise click.ClickException(str(err)) from None
+        except RuntimeError as err:  # core.denoiser.ModelCallError: the network's own call failed (exit 1)
+            if err.__class__.__name__ == "ModelCallError":
+                raise click.ClickException(str(err)) from None
+            raise
+        except OSError as err:  # api.OutputError (names --output) or another file-system error
+            msg = str(err) if err.__class__.__name__ == "OutputError" else f"file-system error: {err}"
+            raise click.ClickException(msg) from None
+        except MemoryError:
+            raise click.ClickException("out of memory; lower --batch-size or --num-samples") from None
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Interrupted(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Group(click.Group):
+    """The top-level group: Ctrl-C and SIGTERM end any command with one line and exit 130/143
+    (the run itself has recorded ``interrupted`` in run.json by then), never a traceback."""
+
+    def invoke(self, ctx):
+        import threading
+
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            def on_term(signum, frame):
+                raise _Interrupted(signum)
+
+            old = signal.signal(signal.SIGTERM, on_term)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            click.echo(f"\ngensample: interrupted ({signal.Signals(signum).name}); finished shards are kept, "
+                       f"run the same command again to resume", err=True)
+            ctx.exit(128 + int(signum))
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="gensample")
 def main() -> None:
     """gensample: research-grade diffusion samplers for Hugging Face diffusers."""
@@ -48,54 +101,86 @@ def train() -> None:
     """Train the small embedded models (their shipped weights come from these commands)."""
 
 
+# -- `gensample run` -------------------------------------------------------------------------
 def _click_type(opt):
     if isinstance(opt.type, tuple):
         return click.Choice(list(opt.type))
     return {int: int, float: float, str: str, bool: bool}.get(opt.type, str)
 
 
-def _run_options(fn):
+def _defaults_text(key: str, registry) -> str:
+    """Per-sampler defaults of option ``key``: "ddim, oms: default 0.0; fkc: default 1.0"."""
+    by_default: dict[str, list[str]] = {}
+    for spec in registry.SAMPLERS.values():
+        for o in spec.options:
+            if o.key == key:
+                by_default.setdefault(repr(o.default) if not isinstance(o.default, str) else o.default, []).append(spec.name)
+    return "; ".join(f"{', '.join(sorted(names))}: default {d}" for d, names in sorted(by_default.items(), key=lambda kv: sorted(kv[1])))
+
+
+_TEXT_KEYS = ("prompt", "negative_prompt", "guidance_rescale", "height", "width", "weights_variant")
+
+
+def _sampler_params() -> list[click.Parameter]:
+    """--sampler (a choice of the registered samplers) and every sampler-specific flag."""
     from ..samplers import registry
 
     registry.discover()
+    params: list[click.Parameter] = [
+        click.Option(["--sampler"], type=click.Choice(sorted(registry.SAMPLERS)), default=None,
+                     help="Sampling method (see `gensample list`).")]
     specific = registry.all_options()
-    for key in sorted(specific, reverse=True):
+    for key in sorted(specific):
+        if key in _TEXT_KEYS:  # run's own flag (--prompt, --guidance-rescale) feeds the sampler's option too
+            continue
         opt = specific[key]
-        users = sorted(s.name for s in registry.SAMPLERS.values() if any(o.key == key for o in s.options))
-        help_text = f"{opt.help} [{', '.join(users)}; default {opt.default}]"
+        help_text = f"{opt.help} [{_defaults_text(key, registry)}]"
         if opt.type is bool:
-            fn = click.option(f"{opt.flag}/--no-{opt.name.replace('_', '-')}", key, default=None, help=help_text)(fn)
+            params.append(click.Option([f"{opt.flag}/--no-{opt.name.replace('_', '-')}", key], default=None, help=help_text))
         else:
-            fn = click.option(opt.flag, key, type=_click_type(opt), default=None, help=help_text)(fn)
-    return fn
+            params.append(click.Option([opt.flag, key], type=_click_type(opt), default=None, help=help_text))
+    return params
 
 
-def _sampler_choice():
-    from ..samplers import registry
+class _LazyRunCommand(click.Command):
+    """`run` builds --sampler and the sampler flags (which import every sampler, hence torch) only
+    when it is invoked or its --help is shown, so `gensample --help` stays fast."""
 
-    return click.Choice(sorted(registry.discover()))
+    def get_params(self, ctx):
+        if not getattr(self, "_built", False):
+            self._built = True
+            self.params[:0] = _sampler_params()
+        return super().get_params(ctx)
 
 
-@main.command(context_settings={"show_default": True})
-@click.option("--sampler", type=_sampler_choice(), default=None, help="Sampling method (see `gensample list`).")
+@main.command(cls=_LazyRunCommand, context_settings={"show_default": True})
 @click.option("--model", "model", default=None, help="Zoo name, gmm:FILE.json, diffusers folder or hub id. Default: the sampler's demo model.")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None, help="YAML recipe; its values are defaults that flags override.")
-@click.option("--steps", type=int, default=None, help="Number of sampling steps.")
+@click.option("--steps", type=int, default=None, help="Number of sampling steps [default: the sampler's].")
 @click.option("-n", "--num-samples", "num_samples", type=int, default=None, help="Number of samples [default 16].")
-@click.option("--batch-size", type=int, default=None, help="Samples per model batch [default 256].")
+@click.option("--batch-size", type=int, default=None, help="Most samples per model batch [default 256; lowered so a shard is written every few seconds and the batch fits in memory].")
 @click.option("--class-label", type=int, default=None, help="Class label for class-conditional models.")
 @click.option("--guidance-scale", type=float, default=None, help="CFG scale w (eps_u + w (eps_c - eps_u)) [default 1].")
+@click.option("--prompt", "prompt", multiple=True, help="Text prompt (repeatable: sample i gets prompt i % count); text-to-image models [default: the empty prompt]. Token samplers: the fixed text prefix.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None, help="File of prompts, one per line (added after --prompt).")
+@click.option("--negative-prompt", default=None, help="Text CFG's unconditional branch [default: the empty prompt].")
+@click.option("--guidance-rescale", type=float, default=None, help="Rescaled CFG phi in [0, 1] (Lin et al. 2024) [default 0].")
+@click.option("--height", type=int, default=None, help="Image height in pixels (latent models) [default: the model's].")
+@click.option("--width", type=int, default=None, help="Image width in pixels (latent models) [default: the model's].")
+@click.option("--weights-variant", default=None, help="Weights variant of a diffusers folder / hub id, e.g. fp16 (*.fp16.safetensors).")
 @click.option("--seed", type=int, default=None, help="Global seed; sample i uses a seed derived from (seed, i) [default 0].")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N [default auto].")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help="Model dtype (fp16/bf16 on CUDA only) [default fp32].")
-@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Output directory [default runs/<sampler>].")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Output directory [default runs/<sampler>-<model>-<hash of the configuration>: the same command resumes it].")
 @click.option("--overwrite", is_flag=True, default=False, help="Discard an existing run in --output instead of resuming it.")
+@click.option("--max-samples", type=int, default=None, help="Refuse -n above this many samples [default 1000000].")
 @click.option("--num-processes", type=int, default=None, help="Launch N local processes (sharded sampling; see docs/scaling.md).")
 @click.option("--compile", "compile_unet", is_flag=True, default=False, help="torch.compile the UNet (CUDA runs).")
+@click.option("--no-progress", "no_progress", is_flag=True, default=False, help="No progress bar / progress lines.")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print the run record as JSON on stdout.")
-@_run_options
 @user_errors
-def run(sampler, model, config, as_json, num_processes, compile_unet, **options):
+def run(model, config, as_json, num_processes, compile_unet, no_progress, sampler=None, **options):
     """Draw samples with a sampler; write samples.npz, run.json and images to --output."""
     from .. import api
 
@@ -105,15 +190,26 @@ def run(sampler, model, config, as_json, num_processes, compile_unet, **options)
         sampler = api.load_config_file(config).get("sampler")
         if sampler is None:
             raise UserError(f"config file {config} has no `sampler:` key; pass --sampler")
+    prompts = list(options.pop("prompt", None) or ())
+    prompts_file = options.pop("prompts_file", None)
+    if prompts_file is not None:
+        from ..models.text import read_prompts_file
+
+        prompts += read_prompts_file(prompts_file)
+    if prompts:
+        options["prompt"] = prompts[0] if len(prompts) == 1 else prompts
     opts = {k: v for k, v in options.items() if v is not None and v is not False}
     if options.get("overwrite"):
         opts["overwrite"] = True
-    if "output" not in opts and not (config and "output" in api.load_config_file(config)):
-        opts["output"] = f"runs/{sampler}"
-    if num_processes is not None:
-        opts["num_processes"] = num_processes
+    if no_progress:
+        opts["progress"] = False
     if compile_unet:
         opts["compile"] = True
+    if "output" not in opts and not (config and "output" in api.load_config_file(config)):
+        cfg = api.resolve_options(sampler, config=config, model=model, **opts)
+        opts["output"] = str(api.default_output_dir(cfg))
+    if num_processes is not None:
+        opts["num_processes"] = num_processes
     result = api.run(sampler=sampler, model=model, config=config, **opts)
     if not result.is_main:  # other processes of `accelerate launch`: the main one reports
         return
@@ -124,34 +220,71 @@ def run(sampler, model, config, as_json, num_processes, compile_unet, **options)
         out = rec["config"].get("output")
         click.echo(f"{sampler} on {rec['model']}: {rec['num_samples']} samples, NFE {rec.get('nfe')}, "
                    f"{rec['wall_time_s']:.2f} s on {rec['device']}" + (f" -> {out}" if out else ""))
-        from pathlib import Path
-
         text = Path(out) / "samples.txt" if out else None  # token samplers: show a few decoded samples
         if text is not None and text.exists():
             for line in text.read_text().splitlines()[:4]:
                 click.echo(f"  {line}")
 
 
-@main.command(name="list")
-def list_cmd() -> None:
-    """List samplers and zoo models."""
+# -- `gensample list` --------------------------------------------------------------------------
+def _listing_key() -> str:
+    """Changes whenever any file of the installed package changes (name, size, mtime)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(__version__.encode())
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".py", ".json", ".safetensors") and "__pycache__" not in f.parts:
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gensample"
+
+
+def listing() -> dict:
+    """{"samplers": [[name, description, demo model]], "zoo": [[name, description]],
+    "prefixes": [[prefix, description]]}, from the cache when the package has not changed."""
+    cache = _cache_dir() / f"list-{_listing_key()}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
     from .. import zoo
     from ..models.loading import prefixes
     from ..samplers import registry
 
     registry.discover()
     zoo.discover()
-    click.echo("Samplers:")
-    for name in sorted(registry.SAMPLERS):
-        spec = registry.SAMPLERS[name]
-        click.echo(f"  {name:<16} {spec.description} (demo model: {spec.default_model})")
-    click.echo("Zoo models:")
-    for name in sorted(zoo.ZOO):
-        click.echo(f"  {name:<16} {zoo.ZOO[name].description}")
-    click.echo("Model specs:")
-    for p, desc in sorted(prefixes().items()):
-        click.echo(f"  {p + ':FILE':<16} {desc}")
-    click.echo(f"  {'PATH | HUB_ID':<16} a diffusers UNet/pipeline folder or hub id")
+    data = {"samplers": [[n, s.description, s.default_model] for n, s in sorted(registry.SAMPLERS.items())],
+            "zoo": [[n, e.description] for n, e in sorted(zoo.ZOO.items())],
+            "prefixes": [[p, d] for p, d in sorted(prefixes().items())]}
+    try:
+        from ..io import atomic_write_json
+
+        for old in cache.parent.glob("list-*.json"):
+            old.unlink(missing_ok=True)
+        atomic_write_json(cache, data)
+    except OSError:  # a read-only home: no cache, still a listing
+        pass
+    return data
+
+
+@main.command(name="list")
+def list_cmd() -> None:
+    """List samplers and zoo models."""
+    data = listing()
+    rows = {"Samplers:": [(n, f"{d} (demo model: {m})") for n, d, m in data["samplers"]],
+            "Zoo models:": [(n, d) for n, d in data["zoo"]],
+            "Model specs:": [(p + ":FILE", d) for p, d in data["prefixes"]] + [("PATH | HUB_ID", "a diffusers UNet/pipeline folder or hub id")]}
+    width = max(len(name) for section in rows.values() for name, _ in section)
+    for title, section in rows.items():
+        click.echo(title)
+        for name, desc in section:
+            click.echo(f"  {name:<{width}}  {desc}")
 
 
 def _discover_commands() -> None:

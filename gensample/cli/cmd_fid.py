@@ -6,7 +6,32 @@ import json
 
 import click
 
-from . import user_errors
+from . import UserError, user_errors
+
+
+def check_inception_weights(path) -> None:
+    """A cheap look at --inception-weights before torch reads it: a torch.save file is a zip
+    archive holding ``*/data.pkl`` (or, from old torch, a pickle starting with byte 0x80).
+    Anything else gets one clear message instead of the unpickler's "invalid literal for int()"."""
+    import zipfile
+
+    if path is None:
+        return
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("data.pkl") for n in z.namelist()):
+                    return
+        else:
+            with open(path, "rb") as f:
+                if f.read(1) == b"\x80":
+                    return
+    except OSError as err:
+        raise UserError(f"--inception-weights {path}: cannot read it ({err.strerror or err})") from None
+    except zipfile.BadZipFile:
+        pass
+    raise UserError(f"--inception-weights {path} is not a torch-fidelity Inception-v3 weights file "
+                    f"(a .pth state dict written by torch.save); see docs/fid.md for how to get one")
 
 
 @click.command(name="fid", context_settings={"show_default": True})
@@ -20,9 +45,12 @@ from . import user_errors
 @user_errors
 def fid_cmd(samples, ref, inception_weights, batch_size, device, dims, as_json):
     """Inception FID of SAMPLES (folder of PNGs, run folder or samples.npz) against --ref."""
-    from ..eval.fid import inception_fid
+    from ..eval.fid import inception_fid, sample_weights
 
+    check_inception_weights(inception_weights)
     value = inception_fid(samples, ref, inception_weights, batch_size=batch_size, device=device, progress=not as_json, dims=int(dims))
+    if sample_weights(samples) is not None:  # FKC --final weighted: the statistics used the run's weights
+        click.echo(f"{samples}: weighted by the `weights` in its samples.npz (weighted feature mean and covariance)", err=True)
     click.echo(json.dumps({"fid": value}) if as_json else f"FID {value:.4f}")
 
 
@@ -36,9 +64,12 @@ def fid_cmd(samples, ref, inception_weights, batch_size, device, dims, as_json):
 @user_errors
 def fid_stats_cmd(folder, out, inception_weights, batch_size, device, dims):
     """Reference Inception statistics of FOLDER (PNGs, run folder or samples.npz) -> --out ref.npz."""
-    from ..eval.fid import inception_extractor, inception_stats, load_images
+    from ..eval.fid import inception_extractor, inception_stats, load_images, sample_weights
 
-    stats = inception_stats(load_images(folder), inception_extractor(inception_weights, device, int(dims)), batch_size, progress=True)
+    check_inception_weights(inception_weights)
+    images = load_images(folder)
+    stats = inception_stats(images, inception_extractor(inception_weights, device, int(dims)), batch_size, progress=True,
+                            weights=sample_weights(folder, len(images)))  # FKC weighted samples: weighted statistics
     stats.save(out)
     click.echo(f"{stats.count} images -> {out}")
 

@@ -1,4 +1,4 @@
-"""`gensample train mar`: train the tiny MAR behind the `mar-digits` zoo model (specs/disa.md sec. 8)."""
+"""`gensample train mar`: train the tiny MAR behind the `mar-digits` zoo model (docs/disa.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`gensample train flawed` and `gensample train oms` (specs/oms.md sec. 6): thin wrappers over
+"""`gensample train flawed` and `gensample train oms` (docs/oms.md "Shipped models"): thin wrappers over
 gensample.models.oms_training. Both show a progress bar, checkpoint into --output and resume."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def train_flawed(variant, steps, offset_noise, cond_dropout, output, batch_size,
 @_common
 @user_errors
 def train_oms_cmd(base, steps, cond_dropout, output, batch_size, lr, seed, resume, threads):
-    """Train an OMS module: psi(x_T', c) -> v = -x0 at zero SNR (specs/oms.md sec. 2.2)."""
+    """Train an OMS module: psi(x_T', c) -> v = -x0 at zero SNR (docs/oms.md "Training")."""
     from ..models.loading import load_model
     from ..models.oms_training import TrainConfig, train_oms
     from ..zoo import DATA

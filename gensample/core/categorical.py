@@ -1,4 +1,4 @@
-"""Float64-safe categorical and Gumbel-max draws (specs/masked_fhs.md sec. 2.5).
+"""Float64-safe categorical and Gumbel-max draws (docs/first_hitting.md).
 
 Zheng et al. 2024 ("Masked Diffusion Models are Secretly Time-Agnostic Masked Models and Exploit
 Inaccurate Categorical Sampling", arXiv 2409.02908, sec. 4) show that Gumbel-max with float32
@@ -12,7 +12,7 @@ Code name -> meaning:
     precision      "float64" (exact) | "float32" (MDLM/SEDD emulation: float32 uniforms,
                    E = 1e-10 - log(u + 1e-10) in float32, argmax of p / E in float32)
     uniform_bits   b: quantise float64 uniforms to u <- floor(u 2^b) / 2^b and use MDLM's
-                   E = 1e-10 - log(u + 1e-10) (sec. 6.6 study knob); b = 24 reproduces the float32
+                   E = 1e-10 - log(u + 1e-10) (a study knob); b = 24 reproduces the float32
                    grid, None keeps all 53 bits and E = -log u
     log_w          (..., K) float64 unnormalised log-weights; -inf = excluded category
 """
@@ -38,15 +38,22 @@ def _check_precision(precision: str, uniform_bits: int | None) -> None:
             raise ValueError("uniform_bits applies to precision='float64' only")
 
 
+def _generator_device(generator: Generators) -> torch.device:
+    g = generator if isinstance(generator, torch.Generator) else next(iter(generator), None)
+    return torch.device("cpu") if g is None else g.device
+
+
 def uniform(shape: Sequence[int], generator: Generators, *, dtype: torch.dtype = torch.float64,
             device: torch.device | str | None = None) -> torch.Tensor:
-    """U[0, 1) of the given shape, drawn on CPU then moved to ``device``.
+    """U[0, 1) of the given shape, drawn on the generator's device, then moved to ``device``.
 
     With a list of generators, ``shape[0]`` must equal its length and row b comes from generator b.
+    A CUDA generator therefore draws on the GPU (no host-side noise and copy); a CPU generator
+    draws on the CPU (the same numbers whatever the model's device).
     """
     shape = tuple(int(s) for s in shape)
     if isinstance(generator, torch.Generator):
-        u = torch.rand(shape, generator=generator, dtype=dtype)
+        u = torch.rand(shape, generator=generator, dtype=dtype, device=generator.device)
     else:
         gens = list(generator)
         if not shape or shape[0] != len(gens):
@@ -54,7 +61,8 @@ def uniform(shape: Sequence[int], generator: Generators, *, dtype: torch.dtype =
         if not gens:
             u = torch.empty(shape, dtype=dtype)
         else:
-            u = torch.stack([torch.rand(shape[1:], generator=g, dtype=dtype) for g in gens])
+            u = torch.stack([torch.rand(shape[1:], generator=g, dtype=dtype, device=g.device).to(gens[0].device)
+                             for g in gens])
     return u if device is None else u.to(device)
 
 
@@ -77,7 +85,7 @@ def exponential_noise(shape: Sequence[int], generator: Generators, *, precision:
         scale = float(2**uniform_bits)
         u = torch.floor(u * scale) / scale
         return 1e-10 - torch.log(u + 1e-10)
-    return -torch.log(u)
+    return u.log_().neg_()  # -log u, in place (u is a fresh draw)
 
 
 def gumbel_argmax(log_w: torch.Tensor, generator: Generators, *, precision: str = "float64",
@@ -91,11 +99,12 @@ def gumbel_argmax(log_w: torch.Tensor, generator: Generators, *, precision: str 
                           device=log_w.device)
     if precision == "float32":
         return (torch.exp(log_w.double()).float() / E).argmax(-1)
-    return (log_w.double() - torch.log(E)).argmax(-1)
+    E.log_()
+    return (log_w.double() - E).argmax(-1)  # log w - log E: Gumbel-max
 
 
 def inverse_cdf(log_w: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """Exact float64 inverse-CDF draw: one uniform per row instead of K (sec. 2.5 'Fix').
+    """Exact float64 inverse-CDF draw: one uniform per row instead of K (an exact alternative to Gumbel-max).
 
     log_w: (..., K) unnormalised log-weights with at least one finite entry per row. Returns (...) int64.
     """
@@ -112,18 +121,21 @@ def inverse_cdf(log_w: torch.Tensor, generator: Generators) -> torch.Tensor:
 def masked_log_softmax(logits: torch.Tensor, exclude: Sequence[int] = (), temperature: float = 1.0) -> torch.Tensor:
     """float64 log-softmax of logits / temperature with the ``exclude`` ids set to -inf.
 
-    logits: (..., K) any float dtype (upcast to float64 *before* the softmax, sec. 7). Ids >= K are
+    logits: (..., K) any float dtype (upcast to float64 *before* the softmax). Ids >= K are
     ignored (a network that does not score the mask needs no exclusion).
     """
     if not torch.is_floating_point(logits):
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    lw = logits.double() / float(temperature)
+    lw = logits.double()  # a fresh float64 copy (also for float64 input: it is modified in place below)
+    if lw.data_ptr() == logits.data_ptr():
+        lw = lw.clone()
+    if temperature != 1.0:
+        lw /= float(temperature)
     K = lw.shape[-1]
     ids = [int(i) for i in exclude if 0 <= int(i) < K]
     if ids:
-        lw = lw.clone()
         lw[..., ids] = float("-inf")
     return torch.log_softmax(lw, -1)
 
@@ -147,3 +159,73 @@ def sample_categorical(logits: torch.Tensor, generator: Generators, *, exclude: 
             raise ValueError("method='inverse_cdf' is exact float64 only; use method='gumbel' to emulate precision")
         return inverse_cdf(log_p, generator)
     return gumbel_argmax(log_p, generator, precision=precision, uniform_bits=uniform_bits)
+
+
+
+# Float64 working set of one chunk in ``sample_rows``: at least 2^20 entries (8 MiB per float64 copy),
+# at most 1/32 of the selected rows, so the extra memory stays below ~0.3 x the float32 rows.
+CHUNK_MIN_ENTRIES = 2**20
+CHUNK_FRACTION = 32
+
+
+def sample_rows(logits: torch.Tensor, owner: torch.Tensor, generator: Generators, *, rows: torch.Tensor | None = None,
+                exclude: Sequence[int] = (), temperature: float = 1.0, shift: float = 0.0,
+                extra_log_w: float | None = None, precision: str = "float64", uniform_bits: int | None = None,
+                chunk_entries: int | None = None) -> torch.Tensor:
+    """Gumbel-max draws for M selected rows of logits, upcasting only a bounded chunk at a time.
+
+    logits: (R, K) in the model's dtype; ``rows`` (M,) int64 picks the rows to sample (default: all
+    R rows, M = R); they are gathered chunk by chunk, so no (M, K) copy is made.
+    owner: (M,) int64 batch row of each sampled row; with a list of generators, row m draws from
+    ``generator[owner[m]]`` (rows of one owner in their given order), so a sample does not depend
+    on the other samples of its batch. Each row's weights are log mu = log_softmax(logits / T) with
+    ``exclude`` ids at -inf (float64), plus ``shift``; ``extra_log_w`` (if given) appends one more
+    category with that log-weight (the "stay masked" weight of an ancestral step), whose index is K.
+    Returns (M,) int64 in [0, K] (K only when ``extra_log_w`` is given).
+
+    Peak extra memory is O(chunk) float64 (default chunk: max(2^20, M (K + 1) / 32) entries); the
+    law is exact per row (Gumbel-max on float64 weights; float32/uniform_bits emulate MDLM's sampler).
+    """
+    _check_precision(precision, uniform_bits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (R, K), got {tuple(logits.shape)}")
+    rows = torch.arange(logits.shape[0], device=logits.device) if rows is None else rows
+    if owner.shape != rows.shape:
+        raise ValueError(f"owner must have one entry per sampled row, got {tuple(owner.shape)} for {tuple(rows.shape)}")
+    M, K = rows.shape[0], logits.shape[1]
+    out = torch.empty(M, dtype=torch.long, device=logits.device)
+    if M == 0:
+        return out
+    width = K + (extra_log_w is not None)
+    if chunk_entries is None:
+        chunk_entries = max(CHUNK_MIN_ENTRIES, M * width // CHUNK_FRACTION)
+    step = max(1, int(chunk_entries) // width)
+    if isinstance(generator, torch.Generator):
+        groups = [(generator, torch.arange(M, device=logits.device))]
+    else:
+        gens = list(generator)
+        owner_cpu = owner.cpu()
+        groups = [(gens[int(b)], (owner_cpu == b).nonzero()[:, 0].to(logits.device)) for b in torch.unique(owner_cpu)]
+    for g, members in groups:
+        for start in range(0, members.numel(), step):
+            sel = members[start:start + step]
+            log_w = masked_log_softmax(logits[rows[sel]], exclude, temperature)  # (C, K) float64
+            if shift:
+                log_w += shift
+            if extra_log_w is not None:
+                col = torch.full((sel.numel(), 1), float(extra_log_w), dtype=torch.float64, device=log_w.device)
+                log_w = torch.cat([log_w, col], 1)  # (C, K + 1)
+            out[sel] = gumbel_argmax(log_w, g, precision=precision, uniform_bits=uniform_bits)
+            del log_w
+    return out
+
+
+def masked_argmax(logits: torch.Tensor, exclude: Sequence[int] = ()) -> torch.Tensor:
+    """argmax over the last axis with the ``exclude`` ids never chosen; no float64 copy. (...,) int64."""
+    K = logits.shape[-1]
+    ids = [int(i) for i in exclude if 0 <= int(i) < K]
+    if not ids:
+        return logits.argmax(-1)
+    lw = logits.clone()
+    lw[..., ids] = float("-inf")
+    return lw.argmax(-1)

@@ -15,10 +15,23 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .param import PREDICTION_TYPES, cfg_combine, to_eps
+from .param import PREDICTION_TYPES, cfg_combine, rescale_cfg, to_eps
 from .schedule import alpha_bar_at
 
 Cond = Mapping[str, Any] | None
+
+
+class ModelCallError(RuntimeError):
+    """The network itself failed when called (a TypeError or RuntimeError raised inside its
+    forward): a problem of the model or of how it is called, not of the user's options. The
+    message names the model, the call (argument shapes and dtypes) and the original error; the
+    CLI reports it with exit code 1."""
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return type(value).__name__
 
 
 def _batch_cond(cond: Cond, n: int) -> dict:
@@ -47,6 +60,12 @@ class Denoiser:
         (set ``plain_callable=True``).
     alphas_cumprod: (T,) training schedule, needed for non-epsilon prediction types.
     prediction_type: "epsilon" | "sample" | "v_prediction".
+    null_cond: the unconditional input of CFG (the null class, or the negative / empty prompt's
+        ``encoder_hidden_states`` of a text-to-image model), batch 1 or B.
+    default_cond: used when a call passes ``cond=None`` (a text model needs encoder_hidden_states
+        on every call; its default is the empty prompt).
+    guidance_rescale: phi of rescaled CFG (Lin et al. 2024, sec. 3.4) applied by ``guided``.
+    name: the model's name, for the message of a failed call (``ModelCallError``).
     nfe counts model *sample evaluations* (rows of a batched call are counted once per call;
     ``calls`` counts invocations, ``rows`` the total batch rows).
     """
@@ -58,6 +77,9 @@ class Denoiser:
         prediction_type: str = "epsilon",
         plain_callable: bool | None = None,
         null_cond: Cond = None,
+        default_cond: Cond = None,
+        guidance_rescale: float = 0.0,
+        name: str | None = None,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -70,6 +92,11 @@ class Denoiser:
             plain_callable = not isinstance(model, torch.nn.Module)
         self.plain_callable = plain_callable
         self.null_cond = null_cond
+        self.default_cond = default_cond
+        if not 0.0 <= float(guidance_rescale) <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        self.guidance_rescale = float(guidance_rescale)
+        self.name = name
         self.calls = 0
         self.rows = 0
 
@@ -88,12 +115,23 @@ class Denoiser:
         return alpha_bar_at(self.alphas_cumprod.to(t.device if isinstance(t, torch.Tensor) else "cpu"), t)
 
     def _raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The model output in its own parameterisation, shape and dtype of the network's output.
+
+        x_t and floating conditioning tensors are cast to the network's dtype; a TypeError or
+        RuntimeError raised inside the network call becomes a ``ModelCallError``."""
         self.calls += 1
         self.rows += x_t.shape[0]
+        if cond is None:
+            cond = self.default_cond
         if self.plain_callable:
-            out = self.model(x_t, t, cond)
+            out = self._call(lambda: self.model(x_t, t, cond), x_t, t, cond)
         else:
-            out = self.model(x_t, t, **_batch_cond(cond, x_t.shape[0]))
+            kwargs = _batch_cond(cond, x_t.shape[0])
+            dt = self.dtype
+            if dt is not None and dt.is_floating_point:
+                kwargs = {k: v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+                x_t = x_t if dt == torch.float64 else x_t.to(dt)
+            out = self._call(lambda: self.model(x_t, t, **kwargs), x_t, t, kwargs)
         if hasattr(out, "sample"):
             out = out.sample
         elif isinstance(out, (tuple, list)):
@@ -107,28 +145,54 @@ class Denoiser:
             raise ValueError(f"model output shape {tuple(out.shape)} does not match input shape {tuple(x_t.shape)}")
         return out
 
+    def _call(self, fn: Callable, x_t, t, cond):
+        try:
+            return fn()
+        except (TypeError, RuntimeError) as err:
+            if isinstance(err, ModelCallError) or "out of memory" in str(err).lower():
+                raise
+            who = type(self.model).__name__
+            args = ", ".join([f"sample={_describe(x_t)}", f"timestep={_describe(t)}",
+                              *(f"{k}={_describe(v)}" for k, v in (cond or {}).items())])
+            name = f"model {self.name!r}" if self.name else "the model"
+            raise ModelCallError(f"{name} failed when called as {who}({args}): {err.__class__.__name__}: {err}") from err
+
     def __call__(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
         """eps_hat at x_t (B, ...) and time t (scalar or (B,) tensor)."""
         t = torch.as_tensor(t, device=x_t.device)
-        model_in = x_t if self.dtype is None or self.dtype == torch.float64 else x_t.to(self.dtype)
-        out = self._raw(model_in, t, cond).to(x_t.dtype)
+        out = self._raw(x_t, t, cond).to(x_t.dtype)
         if self.prediction_type == "epsilon":
             return out
         return to_eps(out, x_t, self.alpha_bar(t.double()), self.prediction_type)
 
-    def guided(self, x_t: torch.Tensor, t, cond: Cond, guidance_scale: float, uncond: Cond = None) -> torch.Tensor:
-        """CFG eps: eps_u + w (eps_c - eps_u) in one batched call; w == 1 calls the conditional only."""
+    def guided(self, x_t: torch.Tensor, t, cond: Cond, guidance_scale: float, uncond: Cond = None,
+               guidance_rescale: float | None = None) -> torch.Tensor:
+        """CFG eps: eps_u + w (eps_c - eps_u) in one batched call; w == 1 calls the conditional only.
+
+        uncond defaults to ``null_cond`` (null class / negative or empty prompt). With
+        guidance_rescale phi > 0 (default ``self.guidance_rescale``) the combination and the
+        rescale (``param.rescale_cfg``) run on the raw model output, as in diffusers, and the result
+        is converted to eps; CFG itself commutes with that affine conversion."""
         if guidance_scale == 1.0 or cond is None:
             return self(x_t, t, cond)
         uncond = self.null_cond if uncond is None else uncond
         if uncond is None:
             raise ValueError("guidance_scale != 1 needs an unconditional input (the model has no null condition)")
+        phi = self.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
         n = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
         t2 = torch.cat([t, t]) if t.ndim == 1 else t
-        eps = self(torch.cat([x_t, x_t]), t2, concat_cond(cond, uncond, n, n))
-        eps_c, eps_u = eps[:n], eps[n:]
-        return cfg_combine(eps_u, eps_c, guidance_scale)
+        both = concat_cond(cond, uncond, n, n)
+        if phi == 0.0:
+            eps = self(torch.cat([x_t, x_t]), t2, both)
+            eps_c, eps_u = eps[:n], eps[n:]
+            return cfg_combine(eps_u, eps_c, guidance_scale)
+        out = self._raw(torch.cat([x_t, x_t]), t2, both).to(x_t.dtype)
+        out_c, out_u = out[:n], out[n:]
+        out = rescale_cfg(cfg_combine(out_u, out_c, guidance_scale), out_c, phi)
+        if self.prediction_type == "epsilon":
+            return out
+        return to_eps(out, x_t, self.alpha_bar(t.double()), self.prediction_type)
 
 
 def accepts_kwarg(fn: Callable, name: str) -> bool:

@@ -86,3 +86,24 @@ def from_eps(eps, x_t, alpha_bar, prediction_type: str):
 def cfg_combine(eps_uncond, eps_cond, guidance_scale: float):
     """Classifier-free guidance, diffusers convention: eps_u + w (eps_c - eps_u) (Ho & Salimans 2022)."""
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def rescale_cfg(guided, cond, guidance_rescale: float):
+    """Rescaled classifier-free guidance (Lin et al. 2024, arXiv 2305.08891, sec. 3.4, eqs. 15-16).
+
+    x_rescaled = guided * std(cond) / std(guided), std over every non-batch dimension; the result
+    is phi x_rescaled + (1 - phi) guided with phi = ``guidance_rescale`` in [0, 1]. Applied to the
+    model output in its own parameterisation (as diffusers' Stable Diffusion pipelines do), since
+    the ratio of standard deviations is not invariant under the eps <-> v conversion.
+    guided, cond: (B, ...) tensors; returns guided's shape and dtype.
+    """
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if guidance_rescale == 0.0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    g64, c64 = guided.double(), cond.double()
+    std_c = c64.std(dim=dims, keepdim=True)
+    std_g = g64.std(dim=dims, keepdim=True).clamp(min=1e-30)
+    rescaled = g64 * (std_c / std_g)
+    return (guidance_rescale * rescaled + (1 - guidance_rescale) * g64).to(guided.dtype)

@@ -1,13 +1,14 @@
 """Sequential Monte Carlo bookkeeping: log-weights, ESS and resampling, per particle group.
 
-Used by the Feynman-Kac correctors (Skreta et al., ICML 2025, arXiv 2503.02819; specs/fkc.md sec. 3).
+Used by the Feynman-Kac correctors (Skreta et al., ICML 2025, arXiv 2503.02819, Sec. 4 and Alg. 1; docs/fkc.md).
 Resampling schemes follow Douc, Cappe & Moulines (2005), "Comparison of resampling schemes for
 particle filtering": multinomial, stratified, systematic, residual.
 
 Layout: particles live as a flat batch of ``G * K`` rows, group-major (rows ``g*K .. g*K+K-1``
 are the K particles of group g: one prompt / class / target). Log-weights are ``(G, K)`` float64.
 Particles resample **only within their group**. Every draw comes from an explicit
-``torch.Generator`` per group (CPU), so results do not depend on batch composition or device.
+``torch.Generator`` per group (CPU or CUDA; each draw is made on the generator's device, then
+moved), so results do not depend on batch composition or on the particles' device.
 
 | code name      | symbol                                        |
 |----------------|-----------------------------------------------|
@@ -39,13 +40,13 @@ def _check_log_w(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_weights(log_w: torch.Tensor) -> torch.Tensor:
-    """w_bar = softmax(log_w) within each group (specs/fkc.md sec. 3). (G, K) -> (G, K) float64."""
+    """w_bar = softmax(log_w) within each group. (G, K) -> (G, K) float64."""
     lw = _check_log_w(log_w)
     return torch.softmax(lw - lw.max(1, keepdim=True).values, 1)
 
 
 def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
-    """ESS = exp(2 LSE(log_w) - LSE(2 log_w)) per group (specs/fkc.md sec. 3).
+    """ESS = exp(2 LSE(log_w) - LSE(2 log_w)) per group.
 
     log_w: (G, K) unnormalised log-weights. Returns (G,) float64 in [1, K]; invariant to adding
     a per-group constant.
@@ -67,7 +68,7 @@ def _as_generators(generator, G: int) -> list:
 
 
 def _cdf(w_bar: torch.Tensor) -> torch.Tensor:
-    """Cumulative weights along the last dim with the last bin forced to 1 (spec sec. 7 pitfall 1)."""
+    """Cumulative weights along the last dim with the last bin forced to 1 (round-off could otherwise yield index K)."""
     c = torch.cumsum(w_bar, -1)
     c[..., -1] = 1.0
     return c
@@ -79,8 +80,10 @@ def _invert(cdf: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def _uniforms(gens: list, n: int) -> torch.Tensor:
-    """(G, n) float64 U(0, 1), row g from gens[g]."""
-    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens])
+    """(G, n) float64 U(0, 1) on the CPU, row g from gens[g], each drawn on its generator's own
+    device (CPU or CUDA) and then moved, so ``torch.Generator("cuda")`` is accepted."""
+    rows = [torch.rand(n, generator=g, dtype=torch.float64, device=g.device if g is not None else "cpu").cpu() for g in gens]
+    return torch.stack(rows)
 
 
 def resample_indices(log_w: torch.Tensor, scheme: str = "systematic", generator=None) -> torch.Tensor:
@@ -89,7 +92,7 @@ def resample_indices(log_w: torch.Tensor, scheme: str = "systematic", generator=
     systematic: one U ~ U(0,1) per group, points (U + j)/K (uniform weights give the identity);
     stratified: points (U_j + j)/K, independent U_j; multinomial: K iid draws from w_bar (sorted);
     residual: floor(K w_bar) deterministic copies, the rest multinomial on the residual weights.
-    generator: one torch.Generator (CPU) shared by all groups, or a list of one per group.
+    generator: one torch.Generator (CPU or CUDA) shared by all groups, or a list of one per group.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -133,7 +136,7 @@ def resample(
     mask: optional (G,) bool, the groups to resample (others keep particles and log-weights).
     Returns (resampled tensors, new log_w (G, K) float64 (zeros where resampled), ancestors (G, K)).
     Groups whose log-weights are all equal keep their particles in place (no draw is consumed),
-    which makes equal-weight runs identical to unweighted sampling (specs/fkc.md sec. 6 T7).
+    which makes equal-weight runs identical to unweighted sampling (docs/fkc.md "Design choices").
     """
     lw = _check_log_w(log_w)
     G, K = lw.shape

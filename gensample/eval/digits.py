@@ -7,6 +7,8 @@ for the samples and for the held-out test split. ``fid_floor()`` is the same dis
 real train and test splits: what a perfect model that reproduces the training set scores.
 
 Inputs are (N, 1, 8, 8) arrays in [-1, 1] (numpy or torch), the layout of `gensample run` output.
+Samples that carry importance weights (FKC ``--final weighted``) pass them as ``weights``: FID then
+uses the weighted mean / covariance and accuracy the weighted fraction.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from ..zoo import DATA
 from .digits_data import SPLITS, real_digits
-from .fid import FeatureStats, frechet_distance
+from .fid import FeatureStats, effective_weights, frechet_distance
 
 __all__ = ["real_digits", "classify", "features", "digits_fid", "fid_floor", "class_accuracy", "SPLITS"]
 
@@ -67,10 +69,11 @@ def features(x) -> np.ndarray:
     return _apply(_net().features, t).double().numpy()
 
 
-def feature_stats(x) -> FeatureStats:
-    """Float64 running statistics of ``features(x)`` (mergeable across shards)."""
+def feature_stats(x, weights=None) -> FeatureStats:
+    """Float64 running statistics of ``features(x)`` (mergeable across shards); ``weights`` (N,)
+    makes them weighted (FKC ``--final weighted`` samples)."""
     stats = FeatureStats(_net().feature_dim)
-    stats.update(features(x))
+    stats.update(features(x), effective_weights(weights))
     return stats
 
 
@@ -79,12 +82,16 @@ def _split_stats(split: str) -> FeatureStats:
     return feature_stats(real_digits(split)[0])
 
 
-def digits_fid(x) -> float:
-    """Frechet distance between the features of x and of the held-out test split (needs N >= 2)."""
+def digits_fid(x, weights=None) -> float:
+    """Frechet distance between the features of x and of the held-out test split (needs N >= 2).
+
+    weights: optional (N,) per-sample weights (FKC ``--final weighted``): the sample Gaussian is
+    then fitted with the weighted mean and covariance (``FeatureStats``)."""
     t = _as_images(x)
     if t.shape[0] < 2:
         raise ValueError(f"x needs at least 2 images for a covariance, got {t.shape[0]}")
-    mu, sigma = feature_stats(t).mean_cov()
+    w = _check_weights(weights, t.shape[0])
+    mu, sigma = feature_stats(t, w).mean_cov()
     mu_r, sigma_r = _split_stats("test").mean_cov()
     return frechet_distance(mu, sigma, mu_r, sigma_r)
 
@@ -94,9 +101,17 @@ def fid_floor() -> float:
     return digits_fid(real_digits("train")[0])
 
 
-def class_accuracy(x, labels) -> float:
-    """Fraction of images x the shipped classifier assigns to ``labels`` (int or (N,) ints 0..9)."""
+def _check_weights(weights, n: int):
+    if weights is not None and np.asarray(weights).reshape(-1).shape[0] != n:
+        raise ValueError(f"weights must have one entry per image ({n}), got {np.asarray(weights).reshape(-1).shape[0]}")
+    return effective_weights(weights)
+
+
+def class_accuracy(x, labels, weights=None) -> float:
+    """Fraction of images x the shipped classifier assigns to ``labels`` (int or (N,) ints 0..9);
+    with ``weights`` (N,) the weighted fraction sum w 1[pred = label] / sum w."""
     pred = classify(x)
+    w = _check_weights(weights, pred.shape[0])
     lab = np.asarray(labels)
     if lab.ndim == 0:
         lab = np.full(pred.shape, int(lab))
@@ -104,4 +119,5 @@ def class_accuracy(x, labels) -> float:
         raise ValueError(f"labels must be one int or shape ({pred.shape[0]},), got shape {lab.shape}")
     if not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() > 9:
         raise ValueError("labels must be integers in 0..9")
-    return float((pred == lab).mean())
+    hit = (pred == lab).astype(np.float64)
+    return float(hit.mean()) if w is None else float((w * hit).sum() / w.sum())

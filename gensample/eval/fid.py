@@ -18,25 +18,52 @@ IMAGE_SUFFIXES = (".png",)
 
 
 class FeatureStats:
-    """Running float64 moments of (N, D) features: count, sum (D,), sum of outer products (D, D)."""
+    """Running float64 moments of (N, D) features, optionally weighted: count (rows), weight sum
+    W = sum w, sum of squared weights W2 = sum w^2, weighted sum (D,) and weighted sum of outer
+    products (D, D). Unweighted rows have w = 1 (then W = W2 = count).
+
+    Weighted rows (FKC ``--final weighted`` samples: self-normalised importance weights) give the
+    weighted mean mu = sum w f / W and the reliability-weights unbiased covariance
+    (sum w f f^T - W mu mu^T) / (W - W2 / W), which for w = 1 is the usual (n - 1) estimator.
+    """
 
     def __init__(self, dim: int):
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.dim = int(dim)
         self.count = 0
+        self.weight_sum = 0.0
+        self.weight_sq_sum = 0.0
         self.total = np.zeros(self.dim, dtype=np.float64)
         self.outer = np.zeros((self.dim, self.dim), dtype=np.float64)
 
-    def update(self, feats) -> "FeatureStats":
+    @property
+    def weighted(self) -> bool:
+        return self.weight_sum != self.count or self.weight_sq_sum != self.count
+
+    def update(self, feats, weights=None) -> "FeatureStats":
         f = np.asarray(feats, dtype=np.float64)
         if f.ndim != 2 or f.shape[1] != self.dim:
             raise ValueError(f"features must have shape (N, {self.dim}), got {f.shape}")
         if not np.isfinite(f).all():
             raise ValueError("features contain NaN or Inf")
+        if weights is None:
+            w = None
+        else:
+            w = np.asarray(weights, dtype=np.float64).reshape(-1)
+            if w.shape != (f.shape[0],) or not np.isfinite(w).all() or (w < 0).any():
+                raise ValueError(f"weights must be {f.shape[0]} finite numbers >= 0 (one per feature row), got shape {w.shape}")
         self.count += f.shape[0]
-        self.total += f.sum(0)
-        self.outer += f.T @ f
+        if w is None:
+            self.weight_sum += f.shape[0]
+            self.weight_sq_sum += f.shape[0]
+            self.total += f.sum(0)
+            self.outer += f.T @ f
+        else:
+            self.weight_sum += float(w.sum())
+            self.weight_sq_sum += float((w**2).sum())
+            self.total += w @ f
+            self.outer += (f * w[:, None]).T @ f
         return self
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
@@ -44,22 +71,30 @@ class FeatureStats:
         if not isinstance(other, FeatureStats) or other.dim != self.dim:
             raise ValueError(f"can only merge FeatureStats of dim {self.dim}")
         self.count += other.count
+        self.weight_sum += other.weight_sum
+        self.weight_sq_sum += other.weight_sq_sum
         self.total += other.total
         self.outer += other.outer
         return self
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        """mu (D,) and the unbiased covariance (D, D), both float64 (needs count >= 2)."""
+        """mu (D,) and the unbiased (reliability-weights) covariance (D, D), both float64."""
         if self.count < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
-        mu = self.total / self.count
-        cov = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        W, W2 = self.weight_sum, self.weight_sq_sum
+        denom = W - W2 / W if W > 0 else 0.0
+        if not denom > 0:
+            raise ValueError("the weights put all their mass on one sample: no covariance (effective sample size 1)")
+        mu = self.total / W
+        cov = (self.outer - W * np.outer(mu, mu)) / denom
         return mu, (cov + cov.T) / 2
 
     def save(self, path: str | Path) -> None:
-        """npz with mu, sigma (the usual FID reference format) plus count/total/outer for merging."""
+        """npz with mu, sigma (the usual FID reference format) plus count/total/outer (and the
+        weight sums) for merging."""
         mu, sigma = self.mean_cov()
-        np.savez(path, mu=mu, sigma=sigma, count=np.int64(self.count), total=self.total, outer=self.outer)
+        np.savez(path, mu=mu, sigma=sigma, count=np.int64(self.count), total=self.total, outer=self.outer,
+                 weight_sum=np.float64(self.weight_sum), weight_sq_sum=np.float64(self.weight_sq_sum))
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureStats":
@@ -68,7 +103,47 @@ class FeatureStats:
                 raise ValueError(f"{path} holds only mu/sigma, not mergeable statistics")
             s = cls(z["total"].shape[0])
             s.count, s.total, s.outer = int(z["count"]), z["total"].astype(np.float64), z["outer"].astype(np.float64)
+            s.weight_sum = float(z["weight_sum"]) if "weight_sum" in z else float(s.count)
+            s.weight_sq_sum = float(z["weight_sq_sum"]) if "weight_sq_sum" in z else float(s.count)
         return s
+
+
+def effective_weights(weights) -> np.ndarray | None:
+    """Per-sample weights that change a metric, or None: None / all-equal weights (a resampled
+    FKC population has 1/K everywhere) -> None; otherwise a (N,) float64 array (validated)."""
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise ValueError("sample weights must be finite, >= 0 and not all zero")
+    if np.all(w == w[0]):
+        return None
+    return w
+
+
+def sample_weights(path: str | Path, n: int | None = None) -> np.ndarray | None:
+    """The ``weights`` array that a run stores beside its samples (FKC ``--final weighted``), or
+    None when there is none or all are equal. ``path``: a run folder, its ``images/`` folder or a
+    samples.npz. n: the number of images read from ``path``; a mismatch is an error (the weights
+    must describe exactly those samples)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".npz":
+        npz = p
+    elif p.is_dir() and (p / "samples.npz").is_file():
+        npz = p / "samples.npz"  # a run folder
+    elif p.is_dir() and p.name == "images" and (p.parent / "samples.npz").is_file():
+        npz = p.parent / "samples.npz"  # a run's images/ folder
+    else:
+        return None  # a plain folder of PNGs: no weights known
+    with np.load(npz) as z:
+        if "weights" not in z:
+            return None
+        raw = np.asarray(z["weights"]).reshape(-1)
+    w = effective_weights(raw)
+    if w is not None and n is not None and raw.shape[0] != n:
+        raise ValueError(f"{path}: samples.npz has {raw.shape[0]} weights for {n} images; weighted samples need every "
+                         "image of the run (or resample them: gensample run ... --final resample)")
+    return w
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
@@ -111,14 +186,9 @@ def load_images(path: str | Path) -> np.ndarray:
     in [-1, 1]; a folder of PNGs is read in sorted name order (a run's images/ subfolder if there
     are no PNGs at the top). One-channel images are repeated to three channels.
     """
-    from .images import to_uint8
+    from .images import sample_source, to_uint8
 
-    p = Path(path)
-    if p.is_dir() and not any(p.glob("*.png")):
-        if (p / "samples.npz").exists():
-            p = p / "samples.npz"
-        elif (p / "images").is_dir():
-            p = p / "images"
+    p = sample_source(path)  # a run folder: its images/ or samples.npz, never grid.png / ess.png
     if p.is_file() and p.suffix == ".npz":
         with np.load(p) as z:
             if "x" not in z:
@@ -175,8 +245,9 @@ def inception_extractor(weights: str | Path | None = None, device: str = "cpu", 
     return net.to(device)
 
 
-def inception_stats(images: np.ndarray, extractor, batch_size: int = 64, progress: bool = False) -> FeatureStats:
-    """Float64 statistics of Inception features of (N, 3, H, W) uint8 images (extractor from inception_extractor)."""
+def inception_stats(images: np.ndarray, extractor, batch_size: int = 64, progress: bool = False, weights=None) -> FeatureStats:
+    """Float64 statistics of Inception features of (N, 3, H, W) uint8 images (extractor from
+    inception_extractor); ``weights`` (N,) makes them weighted (FKC weighted samples)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -184,12 +255,15 @@ def inception_stats(images: np.ndarray, extractor, batch_size: int = 64, progres
         raise ValueError("images must be a (N, 3, H, W) uint8 array")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if weights is not None and np.asarray(weights).reshape(-1).shape[0] != len(images):
+        raise ValueError(f"got {np.asarray(weights).reshape(-1).shape[0]} weights for {len(images)} images")
+    w = effective_weights(weights)
     device = next(extractor.parameters()).device
     stats = FeatureStats(getattr(extractor, "feature_dim", INCEPTION_DIM))
     with torch.no_grad():
         for k in tqdm(range(0, len(images), batch_size), desc="inception", disable=not progress):
             (feats,) = extractor(torch.from_numpy(images[k : k + batch_size]).to(device))
-            stats.update(feats.double().cpu().numpy())
+            stats.update(feats.double().cpu().numpy(), None if w is None else w[k : k + batch_size])
     return stats
 
 
@@ -200,12 +274,17 @@ def reference_stats(ref: str | Path, extractor_fn, batch_size: int = 64, progres
         with np.load(p) as z:
             if "mu" in z and "sigma" in z:
                 return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-    return inception_stats(load_images(p), extractor_fn(), batch_size, progress).mean_cov()
+    images = load_images(p)
+    return inception_stats(images, extractor_fn(), batch_size, progress, weights=sample_weights(p, len(images))).mean_cov()
 
 
 def inception_fid(samples: str | Path, ref: str | Path, weights: str | Path | None = None, *,
                   batch_size: int = 64, device: str = "cpu", progress: bool = False, dims: int = INCEPTION_DIM) -> float:
-    """FID between SAMPLES (folder / run / samples.npz) and REF (same, or a mu/sigma .npz)."""
+    """FID between SAMPLES (folder / run / samples.npz) and REF (same, or a mu/sigma .npz).
+
+    Samples that carry non-uniform ``weights`` in their samples.npz (FKC ``--final weighted``)
+    are scored with weighted feature statistics (``FeatureStats``), so the FID describes the
+    weighted target, not the proposal."""
     dims = _check_dims(dims)
     cache = {}
 
@@ -216,7 +295,8 @@ def inception_fid(samples: str | Path, ref: str | Path, weights: str | Path | No
 
     images = load_images(samples)
     mu_r, sigma_r = reference_stats(ref, extractor, batch_size, progress)
-    mu, sigma = inception_stats(images, extractor(), batch_size, progress).mean_cov()
+    row_weights = sample_weights(samples, len(images))  # FKC --final weighted samples, else None
+    mu, sigma = inception_stats(images, extractor(), batch_size, progress, weights=row_weights).mean_cov()
     if mu_r.shape != mu.shape:
         raise ValueError(f"--ref statistics have {mu_r.shape[0]} features but --dims is {mu.shape[0]}")
     return frechet_distance(mu, sigma, mu_r, sigma_r)

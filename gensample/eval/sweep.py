@@ -22,6 +22,9 @@ Metrics (lower is better):
   that vanishes for exact samples up to O(1/n) sampling error; plus mean error and relative
   covariance error.
 - inception: Inception-v3 FID against ``inception_ref`` (gensample.eval.fid).
+
+Runs whose samples carry non-uniform ``weights`` (FKC ``--final weighted``) are scored with those
+weights (weighted moments / accuracy); the row records ``weighted: true``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ TOP_KEYS = ("model", "steps", "seeds", "num_samples", "metric", "samplers", "out
 RUN_KEYS = ("batch_size", "device", "class_label", "guidance_scale", "dtype")
 ENTRY_RESERVED = ("sampler", "label", "steps", "seeds")
 CSV_COLUMNS = ("label", "sampler", "steps", "seed", "nfe", "wall_time_s", "metric", "value", "class_accuracy",
-               "mean_error", "cov_rel_error", "num_samples", "options")
+               "mean_error", "cov_rel_error", "num_samples", "weighted", "options")
 
 
 @dataclass(frozen=True)
@@ -137,40 +140,49 @@ def resolve_metric(cfg: SweepConfig, model) -> str:
     raise ValueError(f"no automatic metric for model {cfg.model!r}; set `metric: inception` with `inception_ref:`")
 
 
-def oracle_metrics(x: np.ndarray, mixture, class_label: int | None) -> dict:
+def oracle_metrics(x: np.ndarray, mixture, class_label: int | None, weights=None) -> dict:
     """Gaussian-vs-sample Frechet distance to the exact mixture moments, float64.
 
-    x: (n, *event_shape). Returns {"value": FD, "mean_error": ||mu_hat - mu||,
-    "cov_rel_error": ||S_hat - S||_F / ||S||_F}.
+    x: (n, *event_shape); weights: optional (n,) sample weights (FKC ``--final weighted``), giving
+    the weighted mean and reliability-weights covariance. Returns {"value": FD, "mean_error":
+    ||mu_hat - mu||, "cov_rel_error": ||S_hat - S||_F / ||S||_F}.
     """
-    from .fid import frechet_distance
+    from .fid import FeatureStats, effective_weights, frechet_distance
 
     flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)  # (n, D)
     mu = mixture.mean(class_label).reshape(-1).double().cpu().numpy()
     cov = mixture.covariance(class_label).double().cpu().numpy()
-    mu_hat, cov_hat = flat.mean(0), np.atleast_2d(np.cov(flat, rowvar=False))
+    mu_hat, cov_hat = FeatureStats(flat.shape[1]).update(flat, effective_weights(weights)).mean_cov()
     return {"value": frechet_distance(mu_hat, cov_hat, mu, cov),
             "mean_error": float(np.linalg.norm(mu_hat - mu)),
             "cov_rel_error": float(np.linalg.norm(cov_hat - cov) / np.linalg.norm(cov))}
 
 
-def evaluate_samples(x: np.ndarray, metric: str, model, cfg: SweepConfig, class_label: int | None) -> dict:
+def evaluate_samples(x: np.ndarray, metric: str, model, cfg: SweepConfig, class_label: int | None, weights=None) -> dict:
+    """Score samples x (n, ...) by ``metric``; weights (n,) (FKC ``--final weighted``) make every
+    metric weighted (weighted feature / sample moments, weighted class accuracy)."""
+    from .fid import effective_weights
+
+    if weights is not None and np.asarray(weights).reshape(-1).shape[0] != len(x):
+        raise ValueError(f"got {np.asarray(weights).reshape(-1).shape[0]} sample weights for {len(x)} samples")
+    weights = effective_weights(weights)
     if metric == "digits-fid":
         from . import digits
 
-        out = {"value": digits.digits_fid(x)}
+        out = {"value": digits.digits_fid(x, weights)}
         if class_label is not None:
-            out["class_accuracy"] = digits.class_accuracy(x, class_label)
+            out["class_accuracy"] = digits.class_accuracy(x, class_label, weights)
         return out
     if metric == "oracle":
-        return oracle_metrics(x, model.extras["mixture"], class_label)
+        return oracle_metrics(x, model.extras["mixture"], class_label, weights)
     if metric == "inception":
         import tempfile
 
         from .fid import inception_fid
 
         with tempfile.TemporaryDirectory() as tmp:
-            np.savez(Path(tmp) / "samples.npz", x=x)
+            arrays = {"x": x} if weights is None else {"x": x, "weights": weights}
+            np.savez(Path(tmp) / "samples.npz", **arrays)
             device = cfg.run_options.get("device", "auto")
             return {"value": inception_fid(Path(tmp) / "samples.npz", cfg.inception_ref, cfg.inception_weights,
                                            device="cpu" if device == "auto" else device, dims=cfg.inception_dims)}
@@ -184,6 +196,7 @@ def run_sweep(config: str | Path | dict, output: str | Path, *, progress: bool =
     """
     from .. import api
     from ..models.loading import load_model
+    from .fid import effective_weights
 
     cfg = parse_config(config) if isinstance(config, dict) else load_sweep(config)[0]
     out = Path(output)
@@ -204,11 +217,12 @@ def run_sweep(config: str | Path | dict, output: str | Path, *, progress: bool =
                 res = api.run(sampler=entry.sampler, model=cfg.model, steps=steps, seed=seed,
                               num_samples=cfg.num_samples, progress=progress, **opts)
                 label_here = opts.get("class_label", class_label)
-                scores = evaluate_samples(res.x, metric, model, cfg, label_here)
+                weights = res.samples.get("weights") if isinstance(getattr(res, "samples", None), dict) else None
+                scores = evaluate_samples(res.x, metric, model, cfg, label_here, weights)
                 row = {"label": entry.label, "sampler": entry.sampler, "steps": steps, "seed": seed,
                        "nfe": nfe_per_sample(res.record), "wall_time_s": res.record.get("wall_time_s"),
                        "metric": metric, "num_samples": cfg.num_samples,
-                       "options": json.dumps(entry.options, sort_keys=True), **scores}
+                       "options": json.dumps(entry.options, sort_keys=True), "weighted": effective_weights(weights) is not None, **scores}
                 api.atomic_write_json(cached, row)
                 rows.append(row)
                 echo(f"{entry.label:<20} steps {steps:>4} seed {seed}: {metric} {row['value']:.4g}  NFE {row['nfe']}  "

@@ -80,6 +80,10 @@ class GaussianMixture:
             spec = json.loads(path.read_text())
         except FileNotFoundError as err:
             raise ValueError(f"mixture file not found: {path}") from err
+        except IsADirectoryError:
+            raise ValueError(f"mixture file {path} is a directory; gmm:FILE needs a JSON file") from None
+        except OSError as err:
+            raise ValueError(f"cannot read mixture file {path}: {err.strerror or err}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"mixture file {path} is not valid JSON: {err}") from err
         if not isinstance(spec, dict):
@@ -118,7 +122,8 @@ class GaussianMixture:
         if self.labels is None:
             raise ValueError("this mixture has no class labels; class_label must be None")
         if not (0 <= int(label) < self.num_classes) or not (self.labels == int(label)).any():
-            raise ValueError(f"class_label must be in [0, {self.num_classes - 1}], got {label}")
+            raise ValueError(f"class_label {label} is not a label of this mixture; its labels are "
+                             f"{sorted(set(self.labels.tolist()))} ({self.num_classes} = unconditional)")
 
     def is_null(self, label) -> bool:
         return label is None or int(label) < 0 or (self.num_classes > 0 and int(label) == self.num_classes)
@@ -147,7 +152,8 @@ class GaussianMixture:
         mask = self.labels[None, :] == labels[:, None]  # (B, K)
         mask = mask | null[:, None]
         if not mask.any(1).all():
-            raise ValueError(f"class labels must be in [0, {self.num_classes - 1}] (or {self.num_classes} = unconditional)")
+            raise ValueError(f"class labels must be among this mixture's labels {sorted(set(self.labels.tolist()))} "
+                             f"(or {self.num_classes} = unconditional)")
         return lw.masked_fill(~mask, -math.inf)
 
     # -- exact quantities ------------------------------------------------------------------

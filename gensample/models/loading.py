@@ -39,10 +39,17 @@ class LoadedModel:
         ("mar", "masked_lm", ...) for non-diffusion models.
     unet: module with the diffusers UNet call signature (diffusion kinds).
     scheduler_config: the training schedule (a diffusers scheduler config dict).
-    event_shape: shape of one sample, e.g. (2,) or (1, 8, 8).
+    event_shape: shape of one sample, e.g. (2,) or (1, 8, 8); the latent shape of a latent model.
     num_classes: 0 if unconditional; else class labels are 0..num_classes-1 and
         ``null_class`` (usually num_classes) is the unconditional label for CFG.
-    extras: method-specific parts (the exact mixture as "mixture", a VAE, a text encoder ...).
+    extras: method-specific parts: the exact mixture as "mixture"; a latent model's "vae" and
+        "pixel_shape"; a text-to-image model's "text_encoder", "tokenizer" and
+        ``"text_conditional": True`` (see docs/text_to_image.md).
+
+    Text-to-image models: ``configure_run`` takes the run's prompts (sample i gets prompt
+    i % len(prompts), set per batch by ``prepare_batch``), the negative prompt (the CFG
+    unconditional branch, default "") and ``guidance_rescale``; ``cond_for`` and ``denoiser``
+    then supply ``encoder_hidden_states``. Latent models: ``decode`` maps latents to pixels.
     """
 
     name: str
@@ -56,6 +63,12 @@ class LoadedModel:
     is_image: bool = False
     value_range: tuple = (-1.0, 1.0)
     extras: dict = field(default_factory=dict)
+    # run state of text-to-image models (configure_run / prepare_batch)
+    prompts: list | None = None
+    negative_prompt: str | None = None
+    guidance_rescale: float = 0.0
+    _batch_indices: list | None = field(default=None, repr=False)
+    _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -65,16 +78,124 @@ class LoadedModel:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler_config.get("num_train_timesteps", 1000))
 
+    @property
+    def text_conditional(self) -> bool:
+        return bool(self.extras.get("text_conditional"))
+
+    @property
+    def is_latent(self) -> bool:
+        """True when samples live in a VAE's latent space (``decode`` gives pixels)."""
+        return self.extras.get("vae") is not None
+
+    # -- text conditioning ---------------------------------------------------------------------
+    def _text_device(self) -> torch.device:
+        enc = self.extras.get("text_encoder")
+        try:
+            return next(enc.parameters()).device
+        except (AttributeError, StopIteration):
+            return torch.device("cpu")
+
+    def encode_prompt(self, prompts, device) -> dict:
+        """{"encoder_hidden_states": (len(prompts), L, D)} on ``device``: the CLIP text
+        encoder's last hidden state, as Stable Diffusion conditions its UNet. Each distinct prompt
+        is encoded once per (device, encoder dtype) and cached."""
+        from .text import encode_prompts, normalize_prompts
+
+        if not self.text_conditional:
+            raise ValueError(f"model {self.name!r} is not a text-to-image model; prompts are not allowed")
+        prompts = normalize_prompts(prompts)
+        enc, tok = self.extras.get("text_encoder"), self.extras.get("tokenizer")
+        if enc is None or tok is None:
+            raise ValueError(f"model {self.name!r} has no text encoder / tokenizer to encode prompts")
+        enc_dev = self._text_device()
+        enc_dtype = next(enc.parameters()).dtype
+        missing = [p for p in dict.fromkeys(prompts) if (p, str(enc_dev), enc_dtype) not in self._prompt_cache]
+        for p in missing:  # one prompt per call: a sample's embedding never depends on the other prompts
+            self._prompt_cache[(p, str(enc_dev), enc_dtype)] = encode_prompts(tok, enc, [p], enc_dev)[0]  # (L, D)
+        rows = [self._prompt_cache[(p, str(enc_dev), enc_dtype)] for p in prompts]
+        return {"encoder_hidden_states": torch.stack(rows).to(device)}
+
+    def configure_run(self, cfg: dict) -> None:
+        """Take the run options that concern the model: prompt / negative_prompt (text models
+        only), guidance_rescale, height / width (latent models only). ValueError on misuse."""
+        from .text import normalize_prompts
+
+        prompts = normalize_prompts(cfg.get("prompt"))
+        neg = cfg.get("negative_prompt")
+        if neg is not None and not isinstance(neg, str):
+            raise ValueError(f"--negative-prompt must be a string, got {neg!r}")
+        if self.text_conditional:
+            self.prompts = prompts
+            self.negative_prompt = neg
+        elif prompts is not None or neg is not None:
+            what = "class-conditional" if self.num_classes else "unconditional"
+            raise ValueError(f"--prompt / --negative-prompt need a text-to-image model; {self.name!r} is {what}"
+                             + (" (use --class-label)" if self.num_classes else ""))
+        gr = cfg.get("guidance_rescale")
+        self.guidance_rescale = 0.0 if gr is None else float(gr)
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"--guidance-rescale must be in [0, 1], got {gr}")
+        if cfg.get("height") is not None or cfg.get("width") is not None:
+            self.set_resolution(cfg.get("height"), cfg.get("width"))
+
+    @property
+    def run_prompts(self) -> list:
+        """The prompts of this run: the given ones, or [""] (the empty prompt)."""
+        return list(self.prompts) if self.prompts else [""]
+
+    def text_record(self) -> dict:
+        """What run.json says about the text conditioning of this run."""
+        from .text import EMPTY_PROMPT_NOTE
+
+        rec = {"prompts": self.run_prompts, "prompt_given": bool(self.prompts),
+               "negative_prompt": self.negative_prompt or "", "guidance_rescale": self.guidance_rescale,
+               "prompt_of_sample": "prompts[i % len(prompts)]"}
+        if not self.prompts:
+            rec["note"] = EMPTY_PROMPT_NOTE
+        return rec
+
+    def prepare_batch(self, indices) -> None:
+        """The sample indices of the batch about to be drawn (text models: prompt i % P)."""
+        self._batch_indices = [int(i) for i in indices]
+
+    def _prompts_for(self, n: int) -> list:
+        ps = self.run_prompts
+        idx = self._batch_indices if self._batch_indices is not None and len(self._batch_indices) == n else range(n)
+        return [ps[i % len(ps)] for i in idx]
+
     def denoiser(self) -> Denoiser:
         if self.unet is None:
             raise ValueError(f"model {self.name!r} ({self.kind}) has no diffusion network")
-        null = None
-        if self.num_classes and self.null_class is not None:
+        null = default = None
+        if self.text_conditional:
+            dev = self._text_device()
+            null = self.encode_prompt([self.negative_prompt or ""], dev)  # CFG's unconditional branch
+            default = self.encode_prompt([""], dev)  # cond=None: the empty prompt
+        elif self.num_classes and self.null_class is not None:
             null = {"class_labels": torch.tensor([self.null_class])}
-        return Denoiser(self.unet, self.alphas_cumprod, self.prediction_type, plain_callable=False, null_cond=null)
+        return Denoiser(self.unet, self.alphas_cumprod, self.prediction_type, plain_callable=False, null_cond=null,
+                        default_cond=default, guidance_rescale=self.guidance_rescale, name=self.name)
 
-    def cond_for(self, class_label: int | None, n: int, device) -> dict | None:
-        """Conditioning dict for n samples of one class (None: unconditional)."""
+    def cond_for(self, class_label: int | None, n: int, device, prompt=None) -> dict | None:
+        """Conditioning dict for n samples: one class (None: unconditional / null class), or for
+        a text model the prompt(s): ``prompt`` (a str for all n, or n strings), else the run's
+        prompts, sample i of the current batch getting prompt i % len(prompts)."""
+        if self.text_conditional:
+            if class_label is not None:
+                raise ValueError(f"model {self.name!r} is text-conditional; use --prompt instead of --class-label")
+            if prompt is None:
+                prompts = self._prompts_for(n)
+            else:
+                from .text import normalize_prompts
+
+                prompts = normalize_prompts(prompt)
+                if len(prompts) == 1:
+                    prompts = prompts * n
+                if len(prompts) != n:
+                    raise ValueError(f"cond_for: got {len(prompts)} prompts for {n} samples (give 1 or {n})")
+            return self.encode_prompt(prompts, device)
+        if prompt is not None:
+            raise ValueError(f"model {self.name!r} is not a text-to-image model; prompts are not allowed")
         if class_label is None:
             if self.num_classes and self.null_class is not None:
                 return {"class_labels": torch.full((n,), self.null_class, dtype=torch.long, device=device)}
@@ -84,6 +205,64 @@ class LoadedModel:
         if not 0 <= class_label < self.num_classes:
             raise ValueError(f"class label must be in [0, {self.num_classes - 1}] for model {self.name!r}, got {class_label}")
         return {"class_labels": torch.full((n,), int(class_label), dtype=torch.long, device=device)}
+
+    # -- latent models -----------------------------------------------------------------------
+    def vae_scale_factor(self) -> int:
+        vae = self.extras.get("vae")
+        if vae is None:
+            raise ValueError(f"model {self.name!r} has no VAE")
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def set_resolution(self, height: int | None, width: int | None) -> None:
+        """Pixel size of a latent model's samples; the latent event shape follows (H/f, W/f)."""
+        if not self.is_latent:
+            raise ValueError(f"--height / --width apply to latent (VAE) models; {self.name!r} draws pixels of "
+                             f"shape {tuple(self.event_shape)} directly")
+        f = self.vae_scale_factor()
+        pix = tuple(self.extras.get("pixel_shape") or (self.extras["vae"].config.out_channels,
+                                                       self.event_shape[-2] * f, self.event_shape[-1] * f))
+        h = pix[-2] if height is None else height
+        w = pix[-1] if width is None else width
+        for flag, v in (("--height", h), ("--width", w)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < f or v % f:
+                raise ValueError(f"{flag} must be a positive multiple of the VAE scale factor {f} for model {self.name!r}, got {v!r}")
+        self.event_shape = (self.event_shape[0], h // f, w // f)
+        self.extras["pixel_shape"] = (pix[0], h, w)
+
+    def decode(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Pixels in [-1, 1], float32: D(z / scaling_factor (+ shift_factor)) (Rombach et al.
+        2022, sec. 3; the Stable Diffusion scaling). A float16 VAE whose config sets
+        ``force_upcast`` is moved to float32 first (the SD VAE overflows in fp16). Decodes in
+        chunks of ``chunk`` samples on the VAE's device; returns on the input's device."""
+        vae = self.extras.get("vae")
+        if vae is None:
+            raise ValueError(f"model {self.name!r} has no VAE to decode latents")
+        cfg = vae.config
+        sf = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+        shift = float(getattr(cfg, "shift_factor", None) or 0.0)
+        p = next(vae.parameters())
+        if p.dtype == torch.float16 and getattr(cfg, "force_upcast", True):
+            vae.to(torch.float32)
+            p = next(vae.parameters())
+        z = torch.as_tensor(latents)
+        out = []
+        for i in range(0, z.shape[0], chunk):
+            zi = (z[i:i + chunk].to(device=p.device, dtype=torch.float32) / sf + shift).to(p.dtype)
+            out.append(vae.decode(zi).sample.float().clamp(-1.0, 1.0).to(z.device))
+        return torch.cat(out)
+
+    def add_decoded(self, arrays: dict) -> dict:
+        """arrays["x"] of a latent model's generation sampler holds latents (event_shape): add
+        arrays["images"], the decoded pixels (n, C, H, W) float32 in [-1, 1]. Samplers that already
+        return pixels (a different shape, e.g. the latent inverse-problem solvers) are left as is."""
+        import numpy as np
+
+        x = arrays.get("x")
+        if not self.is_latent or x is None or "images" in arrays or tuple(x.shape[1:]) != tuple(self.event_shape):
+            return arrays
+        with torch.no_grad():
+            imgs = self.decode(torch.from_numpy(np.asarray(x, dtype=np.float32)))
+        return {**arrays, "images": imgs.cpu().numpy().astype(np.float32)}
 
     def to(self, device=None, dtype=None) -> "LoadedModel":
         for part in [self.unet, *self.extras.values()]:
@@ -137,59 +316,229 @@ def _ensure_registered() -> None:
     zoo.discover()
 
 
-def load_diffusers(spec: str, name: str | None = None) -> LoadedModel:
-    """A diffusers UNet2DModel / pipeline folder or hub id (hub ids need network access)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+# -- diffusers folders and hub ids ------------------------------------------------------------
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+VAE_CLASSES = ("AutoencoderKL",)
+TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
-    path = Path(spec)
+
+def _layout_error(spec: str, folder: Path, extra: str = "") -> ValueError:
+    return ValueError(
+        f"--model {spec}: {folder} is not a diffusers model folder{extra}. Looked for: "
+        f"model_index.json with unet/config.json, scheduler/scheduler_config.json (nested pipeline, e.g. "
+        f"Stable Diffusion: + vae/, text_encoder/, tokenizer/); model_index.json with config.json and "
+        f"scheduler_config.json at the root (flat, as google/ddpm-*); or config.json alone (a bare UNet)")
+
+
+def _read_json(path: Path, spec: str) -> dict:
     try:
-        if path.is_dir() and (path / "model_index.json").exists():
-            index = json.loads((path / "model_index.json").read_text())
-            unet_cls = UNet2DConditionModel if "text_encoder" in index else UNet2DModel
-            unet = unet_cls.from_pretrained(path, subfolder="unet")
-            sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        elif path.is_dir() and (path / "config.json").exists():
-            cfg = json.loads((path / "config.json").read_text())
-            unet_cls = UNet2DConditionModel if cfg.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
-            unet = unet_cls.from_pretrained(path)
-            sched_file = path / "scheduler_config.json"
-            sched = json.loads(sched_file.read_text()) if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
-        elif path.exists():
-            raise ValueError(f"--model {spec}: a model folder needs model_index.json or config.json")
-        else:
-            unet = UNet2DModel.from_pretrained(spec, subfolder="unet")
-            sched = dict(DDPMScheduler.load_config(spec, subfolder="scheduler"))
-    except (OSError, EnvironmentError) as err:
-        raise ValueError(f"could not load model {spec!r}: not a zoo name, prefix or loadable diffusers model ({err.__class__.__name__})") from err
-    unet.eval()
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model {spec}: cannot read {path} ({err.__class__.__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--model {spec}: {path} must hold a JSON object")
+    return data
+
+
+def _component_dir(folder: Path, name: str, cls: str, spec: str) -> tuple[Path, str | None]:
+    """(folder, subfolder) of pipeline component ``name``: ``name/`` (nested layout) or the root
+    (flat layout: the root config.json names the class)."""
+    if (folder / name / "config.json").exists() or (name == "tokenizer" and (folder / name).is_dir()):
+        return folder, name
+    root_cfg = folder / "config.json"
+    if name != "tokenizer" and root_cfg.exists() and _read_json(root_cfg, spec).get("_class_name") == cls:
+        return folder, None
+    raise ValueError(f"--model {spec}: component {name!r} ({cls}) of model_index.json not found; looked for "
+                     f"{folder / name / 'config.json'} (nested layout) and {root_cfg} with \"_class_name\": \"{cls}\" (flat layout)")
+
+
+def _load_component(folder: Path, name: str, lib_cls: list, allowed: tuple, spec: str, variant: str | None):
+    import importlib
+
+    lib, cls = lib_cls
+    if cls not in allowed:
+        raise ValueError(f"--model {spec}: component {name!r} is a {cls}; supported: {', '.join(allowed)}")
+    root, sub = _component_dir(folder, name, cls, spec)
+    klass = getattr(importlib.import_module(lib), cls)
+    # the component's own folder, not subfolder=: diffusers prefers a root weights file over the
+    # subfolder's (which, in the flat layout, is the UNet's)
+    where = root if sub is None else root / sub
+    kwargs: dict = {}
+    if name != "tokenizer":
+        kwargs["torch_dtype"] = torch.float32  # weights of any variant upcast; the run casts to --dtype
+        if variant:
+            kwargs["variant"] = variant
+    try:
+        part = klass.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"--model {spec}: could not load {name} ({cls}) from {where}"
+                         f"{f' with --weights-variant {variant}' if variant else ''}: {err.__class__.__name__}: {err}") from None
+    if isinstance(part, torch.nn.Module):
+        part.eval()
+        part.requires_grad_(False)
+    return part
+
+
+def _scheduler_config(folder: Path, spec: str) -> dict:
+    for f in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
+        if f.exists():
+            return _read_json(f, spec)
+    raise ValueError(f"--model {spec}: no scheduler config; looked for {folder / 'scheduler' / 'scheduler_config.json'} "
+                     f"(nested layout) and {folder / 'scheduler_config.json'} (flat layout)")
+
+
+def hub_allow_patterns(files: list[str], variant: str | None = None) -> list[str]:
+    """Which files of a hub repository to download: every config / tokenizer file (.json, .txt)
+    at the root or one folder deep, and per folder the diffusers/transformers weight files of the
+    requested variant (safetensors preferred over .bin; sharded files kept together). Other
+    root weights (single-file checkpoints such as v1-5-pruned.ckpt) are never fetched."""
+    keep = [f for f in files if f.count("/") <= 1 and f.rsplit(".", 1)[-1] in ("json", "txt")]
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        if f.count("/") > 1 or not f.endswith((".safetensors", ".bin")):
+            continue
+        d, base = f.rsplit("/", 1) if "/" in f else ("", f)
+        stem = base.split(".", 1)[0].split("-0", 1)[0]
+        if stem in WEIGHT_STEMS:
+            by_dir.setdefault(d, []).append(base)
+    for d, names in by_dir.items():
+        def parts(n):
+            core = n.rsplit(".", 1)[0]  # drop the extension
+            return core.split(".")[1].split("-0", 1)[0] if "." in core else None  # variant tag (shards: tag-0000k-of-n)
+
+        chosen = [n for n in names if parts(n) == variant] if variant else []
+        if not chosen:
+            chosen = [n for n in names if parts(n) is None]
+        safe = [n for n in chosen if n.endswith(".safetensors")]
+        chosen = safe or chosen
+        keep += [f"{d}/{n}" if d else n for n in chosen]
+    return sorted(set(keep))
+
+
+def _hub_snapshot(repo_id: str, variant: str | None) -> Path:
+    """Download the files a LoadedModel needs from a hub repository (any layout); local path."""
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+
+        files = list_repo_files(repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=hub_allow_patterns(files, variant)))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated repo: one message
+        raise ValueError(f"could not load model {repo_id!r}: not a zoo name, prefix or local folder, and the hub id "
+                         f"could not be fetched ({err.__class__.__name__}: {err})") from None
+
+
+def load_diffusers(spec: str, name: str | None = None, variant: str | None = None) -> LoadedModel:
+    """A diffusers model from a folder or hub id, loaded whole.
+
+    Layouts: a pipeline folder (model_index.json + unet/ scheduler/ [vae/ text_encoder/
+    tokenizer/]), the flat layout (model_index.json, config.json, scheduler_config.json at the
+    root, as google/ddpm-* are; other components may still sit in subfolders), or a bare UNet
+    folder (config.json [+ scheduler_config.json]). A Stable Diffusion-class pipeline
+    (UNet2DConditionModel + AutoencoderKL + CLIPTextModel + CLIPTokenizer, SD 1.x epsilon or
+    2.x v-prediction) becomes a text-to-image latent LoadedModel (see ``load_pipeline_folder``).
+    Hub ids are fetched with huggingface_hub (network access) and then read like a folder.
+    """
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"--model {spec}: a model path must be a folder (diffusers layout), got a file")
+        folder = path
+    else:
+        folder = _hub_snapshot(spec, variant)
+    return load_pipeline_folder(folder, name=name or spec, spec=spec, variant=variant)
+
+
+def load_pipeline_folder(folder: Path, name: str, spec: str | None = None, variant: str | None = None) -> LoadedModel:
+    """LoadedModel of a local diffusers folder (the layouts of ``load_diffusers``)."""
+    spec = spec or str(folder)
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if index_file.exists():
+        index = _read_json(index_file, spec)
+        comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1]}
+        if "text_encoder_2" in comps:
+            raise ValueError(f"--model {spec}: SDXL-style pipelines (two text encoders, {index.get('_class_name')}) are not "
+                             f"supported yet; use a Stable Diffusion 1.x / 2.x pipeline")
+        if "unet" not in comps:
+            raise ValueError(f"--model {spec}: {index.get('_class_name', 'this pipeline')} has no 'unet' component "
+                             f"(components: {sorted(comps)}); gensample samples UNet-based diffusion pipelines")
+        unet = _load_component(folder, "unet", comps["unet"], UNET_CLASSES, spec, variant)
+        sched = _scheduler_config(folder, spec)
+        vae = _load_component(folder, "vae", comps["vae"], VAE_CLASSES, spec, variant) if "vae" in comps else None
+        enc = tok = None
+        if "text_encoder" in comps or "tokenizer" in comps:
+            for needed in ("text_encoder", "tokenizer"):
+                if needed not in comps:
+                    raise ValueError(f"--model {spec}: model_index.json lists {'tokenizer' if needed == 'text_encoder' else 'text_encoder'} "
+                                     f"but not {needed}; a text-to-image pipeline needs both")
+            enc = _load_component(folder, "text_encoder", comps["text_encoder"], TEXT_ENCODER_CLASSES, spec, variant)
+            tok = _load_component(folder, "tokenizer", comps["tokenizer"], TOKENIZER_CLASSES, spec, variant)
+    elif (folder / "config.json").exists():
+        cfg = _read_json(folder / "config.json", spec)
+        cls = cfg.get("_class_name")
+        if cls not in UNET_CLASSES:
+            raise _layout_error(spec, folder, f" (its config.json describes a {cls!r}, not a UNet)")
+        unet = _load_component(folder, "unet", ["diffusers", cls], UNET_CLASSES, spec, variant)
+        sched_file = folder / "scheduler_config.json"
+        sched = _read_json(sched_file, spec) if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
+        vae = enc = tok = None
+    else:
+        raise _layout_error(spec, folder)
+    return _assemble(name, unet, sched, vae, enc, tok, spec)
+
+
+def _assemble(name, unet, sched, vae, enc, tok, spec) -> LoadedModel:
     sched = {k: v for k, v in sched.items() if not k.startswith("_")}
     c = unet.config
-    num_classes = int(c.get("num_class_embeds") or 0) if hasattr(c, "get") else 0
+    conditional = type(unet).__name__ == "UNet2DConditionModel"
+    if conditional and enc is None:
+        raise ValueError(f"--model {spec}: a UNet2DConditionModel needs its text encoder and tokenizer; give the whole "
+                         f"pipeline folder (model_index.json with text_encoder/ and tokenizer/)")
+    num_classes = 0 if conditional else int(c.get("num_class_embeds") or 0)
     null = None
     if num_classes:
         null = num_classes - 1  # our convention: the last embedding is the null class
         num_classes -= 1
-    size = c.sample_size if isinstance(c.sample_size, int) else tuple(c.sample_size)[0]
+    size = c.sample_size if isinstance(c.sample_size, int) else tuple(c.sample_size)
+    h, w = (size, size) if isinstance(size, int) else size
+    extras: dict = {}
+    if vae is not None:
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        if int(vae.config.latent_channels) != int(c.in_channels):
+            raise ValueError(f"--model {spec}: the VAE's {vae.config.latent_channels} latent channels do not match the "
+                             f"UNet's {c.in_channels} input channels (inpainting / image-conditioned UNets, which take "
+                             f"extra input channels, are not supported by the samplers)")
+        extras.update(vae=vae, pixel_shape=(int(vae.config.out_channels), h * f, w * f))
+    if enc is not None:
+        extras.update(text_encoder=enc, tokenizer=tok, text_conditional=True)
     return LoadedModel(
-        name=name or spec,
+        name=name,
         kind="diffusion",
         unet=unet,
         scheduler_config=sched,
-        event_shape=(c.in_channels, size, size),
+        event_shape=(int(c.in_channels), h, w),
         num_classes=num_classes,
         null_class=null,
         prediction_type=sched.get("prediction_type", "epsilon"),
         is_image=True,
+        extras=extras,
     )
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Resolve ``spec``: zoo name | ``prefix:FILE`` | diffusers folder | hub id."""
+def load_model(spec: str, variant: str | None = None) -> LoadedModel:
+    """Resolve ``spec``: zoo name | ``prefix:FILE`` | diffusers folder | hub id.
+
+    variant: a weights variant of a diffusers folder / hub id (``"fp16"``: the
+    ``*.fp16.safetensors`` files); not allowed for zoo names and prefixes."""
     from .. import zoo
 
     _ensure_registered()
     if not isinstance(spec, str) or not spec:
         raise ValueError("model must be a non-empty string")
+    if variant is not None and (spec in zoo.ZOO or (":" in spec and not Path(spec).exists())):
+        raise ValueError(f"--weights-variant applies to diffusers folders and hub ids, not to {spec!r}")
     if spec in zoo.ZOO:
         return zoo.ZOO[spec].loader()
     if ":" in spec and not Path(spec).exists():
@@ -200,7 +549,7 @@ def load_model(spec: str) -> LoadedModel:
             raise ValueError(f"unknown model prefix {prefix!r}; known: {sorted(_PREFIXES)}")
     path = Path(spec)
     if path.exists() or "/" in spec:
-        return load_diffusers(spec)
+        return load_diffusers(spec, variant=variant)
     raise ValueError(
         f"unknown model {spec!r}; choose a zoo model ({', '.join(sorted(zoo.ZOO))}), "
         f"a prefix spec ({', '.join(p + ':FILE' for p in sorted(_PREFIXES))}), a diffusers folder or a hub id"

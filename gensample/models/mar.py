@@ -1,9 +1,9 @@
 """A tiny MAR (masked autoregressive model with a per-token diffusion head) for 8x8 digits.
 
 Li et al. 2024, "Autoregressive Image Generation without Vector Quantization" (arXiv 2406.11838),
-scaled down as in specs/disa.md sec. 8: a bidirectional transformer over a class token plus
+scaled down (docs/disa.md, "mar-digits"): a bidirectional transformer over a class token plus
 N = 16 slots (2x2 patches of an 8x8 image, C = 4 values each, learned mask embedding), and the
-MAR head of specs/disa.md sec. 2 (SimpleMLPAdaLN: sinusoidal t embedding + z embedding, AdaLN
+MAR head (paper sec. 3.2; SimpleMLPAdaLN: sinusoidal t embedding + z embedding, AdaLN
 residual MLP blocks, zero-initialised modulation), trained with eps-MSE on the improved-DDPM
 cosine schedule (T = 1000, Nichol & Dhariwal 2021, eq. 17).
 
@@ -64,7 +64,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 
 class MARBackbone(ModelMixin, ConfigMixin):
-    """Bidirectional transformer: [class token, N slots] -> z per slot (specs/disa.md sec. 8)."""
+    """Bidirectional transformer: [class token, N slots] -> z per slot (docs/disa.md)."""
 
     @register_to_config
     def __init__(self, num_tokens: int = 16, token_dim: int = 4, width: int = 64, depth: int = 2,
@@ -100,7 +100,7 @@ class _AdaLNBlock(nn.Module):
 
 
 class MARHead(ModelMixin, ConfigMixin):
-    """MAR's SimpleMLPAdaLN diffusion head: eps_hat(x_t, t, z) per token (specs/disa.md sec. 2)."""
+    """MAR's SimpleMLPAdaLN diffusion head: eps_hat(x_t, t, z) per token (docs/disa.md)."""
 
     @register_to_config
     def __init__(self, token_dim: int = 4, cond_dim: int = 64, width: int = 128, depth: int = 3,
@@ -172,7 +172,7 @@ def digits_split(seed: int = 0, holdout: float = 0.2):
 def train_mar(steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
               label_dropout: float = 0.1, t_repeat: int = 2, head_prediction: str = "v", log_every: int = 50,
               progress=None):
-    """Train (MARBackbone, MARHead) on the digits training split (specs/disa.md sec. 8).
+    """Train (MARBackbone, MARHead) on the digits training split (docs/disa.md).
 
     Per batch: random order per image, r ~ U(1/N, 1] of slots masked (m = ceil(r N)), label
     dropout to the null class, and an eps-MSE loss on the masked slots only, each token repeated

@@ -1,4 +1,4 @@
-"""Exact Markov-chain language: the oracle for masked discrete diffusion (DESIGN.md, specs/masked_fhs.md sec. 6).
+"""Exact Markov-chain language: the oracle for masked discrete diffusion (DESIGN.md, docs/first_hitting.md).
 
 A chain over V tokens with initial law pi (V,) and transition matrix P (V, V), sequences of
 length L. Its exact denoiser mu*(x)[i, v] = p(x_i = v | unmasked tokens of x) comes from
@@ -216,7 +216,7 @@ def load_markov_file(path: str):
     return markov_model(f"markov:{path}", MarkovChain.from_json(path))
 
 
-# specs/masked_fhs.md sec. 6: K = 3, L = 4; entropy 2.7632 nats, P(all four equal) = .512.
+# docs/first_hitting.md: K = 3, L = 4; entropy 2.7632 nats, P(all four equal) = .512.
 TOY_CHAIN = {
     "initial": [0.6, 0.3, 0.1],
     "transition": [[0.8, 0.15, 0.05], [0.1, 0.8, 0.1], [0.05, 0.15, 0.8]],

@@ -1,11 +1,11 @@
 """Masked-diffusion language models: our small transformer and an adapter for transformers MLMs.
 
-Model interface used by the masked samplers (specs/masked_fhs.md sec. 4):
+Model interface used by the masked samplers (docs/first_hitting.md):
 
     network(input_ids: Long[B, L], time: Float[B] | None) -> logits: Float[B, L, K']
 
 ``K'`` is the vocabulary the network scores; the mask id (and any ``exclude_ids``) are forced to
-probability zero by the sampler. A time-agnostic network (MDLM default, sec. 2.2) ignores ``time``.
+probability zero by the sampler. A time-agnostic network (MDLM default; Zheng et al. 2024, sec. 3) ignores ``time``.
 
 ``masked_lm_model(...)`` packs a network into a ``LoadedModel`` of kind ``"masked_lm"`` whose
 ``extras`` hold: ``network``, ``mask_token_id``, ``length`` (default sequence length),
@@ -15,6 +15,7 @@ probability zero by the sampler. A time-agnostic network (MDLM default, sec. 2.2
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -107,20 +108,43 @@ class MaskedDiffusionTransformer(ModelMixin, ConfigMixin):
         return self.head(h)  # (B, L, K)
 
 
+TIME_ARG_NAMES = ("timesteps", "sigma", "time", "t")
+
+
 class HFMaskedLMAdapter(nn.Module):
     """A transformers masked LM (``AutoModelForMaskedLM``) as a masked-diffusion network.
 
-    Returns ``.logits`` (B, L, V_hf); time is ignored (MDLM/LLaDA-style checkpoints are
-    time-agnostic). The tokenizer's special tokens are excluded from sampling by the loader.
+    Returns ``.logits`` (B, L, V_hf). ``attention_mask`` is passed only when the model's forward
+    takes one. A forward with a time argument (``timesteps``/``sigma``/...; e.g. MDLM's hub code)
+    gets sigma(t) when the model is time-conditioned and zeros otherwise (MDLM's convention for
+    time-agnostic checkpoints).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, time_conditioning: bool = False):
         super().__init__()
         self.model = model
+        self.time_conditioning = bool(time_conditioning)
+        params = inspect.signature(model.forward).parameters
+        self.takes_attention_mask = "attention_mask" in params
+        self.time_arg = next((n for n in TIME_ARG_NAMES if n in params), None)
+        if self.time_conditioning and self.time_arg is None:
+            raise ValueError(f"{type(model).__name__} is time-conditioned but its forward takes none of {TIME_ARG_NAMES}")
 
     def forward(self, input_ids: torch.Tensor, time: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-        return out.logits if hasattr(out, "logits") else out[0]
+        kwargs = {"input_ids": input_ids}
+        if self.takes_attention_mask:
+            kwargs["attention_mask"] = torch.ones_like(input_ids)
+        if self.time_arg is not None:
+            if self.time_conditioning:
+                if time is None:
+                    raise ValueError("time-conditioned masked LM called without a time input")
+                kwargs[self.time_arg] = torch.as_tensor(time, device=input_ids.device).reshape(-1).expand(input_ids.shape[0])
+            else:
+                kwargs[self.time_arg] = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        out = self.model(**kwargs)
+        if hasattr(out, "logits"):
+            return out.logits
+        return out if torch.is_tensor(out) else out[0]
 
 
 def masked_lm_model(name: str, network: nn.Module, *, mask_token_id: int, length: int, tokenizer,
@@ -165,23 +189,70 @@ class _HFTokenizer:
         return self.tok.decode([int(i) for i in ids if int(i) != mask], skip_special_tokens=False)
 
 
-def load_hf_masked_lm(path: str, length: int = 64) -> LoadedModel:
-    """``--model mlm:PATH``: a local transformers masked-LM folder (model + tokenizer), no download."""
+def _needs_remote_code(err: Exception) -> bool:
+    return "trust_remote_code" in str(err)
+
+
+def load_hf_masked_lm(path: str, length: int = 64, trust_remote_code: bool = False) -> LoadedModel:
+    """``--model mlm:PATH``: a local transformers masked-LM folder (model + tokenizer), no download.
+
+    ``trust_remote_code`` is always passed explicitly (transformers never prompts). A folder whose
+    model needs its own code loads without it only as far as the tokenizer; the network is built
+    when the sampler runs with ``--trust-remote-code`` (the ``materialize`` hook), else exit 2.
+    """
     try:
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
     except ImportError as err:  # pragma: no cover - transformers is a test extra
         raise ValueError("--model mlm:PATH needs the `transformers` package") from err
     if not Path(path).is_dir():
         raise ValueError(f"--model mlm:{path}: not a local folder (hub downloads are not supported here)")
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True)
-    except OSError as err:
-        raise ValueError(f"--model mlm:{path}: cannot load a masked LM and tokenizer there ({err})") from err
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=bool(trust_remote_code))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model mlm:{path}: cannot load a tokenizer there ({err})") from err
     if tok.mask_token_id is None:
-        raise ValueError(f"--model mlm:{path}: the tokenizer has no mask token")
-    max_len = getattr(model.config, "max_position_embeddings", length)
-    special = [i for i in tok.all_special_ids if i != tok.mask_token_id]
-    return masked_lm_model(f"mlm:{path}", HFMaskedLMAdapter(model), mask_token_id=tok.mask_token_id,
-                           length=min(length, max_len), tokenizer=_HFTokenizer(tok), exclude_ids=tuple(special),
-                           max_length=max_len)
+        raise ValueError(f"--model mlm:{path}: the tokenizer ({type(tok).__name__}) has no mask token, so it cannot "
+                         "act as a masked diffusion model; for MDLM checkpoints (GPT-2 tokenizer + appended mask id) "
+                         "use --model mdlm:PATH")
+    special = tuple(i for i in tok.all_special_ids if i != tok.mask_token_id)
+    name = f"mlm:{path}"
+
+    def build(trust: bool):
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+            model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+        except (OSError, ValueError) as err:
+            if _needs_remote_code(err) and not trust:
+                raise ValueError(f"--model {name}: this model ships its own modeling code; rerun with "
+                                 "--trust-remote-code to allow it to run") from err
+            raise ValueError(f"--model {name}: cannot load a masked LM there ({err})") from err
+        timed = bool(getattr(config, "time_conditioning", False))
+        max_len = getattr(config, "max_position_embeddings", None)
+        default_len = getattr(config, "model_length", None) or (min(length, max_len) if max_len else length)
+        return HFMaskedLMAdapter(model, time_conditioning=timed), timed, max_len, int(default_len)
+
+    try:
+        net, timed, max_len, default_len = build(bool(trust_remote_code))
+    except ValueError as err:
+        if trust_remote_code or not _needs_remote_code(err.__cause__ or err):
+            raise
+        loaded = masked_lm_model(name, nn.Identity(), mask_token_id=tok.mask_token_id, length=length,
+                                 tokenizer=_HFTokenizer(tok), exclude_ids=special, max_length=None)
+
+        def materialize(trust: bool) -> None:
+            if loaded.extras.get("network_ready"):
+                return
+            if not trust:
+                raise ValueError(f"--model {name}: this model ships its own modeling code; rerun with "
+                                 "--trust-remote-code to allow it to run")
+            net, timed, max_len, default_len = build(True)
+            net.eval()
+            loaded.extras.update(network=net, time_conditioning=timed, max_length=max_len, length=default_len,
+                                 network_ready=True)
+            loaded.event_shape = (default_len,)
+
+        loaded.extras["materialize"] = materialize
+        return loaded
+    return masked_lm_model(name, net, mask_token_id=tok.mask_token_id, length=default_len,
+                           tokenizer=_HFTokenizer(tok), exclude_ids=special, max_length=max_len,
+                           time_conditioning=timed)

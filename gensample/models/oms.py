@@ -1,14 +1,19 @@
-"""The One More Step module psi(x_T', c) (Hu et al., CVPR 2024, arXiv 2311.15744; specs/oms.md).
+"""The One More Step module psi(x_T', c) (Hu et al., "One More Step: A Versatile Plug-and-Play
+Module for Rectifying Diffusion Schedule Flaws and Enhancing Low-Frequency Controls", CVPR 2024,
+arXiv 2311.15744; docs/oms.md "Python" and "Released checkpoints").
 
-psi is a UNet2DConditionModel *without* a time embedding (specs/oms.md sec. 3): there is no
-``time_proj`` / ``time_embedding`` and every resnet has ``temb_channels=None``, so the state-dict
-keys are exactly diffusers' UNet2DConditionModel keys minus ``time_embedding.*`` and every
-``*.time_emb_proj.*``. A released OMS checkpoint folder (config.json +
-diffusion_pytorch_model.safetensors, e.g. the ``oms`` subfolder of h1t/oms_b_openclip_15_21)
-therefore loads with ``OMSModule.from_pretrained(path)``.
+psi is a UNet2DConditionModel *without* a time embedding (the paper's module sees no timestep:
+it always acts at the virtual time T' where alpha_bar = 0): there is no ``time_proj`` /
+``time_embedding`` and every resnet has ``temb_channels=None``, so the state-dict keys are
+exactly diffusers' UNet2DConditionModel keys minus ``time_embedding.*`` and every
+``*.time_emb_proj.*``. A released OMS folder (e.g. h1t/oms_b_openclip_15_21) keeps the module
+in the subfolder ``oms_module`` (config.json + ``diffusion_pytorch_model.fp16.safetensors``,
+only the fp16 variant), so ``OMSModule.from_pretrained(folder / "oms_module", variant="fp16")``
+loads it; ``load_oms_release`` loads the whole folder (module, text encoder, tokenizer) with
+errors that name the file looked for.
 
-Output: v-prediction at zero SNR, i.e. v_T' = -x0 (specs/oms.md sec. 2.2); the step that turns it
-into x_T lives in ``gensample.samplers.oms``.
+Output: v-prediction at zero SNR, i.e. v_T' = -x0 (the paper's training target at T'); the step
+that turns it into x_T lives in ``gensample.samplers.oms``.
 
 Small variant for our own models: ``num_class_embeds`` adds an ``nn.Embedding`` whose row for
 label c is used as a one-token ``encoder_hidden_states`` (B, 1, cross_attention_dim), so the
@@ -18,8 +23,11 @@ The last label (``num_class_embeds - 1``) is the null class used for OMS-CFG.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -29,7 +37,7 @@ from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block,
 from diffusers.utils import BaseOutput
 from torch import nn
 
-# OMS-B (h1t/oms_b_openclip_15_21, h1t/oms_b_openclip_xl), specs/oms.md sec. 3.
+# OMS-B (h1t/oms_b_openclip_15_21, h1t/oms_b_openclip_xl: the released config.json), docs/oms.md.
 OMS_B_CONFIG = {
     "sample_size": 64,
     "in_channels": 4,
@@ -68,7 +76,7 @@ class OMSModuleOutput(BaseOutput):
 
 
 class OMSModule(ModelMixin, ConfigMixin):
-    """psi_phi(x_T', c): a time-free conditional UNet (specs/oms.md sec. 2.2, 3).
+    """psi_phi(x_T', c): a time-free conditional UNet (docs/oms.md "Python").
 
     Call: ``psi(sample, encoder_hidden_states=None, class_labels=None)``; give
     ``encoder_hidden_states`` (B, L, cross_attention_dim) for text-conditioned modules or
@@ -219,3 +227,169 @@ def small_oms_module(in_channels: int = 1, num_classes: int = 3, **overrides) ->
     cfg = dict(SMALL_CONFIG, in_channels=in_channels, out_channels=in_channels, num_class_embeds=num_classes + 1)
     cfg.update(overrides)
     return OMSModule(**cfg)
+
+
+# -- released checkpoints ------------------------------------------------------------------------
+# The layout of a released OMS folder (docs/oms.md "Released checkpoints"):
+#   model_index.json
+#   oms_module/config.json + diffusion_pytorch_model.fp16.safetensors   (the module, fp16 only)
+#   oms_text_encoder/config.json   weights, or a pointer {"_name_or_path": REPO, "subfolder": DIR}
+#   oms_tokenizer/...              tokenizer files, or the same kind of pointer
+# With no oms_text_encoder / oms_tokenizer the base pipeline's text encoder is used (as the
+# reference pipeline does).
+MODULE_SUBFOLDER = "oms_module"
+TEXT_ENCODER_SUBFOLDER = "oms_text_encoder"
+TOKENIZER_SUBFOLDER = "oms_tokenizer"
+WEIGHTS_NAME = "diffusion_pytorch_model"
+_TEXT_WEIGHTS = ("model", "pytorch_model")
+_TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "tokenizer_config.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class OMSRelease:
+    """A loaded OMS folder: the module, its own text encoder and tokenizer (None: use the base
+    pipeline's), and where each came from (for run.json)."""
+
+    module: OMSModule
+    text_encoder: Any = None
+    tokenizer: Any = None
+    sources: dict = field(default_factory=dict)
+
+
+def _weight_name(variant: Optional[str], ext: str, stem: str = WEIGHTS_NAME) -> str:
+    return f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
+
+
+def module_weights_file(module_dir: Path, variant: Optional[str], flag: str = "--oms-module") -> Path:
+    """The weights file ``from_pretrained(module_dir, variant=variant)`` reads; ValueError naming
+    the file looked for (and the variants that are there) when it is missing."""
+    for ext in ("safetensors", "bin"):
+        f = module_dir / _weight_name(variant, ext)
+        if f.is_file():
+            return f
+    want = module_dir / _weight_name(variant, "safetensors")
+    found = sorted(p.name for p in module_dir.glob(f"{WEIGHTS_NAME}*") if p.is_file())
+    hint = ""
+    variants = sorted({p.split(".")[1] for p in found if p.count(".") == 2})
+    if variants and variant not in variants:
+        hint = f"; this folder holds the {', '.join(variants)} variant: pass --oms-variant {variants[0]}"
+    elif not variants and found and variant:
+        hint = "; this folder holds no variant: leave out --oms-variant"
+    raise ValueError(f"{flag}: no OMS weights {want} (found: {found or 'no weights file'}){hint}")
+
+
+def _strict_check(module: OMSModule, weights: Path) -> None:
+    """Every weight in the file is a parameter of the module and vice versa (a strict load)."""
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            keys = set(f.keys())
+    else:
+        keys = set(torch.load(str(weights), map_location="cpu", weights_only=True))
+    own = set(module.state_dict())
+    missing, unexpected = sorted(own - keys), sorted(keys - own)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: the weights do not match the OMS module of its config.json "
+                         f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})")
+
+
+def load_module_folder(module_dir: Path, variant: Optional[str] = None, flag: str = "--oms-module") -> OMSModule:
+    """An OMSModule from a folder with config.json + weights (float32, eval mode, strict keys)."""
+    module_dir = Path(module_dir)
+    if not (module_dir / "config.json").is_file():
+        raise ValueError(f"{flag}: no {module_dir / 'config.json'}")
+    weights = module_weights_file(module_dir, variant, flag)
+    try:
+        module = OMSModule.from_pretrained(str(module_dir), variant=variant, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise ValueError(f"{flag}: cannot load the OMS module from {weights} "
+                         f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    _strict_check(module, weights)
+    return module.eval()
+
+
+def _resolve_pointer(root: Path, folder: Path) -> tuple[str, dict]:
+    """(path or hub id, from_pretrained kwargs) of a text-encoder / tokenizer subfolder: the folder
+    itself when it holds the files, else the ``_name_or_path`` + ``subfolder`` its config.json names."""
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if "SDXL" in str(cfg.get("_class_name", "")):
+        raise ValueError(f"{cfg_file}: dual SDXL text encoders (OMS-L) are not supported; OMS-B modules "
+                         f"(one CLIP text encoder) are")
+    target = cfg.get("_name_or_path")
+    own = [p for p in folder.iterdir() if p.name != "config.json"] if folder.is_dir() else []
+    if own or not target:
+        return str(folder), {}
+    kwargs = {"subfolder": cfg["subfolder"]} if cfg.get("subfolder") else {}
+    local = root / target
+    return (str(local) if local.exists() else str(target)), kwargs
+
+
+def _load_text_part(root: Path, name: str, variant: Optional[str]):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = root / name
+    where, kwargs = _resolve_pointer(root, folder)
+    label = where + (f" (subfolder {kwargs['subfolder']})" if kwargs else "")
+    try:
+        if name == TOKENIZER_SUBFOLDER:
+            return CLIPTokenizer.from_pretrained(where, **kwargs), label
+        try:
+            enc = CLIPTextModel.from_pretrained(where, variant=variant, torch_dtype=torch.float32, **kwargs)
+        except (OSError, ValueError):
+            if variant is None:
+                raise
+            enc = CLIPTextModel.from_pretrained(where, torch_dtype=torch.float32, **kwargs)  # the target has no such variant
+        return enc.eval(), label
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--oms-module: cannot load {name} from {label} (named by {folder}) "
+                         f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _hub_release(repo_id: str, variant: Optional[str]) -> Path:
+    """Download a released OMS folder (only the requested weight variant)."""
+    patterns = ["model_index.json", f"{MODULE_SUBFOLDER}/config.json",
+                f"{MODULE_SUBFOLDER}/{_weight_name(variant, 'safetensors')}",
+                f"{TEXT_ENCODER_SUBFOLDER}/*", f"{TOKENIZER_SUBFOLDER}/*"]
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - offline, unknown or gated repository: one message
+        raise ValueError(f"--oms-module {repo_id!r}: not a local folder, and as a hub id it could not be fetched "
+                         f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def load_oms_release(spec: str, variant: Optional[str] = None, text: bool = True) -> OMSRelease:
+    """An OMS module from a released folder (``oms_module/`` + optional ``oms_text_encoder/`` and
+    ``oms_tokenizer/``), a bare module folder (config.json + weights), or a hub id of a release.
+
+    variant: the weights variant (``"fp16"``: the releases ship only
+    ``diffusion_pytorch_model.fp16.safetensors``). Weights are upcast to float32. Every failure is
+    a ValueError naming the file or id it looked for. text=False skips the text folders.
+    """
+    path = Path(spec)
+    if not path.exists():
+        if not _HUB_ID.fullmatch(spec):
+            raise ValueError(f"--oms-module {spec}: no such folder (a released OMS folder with {MODULE_SUBFOLDER}/, "
+                             f"a module folder with config.json, a zoo OMS name or a hub id)")
+        path = _hub_release(spec, variant)
+    if not path.is_dir():
+        raise ValueError(f"--oms-module {spec}: must be a folder, got a file")
+    if (path / MODULE_SUBFOLDER).is_dir():
+        module = load_module_folder(path / MODULE_SUBFOLDER, variant)
+        release = OMSRelease(module=module, sources={"module": str(path / MODULE_SUBFOLDER)})
+        has_enc, has_tok = (path / TEXT_ENCODER_SUBFOLDER).is_dir(), (path / TOKENIZER_SUBFOLDER).is_dir()
+        if has_enc != has_tok:
+            raise ValueError(f"--oms-module {spec}: {TEXT_ENCODER_SUBFOLDER}/ and {TOKENIZER_SUBFOLDER}/ come together; "
+                             f"found only {TEXT_ENCODER_SUBFOLDER if has_enc else TOKENIZER_SUBFOLDER}/")
+        if has_enc and text:
+            release.text_encoder, release.sources["text_encoder"] = _load_text_part(path, TEXT_ENCODER_SUBFOLDER, variant)
+            release.tokenizer, release.sources["tokenizer"] = _load_text_part(path, TOKENIZER_SUBFOLDER, variant)
+        return release
+    if (path / "config.json").is_file():
+        return OMSRelease(module=load_module_folder(path, variant), sources={"module": str(path)})
+    raise ValueError(f"--oms-module {spec}: found neither {path / MODULE_SUBFOLDER / 'config.json'} (a released OMS "
+                     f"folder) nor {path / 'config.json'} (a module folder)")

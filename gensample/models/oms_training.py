@@ -1,22 +1,22 @@
-"""Training for the OMS demo models (specs/oms.md sec. 6, 8): the schedule-flawed base, its
+"""Training for the OMS demo models (docs/oms.md "Shipped models"): the schedule-flawed base, its
 schedule-fix baselines, and the OMS module itself.
 
 Data ("brightness digits", 16x16x1 in [-1, 1]): sklearn's bundled 8x8 digits, bilinearly
 upsampled to 16x16, zero-mean pattern of amplitude 0.5 on a per-image brightness level
 level_k in {-0.6, 0, +0.6}, k uniform (the class label):
     x0 = clamp(level_k + 0.5 (d - mean(d)), -1, 1),   d in [0, 1] the digit image.
-So the per-image mean is level_k (up to the clamp), a wide spread of brightness as in the
-spec's toy (sec. 6), on digit strokes instead of sinusoids.
+So the per-image mean is level_k (up to the clamp): a wide spread of brightness, on digit strokes.
 
 Schedules (all T = 1000, scaled_linear from beta_start = 0.00085):
-- ``flawed``   beta_end = 0.006 -> alpha_bar_T = 0.0477 (spec sec. 6), eps-prediction;
+- ``flawed``   beta_end = 0.006 -> alpha_bar_T = 0.0477, eps-prediction;
 - ``zero-snr`` the same betas rescaled to alpha_bar_T = 0 (Lin et al. 2023, Alg. 1), v-prediction,
-  sampled with trailing spacing (spec sec. 8);
+  sampled with trailing spacing (Lin et al. 2023, sec. 3.3);
 - ``offset-noise`` the flawed schedule with eps <- eps + delta n, n ~ N(0, 1) of shape (B, C, 1, 1)
-  (crosslabs offset noise, spec sec. 8), eps-prediction of that noise.
+  (crosslabs offset noise; diffusers' --noise_offset), eps-prediction of that noise.
 
-The OMS objective (spec sec. 2.2): L = E ||psi(x_T', c) + x0||^2, x_T' ~ N(0, I) drawn
-independently of x0; the base model and its schedule play no part.
+The OMS objective (Hu et al. 2024: v-prediction at zero SNR, where v = -x0; docs/oms.md "Training"):
+L = E ||psi(x_T', c) + x0||^2, x_T' ~ N(0, I) drawn independently of x0; the base model and its
+schedule play no part.
 
 Every training run is single-threaded-friendly, checkpoints every ``ckpt_every`` steps into
 ``<out>/checkpoint.pt`` (model, optimiser, LR schedule, data generator, loss log) and resumes from it.
@@ -105,7 +105,7 @@ def brightness_digits(n: int, generator: torch.Generator, labels: torch.Tensor |
 class TrainConfig:
     steps: int = 2500
     batch_size: int = 64
-    lr: float = 2e-3  # OneCycle peak (spec sec. 6)
+    lr: float = 2e-3  # OneCycle peak
     seed: int = 0
     cond_dropout: float = 0.2  # probability of the null class
     offset_noise: float = 0.1  # delta, offset-noise variant only
@@ -152,7 +152,7 @@ def base_loss_fn(variant: str, cfg: TrainConfig, sched_cfg: dict) -> Callable:
 
 
 def oms_loss_fn(dataset: Callable, null: int, cfg: TrainConfig) -> Callable:
-    """L = ||psi(x_T', c) + x0||^2 with x_T' ~ N(0, I) independent of x0 (spec sec. 2.2)."""
+    """L = ||psi(x_T', c) + x0||^2 with x_T' ~ N(0, I) independent of x0 (docs/oms.md "Training")."""
 
     def loss(module, gen):
         x0, labels = dataset(cfg.batch_size, gen)
@@ -296,7 +296,7 @@ def training_data(base) -> Callable:
 
 def oms_dc_gap(module, num_classes: int, n: int = 64, seed: int = 0) -> dict:
     """Diagnostics of a trained module: per-class mean of -psi's spatial mean, and its spread
-    across x_T' (spec sec. 2.2: psi* = -E[x0|c] does not depend on x_T')."""
+    across x_T' (the MSE optimum psi* = -E[x0|c] does not depend on x_T'; docs/oms.md "Training")."""
     gen = torch.Generator().manual_seed(seed)
     shape = (n, module.config.in_channels, IMAGE_SIZE, IMAGE_SIZE)
     res = {}

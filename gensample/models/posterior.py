@@ -1,4 +1,4 @@
-"""Exact posterior of a Gaussian-mixture prior under a linear-Gaussian measurement (specs/stsl.md sec. 7.2).
+"""Exact posterior of a Gaussian-mixture prior under a linear-Gaussian measurement (Bishop 2006, eq. 2.116).
 
 Prior p(x) = sum_k w_k N(mu_k, s_k^2 I) (our isotropic `GaussianMixture`), measurement
 y = A x + sigma n, A (M, D). Per component (Bishop 2006, eq. 2.116-2.117):
@@ -7,7 +7,7 @@ y = A x + sigma n, A (M, D). Per component (Bishop 2006, eq. 2.116-2.117):
 All Sigma'_k share the eigenvectors U of A^T A (A^T A = U diag(lam) U^T), so in the rotated
 coordinates u = U^T x every component is diagonal with variances 1 / (1/s_k^2 + lam/sigma^2).
 That makes the VP-noised posterior (mean sqrt(ab) mu'_k, covariance ab Sigma'_k + (1 - ab) I) and its
-exact eps cheap, which is what the `gold` sampler runs (sec. 7.3). Everything float64.
+exact eps cheap, which is what the `gold` sampler runs. Everything float64.
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ class GaussianMixturePosterior:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact draws, (n, *event_shape) float64."""
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn((n, self.dim), generator=generator, dtype=torch.float64)
+        dev = generator.device if generator is not None else torch.device("cpu")  # draw on the generator's device
+        k = torch.multinomial(self.weights.to(dev), n, replacement=True, generator=generator).cpu()
+        z = torch.randn((n, self.dim), generator=generator, dtype=torch.float64, device=dev).cpu()
         u = self.rot_means[k] + self.rot_vars[k].sqrt() * z
         return (u @ self.basis.T).reshape(n, *self.event_shape)
 
@@ -133,7 +134,7 @@ class PosteriorUNet(torch.nn.Module):
 
 @dataclass
 class PosteriorDistance:
-    """How far samples are from the exact posterior (specs/stsl.md sec. 7.5)."""
+    """How far samples are from the exact posterior (docs/stsl.md, "Oracle results")."""
 
     weight_err: float  # max_k |mean_x r_k(x) - w'_k|
     weight_z: float  # the same in standard errors of the mean responsibility
@@ -151,7 +152,7 @@ class PosteriorDistance:
 
 
 def posterior_distance(x: torch.Tensor, post: GaussianMixturePosterior) -> PosteriorDistance:
-    """Compare samples x (n, *event_shape) with the exact posterior ``post`` (specs/stsl.md sec. 7.5).
+    """Compare samples x (n, *event_shape) with the exact posterior ``post`` (docs/stsl.md, "Oracle results").
     ``mean_err_measured`` is the largest error of the mean along a row a of A, in units of the
     prior std of a^T x (for a mask: the observed coordinates)."""
     n, D = x.shape[0], post.dim

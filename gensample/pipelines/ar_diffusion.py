@@ -1,5 +1,5 @@
 """ARDiffusionPipeline: MAR-style masked autoregressive generation with a per-token diffusion head,
-and DiSA step annealing (Zhao et al. 2025, arXiv 2505.20297; specs/disa.md). Thin: the math is
+and DiSA step annealing (Zhao et al. 2025, arXiv 2505.20297; docs/disa.md). Thin: the math is
 in ``gensample.samplers.disa``.
 
 Plugging in your own MAR-like model: pass any two modules with these call signatures
@@ -15,6 +15,12 @@ converts: ``DiSAHeadScheduler.from_config(ddpm.config)``). Tokens are turned int
 ``image_channels``, ``image_size`` and ``patch_size`` (row-major patches), or returned as tokens
 with ``output_type="latent"``. ``num_tokens``/``token_dim`` are read from ``backbone.config`` when
 present, else given to ``__init__``.
+
+With a ``vae`` (a diffusers AutoencoderKL, e.g. MAR's KL-16 converted by
+``gensample.models.kl_vae.load_ldm_vae``) the tokens are latents instead: (B, N, C) row-major
+-> (B, C, sqrt N, sqrt N), decoded as D(z / vae.config.scaling_factor) (MAR: 0.2325) to pixels.
+``ARDiffusionPipeline.from_mar_release(checkpoint, vae_path)`` builds one from a released MAR
+checkpoint (docs/disa.md, "Released MAR checkpoints").
 """
 
 from dataclasses import dataclass
@@ -41,15 +47,16 @@ class ARDiffusionPipelineOutput(BaseOutput):
 class ARDiffusionPipeline(DiffusionPipeline):
     """MAR generation (Li et al. 2024) with a DiSA step budget for the head (Zhao et al. 2025)."""
 
-    model_cpu_offload_seq = "backbone->head"
+    model_cpu_offload_seq = "backbone->head->vae"
+    _optional_components = ["vae"]
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, scheduler: DiSAHeadScheduler,
                  num_tokens: Optional[int] = None, token_dim: Optional[int] = None, null_class: Optional[int] = None,
-                 image_channels: int = 1, image_size: int = 8, patch_size: int = 2):
+                 image_channels: int = 1, image_size: int = 8, patch_size: int = 2, vae: Optional[torch.nn.Module] = None):
         super().__init__()
         if not isinstance(scheduler, DiSAHeadScheduler):
             scheduler = DiSAHeadScheduler.from_config(scheduler.config)
-        self.register_modules(backbone=backbone, head=head, scheduler=scheduler)
+        self.register_modules(backbone=backbone, head=head, scheduler=scheduler, vae=vae)
         bcfg = getattr(backbone, "config", None)
         num_tokens = num_tokens if num_tokens is not None else getattr(bcfg, "num_tokens", None)
         token_dim = token_dim if token_dim is not None else getattr(bcfg, "token_dim", None)
@@ -57,6 +64,11 @@ class ARDiffusionPipeline(DiffusionPipeline):
             null_class = bcfg.num_classes
         if num_tokens is None or token_dim is None:
             raise ValueError("num_tokens and token_dim are required when backbone.config does not define them")
+        if vae is not None:
+            grid = int(round(num_tokens ** 0.5))
+            if grid * grid != num_tokens or vae.config.latent_channels != token_dim:
+                raise ValueError(f"a vae needs a square token grid of latent_channels tokens; got {num_tokens} tokens of "
+                                 f"{token_dim} for a VAE with {vae.config.latent_channels} latent channels")
         self.register_to_config(num_tokens=num_tokens, token_dim=token_dim, null_class=null_class,
                                 image_channels=image_channels, image_size=image_size, patch_size=patch_size)
 
@@ -114,7 +126,10 @@ class ARDiffusionPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = tokens
         else:
-            x = unpatchify(tokens.float(), self.config.image_channels, self.config.image_size, self.config.patch_size)
+            if self.vae is not None:
+                x = self.decode_latents(tokens)
+            else:
+                x = unpatchify(tokens.float(), self.config.image_channels, self.config.image_size, self.config.patch_size)
             x = (x / 2 + 0.5).clamp(0, 1)
             if output_type == "pt":
                 images = x
@@ -126,3 +141,27 @@ class ARDiffusionPipeline(DiffusionPipeline):
         if not return_dict:
             return (images, stats)
         return ARDiffusionPipelineOutput(images=images, stats=stats)
+
+    def decode_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) tokens -> (B, 3, H, W) pixels in [-1, 1]: D(unpatchify(tokens) / scaling_factor)."""
+        b, n, c = tokens.shape
+        grid = int(round(n ** 0.5))
+        latents = tokens.reshape(b, grid, grid, c).permute(0, 3, 1, 2)  # (B, C, h, w), MAR's unpatchify (p = 1)
+        p = next(self.vae.parameters())
+        scale = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        return self.vae.decode((latents.to(device=p.device, dtype=torch.float32) / scale).to(p.dtype)).sample.float()
+
+    @classmethod
+    def from_mar_release(cls, checkpoint: str, vae_path: Optional[str] = None) -> "ARDiffusionPipeline":
+        """A pipeline from a released MAR checkpoint (file or folder, as ``--model mar:...``) and
+        optionally its KL-16 VAE; the head samples with the learned variance range."""
+        from ..models.loading import load_model
+        from ..zoo.mar import attach_vae
+
+        model = load_model(f"mar:{checkpoint}")
+        if vae_path is not None:
+            attach_vae(model, vae_path)
+        parts = model.extras
+        sched = DiSAHeadScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
+        return cls(parts["backbone"], parts["head"], sched, num_tokens=parts["num_tokens"], token_dim=parts["token_dim"],
+                   null_class=model.null_class, vae=parts.get("vae"))

@@ -1,4 +1,4 @@
-"""FKCPipeline: Feynman-Kac correctors with SMC for diffusers UNets (arXiv 2503.02819; specs/fkc.md sec. 5).
+"""FKCPipeline: Feynman-Kac correctors with SMC for diffusers UNets (Skreta et al., ICML 2025, arXiv 2503.02819; docs/fkc.md).
 
 Thin: it builds the experts' conditioning and one batched expert call, then runs the loop of
 ``gensample.samplers.fkc.sample_fkc`` (move, float64 log-weights, per-group resampling).
@@ -23,8 +23,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..core.param import to_eps
-from ..samplers.fkc import FINALS, FKCConfig, FKCScheduler, TARGETS, sample_fkc
+from ..samplers.fkc import DEFAULTS, FINALS, FKCConfig, FKCScheduler, TARGETS, eps_and_x0, sample_fkc
 
 PIPELINE_TARGETS = TARGETS
 
@@ -116,11 +115,12 @@ class FKCPipeline(DiffusionPipeline):
         guidance_scale: float = 2.0,
         num_particles: int = 4,
         num_inference_steps: int = 50,
-        eta: float = 1.0,
-        resample: str = "ess",
-        ess_threshold: float = 0.7,
-        scheme: str = "systematic",
-        final: str = "resample",
+        eta: float = DEFAULTS["eta"],
+        resample: str = DEFAULTS["resample"],
+        ess_threshold: float = DEFAULTS["ess_threshold"],
+        scheme: str = DEFAULTS["scheme"],
+        final: str = DEFAULTS["final"],
+        quadrature: str = DEFAULTS["quadrature"],
         height: Optional[int] = None,
         width: Optional[int] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
@@ -153,7 +153,8 @@ class FKCPipeline(DiffusionPipeline):
             betas = tuple(float(b) for b in (expert_betas if expert_betas is not None else [1.0] * M))
             if len(betas) != M:
                 raise ValueError(f"expert_betas must have one exponent per expert ({M}), got {len(betas)}")
-        cfg = FKCConfig(betas=betas, eta=eta, resample=resample, ess_threshold=ess_threshold, scheme=scheme, final=final)
+        cfg = FKCConfig(betas=betas, eta=eta, resample=resample, ess_threshold=ess_threshold, scheme=scheme, final=final,
+                        quadrature=quadrature)
         G, K = len(groups), num_particles
         N = G * K
 
@@ -180,8 +181,8 @@ class FKCPipeline(DiffusionPipeline):
             out = self.unet(xs, t.to(device), return_dict=False, **cond)[0].float()
             if out.shape[1] == 2 * x.shape[1]:
                 out = out[:, : x.shape[1]]
-            eps = to_eps(out, xs.float(), ab[int(t)], pred_type)
-            return eps.reshape(M, *x.shape)
+            eps, x0 = eps_and_x0(out, xs.float(), ab[int(t)], pred_type)  # x0 from the raw output (zero SNR)
+            return eps.float().reshape(M, *x.shape), x0.float().reshape(M, *x.shape)
 
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -193,8 +194,9 @@ class FKCPipeline(DiffusionPipeline):
             raise ValueError(f"generator list must have num_groups * num_particles = {N} entries, got {len(generator)}")
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+        if latents is None:  # drawn on the generator's device (CPU or CUDA), then moved
+            gen_device = (generator[0] if isinstance(generator, list) else generator).device
+            latents = randn_tensor(shape, generator=generator, device=gen_device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=torch.float32)

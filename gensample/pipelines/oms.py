@@ -1,21 +1,25 @@
-"""OMSPipeline: One More Step in front of any diffusers image pipeline (Hu et al., CVPR 2024,
-arXiv 2311.15744; specs/oms.md sec. 2.3, 4).
+"""OMSPipeline: One More Step in front of any diffusers image pipeline (Hu et al., "One More Step",
+CVPR 2024, arXiv 2311.15744; docs/oms.md "Python").
 
-    pipe = OMSPipeline(oms_module=psi, base_pipeline=sd_pipe, oms_text_encoder=te, oms_tokenizer=tok)
+    pipe = OMSPipeline.from_release("h1t/oms_b_openclip_15_21", base_pipeline=sd_pipe, variant="fp16")
+    # or OMSPipeline(oms_module=psi, base_pipeline=sd_pipe, oms_text_encoder=te, oms_tokenizer=tok)
     image = pipe(prompt="a starry night", oms_prompt="dark night sky", oms_guidance_scale=2.0,
                  num_inference_steps=20, generator=torch.Generator().manual_seed(100)).images[0]
 
 - Latent pipelines whose ``__call__`` takes ``latents`` (StableDiffusionPipeline, SDXL, LCM ...):
   x_T goes in as ``latents``, in VP scale (the base multiplies by its init_noise_sigma, which is
-  1 for DDIM/PNDM/LCM/DPM and 1/sqrt(alpha_bar_t0) for Euler-leading; spec sec. 4).
+  1 for DDIM/PNDM/LCM/DPM and 1/sqrt(alpha_bar_t0) for Euler-leading; docs/oms.md "Python").
 - Pixel pipelines without ``latents`` (DDPMPipeline, DDIMPipeline: a ``unet`` + ``scheduler``):
   the same loop is run here from x_T (``base_class_labels`` for class-conditional UNets).
 - OMS conditioning: ``oms_prompt_embeds`` / ``oms_negative_embeds`` (no tokenizer needed), or
   ``oms_prompt`` / ``oms_negative_prompt`` strings encoded with ``oms_text_encoder``
-  (last_hidden_state, padded to the tokenizer's max length), or ``oms_class_labels`` for
+  (last_hidden_state, padded to the tokenizer's max length; without one, the base pipeline's
+  ``text_encoder`` / ``tokenizer``, as the reference pipeline does), or ``oms_class_labels`` for
   class-conditional modules. The OMS negative defaults to the empty prompt / null class.
+- Randomness: x_T' and z are drawn on the generator's device (CPU or CUDA generators), then moved.
 
-Fixed relative to the reference code (spec sec. 7): psi's input is unit-variance noise (never
+Fixed relative to the reference code (docs/oms.md "Not reproduced from the reference code"):
+psi's input is unit-variance noise (never
 scaled by init_noise_sigma); the negative batch is sized prompt-batch x num_images_per_prompt;
 noise uses the std, not the variance (``oms_legacy_variance=True`` reproduces the bug).
 """
@@ -28,7 +32,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.oms import OMSModule
+from ..models.oms import OMSModule, load_oms_release
 from ..samplers.oms import OMSConfig, first_alpha_bar, oms_initial_latents, to_scheduler_scale
 
 
@@ -50,15 +54,33 @@ class OMSPipeline(DiffusionPipeline):
         self.register_modules(oms_module=oms_module, oms_text_encoder=oms_text_encoder, oms_tokenizer=oms_tokenizer)
         object.__setattr__(self, "base_pipeline", base_pipeline)
 
+    @classmethod
+    def from_release(cls, path_or_id: str, base_pipeline: Any = None, variant: Optional[str] = "fp16") -> "OMSPipeline":
+        """A released OMS folder or hub id (``oms_module/`` + fp16 weights [+ ``oms_text_encoder/``,
+        ``oms_tokenizer/``]; see ``gensample.models.oms.load_oms_release``) around ``base_pipeline``."""
+        rel = load_oms_release(str(path_or_id), variant)
+        return cls(oms_module=rel.module, base_pipeline=base_pipeline, oms_text_encoder=rel.text_encoder,
+                   oms_tokenizer=rel.tokenizer)
+
     # -- conditioning ---------------------------------------------------------------------
+    def _text_parts(self):
+        """(text_encoder, tokenizer) for OMS prompts: the OMS pair, else the base pipeline's."""
+        enc, tok = self.oms_text_encoder, self.oms_tokenizer
+        if enc is None and tok is None and self.base_pipeline is not None:
+            enc, tok = getattr(self.base_pipeline, "text_encoder", None), getattr(self.base_pipeline, "tokenizer", None)
+        return enc, tok
+
     def encode_oms_prompt(self, prompt: Union[str, List[str]], device) -> torch.Tensor:
-        """(B, L, D) last_hidden_state of the OMS text encoder (spec sec. 3)."""
-        if self.oms_text_encoder is None or self.oms_tokenizer is None:
-            raise ValueError("oms_prompt needs oms_text_encoder and oms_tokenizer; or pass oms_prompt_embeds")
+        """(B, L, D) last_hidden_state of the OMS text encoder (the base pipeline's when the OMS
+        folder has none), padded to the tokenizer's max length."""
+        enc, tok = self._text_parts()
+        if enc is None or tok is None:
+            raise ValueError("oms_prompt needs oms_text_encoder and oms_tokenizer (or a base pipeline with a "
+                             "text_encoder); or pass oms_prompt_embeds")
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids = self.oms_tokenizer(prompt, padding="max_length", max_length=self.oms_tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(device)
-        return self.oms_text_encoder(ids)[0]
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(enc.device)
+        return enc(ids)[0].to(device)
 
     def _oms_condition(self, n_prompts: int, per_prompt: int, device, oms_prompt, oms_prompt_embeds,
                        oms_negative_prompt, oms_negative_embeds, oms_class_labels, need_uncond: bool):
@@ -175,7 +197,7 @@ class OMSPipeline(DiffusionPipeline):
         a = first_alpha_bar(sched)
         x_T = oms_initial_latents(self.oms_module, x_Tp, cond, uncond, a, cfg, gen)
         if takes_latents:
-            # the base pipeline multiplies by init_noise_sigma itself: hand over VP scale (spec sec. 4)
+            # the base pipeline multiplies by init_noise_sigma itself: hand over VP scale
             return base(latents=x_T.to(base.unet.dtype), **fwd)
         return self._pixel_loop(to_scheduler_scale(x_T, sched, a).to(base.unet.dtype), fwd, eta, base_class_labels)
 

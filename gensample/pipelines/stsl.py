@@ -2,8 +2,9 @@
 
 Pixel models (``UNet2DModel``, no VAE) and latent models (``vae`` + ``UNet2DModel`` or
 ``UNet2DConditionModel``, e.g. Stable Diffusion components) share the loop in
-`gensample.samplers.stsl.sample_inverse` (specs/stsl.md sec. 4). Text conditioning is the null
-prompt "" (no CFG) unless ``prompt`` / ``prompt_embeds`` are given. Thin: no math here.
+`gensample.samplers.stsl.sample_inverse` (docs/stsl.md). Text conditioning is the null prompt ""
+unless ``prompt`` / ``prompt_embeds`` are given; classifier-free guidance is refused (see
+``guidance_scale``). Thin: no math here.
 """
 
 from typing import List, Optional, Union
@@ -15,7 +16,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, Sch
 from ..core.denoiser import Denoiser
 from ..core.schedule import alphas_cumprod_from_config
 from ..samplers.operators import LinearOperator
-from ..samplers.stsl import Codec, Counters, InverseConfig, init_latent, sample_inverse
+from ..samplers.stsl import Codec, Counters, InverseConfig, draw_normal, init_latent, sample_inverse
 
 
 class STSLPipeline(DiffusionPipeline):
@@ -41,6 +42,7 @@ class STSLPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.last_counters: Optional[Counters] = None
+        self.last_config: Optional[InverseConfig] = None
 
     def _encode_prompt(self, prompt: str, batch: int, device) -> torch.Tensor:
         if self.tokenizer is None or self.text_encoder is None:
@@ -59,6 +61,7 @@ class STSLPipeline(DiffusionPipeline):
         batch_size: int = 1,
         prompt: str = "",
         prompt_embeds: Optional[torch.Tensor] = None,
+        guidance_scale: float = 1.0,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -67,20 +70,36 @@ class STSLPipeline(DiffusionPipeline):
         """measurement: y, (1 or batch_size, *operator.out_shape) in the [-1, 1] image convention.
         method: "stsl" | "dps" | "psld"; method_kwargs: `InverseConfig` fields (inner_steps,
         trace_weight, probe_scale, data_weight, zeta, gamma, omega, ddim_eta, init, ...).
+        guidance_scale: only 1.0 (no classifier-free guidance) is accepted: the posterior samplers
+        target p(x | y) under the conditional prior of ``prompt``; CFG would change that prior (and the
+        guided eps is not the score of any density the likelihood terms assume), so any other value
+        raises ValueError instead of being silently ignored.
+        DPS clamps x0_hat to [-1, 1] before A by default (as the CLI's ``--clamp auto`` does for
+        images); pass ``clamp_x0=False`` to turn it off.
+        Random draws (initial noise, probes, DDPM noise) use ``generator``'s own device, then move.
         Returns images (``output_type`` "pil" | "np" | "pt"); ``self.last_counters`` holds the NFEs."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be one of ['pil', 'np', 'pt'], got {output_type!r}")
         if not isinstance(operator, LinearOperator):
             raise TypeError(f"operator must be a gensample LinearOperator, got {type(operator).__name__}")
+        if not isinstance(guidance_scale, (int, float)) or float(guidance_scale) != 1.0:
+            raise ValueError(f"STSLPipeline does not support classifier-free guidance: guidance_scale must be 1.0, got "
+                             f"{guidance_scale!r} (the samplers target p(x | y) under the prompt-conditional prior)")
         device = self._execution_device
+        method_kwargs.setdefault("clamp_x0", method == "dps")
         cfg = InverseConfig(method=method, steps=num_inference_steps, **method_kwargs)
+        self.last_config = cfg
         if isinstance(generator, list):
             if len(generator) != batch_size:
                 raise ValueError(f"generator list has {len(generator)} entries; batch_size is {batch_size}")
             gens = generator
         else:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None else 0
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(batch_size)]
+            if generator is not None:
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+                gdev = generator.device
+            else:
+                seed, gdev = 0, torch.device("cpu")
+            gens = [torch.Generator(device=gdev).manual_seed(seed + i) for i in range(batch_size)]
         from diffusers import DDIMScheduler
 
         sched = DDIMScheduler.from_config(self.scheduler.config, prediction_type="epsilon")
@@ -99,12 +118,12 @@ class STSLPipeline(DiffusionPipeline):
         latent_shape = (c.in_channels, size, size)
         y = measurement.to(device=device, dtype=torch.float32)
         y = y.expand(batch_size, *operator.out_shape)
-        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device)
+        noise = draw_normal(gens, latent_shape, device)
         z = init_latent(cfg, sched, codec, operator, y, noise, ac, counters)
         bar = self.progress_bar(total=num_inference_steps)
         x0, _, counters = sample_inverse(
             denoiser, sched, codec, operator, y, z, cfg, alphas_cumprod=ac, generators=gens, cond=cond,
-            randn=lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device),
+            randn=lambda shape: draw_normal(gens, shape, device),
             on_step=lambda n: bar.update(n), counters=counters, sampler_name=f"STSLPipeline[{method}]",
         )
         bar.close()

@@ -1,51 +1,33 @@
-"""Time-Shift for diffusers pipelines (Li et al., ICLR 2024, arXiv 2305.15583; specs/time_shift.md sec. 4).
+"""Time-Shift for diffusers pipelines (Li et al., ICLR 2024, arXiv 2305.15583; docs/time_shift.md
+"Python / diffusers").
 
 Two faces:
-- `enable_time_shift(pipe, ...)` makes a *stock* DDPMPipeline / DDIMPipeline /
-  StableDiffusionPipeline time-shift without editing it: its scheduler becomes a
-  `TimeShiftScheduler` built from the pipeline's own scheduler config, and its UNet is wrapped in
-  `TimeShiftModelWrapper`, which swaps the timestep the pipeline passes for
-  ``scheduler.model_timesteps(sample, t)``. Under classifier-free guidance the UNet input is
-  [x; x], so both halves get the same t_s. `disable_time_shift(pipe)` undoes it.
+- `enable_time_shift(pipe, ...)` makes a *stock* diffusers pipeline with a ``unet`` and a
+  ``scheduler`` (DDPM, DDIM, Stable Diffusion, SD inpaint / img2img / depth2img / pix2pix, ...)
+  time-shift without editing it: its scheduler becomes a `TimeShiftScheduler` built from the
+  pipeline's own scheduler config, and a forward pre-hook on the UNet (not a wrapper module: the
+  pipeline's ``unet`` stays the original model, so ``save_pretrained`` writes a loadable folder)
+  replaces the timestep the pipeline passes by ``pipe.scheduler.model_timesteps(latents, t)``.
+  The hook reads ``pipe.scheduler`` at every call, so swapping the scheduler afterwards works
+  (a non-Time-Shift scheduler sees its own timestep unchanged). Under classifier-free guidance
+  the UNet input is [x; x], so both halves get the same t_s. Pipelines that concatenate extra
+  channels (mask, masked-image latents, depth, image latents) after the latents select t_s on the
+  latent channels only (the first ``min(in_channels, out_channels)``), i.e. on what ``step``
+  updates. `disable_time_shift(pipe)` undoes it.
 - `TimeShiftPipeline`: our own pipeline for unconditional or class-conditional UNet2DModels.
-
-The scheduler recomputes t_s from the same sample in ``step`` (no hidden state), so the wrapper
-and the scheduler agree as long as the pipeline feeds the UNet the sample it steps
-(``scale_model_input`` is the identity for VP schedulers).
 """
 
+import warnings
+import weakref
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin  # noqa: F401  (SchedulerMixin: module exposes the base)
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..samplers.time_shift import DEFAULT_VARIANT, TimeShiftScheduler
 
-
-class TimeShiftModelWrapper(torch.nn.Module):
-    """Calls ``unet(sample, scheduler.model_timesteps(sample, timestep), ...)``.
-
-    Attribute reads the wrapper does not have (``config``, ``dtype``, ``device``, ...) fall
-    through to the wrapped UNet, so pipelines use it like the UNet itself.
-    """
-
-    def __init__(self, unet: torch.nn.Module, scheduler: TimeShiftScheduler):
-        super().__init__()
-        if not isinstance(scheduler, TimeShiftScheduler):
-            raise TypeError(f"scheduler must be a TimeShiftScheduler, got {type(scheduler).__name__}")
-        self.unet = unet
-        object.__setattr__(self, "ts_scheduler", scheduler)  # not a submodule
-
-    def forward(self, sample: torch.Tensor, timestep, *args, **kwargs):
-        t_model = self.ts_scheduler.model_timesteps(sample, timestep)  # (B,) int64
-        return self.unet(sample, t_model, *args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("unet"), name)
+_TS_KEYS = ("window_size", "cutoff", "variant", "eta", "data_var")
 
 
 def effective_config(scheduler) -> dict:
@@ -55,42 +37,96 @@ def effective_config(scheduler) -> dict:
     return {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
 
 
+def latent_channels(unet) -> Optional[int]:
+    """Channels of the state the scheduler steps: the first min(in_channels, out_channels) of the
+    UNet input (SD inpaint: 9 in, 4 out; learned-variance UNets: 3 in, 6 out). None if unknown."""
+    cfg = getattr(unet, "config", None)
+    try:
+        return int(min(cfg.in_channels, cfg.out_channels))
+    except (AttributeError, TypeError):
+        return None
+
+
+class _TimeShiftHook:
+    """Forward pre-hook: timestep -> ``pipe.scheduler.model_timesteps(latents, timestep)``."""
+
+    def __init__(self, pipe, channels: Optional[int]):
+        self.pipe = weakref.ref(pipe)
+        self.channels = channels
+
+    def __call__(self, module, args, kwargs):
+        pipe = self.pipe()
+        sched = getattr(pipe, "scheduler", None) if pipe is not None else None
+        if not isinstance(sched, TimeShiftScheduler):
+            return None  # another scheduler was swapped in: leave the call unchanged
+        args = list(args)
+        sample = args[0] if args else kwargs["sample"]
+        in_args = len(args) > 1
+        timestep = args[1] if in_args else kwargs.get("timestep")
+        x = sample
+        if self.channels is not None and sample.ndim >= 2 and sample.shape[1] > self.channels:
+            x = sample[:, : self.channels]  # the latents; extra conditioning channels follow them
+        t_model = sched.model_timesteps(x, timestep)  # (B,) int64, handed over to step()
+        if in_args:
+            args[1] = t_model
+        else:
+            kwargs["timestep"] = t_model
+        return tuple(args), kwargs
+
+
 def enable_time_shift(
     pipe: DiffusionPipeline,
     window_size: Optional[int] = None,
     cutoff: Optional[int] = None,
-    variant: str = DEFAULT_VARIANT,
+    variant: Optional[str] = None,
     eta: Optional[float] = None,
+    data_var: Optional[float] = None,
 ) -> DiffusionPipeline:
     """Turn a stock diffusers pipeline with ``unet`` and ``scheduler`` into a TS sampler, in place.
 
-    window_size / cutoff: None picks the spec's per-step defaults at ``set_timesteps``.
-    eta: the scheduler's default eta (pipelines that pass ``eta`` to ``step``, as DDIMPipeline
-    and StableDiffusionPipeline do, override it); None: 1.0 for a DDPMScheduler (DDPM-like
-    TS-DDPM), else 0.0. Returns ``pipe``.
+    window_size / cutoff: None picks the per-step defaults at ``set_timesteps``. variant: None
+    keeps the scheduler's (a TimeShiftScheduler already there, e.g. after ``from_pretrained`` of a
+    saved TS pipeline, keeps all its TS keys unless overridden) else "paper". eta: the
+    scheduler's default eta (pipelines that pass ``eta`` to ``step``, as DDIMPipeline and
+    StableDiffusionPipeline do, override it); None: 1.0 for a DDPMScheduler (DDPM-like TS-DDPM),
+    else 0.0. data_var: the data-aware statistic (docs/time_shift.md); the paper's statistic on
+    a pipeline with a VAE (a latent model) warns. Returns ``pipe``.
     """
     for part in ("unet", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise TypeError(f"pipe must have a `{part}` component, got {type(pipe).__name__}")
-    if isinstance(pipe.unet, TimeShiftModelWrapper):
+    if getattr(pipe, "_ts_state", None) is not None:
         raise ValueError("time shift is already enabled on this pipeline; call disable_time_shift(pipe) first")
-    if eta is None:
-        eta = 1.0 if type(pipe.scheduler).__name__ == "DDPMScheduler" else 0.0
-    sched = TimeShiftScheduler.from_config(effective_config(pipe.scheduler), window_size=window_size, cutoff=cutoff,
-                                           variant=variant, eta=float(eta))
-    pipe._ts_original = (pipe.unet, pipe.scheduler)
+    old = pipe.scheduler
+    cfg = effective_config(old)
+    given = {"window_size": window_size, "cutoff": cutoff, "variant": variant, "eta": eta, "data_var": data_var}
+    if isinstance(old, TimeShiftScheduler):
+        ts_kw = {k: (v if v is not None else cfg.get(k)) for k, v in given.items()}
+    else:
+        ts_kw = dict(given)
+        ts_kw["eta"] = (1.0 if type(old).__name__ == "DDPMScheduler" else 0.0) if eta is None else eta
+    ts_kw["variant"] = ts_kw["variant"] or DEFAULT_VARIANT
+    ts_kw["eta"] = float(ts_kw["eta"] or 0.0)
+    sched = TimeShiftScheduler.from_config(cfg, **ts_kw)
+    if getattr(pipe, "vae", None) is not None and sched.config.data_var is None:
+        warnings.warn("enable_time_shift on a latent pipeline: the paper's statistic ignores the data term "
+                      "alpha_bar Var(x0), which for latents (variance ~1) makes it pick the noisiest window edge at "
+                      "every step; pass data_var=... (docs/time_shift.md 'Data-aware statistic')", stacklevel=2)
+    handle = pipe.unet.register_forward_pre_hook(_TimeShiftHook(pipe, latent_channels(pipe.unet)), with_kwargs=True)
+    object.__setattr__(pipe, "_ts_state", (handle, old))  # not a pipeline component
     pipe.scheduler = sched
-    pipe.unet = TimeShiftModelWrapper(pipe._ts_original[0], sched)
     return pipe
 
 
 def disable_time_shift(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    """Restore the UNet and scheduler that `enable_time_shift` replaced."""
-    original = getattr(pipe, "_ts_original", None)
-    if original is None:
+    """Remove the UNet hook and restore the scheduler that `enable_time_shift` replaced."""
+    state = getattr(pipe, "_ts_state", None)
+    if state is None:
         raise ValueError("time shift is not enabled on this pipeline")
-    pipe.unet, pipe.scheduler = original
-    del pipe._ts_original
+    handle, old = state
+    handle.remove()
+    pipe.scheduler = old
+    object.__setattr__(pipe, "_ts_state", None)
     return pipe
 
 
@@ -129,10 +165,10 @@ class TimeShiftPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (diffusers signature)
     ):
         """Sample ``batch_size`` images. eta: None uses the scheduler config's eta (0 DDIM, 1 DDPM-like).
-        output_type: "pil" | "np" | "pt". class_labels: int or (batch_size,) labels for
-        class-conditional UNets (``num_class_embeds``)."""
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be one of ['pil', 'np', 'pt'], got {output_type!r}")
+        output_type: "pil" | "np" | "pt" | "latent" (the raw samples, before mapping to [0, 1]).
+        class_labels: int or (batch_size,) labels for class-conditional UNets (``num_class_embeds``)."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be one of ['pil', 'np', 'pt', 'latent'], got {output_type!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"generator list has length {len(generator)}, expected batch_size={batch_size}")
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -167,11 +203,14 @@ class TimeShiftPipeline(DiffusionPipeline):
                 tensors = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                 out = callback_on_step_end(self, i, t, tensors) or {}
                 latents = out.get("latents", latents)
-        image = (latents / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        if output_type == "latent":
+            image = latents
+        else:
+            image = (latents / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    image = self.numpy_to_pil(image)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

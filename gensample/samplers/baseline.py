@@ -8,9 +8,12 @@ the Denoiser converts any model parameterisation to eps first (one convention in
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..core.denoiser import Denoiser, check_finite
+from . import schedule_flaws
 from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 SCHEDULERS = ("ddpm", "ddim", "dpm", "euler")
@@ -31,11 +34,22 @@ def make_scheduler(name: str, train_config: dict, **overrides):
 
 
 def check_steps(steps: int, train_config: dict) -> None:
+    """--steps must lie in [1, T] for the model's training schedule of T timesteps."""
     T = int(train_config.get("num_train_timesteps", 1000))
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if steps > T:
         raise ValueError(f"--steps must be <= the training schedule's {T} timesteps, got {steps}")
+
+
+def epsilon_scale(timestep, scale: float = 1.0, slope: float = 0.0) -> float:
+    """Epsilon Scaling factor lambda_t = k t + b (Ning et al., ICLR 2024, arXiv 2308.15321, sec. 4;
+    docs/time_shift.md "Epsilon Scaling"), with b = ``scale`` and k = ``slope`` per training
+    timestep t; the update uses eps_hat / lambda_t."""
+    lam = float(scale) + float(slope) * float(timestep)
+    if not lam > 0:
+        raise ValueError(f"epsilon scale lambda_t = eps_scale + eps_scale_slope * t must be > 0, got {lam} at t={timestep}")
+    return lam
 
 
 def scheduler_loop(
@@ -54,8 +68,6 @@ def scheduler_loop(
     x_T: (B, ...) initial noise already multiplied by ``scheduler.init_noise_sigma``.
     eps_fn(eps, t, x) optionally rescales eps before the step (epsilon scaling uses it).
     """
-    import inspect
-
     step_params = inspect.signature(scheduler.step).parameters
     kwargs = {}
     if "generator" in step_params:
@@ -78,11 +90,13 @@ def _sample_with(name: str):
     def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
         steps = opts["steps"]
         check_steps(steps, model.scheduler_config)
+        if name == "ddim" and schedule_flaws.zero_snr_wanted(opts, model):  # --rescale-zero-snr (docs/oms.md)
+            return schedule_flaws.sample_zero_snr_ddim(model, opts, seeds, ctx)
         sched = make_scheduler(name, model.scheduler_config)
         sched.set_timesteps(steps, device=ctx.device)
         den = model.denoiser()
         gens = ctx.generators(seeds)
-        x = ctx.randn(gens, model.event_shape) * sched.init_noise_sigma
+        x = schedule_flaws.start_noise(ctx, gens, model.event_shape, opts.get("offset_noise") or 0.0) * sched.init_noise_sigma
         cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
         eta = opts.get("eta") if name == "ddim" else None
         eps_fn = _eps_scaling(opts) if name == "ddim" else None
@@ -98,8 +112,6 @@ def _eps_scaling(opts: dict):
     scale, slope = opts.get("eps_scale", 1.0), opts.get("eps_scale_slope", 0.0)
     if scale == 1.0 and slope == 0.0:
         return None
-    from .time_shift import epsilon_scale
-
     return lambda eps, t, x: eps / epsilon_scale(int(t), scale, slope)
 
 
@@ -121,7 +133,8 @@ for _name in SCHEDULERS:
             default_steps=_STEPS[_name],
             options=(Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),
                      Option("eps_scale", float, 1.0, "Epsilon Scaling lambda (b): the update uses eps / (b + k t)", min=1e-6),
-                     Option("eps_scale_slope", float, 0.0, "Epsilon Scaling slope k per training timestep t"))
+                     Option("eps_scale_slope", float, 0.0, "Epsilon Scaling slope k per training timestep t"),
+                     *schedule_flaws.DDIM_FLAW_OPTIONS)
             if _name == "ddim"
             else (),
         )

@@ -1,26 +1,26 @@
 """DiSA: diffusion step annealing for autoregressive models with a diffusion head.
 
 Zhao et al. 2025, "DiSA: Diffusion Step Annealing in Autoregressive Image Generation"
-(arXiv 2505.20297), on MAR (Li et al. 2024, arXiv 2406.11838). Spec: specs/disa.md.
+(arXiv 2505.20297), on MAR (Li et al. 2024, arXiv 2406.11838). Notes: docs/disa.md.
 
 A MAR-style model fills N continuous tokens in K masked-autoregressive iterations; at iteration k
 a small diffusion head draws each new token with S(k) respaced DDPM steps. DiSA lets S(k) shrink
 from U (early, many tokens unknown) to L (late, the next token is nearly determined).
 
-| code name                     | paper / spec symbol                                         |
+| code name                     | paper symbol (docs/disa.md section)                         |
 |-------------------------------|-------------------------------------------------------------|
-| ``ar_steps``, ``k``           | K AR iterations, k = 0..K-1 (sec. 3)                         |
-| ``upper``, ``lower``          | U early steps, L late steps, M = U - L (sec. 3)              |
-| ``StepBudgetSchedule.steps``  | S(k) = L + i(k) (sec. 3)                                     |
-| ``mar_mask_lengths``          | m_k, tokens still masked before iteration k (sec. 2)         |
-| ``tokens_per_step``           | n_k = m_k - m_{k+1} (sec. 2)                                  |
-| ``respaced_timesteps``        | {round(j (T-1)/(S-1))} by a running float sum (sec. 2)       |
+| ``ar_steps``, ``k``           | K AR iterations, k = 0..K-1 (schedules)                      |
+| ``upper``, ``lower``          | U early steps, L late steps, M = U - L (schedules)           |
+| ``StepBudgetSchedule.steps``  | S(k) = L + i(k) (schedules)                                  |
+| ``mar_mask_lengths``          | m_k, tokens still masked before iteration k (head sampler)   |
+| ``tokens_per_step``           | n_k = m_k - m_{k+1} (head sampler)                            |
+| ``respaced_timesteps``        | {round(j (T-1)/(S-1))} by a running float sum (head sampler) |
 | ``RespacedTable``             | respaced beta_i = 1 - alpha_bar_{t_i}/alpha_bar_{t_{i-1}}    |
-| ``temperature``               | tau, scales the per-step noise only (sec. 2)                 |
-| ``timestep_clip``             | the reference DiSA path's t -> min(t, 950) (sec. 10), off    |
-| ``head_calls`` / ``head_rows``| sum_k S(k) / sum_k n_k S(k) (x2 under CFG) (sec. 5)          |
+| ``temperature``               | tau, scales the per-step noise only (head sampler)           |
+| ``timestep_clip``             | the reference DiSA path's t -> min(t, 950) (head sampler), off|
+| ``head_calls`` / ``head_rows``| sum_k S(k) / sum_k n_k S(k) (x2 under CFG) (head sampler)    |
 
-Layout (STYLE.md): schedule and table math first (pure), then the head step and head sampler,
+Layout: schedule and table math first (pure), then the head step and head sampler,
 then the AR loop ``sample_mar``, the registry entries ``disa`` and ``mar``, and last the diffusers
 scheduler shell ``DiSAHeadScheduler``.
 """
@@ -40,10 +40,28 @@ from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 SCHEDULES = ("constant", "linear", "cosine", "two-stage")
 CFG_SCHEDULES = ("linear", "constant")
-VARIANCE_TYPES = ("fixed_small", "learned_range")
+VARIANCE_TYPES = ("auto", "fixed_small", "learned_range")
 
 
-# -- 1. step-budget schedules (specs/disa.md sec. 3, sec. 9.1-9.3) -------------------------------
+def head_variance(variance_type: str, v_hat: torch.Tensor | None, channels: int) -> torch.Tensor | None:
+    """The variance interpolant to use, or None for the fixed beta-tilde (Nichol & Dhariwal 2021, eq. 15; docs/disa.md, head sampler).
+
+    "auto" (the default): use v when the head outputs 2C channels [eps, v] (as MAR's DiffLoss, which
+    samples with the learned range), else the fixed posterior variance. "learned_range" requires
+    the 2C output; "fixed_small" requires a C output. A 2C output is never silently cut to eps.
+    """
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    if variance_type == "learned_range" and v_hat is None:
+        raise ValueError(f"variance_type 'learned_range' needs a head output of {2 * channels} channels "
+                         f"(eps, v); the head returned {channels}")
+    if variance_type == "fixed_small" and v_hat is not None:
+        raise ValueError(f"the head returns {2 * channels} channels (eps, v: a learned variance), but "
+                         f"variance_type is 'fixed_small', which would drop v; use 'auto' or 'learned_range'")
+    return v_hat
+
+
+# -- 1. step-budget schedules (DiSA sec. 3; docs/disa.md, schedules) -------------------------------
 def _check_int(name: str, value, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -53,7 +71,7 @@ def _check_int(name: str, value, lo: int) -> int:
 
 
 def budget_index(kind: str, k: int, num_iters: int, span: int, switch: float = 0.5) -> int:
-    """i(k) in [0, span] for iteration k of K = ``num_iters`` (specs/disa.md sec. 3), exact.
+    """i(k) in [0, span] for iteration k of K = ``num_iters`` (DiSA sec. 3; docs/disa.md, schedules), exact.
 
     linear:    i = floor((K-1-k) M / (K-1)) in integers. The reference takes int() of a float
                quotient, which is one short for some (K, M, k), e.g. K=11, M=90, k=3 gives 62, not 63.
@@ -62,7 +80,7 @@ def budget_index(kind: str, k: int, num_iters: int, span: int, switch: float = 0
                with even M gives exactly M/2, not M/2 - 1).
     two-stage: i = M while k < switch (K-1) (exact rational comparison), else 0.
     constant:  i = M, i.e. S(k) = U. NOTE: the reference code's "constant" strategy means L
-               (i = 0); here constant means "no annealing at U" (spec sec. 5, Constant(U)).
+               (i = 0); here constant means "no annealing at U" (docs/disa.md, schedules).
     K = 1 (the reference divides by zero) gives i = M.
     """
     if kind not in SCHEDULES:
@@ -81,7 +99,7 @@ def budget_index(kind: str, k: int, num_iters: int, span: int, switch: float = 0
 
 @dataclass(frozen=True)
 class StepBudgetSchedule:
-    """S(k): diffusion-head steps at AR iteration k of K (specs/disa.md sec. 3 and 5).
+    """S(k): diffusion-head steps at AR iteration k of K (DiSA sec. 3; docs/disa.md, schedules).
 
     kind: "constant" (S = U everywhere), "linear", "cosine", "two-stage", or "callable"
         (``fn(k, K) -> int``; its values are checked to lie in [1, ...] when used).
@@ -125,7 +143,7 @@ class StepBudgetSchedule:
         return {"kind": self.kind, "upper": self.upper, "lower": self.lower, "switch": self.switch}
 
 
-# -- 2. MAR unmasking schedule (specs/disa.md sec. 2) ------------------------------------------
+# -- 2. MAR unmasking schedule (MAR sec. 3.3, cosine mask ratio) ------------------------------------------
 def mar_mask_lengths(num_tokens: int, num_iters: int) -> list[int]:
     """m_0 = N, ..., m_K = 0: tokens still masked before each iteration (MAR's cosine rule).
 
@@ -149,7 +167,7 @@ def tokens_per_step(num_tokens: int, num_iters: int) -> list[int]:
 
 
 def cfg_scale_at(kind: str, guidance_scale: float, num_tokens: int, num_iters: int, k: int) -> float:
-    """MAR's CFG ramp (specs/disa.md sec. 2): linear w_k = 1 + (w-1)(N - m'_{k+1})/N, with
+    """MAR's CFG ramp (MAR's linear CFG schedule; docs/disa.md, head sampler): linear w_k = 1 + (w-1)(N - m'_{k+1})/N, with
     m'_{k+1} = max(1, min(m_k - 1, floor(N cos(pi/2 (k+1)/K)))) also at the last step; constant w_k = w."""
     if kind not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {kind!r}")
@@ -163,7 +181,7 @@ def cfg_scale_at(kind: str, guidance_scale: float, num_tokens: int, num_iters: i
 
 def head_budget(schedule: StepBudgetSchedule, num_tokens: int, num_iters: int,
                 num_train_timesteps: int = 1000, timestep_clip: int | None = None) -> tuple[int, int]:
-    """(sum_k S'(k), sum_k n_k S'(k)) per image, S' = distinct respaced steps (spec sec. 5, 9.4, 10)."""
+    """(sum_k S'(k), sum_k n_k S'(k)) per image, S' = distinct respaced steps (docs/disa.md, head sampler)."""
     calls = rows = 0
     for k, n_k in enumerate(tokens_per_step(num_tokens, num_iters)):
         if n_k == 0:
@@ -173,13 +191,13 @@ def head_budget(schedule: StepBudgetSchedule, num_tokens: int, num_iters: int,
     return calls, rows
 
 
-# -- 3. respaced DDPM tables (specs/disa.md sec. 2; Nichol & Dhariwal 2021, sec. 4) ---------------
+# -- 3. respaced DDPM tables (Nichol & Dhariwal 2021, sec. 4; docs/disa.md, head sampler) ---------------
 def respaced_timesteps(num_steps: int, num_train_timesteps: int = 1000, timestep_clip: int | None = None) -> list[int]:
     """Ascending distinct training timesteps kept for ``num_steps`` head steps.
 
     As in MAR's (improved-DDPM) ``space_timesteps``: a running float sum of stride (T-1)/(S-1),
     each value rounded with Python's round (half to even), so S = 21 keeps 499, not 500. With
-    ``timestep_clip`` c, every t > c becomes c (the reference DiSA path, spec sec. 10), which
+    ``timestep_clip`` c, every t > c becomes c (the reference DiSA code path; docs/disa.md, head sampler), which
     merges the top steps (S = 50 -> 48 distinct steps at c = 950).
     """
     _check_int("num_steps", num_steps, 1)
@@ -216,7 +234,7 @@ class RespacedTable:
 
 
 def respace(alphas_cumprod: torch.Tensor, num_steps: int, timestep_clip: int | None = None) -> RespacedTable:
-    """The respaced chain for ``num_steps`` (spec sec. 2; DDPM posterior q(x_{i-1} | x_i, x0), Ho et al. eq. 6-7)."""
+    """The respaced chain for ``num_steps`` (docs/disa.md, head sampler; DDPM posterior q(x_{i-1} | x_i, x0), Ho et al. eq. 6-7)."""
     ab_train = alphas_cumprod.double().cpu()
     ts = respaced_timesteps(num_steps, ab_train.numel(), timestep_clip)
     ab = ab_train[torch.tensor(ts)]  # (S',)
@@ -238,10 +256,10 @@ def respace(alphas_cumprod: torch.Tensor, num_steps: int, timestep_clip: int | N
 
 
 class HeadDDPM:
-    """Respaced DDPM tables for the head, cached per step count (spec sec. 5)."""
+    """Respaced DDPM tables for the head, cached per step count (docs/disa.md, head sampler)."""
 
     def __init__(self, alphas_cumprod: torch.Tensor, timestep_clip: int | None = None,
-                 variance_type: str = "fixed_small"):
+                 variance_type: str = "auto"):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
         if timestep_clip is not None:
@@ -264,7 +282,7 @@ class HeadDDPM:
 # -- 4. one head step and the head sampler -------------------------------------------------------
 def ddpm_head_step(table: RespacedTable, i: int, x_t: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor,
                    temperature: float = 1.0, v_hat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_{i-1} = mu(x_i, x0_hat) + 1[i > 0] sigma_i xi tau (spec sec. 2). Returns (x_prev, x0_hat).
+    """x_{i-1} = mu(x_i, x0_hat) + 1[i > 0] sigma_i xi tau (docs/disa.md, head sampler). Returns (x_prev, x0_hat).
 
     sigma_i^2 = beta-tilde_i (fixed small), or with a learned interpolant v in [-1, 1]:
     log sigma^2 = f log beta_i + (1 - f) log beta-tilde_i, f = (v + 1)/2. No clipping of x0_hat.
@@ -318,9 +336,9 @@ def _head_eps(head, x_t, t, z, z_uncond, guidance_scale, counter: HeadCounter):
 
 def sample_head(head, z: torch.Tensor, table: RespacedTable, draw_noise: Callable[[], torch.Tensor], *,
                 temperature: float = 1.0, guidance_scale: float = 1.0, z_uncond: torch.Tensor | None = None,
-                variance_type: str = "fixed_small", counter: HeadCounter | None = None,
+                variance_type: str = "auto", counter: HeadCounter | None = None,
                 sampler: str = "disa", path: list | None = None) -> torch.Tensor:
-    """Draw tokens x0 ~ head(. | z) by ancestral DDPM over ``table`` (spec sec. 2).
+    """Draw tokens x0 ~ head(. | z) by ancestral DDPM over ``table`` (docs/disa.md, head sampler).
 
     z: (M, D) conditions; z_uncond: (M, D) for CFG (None = no CFG). draw_noise() -> (M, C) standard
     normal: called once for x_T, then once at every step, the last one too (the reference's RNG order).
@@ -335,14 +353,14 @@ def sample_head(head, z: torch.Tensor, table: RespacedTable, draw_noise: Callabl
         eps, v = _head_eps(head, x, t, z, z_uncond, guidance_scale, counter)
         check_finite(eps, sampler, i)
         noise = draw_noise()
-        x, _ = ddpm_head_step(table, i, x, eps, noise, temperature, v if variance_type == "learned_range" else None)
+        x, _ = ddpm_head_step(table, i, x, eps, noise, temperature, head_variance(variance_type, v, x.shape[-1]))
         if path is not None:
             path.append(x)
     return x
 
 
 def path_straightness(path: torch.Tensor) -> torch.Tensor:
-    """||x_0 - x_T|| / sum_i ||x_{i-1} - x_i|| per token (spec sec. 6.3; 1 = straight).
+    """||x_0 - x_T|| / sum_i ||x_{i-1} - x_i|| per token (DiSA sec. 3 straightness; 1 = straight).
 
     path: (S+1, M, C) from x_T to x_0. Returns (M,) float64.
     """
@@ -352,7 +370,7 @@ def path_straightness(path: torch.Tensor) -> torch.Tensor:
     return chord / length.clamp(min=1e-300)
 
 
-# -- 5. the MAR loop with DiSA (specs/disa.md sec. 2-3) ------------------------------------------
+# -- 5. the MAR loop with DiSA (MAR sec. 3.3; DiSA sec. 3) ------------------------------------------
 @dataclass(frozen=True)
 class DiSAConfig:
     """Resolved DiSA sampling parameters (the one home of defaults; run.json dumps it)."""
@@ -379,7 +397,7 @@ def sample_mar(backbone, head, ddpm: HeadDDPM, cfg: DiSAConfig, generators: Sequ
                num_tokens: int, token_dim: int, class_labels: torch.Tensor | None = None,
                null_class: int | None = None, device=torch.device("cpu"), dtype=torch.float32,
                on_step: Callable[[int], None] | None = None, sampler: str = "disa", record_paths: bool = False):
-    """MAR generation with a DiSA step budget (specs/disa.md sec. 2-3). Returns (tokens, stats).
+    """MAR generation with a DiSA step budget (MAR sec. 3.3; DiSA sec. 3). Returns (tokens, stats).
 
     Per image b (generator g_b, so results do not depend on batch composition): a random order
     (randperm from g_b), then at each iteration k the n_k tokens masked now but not next are drawn
@@ -457,7 +475,7 @@ def _sync(device) -> None:
 
 def evidence_metrics(backbone, head, ddpm: HeadDDPM, generators, class_labels, *, num_tokens: int, token_dim: int,
                      ar_steps: int = 8, num_steps: int = 50, draws: int = 32, null_class=None, seed: int = 0) -> dict:
-    """DiSA's evidence per AR iteration k (spec sec. 6.2-6.3), from one full-step MAR run:
+    """DiSA's evidence per AR iteration k (DiSA sec. 3, variance and straightness), from one full-step MAR run:
     straightness of the head's reverse paths, and the head's sample variance for fixed z
     (``draws`` samples per token, per-dimension variance averaged over dims and tokens).
     Returns {"straightness": [K], "variance": [K]} (float lists)."""
@@ -508,6 +526,10 @@ def _validate(opts: dict, model) -> None:
     clip = opts.get("timestep_clip")
     if clip is not None and clip >= model.num_train_timesteps:
         raise ValueError(f"--timestep-clip must be < {model.num_train_timesteps}, got {clip}")
+    if opts.get("vae") is not None:  # decode the tokens with the KL-16 VAE (model.extras["vae"])
+        from ..zoo.mar import attach_vae
+
+        attach_vae(model, opts["vae"])
     if opts.get("guidance_scale", 1.0) != 1.0 and (not model.num_classes or model.null_class is None):
         raise ValueError(f"--guidance-scale needs a class-conditional model with a null class; {model.name!r} has none")
 
@@ -529,7 +551,7 @@ def _sample_with(annealed: bool):
         cfg = DiSAConfig(ar_steps=opts["ar_steps"], schedule=schedule_from_opts(opts, annealed),
                          temperature=opts["temperature"], guidance_scale=opts.get("guidance_scale", 1.0),
                          cfg_schedule=opts["cfg_schedule"])
-        ddpm = HeadDDPM(model.alphas_cumprod, opts.get("timestep_clip"), parts.get("variance_type", "fixed_small"))
+        ddpm = HeadDDPM(model.alphas_cumprod, opts.get("timestep_clip"), parts.get("variance_type", "auto"))
         tokens, stats = sample_mar(parts["backbone"], parts["head"], ddpm, cfg, gens, num_tokens=parts["num_tokens"],
                                    token_dim=parts["token_dim"], class_labels=labels, null_class=model.null_class,
                                    device=ctx.device, dtype=ctx.dtype, on_step=ctx.step_done, sampler=ctx.sampler)
@@ -548,6 +570,8 @@ _OPTIONS = (
     Option("temperature", float, 1.0, "head temperature tau (scales the per-step noise only)", min=0.0),
     Option("timestep-clip", int, None, "map respaced head timesteps t > C to C (reference DiSA code: 950); off by default", min=0),
     Option("cfg-schedule", CFG_SCHEDULES, "linear", "MAR CFG ramp over AR iterations: linear|constant"),
+    Option("vae", str, None, "KL-16 VAE checkpoint (MAR's kl16.ckpt) decoding a released MAR's tokens "
+                             "(--model mar:...) to images; without it the latents are written"),
 )
 
 register(SamplerSpec(
@@ -580,7 +604,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
 from diffusers.utils import BaseOutput  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from ..core.schedule import alphas_cumprod_from_config  # noqa: E402
+from ..core.schedule import alphas_cumprod_from_config, make_betas  # noqa: E402
 
 
 @dataclass
@@ -590,14 +614,14 @@ class DiSAHeadSchedulerOutput(BaseOutput):
 
 
 class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
-    """MAR's respaced ancestral DDPM for a per-token head (spec sec. 2, 5), as a diffusers scheduler.
+    """MAR's respaced ancestral DDPM for a per-token head (docs/disa.md, head sampler), as a diffusers scheduler.
 
     DiSA calls ``set_timesteps(S(k))`` once per AR iteration; tables are cached per step count.
     ``timesteps`` are the original training t (descending) to feed the head. ``step`` takes
     ``noise`` (per-step standard normal, e.g. from per-image generators) or draws it with
     ``generator``; ``disa_temperature`` scales that noise only. Differs from DDPMScheduler in the
     timestep spacing (running float sum, banker's rounding), the clipped-log posterior variance
-    and the temperature, so MAR parity needs this class (spec sec. 5).
+    and the temperature, so MAR parity needs this class (docs/disa.md, head sampler).
     """
 
     _compatibles = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
@@ -606,16 +630,19 @@ class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                  beta_schedule: str = "squaredcos_cap_v2", trained_betas=None, prediction_type: str = "epsilon",
-                 variance_type: str = "fixed_small", disa_temperature: float = 1.0,
+                 variance_type: str = "auto", disa_temperature: float = 1.0,
                  disa_timestep_clip: Optional[int] = None):
         if prediction_type != "epsilon":
             raise ValueError(f"prediction_type must be 'epsilon' for the MAR head, got {prediction_type!r}")
-        allowed = ("fixed_small", "fixed_small_log", "learned_range")
+        allowed = ("auto", "fixed_small", "fixed_small_log", "learned_range")
         if variance_type not in allowed:
             raise ValueError(f"variance_type must be one of {allowed} for the MAR head, got {variance_type!r}")
         self.ddpm = HeadDDPM(alphas_cumprod_from_config(self.config), disa_timestep_clip,
-                             "learned_range" if variance_type == "learned_range" else "fixed_small")
+                             "fixed_small" if variance_type == "fixed_small_log" else variance_type)
         self.alphas_cumprod = self.ddpm.alphas_cumprod.float()
+        # diffusers' scheduler attributes: the training chain beta_t, alpha_t = 1 - beta_t (T,)
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas).float()
+        self.alphas = 1.0 - self.betas
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
@@ -641,11 +668,14 @@ class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
         c = sample.shape[1] if sample.ndim > 1 else 1
         eps, v = model_output, None
         if model_output.shape != sample.shape:
+            if sample.ndim < 2 or model_output.shape[1] != 2 * c or model_output.shape[2:] != sample.shape[2:]:
+                raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)} (eps) or twice its "
+                                 f"channels (eps, v); got {tuple(model_output.shape)}")
             eps, v = model_output[:, :c], model_output[:, c:]
         if noise is None:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev, x0_hat = ddpm_head_step(self._table, i, sample, eps, noise, self.config.disa_temperature,
-                                      v if self.config.variance_type == "learned_range" else None)
+                                      head_variance(self.ddpm.variance_type, v, c))
         self._step_index += 1
         if not return_dict:
             return (prev, x0_hat)

@@ -2,18 +2,22 @@
 
 Zheng, Chen, Mao, Liu, Zhu, Zhang, "Masked Diffusion Models are Secretly Time-Agnostic Masked
 Models and Exploit Inaccurate Categorical Sampling", ICLR 2025, arXiv 2409.02908.
-Spec: specs/masked_fhs.md (sec. 2.3 ancestral step, sec. 2.4 FHS, sec. 2.5 precision, sec. 4 scheduler).
+Notes: docs/first_hitting.md (ancestral step, first-hitting sampler, precision, scheduler).
 Baseline semantics: MDLM (Sahoo et al. 2024) ``ddpm_cache`` with ``noise_removal``.
 
 Code name -> paper symbol:
     x            x_t, Long[B, L]; ``mask_token_id`` is m
     alpha(t)     alpha_t, probability that a token is still clean at time t (alpha_0 = 1)
-    log_mu       log mu(x)[i, v], float64 (B, L, K), the denoiser's clean-token law
+    logits       the network output (B, L, K') in its own dtype; log mu = log_softmax(logits / T)
+                 with the mask (and exclude ids) at -inf is formed in float64 only for the rows
+                 that are sampled (FHS: B x k rows; ancestral: the masked rows, in bounded chunks)
     t, s         current and next time (s < t) of an ancestral step
-    tau          next first-hitting time, tau = alpha^-1(1 - (1 - alpha_t) r)   (sec. 2.4)
+    tau          next first-hitting time, tau = alpha^-1(1 - (1 - alpha_t) r)   (paper sec. 4.1)
     r            u^(1/n) for one reveal, Beta(n - k + 1, k) for k reveals
     n            number of masked positions in a row
-The network never sees t unless ``time_conditioning``; then it gets sigma(t) = -log alpha_t.
+The network never sees t unless ``time_conditioning``; then it gets sigma(t) = -log alpha_t,
+with alpha floored at ``SIGMA_ALPHA_FLOOR`` so that t = 1 on the linear schedule (alpha_1 = 0)
+gives the finite sigma_max = -log(1e-3) of MDLM's log-linear schedule instead of +inf.
 """
 
 from __future__ import annotations
@@ -29,16 +33,17 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ..core.categorical import PRECISIONS, Generators, gumbel_argmax, masked_log_softmax, uniform
+from ..core.categorical import PRECISIONS, Generators, masked_argmax, masked_log_softmax, sample_rows, uniform
 from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 SCHEDULES = ("linear", "loglinear", "cosine")
 FINAL_STEPS = ("sample", "argmax")
 METHODS = ("first_hitting", "ancestral")
 SCHEDULE_EPS = 1e-3  # epsilon of the log-linear and cosine schedules (MDLM)
+SIGMA_ALPHA_FLOOR = 1e-3  # alpha_t floor of the time input: sigma <= -log(1e-3), MDLM's log-linear sigma(1)
 
 
-# -- 1. schedules (sec. 2.1) ------------------------------------------------------------------
+# -- 1. schedules (docs/first_hitting.md) ------------------------------------------------------------------
 def mask_alpha(t, schedule: str = "linear") -> torch.Tensor:
     """alpha_t: linear 1 - t; loglinear 1 - (1 - eps) t; cosine eps + (1 - eps) cos(pi t / 2)
     (MDLM's cosine; MD4's "cosine" 1 - sin(pi t / 2) differs). eps = 1e-3. float64."""
@@ -53,7 +58,7 @@ def mask_alpha(t, schedule: str = "linear") -> torch.Tensor:
 
 
 def mask_alpha_inv(a, schedule: str = "linear") -> torch.Tensor:
-    """t with alpha_t = a (sec. 2.1 table), clamped to [0, 1]. float64."""
+    """t with alpha_t = a (inverse of ``mask_alpha``), clamped to [0, 1]. float64."""
     a = torch.as_tensor(a, dtype=torch.float64)
     if schedule == "linear":
         t = 1.0 - a
@@ -67,14 +72,16 @@ def mask_alpha_inv(a, schedule: str = "linear") -> torch.Tensor:
 
 
 def time_input(t: torch.Tensor, schedule: str) -> torch.Tensor:
-    """sigma(t) = -log alpha_t, the time input of time-conditioned models (SEDD convention)."""
-    return -torch.log(mask_alpha(t, schedule))
+    """sigma(t) = -log max(alpha_t, 1e-3), the time input of time-conditioned models (SEDD / MDLM
+    convention). The floor only acts where alpha_t < 1e-3 (linear schedule, t > 0.999): there the
+    model gets MDLM's sigma_max = -log(1e-3) ~ 6.91 instead of sigma(1) = +inf. float64."""
+    return -torch.log(mask_alpha(t, schedule).clamp_min(SIGMA_ALPHA_FLOOR))
 
 
 # -- 2. parameters --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MaskedDiffusionConfig:
-    """Sampling parameters (specs/masked_fhs.md sec. 3 defaults)."""
+    """Sampling parameters (defaults: docs/first_hitting.md)."""
 
     mask_token_id: int
     schedule: str = "linear"
@@ -109,13 +116,19 @@ class MaskedDiffusionConfig:
 
 
 # -- 3. pure step functions -----------------------------------------------------------------
+def excluded_ids(cfg: MaskedDiffusionConfig) -> tuple:
+    """Token ids never sampled: the mask and ``exclude_ids`` (MDLM "subs": mask logit -inf)."""
+    return (cfg.mask_token_id, *cfg.exclude_ids)
+
+
 def token_log_probs(logits: torch.Tensor, cfg: MaskedDiffusionConfig) -> torch.Tensor:
-    """log mu over the vocabulary, float64 (B, ..., K'); the mask and exclude ids get -inf (MDLM "subs")."""
-    return masked_log_softmax(logits, (cfg.mask_token_id, *cfg.exclude_ids), cfg.temperature)
+    """log mu over the vocabulary, float64 (..., K'); the mask and exclude ids get -inf (MDLM "subs").
+    Pass only the rows you sample: the samplers below never call this on a full (B, L, K') tensor."""
+    return masked_log_softmax(logits, excluded_ids(cfg), cfg.temperature)
 
 
 def hitting_fraction(n: torch.Tensor, k: int, generator: Generators) -> torch.Tensor:
-    """r = (1 - alpha_tau) / (1 - alpha_t) after revealing min(k, n) of n masks (sec. 2.4).
+    """r = (1 - alpha_tau) / (1 - alpha_t) after revealing min(k, n) of n masks (paper sec. 4.1).
 
     The masking times of n masks are iid with CDF (1 - alpha)/(1 - alpha_t); the k-th latest is
     the k-th largest of n uniforms ~ Beta(n - k + 1, k) = S_{n-k+1} / S_{n+1} with S_j a sum of j
@@ -137,13 +150,14 @@ def hitting_fraction(n: torch.Tensor, k: int, generator: Generators) -> torch.Te
     else:  # one generator per row: each row draws exactly n_b + 1 exponentials (batch-independent)
         r = torch.ones(B, dtype=torch.float64)
         for b, (g, n_b) in enumerate(zip(generator, n.tolist())):
-            S = torch.cumsum(-torch.log1p(-torch.rand(n_b + 1, generator=g, dtype=torch.float64)), 0)
+            u = torch.rand(n_b + 1, generator=g, dtype=torch.float64, device=g.device).cpu()
+            S = torch.cumsum(-torch.log1p(-u), 0)
             r[b] = S[n_b - min(k, n_b)] / S[n_b]
     return torch.where(n > 0, r, torch.ones_like(r))
 
 
 def first_hitting_time(t: torch.Tensor, r: torch.Tensor, schedule: str) -> torch.Tensor:
-    """tau = alpha^-1(1 - (1 - alpha_t) r) (sec. 2.4); linear: tau = t r. float64 (B,)."""
+    """tau = alpha^-1(1 - (1 - alpha_t) r) (paper sec. 4.1, first-hitting time); linear: tau = t r. float64 (B,)."""
     return mask_alpha_inv(1.0 - (1.0 - mask_alpha(t, schedule)) * r, schedule)
 
 
@@ -161,48 +175,71 @@ def choose_masked_positions(is_masked: torch.Tensor, k: int, generator: Generato
 
 
 def next_hitting_time(x: torch.Tensor, t: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators) -> torch.Tensor:
-    """tau for each row (B,) float64 on CPU: the time of the next min(k, n) reveals (sec. 2.4 step 1).
+    """tau for each row (B,) float64 on CPU: the time of the next min(k, n) reveals (FHS step 1).
     Rows without masks keep t."""
     n = (x == cfg.mask_token_id).sum(1).cpu()  # (B,)
     r = hitting_fraction(n, cfg.tokens_per_step, generator)
     return torch.where(n > 0, first_hitting_time(t.cpu(), r, cfg.schedule), t.cpu())
 
 
-def fhs_reveal(x: torch.Tensor, log_mu: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators) -> torch.Tensor:
+def fhs_reveal(x: torch.Tensor, logits: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators) -> torch.Tensor:
     """Reveal min(k, n) uniformly chosen masked positions, each drawn from its own row of mu
-    (sec. 2.4 steps 3-4). Only those rows are sampled: B x k x K work, not B x L x K.
+    (FHS steps 3-4). The k chosen rows are gathered from the logits *before* any float64 upcast:
+    B x k x K' float64 work, never B x L x K'.
 
-    x: (B, L) int64; log_mu: (B, L, K') float64 from ``token_log_probs`` on this x. Returns x_new.
+    x: (B, L) int64; logits: (B, L, K') network output on this x (any float dtype). Returns x_new.
     """
+    B = x.shape[0]
     pos, valid = choose_masked_positions(x == cfg.mask_token_id, cfg.tokens_per_step, generator)  # (B, k)
-    rows = log_mu.gather(1, pos[..., None].expand(-1, -1, log_mu.shape[-1]))  # (B, k, K')
-    tokens = gumbel_argmax(rows, generator, precision=cfg.precision, uniform_bits=cfg.uniform_bits)  # (B, k)
+    k = pos.shape[1]
+    rows = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # (B, k, K') model dtype
+    owner = torch.arange(B, device=x.device).repeat_interleave(k)  # (B k,)
+    tokens = sample_rows(rows.reshape(B * k, -1), owner, generator, exclude=excluded_ids(cfg),
+                         temperature=cfg.temperature, precision=cfg.precision,
+                         uniform_bits=cfg.uniform_bits).view(B, k)  # (B, k)
     x_new = x.clone()
     x_new.scatter_(1, pos, torch.where(valid, tokens, x.gather(1, pos)))
     return x_new
 
 
-def ancestral_step(x: torch.Tensor, log_mu: torch.Tensor, t: float, s: float, cfg: MaskedDiffusionConfig,
+def ancestral_step(x: torch.Tensor, logits: torch.Tensor, t: float, s: float, cfg: MaskedDiffusionConfig,
                    generator: Generators) -> torch.Tensor:
-    """One grid step t -> s (sec. 2.3): each masked position stays masked with weight 1 - alpha_s or
-    becomes v with weight (alpha_s - alpha_t) mu[i, v], drawn by Gumbel-max over all B x L x (K'+1)
-    entries (MDLM ``ddpm_cache``: unnormalised row, mask weight last). Unmasked positions are frozen.
+    """One grid step t -> s (MDLM eq. for the reverse posterior q(x_s | x_t, x0 = mu)): each masked
+    position stays masked with weight 1 - alpha_s or becomes v with weight (alpha_s - alpha_t) mu[i, v],
+    drawn by Gumbel-max over the K' + 1 entries of its unnormalised row (MDLM ``ddpm_cache``: mask
+    weight last). Unmasked positions are frozen and draw nothing: only the masked rows are upcast
+    (in bounded chunks) and get uniforms, on the generator's device.
 
-    x: (B, L) int64; log_mu: (B, L, K') float64. Returns the new x.
+    x: (B, L) int64; logits: (B, L, K') network output (any float dtype). Returns the new x.
     """
     a_t, a_s = mask_alpha(t, cfg.schedule).item(), mask_alpha(s, cfg.schedule).item()
     move = math.log(a_s - a_t) if a_s > a_t else float("-inf")
     stay = math.log(1.0 - a_s) if a_s < 1.0 else float("-inf")
-    stay_col = torch.full(log_mu.shape[:-1] + (1,), stay, dtype=torch.float64, device=log_mu.device)
-    log_w = torch.cat([log_mu + move, stay_col], -1)  # (B, L, K'+1)
-    draw = gumbel_argmax(log_w, generator, precision=cfg.precision, uniform_bits=cfg.uniform_bits)  # (B, L)
-    draw = torch.where(draw == log_mu.shape[-1], cfg.mask_token_id, draw)
-    return torch.where(x == cfg.mask_token_id, draw, x)
+    masked = x == cfg.mask_token_id
+    b_idx, l_idx = masked.nonzero(as_tuple=True)  # (M,), (M,) row-major: a row's positions in order
+    B, L, K = logits.shape
+    flat = logits.reshape(B * L, K)  # a view: rows are gathered chunk by chunk inside sample_rows
+    draw = sample_rows(flat, b_idx, generator, rows=b_idx * L + l_idx, exclude=excluded_ids(cfg),
+                       temperature=cfg.temperature, shift=move, extra_log_w=stay,
+                       precision=cfg.precision, uniform_bits=cfg.uniform_bits)  # (M,) in [0, K]
+    draw = torch.where(draw == K, cfg.mask_token_id, draw)
+    x_new = x.clone()
+    x_new[b_idx, l_idx] = draw
+    return x_new
 
 
-def final_argmax_step(x: torch.Tensor, log_mu: torch.Tensor, cfg: MaskedDiffusionConfig) -> torch.Tensor:
+def final_argmax_step(x: torch.Tensor, logits: torch.Tensor, cfg: MaskedDiffusionConfig) -> torch.Tensor:
     """MDLM ``noise_removal``: every still-masked position takes argmax mu (greedy, not exact)."""
-    return torch.where(x == cfg.mask_token_id, log_mu.argmax(-1), x)
+    return fill_masks_argmax(x, logits, cfg)
+
+
+def fill_masks_argmax(x: torch.Tensor, logits: torch.Tensor, cfg: MaskedDiffusionConfig) -> torch.Tensor:
+    """x with each masked position set to argmax mu (mask and exclude ids never chosen); only the
+    masked rows are touched, no float64 copy."""
+    masked = x == cfg.mask_token_id
+    out = x.clone()
+    out[masked] = masked_argmax(logits[masked], excluded_ids(cfg))
+    return out
 
 
 def ancestral_times(num_steps: int, t_min: float) -> list[float]:
@@ -215,8 +252,26 @@ def ancestral_times(num_steps: int, t_min: float) -> list[float]:
 Network = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+def check_logits(logits: torch.Tensor, x: torch.Tensor, name: str, step: int) -> torch.Tensor:
+    """Validate a network output (B, L, K') for input x (B, L): shape, no NaN / +inf (-inf is allowed:
+    an excluded token). The full scan runs only when the cheap sum test flags a problem."""
+    if hasattr(logits, "logits"):
+        logits = logits.logits
+    elif isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if not torch.is_tensor(logits) or logits.ndim != 3 or logits.shape[:2] != x.shape:
+        shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+        raise ValueError(f"network must return logits (B, L, K) for input {tuple(x.shape)}, got {shape}")
+    total = logits.sum()  # NaN anywhere -> NaN; +inf anywhere -> +inf or NaN
+    if not (torch.isfinite(total) or total == float("-inf")):
+        if torch.isnan(logits).any() or (logits == float("inf")).any():
+            raise FloatingPointError(f"{name}: non-finite values (NaN/+Inf) in the model output at step {step}")
+    return logits
+
+
 class _Evaluator:
-    """Calls the network on selected rows, checks the output, converts to log mu, counts and times."""
+    """Calls the network on selected rows, checks the output, counts and times. Returns the raw
+    logits in the network's dtype (the samplers upcast only the rows they sample)."""
 
     def __init__(self, network: Network, cfg: MaskedDiffusionConfig, name: str):
         self.network, self.cfg, self.name = network, cfg, name
@@ -225,21 +280,17 @@ class _Evaluator:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         t0 = time.perf_counter()
         time_in = time_input(t, self.cfg.schedule).float().to(x.device) if self.cfg.time_conditioning else None
-        logits = self.network(x, time_in)
-        if hasattr(logits, "logits"):
-            logits = logits.logits
-        if logits.ndim != 3 or logits.shape[:2] != x.shape:
-            raise ValueError(f"network must return logits (B, L, K) for input {tuple(x.shape)}, got {tuple(logits.shape)}")
-        if torch.isnan(logits).any() or (logits == float("inf")).any():
-            raise FloatingPointError(f"{self.name}: non-finite values (NaN/+Inf) in the model output at step {step}")
+        logits = check_logits(self.network(x, time_in), x, self.name, step)
         self.stats["nfe"] += 1
         self.stats["model_rows"] += x.shape[0]
         self.stats["model_time_s"] += time.perf_counter() - t0
-        return token_log_probs(logits, self.cfg)
+        return logits
 
     def timed(self, fn, *args):
         t0 = time.perf_counter()
         out = fn(*args)
+        if out.is_cuda:  # time the work, not the kernel launches
+            torch.cuda.synchronize(out.device)
         self.stats["categorical_time_s"] += time.perf_counter() - t0
         return out
 
@@ -253,7 +304,7 @@ def _rows(generator: Generators, idx: torch.Tensor) -> Generators:
 
 def sample_first_hitting(network: Network, x: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators,
                          on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
-    """FHS (Zheng et al. 2024, sec. 4.1 / spec sec. 2.4) from x (B, L) with masks; t starts at 1.
+    """FHS (Zheng et al. 2024, sec. 4.1, Algorithm "first-hitting sampler") from x (B, L) with masks; t starts at 1.
 
     Each iteration: evaluate mu on the current x at the new time, reveal min(k, n) positions.
     NFE is exactly ceil(n / k) for rows with n masks. Returns (x0, stats).
@@ -267,9 +318,10 @@ def sample_first_hitting(network: Network, x: torch.Tensor, cfg: MaskedDiffusion
             break
         gens = _rows(generator, active)
         tau = next_hitting_time(x[active], t[active], cfg, gens)  # (A,)
-        # the network sees the pre-jump x at the new time tau (sec. 7); time-agnostic nets ignore it
-        log_mu = ev(x[active], tau, step)
-        x_a = ev.timed(fhs_reveal, x[active], log_mu, cfg, gens)
+        # the network sees the pre-jump x at the new time tau; time-agnostic nets ignore it
+        logits = ev(x[active], tau, step)
+        x_a = ev.timed(fhs_reveal, x[active], logits, cfg, gens)
+        del logits
         x = x.clone()
         x[active] = x_a
         t[active] = tau
@@ -282,18 +334,19 @@ def sample_first_hitting(network: Network, x: torch.Tensor, cfg: MaskedDiffusion
 
 def sample_ancestral(network: Network, x: torch.Tensor, cfg: MaskedDiffusionConfig, generator: Generators,
                      on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
-    """Ancestral grid sampler with caching (MDLM ``ddpm_cache``, spec sec. 2.3).
+    """Ancestral grid sampler with caching (MDLM ``ddpm_cache``; docs/first_hitting.md).
 
     Grid linspace(1, t_min, N + 1); then, if t_min > 0, a final step to 0: ``final_step="sample"``
     is the exact step to s = 0, ``"argmax"`` is MDLM's noise removal. mu is re-evaluated only on
     rows whose tokens changed since their last evaluation (time-agnostic model, ``cache=True``).
+    The cache holds the raw logits (B, L, K') in the network's dtype, not float64 probabilities.
     """
     if cfg.num_inference_steps is None:
         raise ValueError("the ancestral sampler needs num_inference_steps (--steps)")
     ev = _Evaluator(network, cfg, "mdm-ancestral")
     times = ancestral_times(cfg.num_inference_steps, cfg.t_min)
     B, L = x.shape
-    cached = None  # (B, L, K') float64
+    cached = None  # (B, L, K') network dtype
     stale = torch.ones(B, dtype=torch.bool, device=x.device)
     reuse = cfg.cache and not cfg.time_conditioning
     for j, (t, s) in enumerate(zip(times[:-1], times[1:])):
@@ -306,10 +359,14 @@ def sample_ancestral(network: Network, x: torch.Tensor, cfg: MaskedDiffusionConf
         if need.any():
             idx = need.nonzero()[:, 0]
             t_vec = torch.full((idx.numel(),), t, dtype=torch.float64)
-            log_mu = ev(x[idx], t_vec, j)
-            if cached is None:
-                cached = torch.full((B, L, log_mu.shape[-1]), float("-inf"), dtype=torch.float64, device=x.device)
-            cached[idx] = log_mu
+            logits = ev(x[idx], t_vec, j)
+            if cached is None and idx.numel() == B:
+                cached = logits  # the first call covers every row: keep it, no copy
+            else:
+                if cached is None:
+                    cached = torch.zeros((B, L, logits.shape[-1]), dtype=logits.dtype, device=x.device)
+                cached[idx] = logits
+            del logits
             stale[idx] = False
         is_final = s == 0.0 and cfg.t_min > 0
         if is_final and cfg.final_step == "argmax":
@@ -335,9 +392,9 @@ def initial_tokens(batch: int, length: int, mask_token_id: int, prompt: Sequence
 
 
 def expected_ancestral_nfe(num_steps: int, num_masks: int, skip_finished: bool = True) -> float:
-    """E[NFE] per row of the cached ancestral sampler, linear schedule, grid 1 -> 0 (spec sec. 2.3).
+    """E[NFE] per row of the cached ancestral sampler, linear schedule, grid 1 -> 0 (docs/first_hitting.md).
 
-    Spec/MDLM count: 1 + (N - 1)(1 - (1 - 1/N)^L) (a call follows every step that changed the row,
+    MDLM count: 1 + (N - 1)(1 - (1 - 1/N)^L) (a call follows every step that changed the row,
     even the step that revealed its last mask). ``skip_finished=True`` (our sampler) makes no call on
     a row without masks, which removes that call when the last grid interval reveals nothing:
     minus (1 - 1/N)^L.
@@ -360,7 +417,7 @@ class MaskedDiffusionSchedulerOutput(BaseOutput):
 
 
 class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
-    """Masked-diffusion scheduler: first-hitting (default) or ancestral grid (specs/masked_fhs.md sec. 4).
+    """Masked-diffusion scheduler: first-hitting (default) or ancestral grid (docs/first_hitting.md).
 
     Mirrors diffusers' AmusedScheduler / VQDiffusionScheduler: ``sample`` is a LongTensor of token
     ids, ``model_output`` the network's logits (B, L, K'). The mask logit (if present) is forced to
@@ -426,9 +483,35 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
+    def _resolve_step(self, timestep) -> tuple[int, float | None, float | None]:
+        """(grid index, t, s) of the step that ``timestep`` names; t, s are None for FHS counters.
+
+        Ancestral: ``timestep`` is a continuous time t in (0, 1]; the step goes from t to the
+        largest grid time below it (on the grid: the next grid point), so a caller that skips or
+        repeats timesteps gets the step it asked for. FHS: one of ``self.timesteps`` (a counter;
+        the reveal itself does not depend on it).
+        """
+        ts = float(timestep.item() if torch.is_tensor(timestep) else timestep)
+        if self.config.sampler == "ancestral":
+            grid = self._times
+            if not 0.0 < ts <= 1.0 + 1e-12:
+                raise ValueError(f"timestep must be a continuous time in (0, 1] for the ancestral sampler, got {ts}")
+            below = [j for j, g in enumerate(grid) if g < ts - 1e-12]
+            if not below:
+                raise ValueError(f"timestep {ts} is at or below the last grid time {grid[-1]}: no step left")
+            j = below[0]
+            return j, min(ts, 1.0), grid[j]
+        counters = self.timesteps.tolist()
+        if not float(ts).is_integer() or int(ts) not in counters:
+            raise ValueError(f"timestep must be one of the first-hitting counters {counters[:3]}..{counters[-1:]} "
+                             f"(set_timesteps(num_masked=n)), got {timestep!r}")
+        return counters.index(int(ts)) + 1, None, None
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: Generators | None = None, return_dict: bool = True):
-        """One reveal step. model_output: logits (B, L, K') on ``sample`` (B, L) int64."""
+        """One step at ``timestep`` (see ``_resolve_step``). model_output: logits (B, L, K') on
+        ``sample`` (B, L) int64. ``return_dict=False`` gives diffusers' ``(prev_sample,
+        pred_original_sample)``; ``changed`` and ``t`` are in the output dataclass."""
         if self._step_index is None:
             raise ValueError("call set_timesteps() before step()")
         if sample.dtype != torch.long or sample.ndim != 2:
@@ -436,29 +519,27 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         cfg = self._cfg
-        log_mu = token_log_probs(model_output, cfg)
+        logits = check_logits(model_output, sample, "MaskedDiffusionScheduler", self._step_index)
         B = sample.shape[0]
+        next_index, t, s = self._resolve_step(timestep)
         if self.t is None:
             self.t = torch.ones(B, dtype=torch.float64)
         if self.config.sampler == "ancestral":
-            if self._step_index >= len(self._times) - 1:
-                raise ValueError("no steps left; call set_timesteps() again")
-            t, s = self._times[self._step_index], self._times[self._step_index + 1]
             if s == 0.0 and cfg.t_min > 0 and cfg.final_step == "argmax":
-                prev = final_argmax_step(sample, log_mu, cfg)
+                prev = final_argmax_step(sample, logits, cfg)
             else:
-                prev = ancestral_step(sample, log_mu, t, s, cfg, generator)
+                prev = ancestral_step(sample, logits, t, s, cfg, generator)
             self.t = torch.full((B,), s, dtype=torch.float64)
         else:
             # time-agnostic networks: tau is bookkeeping; time-conditioned ones should use
             # sample_first_hitting, which draws tau before the model call
             self.t = next_hitting_time(sample, self.t, cfg, generator)
-            prev = fhs_reveal(sample, log_mu, cfg, generator)
-        self._step_index += 1
+            prev = fhs_reveal(sample, logits, cfg, generator)
+        self._step_index = next_index
         changed = (prev != sample).any(1)
-        pred = torch.where(sample == cfg.mask_token_id, log_mu.argmax(-1), sample)
+        pred = fill_masks_argmax(sample, logits, cfg)
         if not return_dict:
-            return prev, pred, changed, self.t
+            return prev, pred
         return MaskedDiffusionSchedulerOutput(prev_sample=prev, pred_original_sample=pred, changed=changed, t=self.t)
 
     def add_noise(self, original_samples: torch.Tensor, timesteps, generator: Generators | None = None) -> torch.Tensor:
@@ -493,6 +574,9 @@ def _prompt_ids(opts: dict, model) -> list[int]:
 
 
 def _validate(opts: dict, model, fhs: bool) -> None:
+    materialize = model.extras.get("materialize")
+    if materialize is not None:  # mlm: loads its network here, where --trust-remote-code is known
+        materialize(bool(opts.get("trust_remote_code")))
     length = _sequence_length(opts, model)
     prompt = _prompt_ids(opts, model)
     if len(prompt) >= length:
@@ -507,7 +591,8 @@ def _validate(opts: dict, model, fhs: bool) -> None:
 
 def _make_cfg(opts: dict, model, steps: int | None) -> MaskedDiffusionConfig:
     return MaskedDiffusionConfig(
-        mask_token_id=int(model.extras["mask_token_id"]), schedule=opts.get("masking_schedule") or "linear",
+        mask_token_id=int(model.extras["mask_token_id"]),
+        schedule=opts.get("masking_schedule") or model.extras.get("masking_schedule") or "linear",
         num_inference_steps=steps, final_step=opts.get("final_step") or "sample",
         tokens_per_step=int(opts.get("tokens_per_step") or 1), precision=opts.get("precision") or "float64",
         temperature=float(opts.get("temperature") or 1.0), exclude_ids=tuple(model.extras.get("exclude_ids", ())),
@@ -519,12 +604,17 @@ def _run(method: str):
         length = _sequence_length(opts, model)
         x = initial_tokens(len(seeds), length, model.extras["mask_token_id"], _prompt_ids(opts, model), ctx.device)
         gens = ctx.generators(seeds)
+        if ctx.device is not None and torch.device(ctx.device).type != "cpu":
+            # draw the token noise where the logits live (one generator per sample, same seeds)
+            gens = [torch.Generator(ctx.device).manual_seed(int(s)) for s in seeds]
         t0 = time.perf_counter()
         if method == "first_hitting":
-            x, stats = sample_first_hitting(model.extras["network"], x, _make_cfg(opts, model, None), gens, ctx.step_done)
+            cfg = _make_cfg(opts, model, None)
+            x, stats = sample_first_hitting(model.extras["network"], x, cfg, gens, ctx.step_done)
         else:
-            steps = opts.get("steps") or length
-            x, stats = sample_ancestral(model.extras["network"], x, _make_cfg(opts, model, steps), gens, ctx.step_done)
+            cfg = _make_cfg(opts, model, opts.get("steps") or length)
+            x, stats = sample_ancestral(model.extras["network"], x, cfg, gens, ctx.step_done)
+        stats["masking_schedule"] = cfg.schedule
         stats["sampling_time_s"] = time.perf_counter() - t0
         stats.pop("steps", None)
         return SampleBatch(x=x, stats=stats)
@@ -533,12 +623,14 @@ def _run(method: str):
 
 
 def write_samples_txt(out_dir, arrays: dict, model) -> None:
-    """samples.txt: one decoded sample per line (mask shown as '_')."""
+    """samples.txt: one decoded sample per line (newlines in a sample shown as spaces), written atomically."""
     from pathlib import Path
+
+    from ..io import atomic_write_bytes
 
     tok = model.extras["tokenizer"]
     lines = [tok.decode(row.tolist()).replace("\n", " ") for row in arrays["tokens"]]
-    (Path(out_dir) / "samples.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(Path(out_dir) / "samples.txt", ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 _COMMON = (
@@ -546,7 +638,10 @@ _COMMON = (
     Option("prompt", str, None, "Text (or token ids for markov models) fixed at the start, never masked"),
     Option("temperature", float, 1.0, "Softmax temperature of the token draws", min=1e-6),
     Option("precision", PRECISIONS, "float64", "Categorical-sampling precision; float32 reproduces the MDLM/SEDD truncation"),
-    Option("masking_schedule", SCHEDULES, "linear", "Masking schedule alpha_t (linear, loglinear, cosine; eps=1e-3)"),
+    Option("masking_schedule", SCHEDULES, None, "Masking schedule alpha_t (linear, loglinear, cosine; eps=1e-3); "
+           "default: the model's (mdlm: from its checkpoint config; toy models: linear)"),
+    Option("trust_remote_code", bool, False, "mlm: models only: allow the folder's own modeling code to run "
+           "(transformers trust_remote_code; never asked interactively)"),
 )
 
 register(SamplerSpec(

@@ -1,26 +1,26 @@
 """Feynman-Kac Correctors with SMC resampling (FKC).
 
 Skreta, Akhound-Sadegh, Ohanesian et al., "Feynman-Kac Correctors in Diffusion: Annealing,
-Guidance, and Product of Experts", ICML 2025, arXiv 2503.02819; our spec: specs/fkc.md.
+Guidance, and Product of Experts", ICML 2025, arXiv 2503.02819 (the paper); our notes: docs/fkc.md.
 
-Target path rho_t ~ prod_i q_{i,t}^{beta_i} (sec. 2): annealing p^beta (one expert), products
+Target path rho_t ~ prod_i q_{i,t}^{beta_i} (paper Sec. 3): annealing p^beta (one expert), products
 p1*p2 (betas (1, 1)), geometric averages, CFG p(x|c)^w p(x)^(1-w) (betas (w, 1-w)).
-Move: a DDIM step with eta^2 = c on eps_eff = sum_i beta_i eps_i (sec. 2 "Move step"; eta = 1 is
-the "target score" DDPM step). Log-weight per step, Euler with the scores at the start of the
-step (sec. 2 "Per-step discretization"):
+Move: a DDIM step with eta^2 = c on eps_eff = sum_i beta_i eps_i (docs/fkc.md "Design choices"; eta = 1 is
+the paper's "target score" DDPM step). Log-weight per step, Euler with the scores at the start of the
+step (docs/fkc.md "Weight rules"; the default rule is ``logsnr``, see ``node_coefficients``):
 
     Delta log w_k = 1/2 (Delta_k / sigma_k^2) (||sum_i beta_i eps_i||^2 - sum_i beta_i ||eps_i||^2),
     Delta_k = log(alpha_bar_{k+1} / alpha_bar_k),  sigma_k^2 = 1 - alpha_bar_k.
 
 No divergence term; initial noise N(0, I / B), B = sum_i beta_i.
 
-| code name          | paper / spec symbol                                  |
+| code name          | paper symbol                                         |
 |--------------------|------------------------------------------------------|
 | ``betas``          | beta_i, exponents of the experts                     |
 | ``eps_experts``    | eps_i = eps_theta(x_k, t_k, c_i), stacked (M, N, ...) |
 | ``eps_eff``        | sum_i beta_i eps_i (= -sigma S)                      |
 | ``delta``          | Delta_k = int g^2 dtau over the step (VP)            |
-| ``log_w``          | log-weights (G, K) float64, specs/fkc.md sec. 3      |
+| ``log_w``          | log-weights (G, K) float64 (paper Sec. 4, SMC)       |
 | ``eta``            | sqrt(c), the free noise level of the simulated SDE   |
 | ``ess``            | effective sample size per group                      |
 
@@ -47,7 +47,7 @@ from .registry import Option, RunContext, SampleBatch, SamplerSpec, register, sa
 TARGETS = ("anneal", "product", "cfg")
 POLICIES = ("every", "ess", "never")
 FINALS = ("resample", "weighted", "one_per_group")
-QUADRATURES = ("euler", "trapezoid")
+QUADRATURES = ("euler", "trapezoid", "logsnr", "right")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -56,7 +56,7 @@ SPACINGS = ("leading", "trailing", "linspace")
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FKCConfig:
-    """FKC parameters (specs/fkc.md sec. 2-3), validated on construction.
+    """FKC parameters (paper Sec. 3-4; docs/fkc.md "CLI"), validated on construction.
 
     betas: exponent beta_i per expert (any real, sum B > 0).
     eta: DDIM eta, eta^2 = c (1 = target-score DDPM step, 1/sqrt(B) = tempered noise, 0 = ODE).
@@ -65,8 +65,10 @@ class FKCConfig:
     scheme: systematic | multinomial | stratified | residual (core/smc.py).
     final: "resample" (unweighted population) | "weighted" (particles + weights) |
         "one_per_group" (one particle per group drawn by weight).
-    quadrature: "euler" (scores at the step start, the reference code) or "trapezoid" (each
-        node weighted by the mean of its two neighbouring steps; no extra model call).
+    quadrature: weight rule of each step, ``node_coefficients``: "logsnr" (default, chosen by the
+        exact infinite-K Gaussian recursion, docs/fkc.md "Discretisation bias"), "euler" (the
+        reference code), "trapezoid", "right"; none needs an extra model call.
+    These field defaults are the only defaults: the CLI options and FKCPipeline read them.
     max_log_increment: opt-in clamp of the group-centred increment to +-m (biased; EDM2 code).
     """
 
@@ -76,8 +78,8 @@ class FKCConfig:
     ess_threshold: float = 0.7
     window: tuple = (1.0, 0.0)
     scheme: str = "systematic"
-    final: str = "weighted"
-    quadrature: str = "euler"
+    final: str = "resample"
+    quadrature: str = "logsnr"
     max_log_increment: float | None = None
 
     def __post_init__(self):
@@ -112,9 +114,12 @@ class FKCConfig:
 
     @property
     def is_trivial(self) -> bool:
-        """beta = 1 with one expert, or w in {0, 1}: all increments vanish (spec T7)."""
+        """beta = 1 with one expert, or w in {0, 1}: all increments vanish (docs/fkc.md "Design choices")."""
         nonzero = [b for b in self.betas if b != 0.0]
         return len(nonzero) == 1 and nonzero[0] == 1.0
+
+
+DEFAULTS = {f: getattr(FKCConfig(), f) for f in FKCConfig.__dataclass_fields__}  # the one home of FKC defaults
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def _betas_like(betas: Sequence[float], eps_experts: torch.Tensor) -> torch.Tens
 
 
 def combine_eps(eps_experts: torch.Tensor, betas: Sequence[float]) -> torch.Tensor:
-    """eps_eff = sum_i beta_i eps_i (specs/fkc.md sec. 2), in float64, returned in the input dtype.
+    """eps_eff = sum_i beta_i eps_i (the target-path score, paper Sec. 3), in float64, returned in the input dtype.
 
     eps_experts: (M, N, ...). Returns (N, ...)."""
     b = _betas_like(betas, eps_experts)
@@ -136,7 +141,7 @@ def combine_eps(eps_experts: torch.Tensor, betas: Sequence[float]) -> torch.Tens
 
 
 def weight_rate(eps_experts: torch.Tensor, betas: Sequence[float]) -> torch.Tensor:
-    """||sum_i beta_i eps_i||^2 - sum_i beta_i ||eps_i||^2 per particle (specs/fkc.md sec. 2).
+    """||sum_i beta_i eps_i||^2 - sum_i beta_i ||eps_i||^2 per particle (docs/fkc.md "Weight rules").
 
     Norms summed over all elements of a particle. eps_experts: (M, N, ...). Returns (N,) float64.
     Annealing: beta(beta-1)||eps||^2; CFG: w(w-1)||eps_c - eps_u||^2; product: 2<eps_1, eps_2>.
@@ -147,35 +152,169 @@ def weight_rate(eps_experts: torch.Tensor, betas: Sequence[float]) -> torch.Tens
     return (eff**2).sum(-1) - (b.flatten(1)[:, :, None] * e**2).sum((0, 2))
 
 
+ALPHA_BAR_MIN = 2.0**-24  # zero-terminal-SNR clamp of alpha_bar_T (diffusers' Euler schedulers use the same)
+
+
+def clamp_alpha_bar(alpha_bar) -> torch.Tensor:
+    """alpha_bar as float64, raised to ``ALPHA_BAR_MIN`` where it is 0 (zero terminal SNR, docs/fkc.md
+    "Zero terminal SNR"); values above the clamp are returned unchanged."""
+    return torch.as_tensor(alpha_bar, dtype=torch.float64).clamp(min=ALPHA_BAR_MIN)
+
+
 def step_delta(alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor) -> torch.Tensor:
-    """Delta_k = int g^2 dtau = log(alpha_bar_s / alpha_bar_t) for VP (specs/fkc.md sec. 2)."""
-    return torch.log(torch.as_tensor(alpha_bar_s, dtype=torch.float64) / torch.as_tensor(alpha_bar_t, dtype=torch.float64))
+    """Delta_k = int g^2 dtau = log(alpha_bar_s / alpha_bar_t) for VP (g^2 of the paper's SDE over one step;
+    docs/fkc.md "Weight rules"). alpha_bar_t is clamped at ``ALPHA_BAR_MIN`` (zero terminal SNR)."""
+    return torch.log(torch.as_tensor(alpha_bar_s, dtype=torch.float64) / clamp_alpha_bar(alpha_bar_t))
+
+
+ZERO_SNR_DIRECT_UNTIL = 1e-3  # zero-SNR start: sample rho_s directly while alpha_bar_s <= this
+
+
+def direct_steps(alpha_bar_t, alpha_bar_s) -> torch.Tensor:
+    """(S,) bool: the steps moved by ``zero_snr_move`` (no weight). On a schedule that starts at
+    alpha_bar = 0 (zero terminal SNR): the first step, and every following step that ends at
+    alpha_bar_s <= ``ZERO_SNR_DIRECT_UNTIL``. Elsewhere none (docs/fkc.md "Zero terminal SNR")."""
+    ab_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64).reshape(-1)
+    ab_s = torch.as_tensor(alpha_bar_s, dtype=torch.float64).reshape(-1)
+    if not ab_t.numel() or ab_t[0] > 0:
+        return torch.zeros(ab_t.shape, dtype=torch.bool)
+    early = torch.cumprod((ab_s <= ZERO_SNR_DIRECT_UNTIL).to(torch.int64), 0).bool()  # a prefix
+    early[0] = True
+    return early
+
+
+def _log_snr(ab: torch.Tensor) -> torch.Tensor:
+    return torch.log(ab) - torch.log1p(-ab)
+
+
+def node_coefficients(alpha_bar_t, alpha_bar_s, rule: str = "euler") -> torch.Tensor:
+    """Coefficient c_k of each model call: Delta log w_k = c_k * weight_rate(eps(x_k, t_k)). (S,) float64.
+
+    The continuous weight (paper Sec. 3, the weighted SDE of each target) is
+    1/2 int g^2 / sigma^2 (||sum beta_i eps_i||^2 - sum beta_i ||eps_i||^2) dtau, and
+    int g^2 / sigma^2 dtau = Delta lambda, lambda = log(alpha_bar / (1 - alpha_bar)) (docs/fkc.md "Weight rules"):
+
+    - euler: c_k = 1/2 Delta_k / sigma_k^2 (scores held at the step start, the reference code);
+    - trapezoid: each node carries half of its two neighbouring steps (Euler at the clean end);
+    - logsnr: c_k = 1/2 (lambda_{k+1} - lambda_k), eps held at the step start (the step into
+      alpha_bar = 1, where lambda is infinite, falls back to Euler);
+    - right: step k-1 is weighted at node k with 1/2 (lambda_k - lambda_{k-1}) (the eps of the next
+      model call, so no extra call); node 0 carries nothing; the last step is weighted at its start
+      as in logsnr.
+    A step that starts at alpha_bar = 0 (zero terminal SNR) carries no weight: ``zero_snr_move``
+    samples its end point from the target path directly (docs/fkc.md "Zero terminal SNR").
+    """
+    if rule not in QUADRATURES:
+        raise ValueError(f"quadrature must be one of {QUADRATURES}, got {rule!r}")
+    raw_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64).reshape(-1)
+    ab_t = clamp_alpha_bar(raw_t)
+    ab_s = torch.as_tensor(alpha_bar_s, dtype=torch.float64).reshape(-1)
+    start = direct_steps(raw_t, ab_s)  # zero-SNR start: moved by zero_snr_move, no weight
+    delta = torch.where(start, 0.0, step_delta(ab_t, ab_s))
+    sig2 = 1.0 - ab_t
+    euler = 0.5 * delta / sig2
+    if rule == "euler":
+        return euler
+    if rule == "trapezoid":
+        node = 0.5 * delta + 0.5 * torch.cat([torch.zeros(1, dtype=torch.float64), delta[:-1]])
+        node[-1] = node[-1] + 0.5 * delta[-1]  # no model call at the clean end: Euler there
+        return 0.5 * node / sig2
+    finite = ab_s < 1.0
+    left = torch.where(finite, 0.5 * (_log_snr(torch.where(finite, ab_s, 0.5)) - _log_snr(ab_t)), euler)
+    left = torch.where(start, 0.0, left)
+    if rule == "logsnr":
+        return left
+    out = torch.zeros_like(left)
+    out[1:] = left[:-1]
+    out[-1] = out[-1] + left[-1]
+    return out
 
 
 def log_weight_increment(eps_experts: torch.Tensor, betas: Sequence[float], alpha_bar_t, alpha_bar_s) -> torch.Tensor:
-    """Euler FK increment 1/2 (Delta_k / sigma_k^2) rate (specs/fkc.md sec. 2). Returns (N,) float64."""
-    sigma2_t = 1.0 - torch.as_tensor(alpha_bar_t, dtype=torch.float64)
+    """Euler FK increment 1/2 (Delta_k / sigma_k^2) rate (docs/fkc.md "Weight rules"). Returns (N,) float64."""
+    sigma2_t = 1.0 - clamp_alpha_bar(alpha_bar_t)
     return 0.5 * step_delta(alpha_bar_t, alpha_bar_s) / sigma2_t * weight_rate(eps_experts, betas)
 
 
+def combine_x0(x0_experts: torch.Tensor, x_t: torch.Tensor, betas: Sequence[float], alpha_bar_t) -> torch.Tensor:
+    """x0 of eps_eff: (x_t - sqrt(1 - ab_t) eps_eff) / sqrt(ab_t) written through each expert's own x0,
+
+    sum_i beta_i x0_i + (1 - B) x_t / sqrt(ab_t) (exact when each (eps_i, x0_i) pair is consistent at
+    ab_t), so that with v- or x0-prediction no 0/0 is formed at alpha_bar = 0; the (1 - B) term uses
+    the clamped alpha_bar. x0_experts: (M, N, ...). Returns (N, ...) float64."""
+    b = _betas_like(betas, x0_experts)
+    out = (b * x0_experts.double()).sum(0)
+    B = float(sum(betas))
+    if B != 1.0:
+        out = out + (1.0 - B) * x_t.double() / clamp_alpha_bar(alpha_bar_t).sqrt()
+    return out
+
+
+def eps_and_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, prediction_type: str):
+    """(eps_hat, x0_hat) in float64 from a raw model output, each formed directly where the
+    parameterisation gives it (v: x0 = sqrt(ab) x - sqrt(1 - ab) v, eps = sqrt(ab) v + sqrt(1 - ab) x;
+    sample: x0 is the output), so both stay finite at alpha_bar = 0 for v / sample models; for eps
+    models x0 divides by the clamped sqrt(alpha_bar) (docs/fkc.md "Zero terminal SNR")."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    ab = torch.as_tensor(alpha_bar_t, dtype=torch.float64, device=x_t.device)
+    out, x = model_output.double(), x_t.double()
+    if prediction_type == "v_prediction":
+        return ab.sqrt() * out + (1 - ab).sqrt() * x, ab.sqrt() * x - (1 - ab).sqrt() * out
+    if prediction_type == "sample":
+        return (x - ab.sqrt() * out) / (1 - ab).sqrt(), out
+    return out, (x - (1 - ab).sqrt() * out) / clamp_alpha_bar(ab).sqrt()
+
+
 def ddim_move(x_t: torch.Tensor, eps_eff: torch.Tensor, alpha_bar_t, alpha_bar_s, eta: float,
-              noise: torch.Tensor | None) -> torch.Tensor:
+              noise: torch.Tensor | None, x0_hat: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM step with noise eta (Song et al. 2021, eq. 12; eta = 1 is DDPM ancestral), in float64.
 
     x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma_s^2) eps_eff + sigma_s z,
     sigma_s = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). Returns x_t's dtype.
+    x0_hat defaults to (x_t - sqrt(1 - ab_t) eps_eff) / sqrt(ab_t); pass ``combine_x0(...)`` to form
+    it from the experts' own x0 predictions. ab_t is clamped at ``ALPHA_BAR_MIN`` (zero terminal SNR).
     """
-    ab_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
-    ab_s = torch.as_tensor(alpha_bar_s, dtype=torch.float64)
+    ab_t = clamp_alpha_bar(alpha_bar_t).to(x_t.device)
+    ab_s = torch.as_tensor(alpha_bar_s, dtype=torch.float64).to(x_t.device)
     x, e = x_t.double(), eps_eff.double()
-    x0_hat = (x - (1 - ab_t).sqrt() * e) / ab_t.sqrt()
+    if x0_hat is None:
+        x0_hat = (x - (1 - ab_t).sqrt() * e) / ab_t.sqrt()
     sigma_s = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).clamp(min=0).sqrt()
-    out = ab_s.sqrt() * x0_hat + (1 - ab_s - sigma_s**2).clamp(min=0).sqrt() * e
+    out = ab_s.sqrt() * x0_hat.double() + (1 - ab_s - sigma_s**2).clamp(min=0).sqrt() * e
     if eta > 0:
         if noise is None:
             raise ValueError("ddim_move needs noise when eta > 0")
         out = out + sigma_s * noise.double()
     return out.to(x_t.dtype)
+
+
+def zero_snr_move(x_t: torch.Tensor, x0_experts: torch.Tensor, betas: Sequence[float], alpha_bar_s, eta: float,
+                  noise: torch.Tensor | None) -> torch.Tensor:
+    """The first step of a zero-terminal-SNR schedule (alpha_bar_t = 0), for any exponents.
+
+    At alpha_bar = 0 each expert's marginal is N(0, I) and the target rho_T = N(0, I / B) is the
+    initial law. The DDIM step on eps_eff has an x-coefficient (1 - B) sqrt(ab_s / ab_t) that is
+    infinite there for B != 1 (and the FK weight of the step, 1/2 int g^2 beta(beta-1)||s||^2,
+    diverges), so instead we sample rho_s = prod_i q_{i,s}^{beta_i} to first order in ab_s:
+    q_{i,s} ~ N(sqrt(ab_s) x0_i, I) gives rho_s ~ N(sqrt(ab_s) x0_bar, I / B), x0_bar = sum beta_i x0_i / B,
+
+        x_s = sqrt(ab_s) x0_bar + sqrt(1 - ab_s) (sqrt(1 - eta^2) x_t + eta z / sqrt(B)),
+
+    (x_t ~ N(0, I / B)), which for B = 1 is exactly DDIM(eta) from alpha_bar = 0. x0_experts:
+    (M, N, ...) the experts' x0 predictions from their raw outputs (``eps_and_x0``). float64 math.
+    """
+    B = float(sum(betas))
+    b = _betas_like(betas, x0_experts)
+    x0_bar = (b * x0_experts.double()).sum(0) / B
+    ab_s = torch.as_tensor(alpha_bar_s, dtype=torch.float64).to(x_t.device)
+    e = min(max(float(eta), 0.0), 1.0)
+    out = math.sqrt(1.0 - e * e) * x_t.double()
+    if e > 0:
+        if noise is None:
+            raise ValueError("zero_snr_move needs noise when eta > 0")
+        out = out + e * noise.double() / math.sqrt(B)
+    return (ab_s.sqrt() * x0_bar + (1 - ab_s).sqrt() * out).to(x_t.dtype)
 
 
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
@@ -201,6 +340,13 @@ def alpha_bar_pairs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final
     ab_t = ab[ts]
     ab_s = torch.cat([ab[ts[1:]], torch.tensor([final_alpha_bar], dtype=torch.float64)])
     return ab_t, ab_s
+
+
+def draw_normal(shape, generator: torch.Generator | None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal draw made on the generator's own device (CPU or CUDA; the caller moves it),
+    so that ``torch.Generator("cuda")`` works and results do not depend on the sample's device."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +381,7 @@ def sample_fkc(
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     sampler: str = "fkc",
 ) -> FKCResult:
-    """FKC-SMC (specs/fkc.md sec. 2-3, pseudo-code sec. 5), one loop for every target.
+    """FKC-SMC (paper Sec. 3-4; docs/fkc.md), one loop for every target.
 
     expert_eps(x, t) -> (M, N, ...) eps of each expert at x (N, ...) and timestep t (one batched
         model call). x_T: (N, ...) standard normal noise, N = G * group_size; it is scaled by
@@ -254,27 +400,24 @@ def sample_fkc(
         raise ValueError(f"noise_generators must be one generator or one per particle ({N}), got {len(noise_generators)}")
     if cfg.eta == 0 and cfg.resample != "never":
         warnings.warn("FKC with eta=0 (ODE move) and resampling duplicates particles forever "
-                      "(specs/fkc.md sec. 6 T8); use eta > 0", RuntimeWarning, stacklevel=2)
+                      "(docs/fkc.md \"Design choices\"); use eta > 0", RuntimeWarning, stacklevel=2)
     T = alphas_cumprod.numel()
     ab_t_all, ab_s_all = alpha_bar_pairs(alphas_cumprod, timesteps, final_alpha_bar)
-    deltas = step_delta(ab_t_all, ab_s_all)  # (S,)
-    if cfg.quadrature == "trapezoid":  # node k carries half of each neighbouring step
-        node_w = 0.5 * deltas + 0.5 * torch.cat([torch.zeros(1, dtype=torch.float64), deltas[:-1]])
-        node_w[-1] = node_w[-1] + 0.5 * deltas[-1]  # no model call at the clean end: Euler there
-    else:
-        node_w = deltas
+    coef = node_coefficients(ab_t_all, ab_s_all, cfg.quadrature)  # (S,) weight of each model call
+    direct = direct_steps(ab_t_all, ab_s_all)  # (S,) zero-SNR start steps
     event = tuple(x_T.shape[1:])
-    x = (x_T.double() / math.sqrt(cfg.total_beta)).to(x_T.dtype)  # N(0, I/B), spec sec. 2
+    x = (x_T.double() / math.sqrt(cfg.total_beta)).to(x_T.dtype)  # N(0, I/B) = rho_T for VP (docs/fkc.md)
     log_w = torch.zeros((G, K), dtype=torch.float64)
     ess_trace = torch.empty((G, len(timesteps)), dtype=torch.float64)
     did = torch.zeros((G, len(timesteps)), dtype=torch.bool)
     trivial = cfg.is_trivial
     for k, t in enumerate(timesteps):
-        eps_experts = expert_eps(x, t)  # (M, N, ...)
+        out = expert_eps(x, t)  # (M, N, ...) eps, or a pair (eps, x0) formed from the raw output
+        eps_experts, x0_experts = out if isinstance(out, tuple) else (out, None)
         check_finite(eps_experts, sampler, k)
         if not trivial:
             rate = weight_rate(eps_experts, cfg.betas).cpu()  # (N,)
-            inc = (0.5 * node_w[k] / (1 - ab_t_all[k]) * rate).reshape(G, K)
+            inc = (coef[k] * rate).reshape(G, K)
             if cfg.max_log_increment is not None:
                 inc = inc - inc.mean(1, keepdim=True)
                 inc = inc.clamp(-cfg.max_log_increment, cfg.max_log_increment)
@@ -285,18 +428,27 @@ def sample_fkc(
         ess = smc.effective_sample_size(log_w)  # (G,)
         ess_trace[:, k] = ess
         eps_eff = combine_eps(eps_experts, cfg.betas)  # (N, ...)
+        x0_eff = None if x0_experts is None else combine_x0(x0_experts, x, cfg.betas, ab_t_all[k]).to(x.dtype)
         if cfg.resample != "never" and _in_window(cfg, float(t) / T):
             want = ess < cfg.ess_threshold * K if cfg.resample == "ess" else torch.ones(G, dtype=torch.bool)
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():
-                (x, eps_eff), log_w, _ = smc.resample([x, eps_eff], log_w, cfg.scheme, resample_generators, mask=want)
+                carried = [x, eps_eff] + ([] if x0_eff is None else [x0_eff])
+                carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
+                x, eps_eff = carried[0], carried[1]
+                x0_eff = carried[2] if x0_eff is not None else None
                 did[:, k] = want
         noise = None
         if cfg.eta > 0 and batched_noise:
-            noise = torch.randn((N, *event), generator=noise_generators, dtype=x.dtype).to(x.device)
+            noise = draw_normal((N, *event), noise_generators, x.dtype).to(x.device)
         elif cfg.eta > 0:
-            noise = torch.stack([torch.randn(event, generator=g, dtype=x.dtype) for g in noise_generators]).to(x.device)
-        x = ddim_move(x, eps_eff, ab_t_all[k].to(x.device), ab_s_all[k].to(x.device), cfg.eta, noise)
+            noise = torch.stack([draw_normal(event, g, x.dtype) for g in noise_generators]).to(x.device)
+        if direct[k]:  # zero terminal SNR: sample rho_s directly (docs/fkc.md "Zero terminal SNR")
+            if x0_experts is None:  # eps models: x0 through the clamped alpha_bar
+                x0_experts = torch.stack([eps_and_x0(e, x, ab_t_all[k], "epsilon")[1] for e in eps_experts])
+            x = zero_snr_move(x, x0_experts, cfg.betas, ab_s_all[k], cfg.eta, noise)
+        else:
+            x = ddim_move(x, eps_eff, ab_t_all[k], ab_s_all[k], cfg.eta, noise, x0_eff)
         if on_step is not None:
             new_x = on_step(k, x, log_w)
             x = new_x if isinstance(new_x, torch.Tensor) else x
@@ -304,7 +456,7 @@ def sample_fkc(
 
 
 def finalize(x, log_w, cfg: FKCConfig, ess_trace, did, resample_generators) -> FKCResult:
-    """Apply cfg.final: resample | weighted | one_per_group (specs/fkc.md sec. 3 "Output")."""
+    """Apply cfg.final: resample | weighted | one_per_group (docs/fkc.md "CLI")."""
     G, K = log_w.shape
     w_bar = smc.normalized_weights(log_w)  # (G, K)
     group = torch.arange(G).repeat_interleave(K)
@@ -323,10 +475,23 @@ def finalize(x, log_w, cfg: FKCConfig, ess_trace, did, resample_generators) -> F
 # 4. `gensample run --sampler fkc`
 # ---------------------------------------------------------------------------------------------
 _RESAMPLE_SEED_INDEX = 2**40  # sample_seed(first seed of a group, this) seeds the group's resampler
+PROMPT = "<prompt>"  # text-model expert: the group's run prompt (--prompt; group g gets prompts[g*K % P])
+NEGATIVE = "<negative prompt>"  # text-model expert: --negative-prompt, else the empty prompt
+
+
+def parse_expert_prompts(text) -> list[str]:
+    """'a cat|a dog' -> ['a cat', 'a dog'] (prompts as experts for text-to-image models)."""
+    if text is None or text == "":
+        return []
+    parts = list(text) if isinstance(text, (list, tuple)) else str(text).split("|")
+    parts = [str(p).strip() for p in parts]
+    if any(not p for p in parts):
+        raise ValueError(f"--experts-prompts must be non-empty prompts separated by '|', e.g. 'a cat|a dog', got {text!r}")
+    return parts
 
 
 def parse_experts(text) -> list[int]:
-    """'3,5' -> [3, 5] (class labels; prompts go through FKCPipeline)."""
+    """'3,5' -> [3, 5] (class labels; prompts: --experts-prompts, ``parse_expert_prompts``)."""
     if text is None or text == "":
         return []
     if isinstance(text, (list, tuple)):
@@ -337,23 +502,67 @@ def parse_experts(text) -> list[int]:
         return [int(p) for p in parts]
     except (TypeError, ValueError):
         raise ValueError(f"--experts must be comma-separated integer class labels such as 3,5, got {text!r} "
-                         "(text prompts as experts: use gensample.pipelines.fkc.FKCPipeline)") from None
+                         "(text prompts as experts on a text-to-image model: --experts-prompts 'a cat|a dog')") from None
+
+
+def _config(betas: tuple, opts: dict) -> FKCConfig:
+    """FKCConfig from the run options; an option left unset takes the FKCConfig field default."""
+    def opt(key, default):
+        return default if opts.get(key) is None else opts[key]
+
+    D = DEFAULTS
+    return FKCConfig(
+        betas=betas, eta=opt("eta", D["eta"]), resample=opt("resample", D["resample"]),
+        ess_threshold=opt("ess_threshold", D["ess_threshold"]),
+        window=(opt("resample_from", D["window"][0]), opt("resample_until", D["window"][1])),
+        scheme=opt("scheme", D["scheme"]), final=opt("final", D["final"]),
+        quadrature=opt("quadrature", D["quadrature"]), max_log_increment=opts.get("max_log_increment"),
+    )
 
 
 def resolve_target(opts: dict, model) -> tuple[FKCConfig, list]:
-    """(FKCConfig, expert class labels; None = unconditional) from the run options.
+    """(FKCConfig, experts) from the run options. Experts: class labels (None = unconditional /
+    null class); on a text-to-image model prompts (PROMPT = the group's --prompt, NEGATIVE = the
+    negative or empty prompt, or a literal prompt from --experts-prompts).
 
-    anneal: p^beta, one expert (--experts C or --class-label C, else unconditional), beta default 2.
-    product: prod_i p(x|c_i)^beta over --experts C1,C2[,...], beta default 1.
-    cfg: p(x|c)^w p(x)^(1-w), w = --guidance-scale, c from --experts C or --class-label C.
+    anneal: p^beta, one expert (--experts C or --class-label C, else unconditional; text: --prompt),
+        beta default 2.
+    product: prod_i p(x|c_i)^beta over --experts C1,C2[,...] (text: --experts-prompts 'P1|P2'),
+        beta default 1.
+    cfg: p(x|c)^w p(x)^(1-w), w = --guidance-scale, c from --experts C or --class-label C (text:
+        p(x|prompt)^w p(x|negative prompt)^(1-w)).
     """
     target = opts.get("fkc_target") or "anneal"
-    labels = parse_experts(opts.get("experts"))
+    text = bool(getattr(model, "text_conditional", False))
+    prompts = parse_expert_prompts(opts.get("experts_prompts"))
+    if prompts and not text:
+        raise ValueError(f"--experts-prompts needs a text-to-image model; {model.name!r} is not one (use --experts C1,C2 for class labels)")
+    if text and opts.get("experts") not in (None, ""):
+        raise ValueError(f"--experts takes class labels; {model.name!r} is a text-to-image model: use --experts-prompts 'a cat|a dog'")
+    labels = [] if text else parse_experts(opts.get("experts"))
     beta = opts.get("beta")
     w = float(opts.get("guidance_scale", 1.0))
     if target != "cfg" and w != 1.0:
         raise ValueError(f"--guidance-scale applies to --fkc-target cfg only (got target {target!r}, scale {w}); "
                          "use --beta for annealing")
+    if beta is not None and beta <= 0 and target in ("anneal", "product"):
+        raise ValueError(f"--beta must be > 0 for --fkc-target {target} (the target is p^beta), got {beta}")
+    if text:
+        if prompts and target != "product":
+            raise ValueError(f"--experts-prompts applies to --fkc-target product, got --fkc-target {target}; "
+                             "anneal and cfg use --prompt (and --negative-prompt)")
+        if target == "anneal":
+            return _config((2.0 if beta is None else beta,), opts), [PROMPT]
+        if target == "product":
+            if len(prompts) < 2:
+                raise ValueError(f"--fkc-target product on a text model needs --experts-prompts 'P1|P2' (two or more prompts), got {prompts}")
+            b = 1.0 if beta is None else beta
+            return _config(tuple([b] * len(prompts)), opts), prompts
+        if target == "cfg":
+            if beta is not None:
+                raise ValueError("--beta does not apply to --fkc-target cfg; the CFG exponents are (w, 1 - w) with w = --guidance-scale")
+            return _config((w, 1.0 - w), opts), [PROMPT, NEGATIVE]
+        raise ValueError(f"--fkc-target must be one of {list(TARGETS)}, got {target!r}")
     if labels and opts.get("class_label") is not None:
         raise ValueError("give the condition either by --experts or by --class-label, not both")
     if opts.get("class_label") is not None:
@@ -363,8 +572,6 @@ def resolve_target(opts: dict, model) -> tuple[FKCConfig, list]:
         if not 0 <= c < max(n_cls, 1) or not n_cls:
             raise ValueError(f"--experts class labels must be in [0, {n_cls - 1}] for model {model.name!r}, got {c}"
                              if n_cls else f"model {model.name!r} is unconditional: --experts needs a class-conditional model")
-    if beta is not None and beta <= 0 and target in ("anneal", "product"):
-        raise ValueError(f"--beta must be > 0 for --fkc-target {target} (the target is p^beta), got {beta}")
     if target == "anneal":
         if len(labels) > 1:
             raise ValueError(f"--fkc-target anneal takes at most one expert, got {labels}")
@@ -385,13 +592,7 @@ def resolve_target(opts: dict, model) -> tuple[FKCConfig, list]:
         betas, experts = (w, 1.0 - w), [labels[0], None]
     else:
         raise ValueError(f"--fkc-target must be one of {list(TARGETS)}, got {target!r}")
-    cfg = FKCConfig(
-        betas=betas, eta=opts.get("eta", 1.0), resample=opts.get("resample", "ess"),
-        ess_threshold=opts.get("ess_threshold", 0.7),
-        window=(opts.get("resample_from", 1.0), opts.get("resample_until", 0.0)),
-        scheme=opts.get("scheme", "systematic"), final=opts.get("final", "resample"),
-        quadrature=opts.get("quadrature", "euler"), max_log_increment=opts.get("max_log_increment"),
-    )
+    cfg = _config(betas, opts)
     return cfg, experts
 
 
@@ -401,19 +602,38 @@ def _validate(opts: dict, model) -> None:
         raise ValueError(f"sampler 'fkc' needs a diffusion model, got kind {model.kind!r}")
 
 
-def _expert_fn(den, model, experts: list, n: int, device):
-    """expert_eps(x, t) -> (M, n, ...): one batched model call over all experts."""
-    conds = [model.cond_for(c, n, device) for c in experts]
+def _stack_conds(conds: list) -> dict:
+    """Concatenate M conditioning dicts (each for n rows) along the batch: expert-major rows."""
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+def _expert_fn(den, model, experts: list, n: int, device, group_prompts: list | None = None):
+    """expert_eps(x, t) -> (eps, x0), each (M, n, ...): one batched model call over all experts,
+    eps and x0 formed from the raw model output (``eps_and_x0``: finite at alpha_bar = 0 for v- and
+    x0-prediction models). Text models: group g (K = n / len(group_prompts) rows) is conditioned on
+    group_prompts[g] (expert PROMPT), the negative / empty prompt (NEGATIVE) or a literal prompt."""
     M = len(experts)
+    ab = model.alphas_cumprod
+    if model.text_conditional:
+        K = n // len(group_prompts)
+        rows = [p for p in group_prompts for _ in range(K)]
+        neg = model.negative_prompt or ""
+        texts = [rows if e == PROMPT else [neg] * n if e == NEGATIVE else [e] * n for e in experts]
+        conds = [model.encode_prompt(tx, device) for tx in texts]
+    else:
+        conds = [model.cond_for(c, n, device) for c in experts]
     if all(c is None for c in conds):
         if M != 1:
-            raise ValueError("several experts need a class-conditional model")
-        return lambda x, t: den(x, t, None)[None]
-    labels = torch.cat([c["class_labels"] for c in conds])  # (M * n,)
+            raise ValueError("several experts need a conditional model")
+        cond = None
+    else:
+        cond = _stack_conds(conds)
 
     def expert_eps(x, t):
         xs = x.repeat(M, *([1] * (x.ndim - 1)))  # (M * n, ...)
-        return den(xs, t, {"class_labels": labels}).reshape(M, *x.shape)
+        out = den._raw(xs, torch.as_tensor(t, device=x.device), cond).to(x.dtype)
+        eps, x0 = eps_and_x0(out, xs, ab[int(t)], den.prediction_type)
+        return eps.to(x.dtype).reshape(M, *x.shape), x0.to(x.dtype).reshape(M, *x.shape)
 
     return expert_eps
 
@@ -433,6 +653,10 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
     else:
         group_seeds = [seeds[g * K] for g in range(len(seeds) // K)]
         particle_seeds = [seeds[g * K:(g + 1) * K] for g in range(len(group_seeds))]
+    group_prompts = None
+    if model.text_conditional:  # the run's rule (sample i gets prompt i % P) applied to each group's first sample
+        per_row = model._prompts_for(len(seeds))
+        group_prompts = per_row if cfg.final == "one_per_group" else per_row[::K]
     per_chunk = max(1, int(opts.get("batch_size", 256)) // K)
     chunks = [list(range(i, min(i + per_chunk, len(group_seeds)))) for i in range(0, len(group_seeds), per_chunk)]
     xs, ws, esss, n_res = [], [], [], 0
@@ -440,7 +664,8 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
         gens = ctx.generators([s for g in chunk for s in particle_seeds[g]])
         rgens = [torch.Generator().manual_seed(sample_seed(group_seeds[g], _RESAMPLE_SEED_INDEX)) for g in chunk]
         x_T = ctx.randn(gens, model.event_shape)
-        fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device)
+        prompts = [group_prompts[g] for g in chunk] if group_prompts is not None else None
+        fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device, prompts)
         res = sample_fkc(fn, x_T, cfg, ab, timesteps, group_size=K, noise_generators=gens,
                          resample_generators=rgens, final_alpha_bar=final_ab,
                          on_step=lambda k, x, lw: ctx.step_done(1.0 / len(chunks)), sampler="fkc")
@@ -449,7 +674,7 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
         esss.append(res.ess[res.group])  # (rows, S): the group's trace on each row
         n_res += int(res.resampled.sum())
     fkc_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-    fkc_cfg.update(target=opts.get("fkc_target"), experts=experts, particles=K)
+    fkc_cfg.update(target=opts.get("fkc_target") or "anneal", experts=experts, particles=K)
     return SampleBatch(
         x=torch.cat(xs), extras={"weights": torch.cat(ws), "ess": torch.cat(esss)},
         stats={"nfe": den.calls, "model_rows": den.rows, "fkc_resample_events": n_res, "fkc": fkc_cfg},
@@ -496,15 +721,16 @@ register(
             Option("fkc_target", TARGETS, "anneal", "target: anneal (p^beta) | product (prod p(x|c_i)^beta) | cfg (p(x|c)^w p(x)^(1-w))"),
             Option("beta", float, None, "exponent: anneal default 2, product default 1 (each expert)"),
             Option("experts", str, None, "comma-separated class labels, e.g. 3,5"),
+            Option("experts_prompts", str, None, "text-to-image models, --fkc-target product: prompts as experts separated by '|', e.g. 'a cat|a dog'"),
             Option("particles", int, 16, "particles K per group (--num-samples counts particles; with --final one_per_group it counts groups)", min=1),
-            Option("resample", POLICIES, "ess", "resampling policy: every step | when ESS < threshold*K | never"),
-            Option("ess_threshold", float, 0.7, "ESS fraction of K below which --resample ess resamples", min=0.0, max=1.0),
-            Option("resample_from", float, 1.0, "resample only while t/T <= this (1 = noise end)", min=0.0, max=1.0),
-            Option("resample_until", float, 0.0, "resample only while t/T >= this", min=0.0, max=1.0),
-            Option("scheme", smc.SCHEMES, "systematic", "resampling scheme"),
-            Option("final", FINALS, "resample", "output: resampled population | weighted particles | one particle per group"),
-            Option("eta", float, 1.0, "DDIM eta of the move step (1 = DDPM / target score)", min=0.0),
-            Option("quadrature", QUADRATURES, "euler", "log-weight rule over each step"),
+            Option("resample", POLICIES, DEFAULTS["resample"], "resampling policy: every step | when ESS < threshold*K | never"),
+            Option("ess_threshold", float, DEFAULTS["ess_threshold"], "ESS fraction of K below which --resample ess resamples", min=0.0, max=1.0),
+            Option("resample_from", float, DEFAULTS["window"][0], "resample only while t/T <= this (1 = noise end)", min=0.0, max=1.0),
+            Option("resample_until", float, DEFAULTS["window"][1], "resample only while t/T >= this", min=0.0, max=1.0),
+            Option("scheme", smc.SCHEMES, DEFAULTS["scheme"], "resampling scheme"),
+            Option("final", FINALS, DEFAULTS["final"], "output: resampled population | weighted particles (samples.npz `weights`; metrics use them) | one particle per group"),
+            Option("eta", float, DEFAULTS["eta"], "DDIM eta of the move step (1 = DDPM / target score)", min=0.0),
+            Option("quadrature", QUADRATURES, DEFAULTS["quadrature"], "log-weight rule over each step (docs/fkc.md, Discretisation bias)"),
             Option("max_log_increment", float, None, "opt-in clamp of centred log-weight increments (biased)", min=0.0),
         ),
         group_size=lambda o: 1 if o.get("final") == "one_per_group" else o["particles"],
@@ -520,6 +746,7 @@ register(
 from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
 from diffusers.utils import BaseOutput  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 
 @dataclass
@@ -531,15 +758,22 @@ class FKCSchedulerOutput(BaseOutput):
     log_weight_increment: torch.Tensor | None = None
 
 
-class FKCScheduler(SchedulerMixin, ConfigMixin):
-    """FKC move + weight step as a diffusers scheduler (specs/fkc.md sec. 5).
+SCHEDULER_QUADRATURES = ("euler", "logsnr")  # rules that need only the current step
 
-    ``step(model_output, t, sample)`` takes either one eps tensor (one expert with exponent
+
+class FKCScheduler(SchedulerMixin, ConfigMixin):
+    """FKC move + weight step as a diffusers scheduler (docs/fkc.md "Where it lives").
+
+    ``step(model_output, t, sample)`` takes either one raw model output (one expert with exponent
     ``fkc_betas[0]``, e.g. annealing) or a list / stacked (M, N, ...) tensor of expert outputs
-    (exponents ``fkc_betas``), forms eps_eff = sum beta_i eps_i, makes a DDIM(eta = fkc_eta)
-    step, and returns the FK log-weight increment (float64) beside ``prev_sample``. Resampling
+    (exponents ``fkc_betas``) in the config's ``prediction_type``, forms eps_i and x0_i from each
+    (``eps_and_x0``), makes a DDIM(eta = fkc_eta) step on eps_eff = sum beta_i eps_i and returns
+    the FK log-weight increment (float64, rule ``fkc_quadrature``) in the output's
+    ``log_weight_increment``; ``return_dict=False`` gives diffusers' (prev_sample,
+    pred_original_sample). Zero-terminal-SNR schedules start with ``zero_snr_move``. Resampling
     is ``resample(...)`` (within groups of ``group_size``). Initial noise must be multiplied by
-    ``init_noise_sigma`` = 1 / sqrt(B). Loads any DDPM/DDIM config (``from_config``).
+    ``init_noise_sigma`` = 1 / sqrt(B). Loads any DDPM/DDIM config (``from_config``); the noise
+    is drawn on the generator's device (CPU or CUDA) and moved to the sample's.
     """
 
     _compatibles = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
@@ -561,17 +795,22 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
         set_alpha_to_one: bool = True,
         rescale_betas_zero_snr: bool = False,
         fkc_betas: Sequence[float] = (1.0,),
-        fkc_eta: float = 1.0,
-        fkc_resample: str = "ess",
-        fkc_ess_threshold: float = 0.7,
-        fkc_scheme: str = "systematic",
+        fkc_eta: float = DEFAULTS["eta"],
+        fkc_resample: str = DEFAULTS["resample"],
+        fkc_ess_threshold: float = DEFAULTS["ess_threshold"],
+        fkc_scheme: str = DEFAULTS["scheme"],
+        fkc_quadrature: str = DEFAULTS["quadrature"],
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+        if fkc_quadrature not in SCHEDULER_QUADRATURES:
+            raise ValueError(f"fkc_quadrature must be one of {SCHEDULER_QUADRATURES} (one step at a time), got {fkc_quadrature!r}")
         self.fkc = FKCConfig(betas=tuple(fkc_betas), eta=fkc_eta, resample=fkc_resample,
-                             ess_threshold=fkc_ess_threshold, scheme=fkc_scheme)
+                             ess_threshold=fkc_ess_threshold, scheme=fkc_scheme, quadrature=fkc_quadrature)
+        # stored as a list of floats: the config survives a JSON save / load unchanged
+        self.register_to_config(fkc_betas=[float(b) for b in self.fkc.betas])
         cfg = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
                "beta_schedule": beta_schedule, "trained_betas": trained_betas, "rescale_betas_zero_snr": rescale_betas_zero_snr}
         ab = alphas_cumprod_from_config(cfg)
@@ -622,19 +861,39 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"expert outputs must each have the sample's shape {tuple(sample.shape)}, got {tuple(outs.shape)}")
         ab_t = self._ab64[t]
         ab_s = torch.tensor(self._next_alpha_bar(t), dtype=torch.float64)
-        eps = torch.stack([to_eps(o, sample, ab_t, self.config.prediction_type) for o in outs])  # (M, N, ...)
-        inc = log_weight_increment(eps, self.fkc.betas, ab_t, ab_s)
+        pairs = [eps_and_x0(o, sample, ab_t, self.config.prediction_type) for o in outs]
+        eps = torch.stack([e for e, _ in pairs])  # (M, N, ...) float64, formed from the raw outputs
+        x0s = torch.stack([x0 for _, x0 in pairs])
+        direct = bool(direct_steps(ab_t.reshape(1), ab_s.reshape(1))[0]) if self._zero_snr_start(t) else False
+        if direct:  # zero terminal SNR start (docs/fkc.md "Zero terminal SNR"): no weight, sample rho_s
+            inc = torch.zeros(sample.shape[0], dtype=torch.float64)
+        else:
+            coef = node_coefficients(ab_t.reshape(1), ab_s.reshape(1), self.fkc.quadrature)[0]
+            inc = coef * weight_rate(eps, self.fkc.betas).cpu()
         eps_eff = combine_eps(eps, self.fkc.betas)
         noise = None
-        if self.fkc.eta > 0:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        prev = ddim_move(sample, eps_eff, ab_t.to(sample.device), ab_s.to(sample.device), self.fkc.eta, noise)
-        x0 = ((sample.double() - (1 - ab_t).sqrt() * eps_eff.double()) / ab_t.sqrt()).to(sample.dtype)
+        if self.fkc.eta > 0:  # drawn on the generator's device (CPU or CUDA), then moved
+            gen = generator[0] if isinstance(generator, list) else generator
+            dev = gen.device if gen is not None else sample.device
+            noise = randn_tensor(sample.shape, generator=generator, device=dev, dtype=sample.dtype).to(sample.device)
+        x0 = combine_x0(x0s, sample, self.fkc.betas, ab_t)
+        if direct:
+            prev = zero_snr_move(sample, x0s, self.fkc.betas, ab_s, self.fkc.eta, noise)
+            x0 = x0s.mean(0) if len(self.fkc.betas) == 1 else (_betas_like(self.fkc.betas, x0s) * x0s).sum(0) / self.fkc.total_beta
+        else:
+            prev = ddim_move(sample, eps_eff, ab_t, ab_s, self.fkc.eta, noise, x0)
+        x0 = x0.to(sample.dtype)
         if not return_dict:
-            return (prev, x0, inc)
+            return (prev, x0)
         return FKCSchedulerOutput(prev_sample=prev, pred_original_sample=x0, log_weight_increment=inc)
+
+    def _zero_snr_start(self, timestep: int) -> bool:
+        """True when the schedule starts at alpha_bar = 0 and ``timestep`` is one of its first,
+        directly sampled steps (``direct_steps``)."""
+        ts = self.timesteps.cpu().tolist()
+        ab_t = self._ab64[torch.as_tensor(ts)]
+        ab_s = torch.cat([ab_t[1:], torch.tensor([self.final_alpha_cumprod], dtype=torch.float64)])
+        return bool(direct_steps(ab_t, ab_s)[ts.index(timestep)])
 
     def resample(self, tensors, log_w: torch.Tensor, generator=None, force: bool = False):
         """Resample flat group-major tensors by (G, K) log_w under the configured policy.

@@ -1,55 +1,60 @@
-"""One More Step (OMS; Hu et al., CVPR 2024, arXiv 2311.15744; specs/oms.md) and the
-schedule-flaw baselines on ``ddim`` (zero terminal SNR, Lin et al. 2023, arXiv 2305.08891;
-offset noise, crosslabs 2023; specs/oms.md sec. 8).
+"""One More Step (OMS; Hu et al., "One More Step: A Versatile Plug-and-Play Module for Rectifying
+Diffusion Schedule Flaws and Enhancing Low-Frequency Controls", CVPR 2024, arXiv 2311.15744;
+docs/oms.md). The schedule-flaw baselines (zero terminal SNR, offset noise) are ``ddim`` options
+declared in ``baseline.py`` and implemented in ``schedule_flaws.py``.
 
 OMS adds one step in front of a frozen base sampler: the module psi maps pure noise x_T'
 (virtual time T', alpha_bar_T' = 0) to v_hat = -x0_hat, and x_T is a DDIM step from T' to the
-base scheduler's first timestep t0 (spec sec. 2.3):
+base scheduler's first timestep t0 (docs/oms.md "The step"):
 
     x_T = sqrt(a) x0_hat + sqrt(1 - a - sigma^2) x_T' + sigma z,   sigma^2 = eta^2 (1 - a)
 
-| code name          | paper / spec symbol                               |
-|--------------------|---------------------------------------------------|
-| ``x_Tp``           | x_T', pure N(0, I) noise fed to psi               |
-| ``v_c``, ``v_u``   | psi(x_T', c), psi(x_T', null) (OMS-CFG, sec. 2.3)  |
-| ``w``              | oms_guidance_scale                                |
+| code name          | paper symbol                                        |
+|--------------------|-----------------------------------------------------|
+| ``x_Tp``           | x_T', pure N(0, I) noise fed to psi                 |
+| ``v_c``, ``v_u``   | psi(x_T', c), psi(x_T', null) (OMS-CFG)             |
+| ``w``              | oms_guidance_scale                                  |
 | ``alpha_bar``      | a = alpha_bar at the base scheduler's first step t0 |
-| ``eta``            | DDIM eta of the OMS step (1 = the reference code) |
-| ``x_T``            | the base sampler's initial latent (VP scale)      |
+| ``eta``            | DDIM eta of the OMS step (1 = the reference code)   |
+| ``x_T``            | the base sampler's initial latent (VP scale)        |
 
-Not reproduced from the reference code (spec sec. 2.4, 7): the noise is scaled by the std
-sqrt(1 - a), not the variance (``legacy_variance=True`` reproduces the bug); psi's input is
-unit-variance noise, never multiplied by ``init_noise_sigma``; w == 1 skips the unconditional
-branch.
+Not reproduced from the reference code (docs/oms.md "Not reproduced from the reference code"):
+the noise is scaled by the std sqrt(1 - a), not the variance (``legacy_variance=True``
+reproduces the bug); psi's input is unit-variance noise, never multiplied by
+``init_noise_sigma``; w == 1 skips the unconditional branch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..core.denoiser import Denoiser, check_finite, concat_cond
-from . import baseline
-from .registry import SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register
+from ..eval.images import make_grid, png_bytes, to_uint8, with_titles
+from ..io import atomic_write_bytes, atomic_write_json
+from ..models.oms import OMSModule, load_oms_release
+from ..models.text import encode_prompts
+from . import baseline, schedule_flaws
+from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 logger = logging.getLogger(__name__)
 
 SPACINGS = ("leading", "trailing", "linspace")
 BASES = ("ddim", "ddpm", "dpm", "euler")
 # z of the OMS step comes from its own per-sample stream, so the base loop's noise is the same
-# with and without OMS (spec sec. 7, shared-generator pitfall).
+# with and without OMS (the reference shares one generator, so its seeds differ from the bare run).
 _Z_STREAM = 0x0A5_5EED
 
 
 @dataclass(frozen=True)
 class OMSConfig:
-    """Parameters of the OMS step (spec sec. 2.3)."""
+    """Parameters of the OMS step (docs/oms.md "The step")."""
 
     guidance_scale: float = 1.0
     eta: float = 1.0
@@ -70,24 +75,36 @@ def oms_v(v_c: torch.Tensor, v_u: torch.Tensor | None, w: float) -> torch.Tensor
     return v_u + w * (v_c - v_u)
 
 
+def _gen_device(generator, fallback) -> torch.device:
+    """Where a draw from ``generator`` happens: the generator's own device (None: ``fallback``)."""
+    return torch.device(generator.device) if generator is not None else torch.device(fallback)
+
+
 def _normal_like(x: torch.Tensor, generator) -> torch.Tensor:
-    """N(0, I) shaped like x (B, ...): row b from generator[b] if a list, drawn on CPU, float64."""
+    """N(0, I) float64 shaped like x (B, ...) on x's device: row b from generator[b] if a list.
+
+    Every draw is made on its generator's device (a CUDA generator draws on CUDA, a CPU one on
+    the CPU, as diffusers' ``randn_tensor`` does) and then moved to x's device."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"generator list has {len(generator)} entries for a batch of {x.shape[0]}")
-        rows = [torch.randn(tuple(x.shape[1:]), generator=g, dtype=torch.float64) for g in generator]
-        return torch.stack(rows).to(x.device)
-    return torch.randn(tuple(x.shape), generator=generator, dtype=torch.float64).to(x.device)
+        rows = [torch.randn(tuple(x.shape[1:]), generator=g, dtype=torch.float64, device=_gen_device(g, x.device))
+                for g in generator]
+        return torch.stack([r.to(x.device) for r in rows])
+    return torch.randn(tuple(x.shape), generator=generator, dtype=torch.float64,
+                       device=_gen_device(generator, x.device)).to(x.device)
 
 
 def oms_step(v_c: torch.Tensor, v_u: torch.Tensor | None, x_Tp: torch.Tensor, alpha_bar: float, w: float = 1.0,
              eta: float = 1.0, generator=None, legacy_variance: bool = False) -> torch.Tensor:
-    """x_T from the OMS prediction: a DDIM step from alpha_bar = 0 to ``alpha_bar`` (spec sec. 2.3).
+    """x_T from the OMS prediction: a DDIM step (Song et al. 2021, eq. 12) from alpha_bar = 0 to
+    ``alpha_bar`` (Hu et al. 2024, the OMS step; docs/oms.md "The step").
 
     v_c, v_u: (B, C, H, W) psi outputs (v at zero SNR, x0_hat = -v); v_u may be None if w == 1.
     x_Tp: (B, C, H, W) the unit-variance noise psi saw. alpha_bar: float in [0, 1).
     generator: one torch.Generator, a list of B (one per sample), or None; unused when eta == 0.
-    legacy_variance: multiply z by sigma^2 instead of sigma (the reference code's bug, sec. 2.4a).
+    legacy_variance: multiply z by sigma^2 instead of sigma (the reference code's bug, docs/oms.md
+    "Not reproduced from the reference code").
     Returns x_T in VP scale, dtype of x_Tp; the arithmetic runs in float64.
     """
     if not 0.0 <= float(alpha_bar) < 1.0:
@@ -110,7 +127,7 @@ def oms_step(v_c: torch.Tensor, v_u: torch.Tensor | None, x_Tp: torch.Tensor, al
 
 
 def first_alpha_bar(scheduler) -> float:
-    """alpha_bar at the base scheduler's first timestep, after set_timesteps (spec sec. 2.3, 4).
+    """alpha_bar at the base scheduler's first timestep, after set_timesteps (docs/oms.md "The step").
 
     Sigma-space schedulers (Euler, DPM-Solver; any with ``sigmas``): 1 / (1 + sigma_0^2), no
     truncation of a fractional t0. VP schedulers: alphas_cumprod[int(timesteps[0])]. float64.
@@ -155,121 +172,144 @@ def oms_initial_latents(module, x_Tp: torch.Tensor, cond: dict, uncond: dict | N
 
 
 # -- base loops -----------------------------------------------------------------------------
-def _raw_guided(den: Denoiser, x, t, cond, uncond, w: float, guidance_rescale: float):
-    """Model output in its own parameterisation, CFG'd (and diffusers' rescale_noise_cfg'd)."""
-    if w == 1.0 or cond is None:
-        return den._raw(x, torch.as_tensor(t, device=x.device), cond)
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-    n = x.shape[0]
-    out = den._raw(torch.cat([x, x]), torch.as_tensor(t, device=x.device), concat_cond(cond, uncond, n, n))
-    out_c, out_u = out[:n], out[n:]
-    guided = out_u + w * (out_c - out_u)
-    if guidance_rescale > 0:
-        guided = rescale_noise_cfg(guided, out_c, guidance_rescale=guidance_rescale)
-    return guided
-
-
-def direct_loop(model, scheduler, x_T, cond, opts: dict, gens, ctx: RunContext, den: Denoiser) -> torch.Tensor:
-    """The pipeline loop feeding the raw model output to a scheduler built with the model's own
-    prediction_type (needed at alpha_bar_T = 0, where the eps convention is singular)."""
-    import inspect
-
-    params = inspect.signature(scheduler.step).parameters
-    kwargs = {"generator": gens} if "generator" in params else {}
-    if "eta" in params and opts.get("eta") is not None:
-        kwargs["eta"] = opts["eta"]
-    w = opts.get("guidance_scale", 1.0)
-    uncond = den.null_cond
-    x = x_T
-    for i, t in enumerate(scheduler.timesteps):
-        out = _raw_guided(den, scheduler.scale_model_input(x, t), t, cond, uncond, w, opts.get("guidance_rescale") or 0.0)
-        check_finite(out, ctx.sampler, i)
-        x = scheduler.step(out.to(x.dtype), t, x, **kwargs).prev_sample
-        ctx.step_done()
-    return x
-
-
 def base_scheduler(model, base: str, steps: int, opts: dict, device):
     """The base sampler's diffusers scheduler on the model's training schedule.
 
-    zero SNR (flag or the model's own config): DDIM with rescale_betas_zero_snr=True, trailing
-    spacing and the model's prediction_type (diffusers' rescale_zero_terminal_snr). Returns
-    (scheduler, direct) where direct means the raw output is fed (see ``direct_loop``).
+    Zero terminal SNR (``--rescale-zero-snr`` or the model's own config; ddim only): the
+    schedule_flaws scheduler, fed the raw model output. Returns (scheduler, direct) where direct
+    means the raw output is fed (``schedule_flaws.direct_loop``).
     """
     baseline.check_steps(steps, model.scheduler_config)
-    overrides = {}
-    if opts.get("oms_spacing"):
-        overrides["timestep_spacing"] = opts["oms_spacing"]
-    zsnr = bool(opts.get("rescale_zero_snr")) or bool(model.scheduler_config.get("rescale_betas_zero_snr"))
-    direct = zsnr or bool(opts.get("guidance_rescale"))
-    if zsnr:
-        if model.prediction_type == "epsilon":
-            raise ValueError(f"--rescale-zero-snr needs a v_prediction or sample model (eps is singular at "
-                             f"alpha_bar_T = 0, Lin et al. 2023 sec. 3.2); {model.name!r} predicts epsilon. "
-                             f"Try --model digits-flawed-zsnr")
-        if not model.scheduler_config.get("rescale_betas_zero_snr"):
-            logger.warning("%s was not trained on the zero-terminal-SNR schedule; Lin et al. fine-tune first", model.name)
-        overrides.update(rescale_betas_zero_snr=True, timestep_spacing=overrides.get("timestep_spacing", "trailing"))
-    if direct:
-        if base != "ddim" and zsnr:
+    if schedule_flaws.zero_snr_wanted(opts, model):
+        if base != "ddim":
             raise ValueError(f"the zero-terminal-SNR path runs on ddim only, got base sampler {base!r}")
-        overrides["prediction_type"] = model.prediction_type
+        return schedule_flaws.zero_snr_scheduler(model, steps, device, spacing=opts.get("oms_spacing")), True
+    overrides = {"timestep_spacing": opts["oms_spacing"]} if opts.get("oms_spacing") else {}
     sched = baseline.make_scheduler(base, model.scheduler_config, **overrides)
     sched.set_timesteps(steps, device=device)
-    return sched, direct
+    return sched, False
 
 
-def run_base(model, sched, direct: bool, x_T, cond, opts: dict, gens, ctx: RunContext, den: Denoiser):
+def run_base(sched, direct: bool, x_T, cond, opts: dict, gens, ctx: RunContext, den: Denoiser):
+    """The frozen base sampler from x_T (already at the scheduler's scale)."""
     if direct:
-        return direct_loop(model, sched, x_T, cond, opts, gens, ctx, den)
-    eta = opts.get("eta") if isinstance(sched, _ddim_class()) else None
+        return schedule_flaws.direct_loop(sched, x_T, cond, opts, gens, ctx, den)
+    eta = opts.get("eta") if type(sched).__name__ == "DDIMScheduler" else None
     return baseline.scheduler_loop(den, sched, x_T, cond, opts.get("guidance_scale", 1.0), gens, ctx, eta=eta)
 
 
-def _ddim_class():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler
-
-
-def offset_noise(gens: Sequence[torch.Generator], shape: Sequence[int], delta: float, ctx: RunContext) -> torch.Tensor:
-    """eps + delta n, n ~ N(0, 1) of shape (B, C, 1, 1) (offset noise, spec sec. 8); delta = 0: eps."""
-    eps = ctx.randn(gens, shape)
-    if delta == 0:
-        return eps
-    n = ctx.randn(gens, (shape[0],) + (1,) * (len(shape) - 1))
-    return eps + delta * n
-
-
 # -- OMS module resolution ------------------------------------------------------------------
-def load_oms_module(spec: str | None, model):
-    """An OMSModule from a folder path, a zoo name of kind "oms", or the base model's default."""
-    from ..models.oms import OMSModule
+@dataclass
+class OMSParts:
+    """A loaded OMS module with what conditions it: class embeddings, or a text encoder (its own,
+    or the base model's when its folder ships none, as the reference pipeline does)."""
 
+    module: OMSModule
+    text_encoder: Any = None
+    tokenizer: Any = None
+    text_source: str | None = None  # "oms" | "base" | None (class-conditional)
+    source: str = ""
+    _embeds: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def text_conditional(self) -> bool:
+        return self.module.null_class is None
+
+    def encode(self, prompts: list[str], device) -> torch.Tensor:
+        """(len(prompts), L, D) OMS context: the text encoder's last hidden state per prompt
+        (padded to the tokenizer's max length), each distinct prompt encoded once."""
+        enc_dev = next(self.text_encoder.parameters()).device
+        for p in dict.fromkeys(prompts):
+            if p not in self._embeds:
+                self._embeds[p] = encode_prompts(self.tokenizer, self.text_encoder, [p], enc_dev)[0]
+        return torch.stack([self._embeds[p] for p in prompts]).to(device)
+
+
+def _text_override(where: str, variant: str | None):
+    """(text_encoder, tokenizer) from a pipeline folder or hub id with text_encoder/ + tokenizer/."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        try:
+            enc = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", variant=variant, torch_dtype=torch.float32)
+        except (OSError, ValueError):
+            if variant is None:
+                raise
+            enc = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=torch.float32)
+        return enc.eval(), CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--oms-text-encoder {where}: cannot load text_encoder/ and tokenizer/ from it "
+                         f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _load_parts(spec: str, model, variant: str | None, text_override: str | None = None) -> OMSParts:
+    from .. import zoo
+    from ..models.loading import _ensure_registered
+
+    if not Path(spec).exists():
+        _ensure_registered()
+        if spec in zoo.ZOO:
+            loaded = zoo.ZOO[spec].loader()
+            if loaded.kind != "oms":
+                raise ValueError(f"--oms-module {spec!r} is a {loaded.kind!r} model, not an OMS module")
+            return OMSParts(module=loaded.unet, source=spec)
+    rel = load_oms_release(spec, variant, text=text_override is None)
+    parts = OMSParts(module=rel.module, text_encoder=rel.text_encoder, tokenizer=rel.tokenizer,
+                     text_source="oms" if rel.text_encoder is not None else None, source=rel.sources.get("module", spec))
+    if text_override not in (None, "base"):
+        parts.text_encoder, parts.tokenizer = _text_override(text_override, variant)
+        parts.text_source = "oms"
+    if parts.text_conditional and parts.text_encoder is None:
+        enc, tok = model.extras.get("text_encoder"), model.extras.get("tokenizer")
+        if enc is None or tok is None:
+            raise ValueError(f"--oms-module {spec}: a text-conditional OMS module needs a text encoder; its folder has "
+                             f"no oms_text_encoder/ and model {model.name!r} has none to fall back to")
+        parts.text_encoder, parts.tokenizer, parts.text_source = enc, tok, "base"
+    if parts.text_conditional:
+        dim = int(getattr(parts.text_encoder.config, "hidden_size", -1))
+        want = int(parts.module.config.cross_attention_dim)
+        if dim != want:
+            where = "its own oms_text_encoder" if parts.text_source == "oms" else f"the base model {model.name!r}'s text encoder (fallback)"
+            raise ValueError(f"--oms-module {spec}: the module attends to {want}-dim text embeddings but {where} "
+                             f"gives {dim}-dim ones")
+    return parts
+
+
+def load_oms(spec: str | None, model, variant: str | None = None, device=None, dtype=None,
+             text_override: str | None = None) -> OMSParts:
+    """The OMS parts for a run: ``spec`` (folder, release folder, hub id or zoo OMS name; None:
+    the model's shipped module), cached on the model so that every batch reuses one load.
+    text_override: "base" (the base model's text encoder) or a pipeline folder / hub id whose
+    text_encoder/ and tokenizer/ replace the release's own (``--oms-text-encoder``)."""
     if spec is None:
         default = model.extras.get("oms_module")
         if default is None:
             raise ValueError(f"model {model.name!r} has no default OMS module; pass --oms-module PATH "
-                             f"(a folder from `gensample train oms --base {model.name}`)")
+                             f"(a released OMS folder, or one from `gensample train oms --base {model.name}`)")
         spec = str(default)
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").exists():
-        return OMSModule.from_pretrained(path).eval()
-    from .. import zoo
-    from ..models.loading import _ensure_registered
+    cache = model.extras.setdefault("_oms_cache", {})
+    key = (str(spec), variant, text_override)
+    if key not in cache:
+        cache[key] = _load_parts(str(spec), model, variant, text_override)
+    parts = cache[key]
+    if device is not None:
+        if dtype in (None, torch.float32):
+            parts.module.to(device)
+        else:
+            parts.module.to(device=device, dtype=dtype)
+        if parts.text_source == "oms":
+            parts.text_encoder.to(device)
+    return parts
 
-    _ensure_registered()
-    if spec in zoo.ZOO:
-        loaded = zoo.ZOO[spec].loader()
-        if loaded.kind != "oms":
-            raise ValueError(f"--oms-module {spec!r} is a {loaded.kind!r} model, not an OMS module")
-        return loaded.unet
-    raise ValueError(f"--oms-module must be an OMS module folder (config.json + safetensors) or a zoo OMS name, got {spec!r}")
+
+def load_oms_module(spec: str | None, model, variant: str | None = None) -> OMSModule:
+    """The OMSModule alone (see ``load_oms``)."""
+    return load_oms(spec, model, variant).module
 
 
-def _oms_classes(module, opts, seeds, gens_cls, model) -> torch.Tensor | None:
-    """Per-sample OMS class: --oms-class, else --class-label, else uniform from each sample's seed."""
+def _oms_classes(module, opts, seeds, gens_cls) -> torch.Tensor | None:
+    """Per-sample OMS class: --oms-class, else --class-label, else uniform from each sample's own
+    stream (drawn on that generator's device)."""
     n_cls = (module.config.num_class_embeds or 0) - 1
     if n_cls < 1:
         return None
@@ -280,7 +320,33 @@ def _oms_classes(module, opts, seeds, gens_cls, model) -> torch.Tensor | None:
         if not 0 <= c <= n_cls:
             raise ValueError(f"--oms-class must be in [0, {n_cls}] ({n_cls} = the null class), got {c}")
         return torch.full((len(seeds),), int(c), dtype=torch.long)
-    return torch.stack([torch.randint(n_cls, (), generator=g) for g in gens_cls])
+    return torch.stack([torch.randint(n_cls, (), generator=g, device=g.device).cpu() for g in gens_cls])
+
+
+def _oms_condition(parts: OMSParts, opts: dict, model, seeds, z_gens, device):
+    """(cond, uncond, extras) psi keyword dicts for this batch: class labels (null class as the
+    OMS-CFG negative), or OMS text embeddings of --oms-prompt / the run's prompts ("" negative)."""
+    n = len(seeds)
+    if not parts.text_conditional:
+        if opts.get("oms_prompt") is not None:
+            raise ValueError("--oms-prompt needs a text-conditional OMS module; this one is class-conditional (--oms-class)")
+        labels = _oms_classes(parts.module, opts, seeds, z_gens).to(device)
+        null = torch.full_like(labels, parts.module.null_class)
+        return {"class_labels": labels}, {"class_labels": null}, {"oms_class": labels.cpu()}
+    if opts.get("oms_class") is not None:
+        raise ValueError("--oms-class needs a class-conditional OMS module; this one is text-conditional (--oms-prompt)")
+    if opts.get("oms_prompt") is not None:
+        prompts = [opts["oms_prompt"]] * n
+    elif getattr(model, "text_conditional", False):
+        prompts = model._prompts_for(n)  # the base's prompts: sample i gets prompt i % P
+    else:
+        raise ValueError(f"a text-conditional OMS module needs --oms-prompt TEXT on model {model.name!r} "
+                         f"(it takes no prompts of its own)")
+    cond = {"encoder_hidden_states": parts.encode(prompts, device)}
+    uncond = None
+    if opts.get("oms_guidance", 1.0) != 1.0:
+        uncond = {"encoder_hidden_states": parts.encode([""] * n, device)}  # the reference's OMS negative
+    return cond, uncond, {}
 
 
 # -- the `oms` sampler ----------------------------------------------------------------------
@@ -297,31 +363,31 @@ def sample_oms(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBa
         gens = ctx.generators(seeds)
         sched, direct = base_scheduler(model, base, steps, opts, ctx.device)
         den = model.denoiser()
-        x_Tp = offset_noise(gens, model.event_shape, 0.0, ctx)  # the bare sampler's x_T draw
+        x_Tp = ctx.randn(gens, model.event_shape)  # the bare sampler's x_T draw (unit variance)
         if not with_oms:
-            x0 = run_base(model, sched, direct, x_Tp * sched.init_noise_sigma, cond, opts, gens, ctx, den)
-            return x0, den
-        module = load_oms_module(opts.get("oms_module"), model).to(ctx.device)
+            return run_base(sched, direct, x_Tp * sched.init_noise_sigma, cond, opts, gens, ctx, den), den
+        parts = load_oms(opts.get("oms_module"), model, opts.get("oms_variant"), ctx.device, ctx.dtype,
+                         opts.get("oms_text_encoder"))
+        if parts.module.config.in_channels != model.event_shape[0]:
+            raise ValueError(f"the OMS module has {parts.module.config.in_channels} input channels; model "
+                             f"{model.name!r} samples {model.event_shape[0]}-channel latents")
         z_gens = [torch.Generator("cpu").manual_seed(int(s) ^ _Z_STREAM) for s in seeds]
-        labels = _oms_classes(module, opts, seeds, z_gens, model)
-        if labels is None:
-            raise ValueError("this OMS module is not class-conditional; use gensample.pipelines.oms.OMSPipeline "
-                             "with prompt embeddings for text-conditioned modules")
-        labels = labels.to(ctx.device)
+        o_cond, o_uncond, o_extras = _oms_condition(parts, opts, model, seeds, z_gens, ctx.device)
         a = first_alpha_bar(sched)
-        x_T = oms_initial_latents(module, x_Tp, {"class_labels": labels},
-                                  {"class_labels": torch.full_like(labels, module.null_class)}, a, cfg, z_gens)
-        extras["oms_class"] = labels.cpu()
-        stats["oms_alpha_bar"] = a
+        x_T = oms_initial_latents(parts.module, x_Tp, o_cond, o_uncond, a, cfg, z_gens)
+        extras.update(o_extras)
+        stats["oms"] = {"alpha_bar": a, "t0": float(sched.timesteps[0]), "module": parts.source,
+                        "text_encoder": parts.text_source}
         stats["oms_calls"] = 1 if cfg.guidance_scale == 1.0 else 2
-        x0 = run_base(model, sched, direct, to_scheduler_scale(x_T, sched, a), cond, opts, gens, ctx, den)
-        return x0, den
+        return run_base(sched, direct, to_scheduler_scale(x_T, sched, a), cond, opts, gens, ctx, den), den
 
     x, den = draw(with_oms=not opts.get("skip_oms"))
     stats.update({"nfe": den.calls, "model_rows": den.rows})
     if model.is_image and not opts.get("skip_oms") and not opts.get("skip_compare"):
         x_bare, _ = draw(with_oms=False)
         extras["x_no_oms"] = x_bare
+        if getattr(model, "is_latent", False):
+            extras["images_no_oms"] = model.decode(x_bare)  # the decoded pixels beside the latents
     stats.setdefault("oms_calls", 0)
     return SampleBatch(x=x, extras=extras, stats=stats)
 
@@ -331,24 +397,70 @@ def _progress(opts: dict) -> int:
     return opts["steps"] * (2 if both else 1)
 
 
-def write_compare(out_dir, arrays: dict, model) -> None:
-    """compare.png: the same seeds without OMS (left) and with OMS (right)."""
-    if "x_no_oms" not in arrays or arrays["x"].ndim != 4:
-        return
-    import numpy as np
+# -- outputs: compare.png and brightness.json -----------------------------------------------
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
 
-    from ..api import atomic_write_bytes
-    from ..eval.images import make_grid, png_bytes, to_uint8
 
-    n = min(len(arrays["x"]), 64)
+def mean_luminance(images: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
+    """(n,) mean luminance Y in [0, 255] of images (n, C, H, W) in ``value_range``: BT.601 luma
+    for 3 channels, the pixel value for 1 channel."""
+    lo, hi = value_range
+    x = (np.clip(np.asarray(images, dtype=np.float64), lo, hi) - lo) / (hi - lo) * 255.0
+    if x.shape[1] == 3:
+        x = np.tensordot(np.asarray(LUMA), x, axes=([0], [1]))  # (n, H, W)
+    else:
+        x = x.mean(axis=1)
+    return x.reshape(len(x), -1).mean(axis=1)
+
+
+def brightness_summary(arrays: dict, model) -> dict | None:
+    """Mean luminance per group (the prompt of sample i % P for text models, the OMS class for
+    class modules) with and without OMS: mean, its standard error (sd / sqrt(n)) and n."""
+    with_px = arrays.get("images", arrays.get("x"))
+    if with_px is None or np.ndim(with_px) != 4:
+        return None
     vr = getattr(model, "value_range", (-1.0, 1.0))
-    left = make_grid(to_uint8(arrays["x_no_oms"][:n], vr))
-    right = make_grid(to_uint8(arrays["x"][:n], vr))
+    arms = {"with_oms": mean_luminance(with_px, vr)}
+    without = arrays.get("images_no_oms", arrays.get("x_no_oms"))
+    if without is not None and np.shape(without) == np.shape(with_px):
+        arms["without_oms"] = mean_luminance(without, vr)
+    n = len(arms["with_oms"])
+    if getattr(model, "text_conditional", False):
+        prompts = model.run_prompts
+        keys = [prompts[i % len(prompts)] for i in range(n)]
+    elif "oms_class" in arrays:
+        keys = [f"class {int(c)}" for c in np.asarray(arrays["oms_class"]).reshape(-1)]
+    else:
+        keys = ["all"] * n
+    groups: dict = {}
+    for g in dict.fromkeys(keys):
+        idx = np.array([k == g for k in keys])
+        row = {"n": int(idx.sum())}
+        for arm, y in arms.items():
+            v = y[idx]
+            row[arm] = float(v.mean())
+            row[arm + "_se"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+        groups[g] = row
+    return {"metric": "mean luminance Y in [0, 255] (BT.601), per image, averaged per group", "groups": groups}
+
+
+def write_outputs(out_dir, arrays: dict, model) -> None:
+    """compare.png (the same seeds without OMS, left, and with OMS, right) and brightness.json."""
+    summary = brightness_summary(arrays, model)
+    if summary is not None:
+        atomic_write_json(Path(out_dir) / "brightness.json", summary)
+    with_px = arrays.get("images", arrays.get("x"))
+    without = arrays.get("images_no_oms", arrays.get("x_no_oms"))
+    if without is None or np.ndim(with_px) != 4 or np.shape(without) != np.shape(with_px):
+        return
+    n = min(len(with_px), 64)
+    vr = getattr(model, "value_range", (-1.0, 1.0))
+    left, right = make_grid(to_uint8(without[:n], vr)), make_grid(to_uint8(with_px[:n], vr))
     gap = np.full((left.shape[0], 4, left.shape[2]), 255, dtype=np.uint8)
     both = np.concatenate([left, gap, right], axis=1)
     scale = max(1, 512 // both.shape[1])
     both = both.repeat(scale, 0).repeat(scale, 1)
-    atomic_write_bytes(Path(out_dir) / "compare.png", png_bytes(both))
+    atomic_write_bytes(Path(out_dir) / "compare.png", png_bytes(with_titles(both, ["without OMS", "with OMS"])))
 
 
 def _validate_oms(opts: dict, model) -> None:
@@ -356,10 +468,21 @@ def _validate_oms(opts: dict, model) -> None:
         raise ValueError(f"the oms sampler needs an image diffusion model, got {model.name!r}")
     if opts.get("oms_base") not in (None, "ddim") and opts.get("eta"):
         raise ValueError("--eta applies to --oms-base ddim only")
+    if opts.get("oms_prompt") is not None and opts.get("oms_class") is not None:
+        raise ValueError("--oms-prompt and --oms-class exclude each other (a text or a class OMS module)")
+    if opts.get("skip_oms"):
+        return
+    load_oms(opts.get("oms_module"), model, opts.get("oms_variant"),
+             text_override=opts.get("oms_text_encoder"))  # loading errors before any sampling
 
 
 OMS_OPTIONS = (
-    Option("oms-module", str, None, "OMS module folder or zoo name (default: the model's shipped module)"),
+    Option("oms-module", str, None, "OMS module: a released folder (oms_module/ ...), a module folder, a hub id "
+                                    "or a zoo name (default: the model's shipped module)"),
+    Option("oms-variant", str, None, "weights variant of the OMS module (fp16: the released files)"),
+    Option("oms-text-encoder", str, None, "text encoder of a text OMS module: 'base' (the base model's), or a pipeline "
+                                          "folder / hub id with text_encoder/ + tokenizer/ (default: the release's own)"),
+    Option("oms-prompt", str, None, "prompt for the OMS step only (text OMS modules; default: the run's --prompt)"),
     Option("oms-guidance", float, 1.0, "OMS-CFG scale w on the module output (1 = conditional only)"),
     Option("oms-class", int, None, "class fed to the OMS module (default: --class-label, else uniform per sample)", min=0),
     Option("oms-eta", float, 1.0, "eta of the OMS step (1 = DDPM posterior, the reference code)", min=0.0, max=1.0),
@@ -371,53 +494,19 @@ OMS_OPTIONS = (
     Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),
 )
 
+# The bare demo (`gensample run --sampler oms`) runs 20 DDIM steps: the flaw and the fix show as
+# clearly as at 50 (t0 = 951 instead of 981) at 2/5 of the cost; configs/oms.yaml holds the
+# 50-step, 64-sample setting of docs/oms.md.
+DEMO_STEPS = 20
+
 register(SamplerSpec(
     name="oms",
     description="One More Step (Hu et al. 2024): a learned x_T for non-zero terminal SNR models",
     fn=sample_oms,
     default_model="digits-flawed",
     options=OMS_OPTIONS,
-    default_steps=50,
+    default_steps=DEMO_STEPS,
     progress_total=_progress,
     validate=_validate_oms,
-    write_extra=write_compare,
+    write_extra=write_outputs,
 ))
-
-
-# -- ddim: --rescale-zero-snr / --offset-noise / --guidance-rescale ---------------------------
-DDIM_FLAW_OPTIONS = (
-    Option("rescale-zero-snr", bool, False, "diffusers rescale_betas_zero_snr + trailing spacing (v-pred models, Lin et al.)"),
-    Option("offset-noise", float, 0.0, "delta: start from eps + delta n, n ~ N(0,1) per channel (offset-noise models)", min=0.0),
-    Option("guidance-rescale", float, 0.0, "rescaled CFG phi (diffusers rescale_noise_cfg), needs --rescale-zero-snr", min=0.0, max=1.0),
-)
-
-
-def _extend_ddim() -> None:
-    spec = SAMPLERS["ddim"]
-    plain_fn = spec.fn
-    own = {o.key for o in DDIM_FLAW_OPTIONS}
-    known = {o.key: o for o in spec.options}
-
-    def ddim_fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
-        zsnr = bool(opts.get("rescale_zero_snr")) or bool(model.scheduler_config.get("rescale_betas_zero_snr"))
-        delta = opts.get("offset_noise") or 0.0
-        rescale = opts.get("guidance_rescale") or 0.0
-        if rescale and not zsnr:
-            raise ValueError("--guidance-rescale is the zero-terminal-SNR companion; use it with --rescale-zero-snr")
-        if not zsnr and not delta:
-            return plain_fn(model, opts, seeds, ctx)
-        others = [o.flag for k, o in known.items() if k not in own and k != "eta" and opts.get(k) not in (None, o.default)]
-        if others:
-            raise ValueError(f"{', '.join(others)} cannot be combined with --rescale-zero-snr / --offset-noise")
-        sched, direct = base_scheduler(model, "ddim", opts["steps"], opts, ctx.device)
-        gens = ctx.generators(seeds)
-        den = model.denoiser()
-        x_T = offset_noise(gens, model.event_shape, delta, ctx) * sched.init_noise_sigma
-        cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
-        x = run_base(model, sched, direct, x_T, cond, opts, gens, ctx, den)
-        return SampleBatch(x=x, stats={"nfe": den.calls, "model_rows": den.rows})
-
-    register(dataclasses.replace(spec, fn=ddim_fn, options=tuple(spec.options) + DDIM_FLAW_OPTIONS))
-
-
-_extend_ddim()

@@ -1,4 +1,4 @@
-"""Linear forward operators for inverse problems y = A x + sigma_y n (specs/stsl.md sec. 4).
+"""Linear forward operators for inverse problems y = A x + sigma_y n (docs/stsl.md, "What is here").
 
 Each operator maps a batch x (B, *in_shape) to y (B, *out_shape) and offers
 - ``forward(x)``: A x;
@@ -7,7 +7,7 @@ Each operator maps a batch x (B, *in_shape) to y (B, *out_shape) and offers
   ``forward`` at 0, which is exact;
 - ``back_project(y)``: the "A^T" the DPS / PSLD reference code uses (nearest upsampling for
   super-resolution, identity for blur); equals ``adjoint`` unless noted (``true_adjoint_backproject``);
-- ``measure(x, sigma_y, generators)``: A x + sigma_y n, noise drawn per sample from CPU generators;
+- ``measure(x, sigma_y, generators)``: A x + sigma_y n, noise drawn per sample on each generator's device, then moved;
 - ``matrix()``: the dense (M, D) float64 matrix, for exact posteriors on small problems.
 Randomness of the operator itself (random masks, box position, motion kernels) comes from an
 explicit seed, so a task is reproducible and its kernel/mask is stored (``state()``).
@@ -66,11 +66,11 @@ class LinearOperator:
         return g
 
     def back_project(self, y: torch.Tensor) -> torch.Tensor:
-        """The reference implementation's A^T (specs/stsl.md sec. 4); the true adjoint by default."""
+        """The reference implementation's A^T (docs/stsl.md, "What is here"); the true adjoint by default."""
         return self.adjoint(y)
 
     def measure(self, x: torch.Tensor, sigma_y: float, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """y = A x + sigma_y n, n ~ N(0, I) per sample from ``generators`` (one CPU generator per row)."""
+        """y = A x + sigma_y n, n ~ N(0, I) per sample from ``generators`` (one per row, CPU or CUDA)."""
         if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y >= 0):
             raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y!r}")
         y = self.forward(x)
@@ -79,8 +79,10 @@ class LinearOperator:
         if generators is None or len(generators) != x.shape[0]:
             raise ValueError(f"measure needs one generator per sample ({x.shape[0]}), got "
                              f"{None if generators is None else len(generators)}")
-        n = torch.stack([torch.randn(self.out_shape, generator=g, dtype=torch.float64) for g in generators])
-        return y + sigma_y * n.to(device=y.device, dtype=y.dtype)
+        # each row on its generator's own device (CPU or CUDA), then moved
+        n = torch.stack([torch.randn(self.out_shape, generator=g, dtype=torch.float64, device=g.device).to(y.device)
+                         for g in generators])
+        return y + sigma_y * n.to(dtype=y.dtype)
 
     def matrix(self) -> torch.Tensor:
         """Dense A (M, D), float64, by applying the operator to the standard basis."""

@@ -36,6 +36,7 @@ class Option:
     help: str = ""
     min: float | None = None
     max: float | None = None
+    check: Any = None  # optional callable(value) raising ValueError with its own message (e.g. "auto" or a number)
 
     @property
     def key(self) -> str:
@@ -52,15 +53,10 @@ class Option:
             if value not in self.type:
                 raise ValueError(f"{self.flag} must be one of {list(self.type)}, got {value!r}")
             return value
+        if self.type is bool:
+            return parse_bool(self.flag, value)
         try:
-            if self.type is bool:
-                if isinstance(value, str):
-                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError
-                    value = value.lower() in ("true", "1", "yes")
-                else:
-                    value = bool(value)
-            elif self.type is int:
+            if self.type is int:
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                     raise ValueError
                 value = int(value)
@@ -79,7 +75,31 @@ class Option:
             raise ValueError(f"{self.flag} must be >= {self.min}, got {value}")
         if self.max is not None and value > self.max:
             raise ValueError(f"{self.flag} must be <= {self.max}, got {value}")
+        if self.check is not None:
+            self.check(value)
         return value
+
+
+TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")  # click.BOOL's words
+FALSE_WORDS = ("0", "false", "f", "no", "n", "off")
+
+
+def parse_bool(flag: str, value) -> bool:
+    """A strict boolean: True/False (numpy too) or one of click's words (``"false"``, ``"no"``,
+    ``"off"``, ``"0"``, ... case-insensitive) or the integers 0/1. Anything else (another string,
+    another number, None)
+    is a ValueError naming ``flag``: a string is never truthy just for being non-empty."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):  # click.BOOL takes 0/1 too (YAML `overwrite: 0`)
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise ValueError(f"{flag} must be true or false (or one of {'/'.join(TRUE_WORDS + FALSE_WORDS)}), got {value!r}")
 
 
 @dataclass

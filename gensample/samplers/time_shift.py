@@ -1,69 +1,87 @@
 """Time-Shift sampler (TS-DDIM / TS-DDPM): Li et al., "Alleviating Exposure Bias in Diffusion
-Models through Sampling with Shifted Time Steps", ICLR 2024, arXiv 2305.15583 (specs/time_shift.md).
+Models through Sampling with Shifted Time Steps", ICLR 2024, arXiv 2305.15583 (docs/time_shift.md).
 
 Exposure bias: the sampled x_t is not distributed as q(x_t). Per sample, TS evaluates the network
-at the time t_s in a window around the nominal t whose noise level 1 - alpha_bar_{t_s} best
-matches the sample's own pixel variance (spec sec. 2), and stops shifting below a cutoff t_c.
+at the time t_s in a window around the nominal t whose noise level best matches the sample's own
+variance (the paper's Algorithm 3, "Time-Shift Sampler"), and stops shifting below a cutoff t_c.
 
-| code name           | paper / spec symbol                                     |
-|---------------------|---------------------------------------------------------|
-| ``var_hat``         | v_hat_b, unbiased variance over C*H*W of sample b       |
-| ``window_size``     | w; half-width h = floor(w / 2)                          |
-| ``cutoff``          | t_c (shift only while the centre time is > t_c)         |
-| ``timestep``        | tau_k, the nominal grid time of step k                  |
-| ``t_shift``         | t_s,b (LongTensor[B])                                   |
-| ``prev_timestep``   | n = tau_{k+1} (alpha_bar = 1 past the end)              |
-| ``alpha_bar_s``     | alpha_bar at the time the model output refers to        |
-| ``alpha_bar_n``     | alpha_bar of the step's target                          |
-| ``eta``             | DDIM eta (0: DDIM, 1: DDPM-like)                        |
+| code name           | paper symbol / meaning                                    |
+|---------------------|-----------------------------------------------------------|
+| ``var_hat``         | var(x_t) of Algorithm 3: unbiased variance over C*H*W of sample b |
+| ``reference``       | the variance a sample at time tau should have: 1 - alpha_bar_tau (paper), or (1 - alpha_bar_tau) + alpha_bar_tau Var_data (``data_var``) |
+| ``window_size``     | w; half-width h = floor(w / 2)                            |
+| ``cutoff``          | t_c (shift only while the time is > t_c)                  |
+| ``grid[k]``         | tau_k, the nominal grid time of step k                    |
+| ``t_model``         | t_s,b, the shifted time (LongTensor[B]); "shifted", never "next" |
+| ``t_target``        | tau_{k+1}, the step's target time (-1: alpha_bar = final value) |
+| ``eta``             | DDIM eta (0: DDIM, 1: DDPM-like)                          |
 
-Two selection rules (spec sec. 2 table; ``variant``):
-- ``"paper"`` (Algorithm 3, strided form of spec sec. 2): at step k >= 1 with tau_k > t_c the model
-  is evaluated at t_s = select(x, centre tau_k); x0_hat, sigma and the update use alpha_bar_{t_s};
-  the next step starts on the grid time tau_{k+1}.
-- ``"reference_pnm"`` (the PNMSolver rule behind the published tables): the model stays at tau_k;
-  the *target* of the step is replaced by select(x, centre tau_{k+1}) when tau_{k+1} > t_c; the
-  next step again starts on the grid.
+Algorithm 3 is `time_shift_times`; `time_shift_update` is the DDIM update (Song et al. 2021,
+eq. 12) taken "with that time". The scheduler is a shell around the two.
 
-Epsilon scaling (Ning et al., ICLR 2024, arXiv 2308.15321; spec sec. 6) is the baseline: the
-``ddim`` sampler's ``--eps-scale`` uses `epsilon_scale` below.
+Two selection rules (``variant``; docs/time_shift.md "Two rules"):
+- ``"paper"`` (Algorithm 3, strided grid): at step k >= 1 with tau_k > t_c the model is evaluated
+  at t_s = select(x, window around tau_k); x0_hat, sigma and the update use alpha_bar_{t_s}; the
+  next step starts on the grid time tau_{k+1}.
+- ``"reference_pnm"`` (the rule of the published TS-DPM PNMSolver code, behind the paper's tables):
+  the model stays at tau_k; the *target* of the step is replaced by select(x, window around
+  tau_{k+1}) when tau_{k+1} > t_c; the next step again starts on the grid.
+
+Data-aware statistic (``data_var``, ours; docs/time_shift.md "Data-aware statistic"): for
+x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, E[var_hat(x_t)] = (1 - ab_t) + ab_t E[var_hat(x0)]. The
+paper's reference drops the second term, which is why it needs a cutoff and why on latents (whose
+variance is ~1) it always picks the noisiest window edge. With ``data_var`` = E[var_hat(x0)] the
+reference is exact for every t, so an exact sampler is never shifted.
+
+Epsilon scaling (Ning et al., ICLR 2024, arXiv 2308.15321) is the baseline: the ``ddim``
+sampler's ``--eps-scale`` (`baseline.epsilon_scale`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..core.denoiser import check_finite
 from ..core.param import PREDICTION_TYPES, to_eps
+from .baseline import check_steps
 from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 VARIANTS = ("paper", "reference_pnm")
-# Chosen by measurement on digits-ddpm (docs/time_shift.md, benchmarks/bench_time_shift.py --eval).
+# Chosen by measurement on digits-ddpm (docs/time_shift.md "Measured").
 DEFAULT_VARIANT = "paper"
-# Proposed defaults for T = 1000 (spec sec. 3): steps -> window w; t_c = 300, or 200 at <= 10 steps.
+# Defaults for T = 1000 (the paper's Fig. 7 settings, docs/time_shift.md "Defaults"):
+# steps -> window w; t_c = 300, or 200 at <= 10 steps.
 DEFAULT_WINDOWS = {5: 40, 10: 40, 20: 30, 50: 8, 100: 2}
 
 
 # -- parameters -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TimeShiftParams:
-    """Resolved TS parameters. window_size w >= 0 (w < 2: no shift), cutoff t_c >= 0."""
+    """Resolved TS parameters. window_size w >= 0 (w < 2: no shift), cutoff t_c >= 0,
+    data_var: None (the paper's statistic) or Var_data in [0, 1) (data-aware statistic)."""
 
     window_size: int
     cutoff: int
     variant: str = DEFAULT_VARIANT
     eta: float = 0.0
     enabled: bool = True
+    data_var: float | None = None
 
     def __post_init__(self):
-        check_params(self.window_size, self.cutoff, self.variant, self.eta)
+        check_params(self.window_size, self.cutoff, self.variant, self.eta, self.data_var)
 
 
-def check_params(window_size, cutoff, variant, eta) -> None:
+def check_params(window_size, cutoff, variant, eta, data_var=None) -> None:
     """Validate user-facing TS parameters (None window/cutoff = per-step default)."""
     for name, val in (("window_size", window_size), ("cutoff", cutoff)):
         if val is not None and (isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0):
@@ -72,11 +90,16 @@ def check_params(window_size, cutoff, variant, eta) -> None:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if data_var is not None:
+        if isinstance(data_var, bool) or not isinstance(data_var, (int, float)) or not 0.0 <= data_var < 1.0:
+            raise ValueError(f"data_var must be None or a number in [0, 1) (for Var_data >= 1 the reference "
+                             f"variance (1 - ab) + ab Var_data no longer grows with t, so it cannot locate a time), "
+                             f"got {data_var!r}")
 
 
 def default_window_cutoff(num_inference_steps: int, num_train_timesteps: int = 1000) -> tuple[int, int]:
-    """Spec sec. 3 proposed defaults, scaled by T / 1000: the table entry with the largest step
-    count <= num_inference_steps (5 below 5 steps); t_c = 200 at <= 10 steps, else 300."""
+    """Defaults of docs/time_shift.md "Defaults", scaled by T / 1000: the table entry with the
+    largest step count <= num_inference_steps (5 below 5 steps); t_c = 200 at <= 10 steps, else 300."""
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     keys = sorted(DEFAULT_WINDOWS)
@@ -86,10 +109,23 @@ def default_window_cutoff(num_inference_steps: int, num_train_timesteps: int = 1
     return int(round(DEFAULT_WINDOWS[key] * scale)), int(round(cutoff * scale))
 
 
-# -- pure step functions --------------------------------------------------------------------
+def check_window_stride(grid: Sequence[int], window_size: int, eta: float) -> None:
+    """With eta > 0 a shifted time must stay strictly between the step's two grid times, else
+    sigma^2 = eta^2 (1 - ab_n)/(1 - ab_s) (1 - ab_s/ab_n) is negative (NaN): require
+    h = w // 2 < the smallest grid stride, i.e. window_size in [0, 2 * stride - 1]."""
+    if eta <= 0 or window_size < 2 or len(grid) < 2:
+        return
+    stride = int(min(a - b for a, b in zip(grid[:-1], grid[1:])))
+    if window_size // 2 >= stride:
+        raise ValueError(f"window_size {window_size} (half-width {window_size // 2}) must be in [0, {2 * stride - 1}] "
+                         f"with eta = {eta} > 0: the half-width must stay below the grid stride {stride} (more steps "
+                         f"shrink the stride); use a smaller window or eta = 0")
+
+
+# -- pure math ------------------------------------------------------------------------------
 def sample_variance(x: torch.Tensor) -> torch.Tensor:
-    """v_hat_b: unbiased variance (divide by D - 1) of each sample's entries, centred on its own
-    mean (spec sec. 2 "Statistic"). x: (B, ...) with D >= 2 entries per sample. Returns (B,) float64."""
+    """var(x_t) of Algorithm 3 per sample: unbiased variance (divide by D - 1) of the sample's
+    entries, centred on its own mean. x: (B, ...) with D >= 2 entries per sample. (B,) float64."""
     if x.ndim < 2 or x[0].numel() < 2:
         raise ValueError(f"sample must have shape (B, ...) with >= 2 entries per sample, got {tuple(x.shape)}")
     flat = x.reshape(x.shape[0], -1).double()  # (B, D)
@@ -97,22 +133,63 @@ def sample_variance(x: torch.Tensor) -> torch.Tensor:
     return (centred * centred).sum(dim=1) / (flat.shape[1] - 1)  # (B,); two-pass, 3x faster than .var
 
 
+def reference_variance(alphas_cumprod: torch.Tensor, data_var: float | None = None) -> torch.Tensor:
+    """E[var_hat(x_tau)] for every tau: 1 - alpha_bar_tau (Algorithm 3) or, with Var_data given,
+    (1 - alpha_bar_tau) + alpha_bar_tau Var_data (docs/time_shift.md "Data-aware statistic").
+    alphas_cumprod: (T,). Returns (T,) float64."""
+    ab = alphas_cumprod.double()
+    return 1 - ab if data_var is None else (1 - ab) + ab * float(data_var)
+
+
 def window_candidates(centre: int, window_size: int, num_train_timesteps: int, device=None) -> torch.Tensor:
-    """W(c) = {max(0, c-h) .. min(T-1, c+h)}, h = floor(w/2), ascending (spec sec. 2). (W,) int64."""
+    """[t - w/2, t + w/2] of Algorithm 3, clipped to [0, T-1], ascending. (W,) int64."""
     h = int(window_size) // 2
     lo, hi = max(0, int(centre) - h), min(num_train_timesteps - 1, int(centre) + h)
     return torch.arange(lo, hi + 1, dtype=torch.long, device=device)  # (W,)
 
 
-def select_shift(var_hat: torch.Tensor, one_minus_alpha_bar: torch.Tensor, centre: int, window_size: int) -> torch.Tensor:
-    """t_s,b = argmin_{tau in W(c)} (v_hat_b - (1 - alpha_bar_tau))^2, ties to the smallest tau
-    (spec sec. 2 "Selection"). var_hat: (B,) float64; one_minus_alpha_bar: (T,) float64.
-    Returns (B,) int64 inside W(c); each row depends only on its own v_hat."""
-    T = one_minus_alpha_bar.numel()
+def select_shift(var_hat: torch.Tensor, reference: torch.Tensor, centre: int, window_size: int) -> torch.Tensor:
+    """t_s,b = argmin_{tau in [c - w/2, c + w/2]} (var_hat_b - reference_tau)^2 (Algorithm 3),
+    ties to the smallest tau. var_hat: (B,) float64; reference: (T,) float64, e.g.
+    1 - alpha_bar. Returns (B,) int64 inside the window; each row depends only on its own var_hat."""
+    T = reference.numel()
     cand = window_candidates(centre, window_size, T, device=var_hat.device)  # (W,)
-    dist = (var_hat.double()[:, None] - one_minus_alpha_bar.double()[cand][None, :]) ** 2  # (B, W)
+    dist = (var_hat.double()[:, None] - reference.double().to(var_hat.device)[cand][None, :]) ** 2  # (B, W)
     # argmin returns the first minimum; cand is ascending, so ties go to the smallest tau.
     return cand[dist.argmin(dim=1)]  # (B,)
+
+
+def time_shift_times(x: torch.Tensor, k: int, grid: Sequence[int], reference: torch.Tensor, window_size: int,
+                     cutoff: int, variant: str = DEFAULT_VARIANT, enabled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 3 of Li et al. (2024) on a strided grid: the times step k uses.
+
+        t_s <- -1                                     (so the first step, k = 0, is never shifted)
+        for k, tau_k in grid:
+            model time  = t_s if shifted else tau_k
+            x_{k+1}     = DDIM step from x_k "with that time" to tau_{k+1}   (time_shift_update)
+            t_s         = argmin_{tau in [tau_k - w/2, tau_k + w/2]} |var(x) - reference_tau|
+                          if tau_k > t_c else -1
+
+    The selection for step k reads the state x = x_k it is about to update (the strided form of
+    "var(x_{t-1})"). ``reference_pnm`` keeps the model at tau_k and moves the *target*
+    tau_{k+1} instead (window around tau_{k+1}, when tau_{k+1} > t_c).
+
+    x: (B, ...) state at grid time grid[k]; grid: descending ints; reference: (T,) float64
+    (`reference_variance`). Returns (t_model, t_target), each (B,) int64; t_target -1 means
+    "past the end" (alpha_bar = the final value). No shift when ``enabled`` is False, w < 2 or
+    t_c >= grid[0].
+    """
+    B, dev = x.shape[0], x.device
+    t = int(grid[k])
+    n = int(grid[k + 1]) if k + 1 < len(grid) else -1
+    t_model = torch.full((B,), t, dtype=torch.long, device=dev)
+    t_target = torch.full((B,), n, dtype=torch.long, device=dev)
+    active = enabled and window_size >= 2 and cutoff < int(grid[0]) and k >= 1
+    if active and variant == "paper" and t > cutoff:
+        t_model = select_shift(sample_variance(x), reference, t, window_size)
+    elif active and variant == "reference_pnm" and n > cutoff:
+        t_target = select_shift(sample_variance(x), reference, n, window_size)
+    return t_model, t_target
 
 
 def predict_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, alpha_bar_s: torch.Tensor) -> torch.Tensor:
@@ -124,7 +201,7 @@ def predict_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, alpha_bar_s: torch.Tens
 
 
 def ddim_sigma(alpha_bar_s: torch.Tensor, alpha_bar_n: torch.Tensor, eta: float) -> torch.Tensor:
-    """sigma = eta sqrt((1 - ab_n) / (1 - ab_s)) sqrt(1 - ab_s / ab_n) (DDIM eq. 16; spec sec. 2)."""
+    """sigma = eta sqrt((1 - ab_n) / (1 - ab_s)) sqrt(1 - ab_s / ab_n) (DDIM, Song et al. 2021, eq. 16)."""
     variance = ((1 - alpha_bar_n) / (1 - alpha_bar_s)) * (1 - alpha_bar_s / alpha_bar_n)
     return eta * variance**0.5
 
@@ -148,15 +225,6 @@ def dynamic_threshold(x0_hat: torch.Tensor, ratio: float, max_value: float) -> t
     return torch.maximum(torch.minimum(x0_hat, s), -s) / s
 
 
-def epsilon_scale(timestep, scale: float = 1.0, slope: float = 0.0) -> float:
-    """Epsilon Scaling factor lambda_t = k t + b (Ning et al. 2024; spec sec. 6), with b = ``scale``
-    and k = ``slope`` per training timestep t; the update uses eps_hat / lambda_t."""
-    lam = float(scale) + float(slope) * float(timestep)
-    if not lam > 0:
-        raise ValueError(f"epsilon scale lambda_t = eps_scale + eps_scale_slope * t must be > 0, got {lam} at t={timestep}")
-    return lam
-
-
 # -- the loop -------------------------------------------------------------------------------
 def sample_time_shift(
     denoiser: Callable,
@@ -169,11 +237,13 @@ def sample_time_shift(
     name: str = "ts-ddim",
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """TS-DDIM / TS-DDPM loop (spec sec. 4 "Loop"), on a scheduler whose timesteps are set.
+    """TS-DDIM / TS-DDPM loop (Algorithm 3) on a scheduler whose timesteps are set; the scheduler
+    only holds the grid and the alpha_bar tables (its math is `time_shift_times` / the DDIM update).
 
     denoiser: a `core.denoiser.Denoiser` (``.guided``) or a callable eps(x, t (B,), cond).
     x_T: (B, ...) start noise. Returns (x_0, trace) with trace lists per step: grid ``timestep``,
-    and ``ts_mean`` / ``ts_min`` / ``ts_max`` of the timestep the model saw over the batch.
+    and ``ts_mean`` / ``ts_min`` / ``ts_max`` of the shifted time over the batch (the model time
+    for ``paper``, the target time for ``reference_pnm``).
     """
     trace: dict = {"timestep": [], "ts_mean": [], "ts_min": [], "ts_max": []}
     x = x_T
@@ -197,13 +267,17 @@ def sample_time_shift(
     return x, trace
 
 
+def estimate_data_var(denoiser: Callable, x_T: torch.Tensor, train_config: dict, steps: int = 50, cond=None) -> float:
+    """Var_data = E[var_hat(x0)] estimated once from the model: the batch mean of var_hat over
+    DDIM samples (``steps`` steps, no shift, conditioning ``cond``) drawn from ``x_T`` (B, ...).
+    The estimate carries the model's own error; pass a value measured on the data when known."""
+    sched = make_time_shift_scheduler(train_config, enabled=False)
+    sched.set_timesteps(min(int(steps), int(sched.config.num_train_timesteps)), device=x_T.device)
+    x, _ = sample_time_shift(denoiser, x_T, sched, cond=cond, name="ts-data-var")
+    return float(sample_variance(x).mean())
+
+
 # -- diffusers scheduler face ---------------------------------------------------------------
-from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: E402
-from diffusers.utils import BaseOutput  # noqa: E402
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-
-
 @dataclass
 class TimeShiftSchedulerOutput(BaseOutput):
     """prev_sample: x at the next grid time; pred_original_sample: x0_hat; model_timesteps: (B,)
@@ -220,14 +294,21 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
     """DDIM (eta = 0) / DDPM-like (eta = 1) with per-sample shifted time steps (arXiv 2305.15583).
 
     Keeps the DDIMScheduler config keys, grid and alpha_bar tables (an internal DDIMScheduler
-    builds them), plus ``window_size`` / ``cutoff`` (None: per-step defaults of spec sec. 3, fixed
-    at ``set_timesteps``), ``variant`` ("paper" | "reference_pnm"), ``eta`` (used when ``step`` is
-    not given one) and ``enabled``. ``window_size < 2``, ``cutoff >= timesteps[0]`` or
-    ``enabled=False`` give DDIM exactly.
+    builds them), plus ``window_size`` / ``cutoff`` (None: per-step defaults, fixed at
+    ``set_timesteps``), ``variant`` ("paper" | "reference_pnm"), ``eta`` (used when ``step`` is
+    not given one), ``enabled`` and ``data_var`` (None: the paper's statistic; a number in
+    [0, 1): the data-aware one). ``window_size < 2``, ``cutoff >= timesteps[0]`` or
+    ``enabled=False`` give DDIM exactly. ``clip_sample`` defaults to False (SD latents must not
+    be clamped); ``from_config`` takes it from the source config when it has the key.
 
-    Extra method: ``model_timesteps(sample, t)`` -> LongTensor[B], the timestep to give the model
-    for this sample (paper variant: shifted; reference_pnm: the grid t). ``step`` recomputes it
-    from the same ``sample`` (no hidden state); pass ``model_timesteps=`` to have it checked.
+    The paper variant changes the time the *model* is called with, which a stock pipeline cannot
+    know. ``model_timesteps(sample, t)`` -> LongTensor[B] gives that time (Algorithm 3, a pure
+    function of (sample, t)) and hands it over to the next ``step`` at t; ``step`` recomputes it
+    from the sample it updates and raises when the handed times disagree, or when the
+    configuration shifts at t but no time was handed (a stock pipeline after
+    ``pipe.scheduler = TimeShiftScheduler.from_config(...)``: call
+    ``gensample.pipelines.time_shift.enable_time_shift(pipe)`` instead). ``reference_pnm`` needs
+    no hand-over: the model stays at the grid time.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["TimeShiftScheduler"]
@@ -241,7 +322,7 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: np.ndarray | list | None = None,
-        clip_sample: bool = True,
+        clip_sample: bool = False,
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
         prediction_type: str = "epsilon",
@@ -256,10 +337,9 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         variant: str = DEFAULT_VARIANT,
         eta: float = 0.0,
         enabled: bool = True,
+        data_var: float | None = None,
     ):
-        from diffusers import DDIMScheduler
-
-        check_params(window_size, cutoff, variant, eta)
+        check_params(window_size, cutoff, variant, eta, data_var)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         base = DDIMScheduler(
@@ -278,17 +358,19 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = base.timesteps
-        self._custom_timesteps = False
-        self._tables: dict = {}
-        self._memo = None
         self._grid: tuple = ()
+        self._handed: dict = {}  # grid time -> (B,) model times handed over by model_timesteps
         self.window_size_eff: int | None = None
         self.cutoff_eff: int | None = None
+        # alpha_bar with the final value appended at index T (float32) and the reference variance
+        self._ab_table = torch.cat([self.alphas_cumprod, self.final_alpha_cumprod.reshape(1).to(self.alphas_cumprod.dtype)])
+        self._reference = reference_variance(self.alphas_cumprod, data_var)
 
     # -- grid --------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: list | None = None):
         """DDIM grid for N steps (DDIMScheduler.set_timesteps), or a strictly descending custom list
-        in [0, T-1]; fixes the effective window / cutoff for this N."""
+        in [0, T-1]; fixes the effective window / cutoff for this N. Each step goes to the next
+        grid entry (for every ``timestep_spacing``)."""
         T = self.config.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
@@ -298,46 +380,33 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"timesteps must be a non-empty strictly descending list in [0, {T - 1}], got {list(timesteps)}")
             self.timesteps = torch.from_numpy(ts).to(device)
             self.num_inference_steps = int(ts.size)
-            self._custom_timesteps = True
         else:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= T:
                 raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {num_inference_steps!r}")
             self._base.set_timesteps(int(num_inference_steps), device=device)
             self.timesteps = self._base.timesteps
             self.num_inference_steps = int(num_inference_steps)
-            self._custom_timesteps = False
         self._grid = tuple(int(t) for t in self.timesteps.tolist())
-        self._memo = None
+        self._handed = {}
         w_def, c_def = default_window_cutoff(self.num_inference_steps, T)
+        if float(self.config.eta) > 0 and len(self._grid) > 1:  # keep the default inside check_window_stride's range
+            w_def = min(w_def, 2 * min(a - b for a, b in zip(self._grid[:-1], self._grid[1:])) - 1)
         self.window_size_eff = w_def if self.config.window_size is None else int(self.config.window_size)
         self.cutoff_eff = c_def if self.config.cutoff is None else int(self.config.cutoff)
+        if self.shifting:
+            check_window_stride(self._grid, self.window_size_eff, float(self.config.eta))
 
     def _check_ready(self):
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(...) before model_timesteps/step")
 
-    def _prev_timestep(self, timestep: int) -> int:
-        """Next grid time n = tau_{k+1} (DDIM's t - T // N rule on the standard grids; -1 at the end)."""
-        if self._custom_timesteps:
-            k = self._grid.index(timestep)
-            return self._grid[k + 1] if k + 1 < len(self._grid) else -1
-        return timestep - self.config.num_train_timesteps // self.num_inference_steps
-
     @property
     def shifting(self) -> bool:
-        """False when the configuration reproduces DDIM exactly (spec sec. 4 "Config")."""
+        """False when the configuration reproduces DDIM exactly (docs/time_shift.md "Identities")."""
         self._check_ready()
         return bool(self.config.enabled) and self.window_size_eff >= 2 and self.cutoff_eff < self._grid[0]
 
-    def _table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_bar float32 with the final value appended at index T, 1 - alpha_bar float64) on device."""
-        key = str(device)
-        if key not in self._tables:
-            ab = torch.cat([self.alphas_cumprod, self.final_alpha_cumprod.reshape(1).to(self.alphas_cumprod.dtype)])
-            self._tables[key] = (ab.to(device), (1 - self.alphas_cumprod.double()).to(device))
-        return self._tables[key]
-
-    def _timestep_int(self, timestep) -> int:
+    def _step_index_of(self, timestep) -> int:
         t = torch.as_tensor(timestep)
         if t.numel() != 1:
             t = t.reshape(-1)
@@ -347,51 +416,54 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         t = int(t.item())
         if t not in self._grid:
             raise ValueError(f"timestep {t} is not on the grid set by set_timesteps: {list(self._grid)}")
-        return t
+        return self._grid.index(t)
 
-    def _shift_from(self, sample: torch.Tensor, centre: int) -> torch.Tensor:
-        # t_s is a pure function of (sample, centre); the one-entry memo only skips recomputing it
-        # in `step` for the very tensor `model_timesteps` just saw (same object, unmodified).
-        key = (id(sample), sample._version, sample.data_ptr(), centre, self.window_size_eff)
-        if self._memo is not None and self._memo[0] == key:
-            return self._memo[1].clone()
-        _, one_minus_ab = self._table(sample.device)
-        t_s = select_shift(sample_variance(sample), one_minus_ab, centre, self.window_size_eff)
-        self._memo = (key, t_s)
-        return t_s.clone()
+    def _times(self, sample: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return time_shift_times(sample, k, self._grid, self._reference, self.window_size_eff, self.cutoff_eff,
+                                self.config.variant, bool(self.config.enabled))
 
     # -- the TS hook -------------------------------------------------------------------------
-    def model_timesteps(self, sample: torch.Tensor, timestep, step_index: int | None = None) -> torch.Tensor:
-        """(B,) int64 timestep to evaluate the model at for each row of ``sample`` (x at grid time t).
-
-        paper: select(sample, centre t) at every step but the first while t > cutoff, else t.
-        reference_pnm (and no-shift configurations): t. ``step_index`` is accepted for the
-        spec's signature and only checked against the grid.
-        """
+    def model_timesteps(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """(B,) int64 time to evaluate the model at for each row of ``sample`` (x at grid time t),
+        by Algorithm 3 (`time_shift_times`); handed over to the next ``step`` at this t."""
         self._check_ready()
-        t = self._timestep_int(timestep)
-        if step_index is not None and self._grid[step_index] != t:
-            raise ValueError(f"step_index {step_index} is grid time {self._grid[step_index]}, not {t}")
-        B = sample.shape[0]
-        first = t == self._grid[0]
-        if self.config.variant == "paper" and self.shifting and not first and t > self.cutoff_eff:
-            return self._shift_from(sample, t)
-        return torch.full((B,), t, dtype=torch.long, device=sample.device)
+        t_model, _ = self._times(sample, self._step_index_of(timestep))
+        self._handed[self._grid[self._step_index_of(timestep)]] = t_model
+        return t_model
 
     def target_timesteps(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """(B,) int64 time of the step's target noise level (-1: alpha_bar = final value).
-        reference_pnm: select(sample, centre n) when n > cutoff (not on the first step); else n."""
+        """(B,) int64 time of the step's target noise level (-1: alpha_bar = final value)."""
         self._check_ready()
-        t = self._timestep_int(timestep)
-        n = self._prev_timestep(t)
-        first = t == self._grid[0]
-        if self.config.variant == "reference_pnm" and self.shifting and not first and n > self.cutoff_eff:
-            return self._shift_from(sample, n)
-        return torch.full((sample.shape[0],), max(n, -1), dtype=torch.long, device=sample.device)
+        return self._times(sample, self._step_index_of(timestep))[1]
 
     # -- diffusers contract ------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
+
+    def _resolve_model_times(self, t: int, t_model: torch.Tensor, handed) -> None:
+        """Check that the model saw the time the update uses (raises otherwise)."""
+        B = t_model.shape[0]
+        if handed is None:
+            if (t_model != t).any():
+                raise ValueError(
+                    f"Time-Shift evaluates the model at shifted times (e.g. {t_model[t_model != t][0].item()} instead "
+                    f"of grid time {t}), but no model time was handed to step(): the model was evaluated at the grid "
+                    f"time. In a stock diffusers pipeline call gensample.pipelines.time_shift.enable_time_shift(pipe) "
+                    f"instead of assigning the scheduler; in your own loop call "
+                    f"t_s = scheduler.model_timesteps(sample, t) and feed t_s to the model.")
+            return
+        handed = torch.as_tensor(handed, device=t_model.device).long().reshape(-1)
+        if handed.numel() == 1:
+            handed = handed.expand(B)
+        elif handed.numel() != B and handed.numel() % B == 0:
+            chunks = handed.reshape(-1, B)  # a CFG-style batch of copies [x; x; ...]
+            if not (chunks == chunks[0]).all():
+                raise ValueError(f"model_timesteps has {handed.numel()} rows whose {B}-row chunks differ")
+            handed = chunks[0]
+        if handed.shape != t_model.shape or not torch.equal(handed, t_model):
+            raise ValueError("model_timesteps differs from model_timesteps(sample, timestep): the model saw other times "
+                             "than the update would use (pass the sample the model saw; for pipelines that "
+                             "concatenate extra channels, select on the latent channels only)")
 
     def step(
         self,
@@ -402,23 +474,29 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         use_clipped_model_output: bool = False,
         generator=None,
         variance_noise: torch.Tensor | None = None,
-        model_timesteps: torch.Tensor | None = None,
         return_dict: bool = True,
+        model_timesteps: torch.Tensor | None = None,
     ):
-        """One TS-DDIM update from grid time ``timestep`` to the next grid time (spec sec. 2,
-        "Strided form"). model_output: the model's prediction (config prediction_type) at
-        ``model_timesteps(sample, timestep)``; sample: (B, ...) x at the grid time."""
+        """One TS-DDIM update from grid time ``timestep`` to the next grid time (Algorithm 3 with
+        the DDIM update, eq. 12 of Song et al.). model_output: the model's prediction (config
+        prediction_type) at ``model_timesteps(sample, timestep)``; sample: (B, ...) x at the grid
+        time. ``return_dict=False`` gives diffusers' ``(prev_sample, pred_original_sample)``; the
+        model / target times are in the output dataclass."""
         self._check_ready()
         eta = self.config.eta if eta is None else eta
         check_params(None, None, self.config.variant, eta)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {tuple(model_output.shape)} must equal sample shape {tuple(sample.shape)}")
-        t_model = self.model_timesteps(sample, timestep)  # (B,) recomputed: no hidden state
-        if model_timesteps is not None and not torch.equal(torch.as_tensor(model_timesteps, device=t_model.device).long().reshape(-1).expand_as(t_model), t_model):
-            raise ValueError("model_timesteps differs from model_timesteps(sample, timestep): pass the sample the model saw")
-        t_target = self.target_timesteps(sample, timestep)  # (B,), -1 = final
-        ab_table, _ = self._table(sample.device)
+        k = self._step_index_of(timestep)
+        t = self._grid[k]
+        if self.shifting:
+            check_window_stride(self._grid, self.window_size_eff, float(eta))
+        t_model, t_target = self._times(sample, k)  # recomputed from the sample being updated
+        handed = model_timesteps if model_timesteps is not None else self._handed.get(t)
+        self._handed.pop(t, None)
+        self._resolve_model_times(t, t_model, handed)
         shape = (sample.shape[0],) + (1,) * (sample.ndim - 1)
+        ab_table = self._ab_table.to(sample.device)
         alpha_bar_s = ab_table[t_model].reshape(shape)  # (B, 1, ...) float32
         alpha_bar_n = ab_table[torch.where(t_target < 0, len(self.alphas_cumprod), t_target)].reshape(shape)
 
@@ -442,8 +520,11 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
             if noise is None:
                 noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         prev_sample = ddim_update(x0_hat, eps_hat, alpha_bar_n, sigma, noise)
+        if not torch.isfinite(prev_sample).all():
+            raise FloatingPointError(f"TimeShiftScheduler.step: non-finite values (NaN/Inf) at grid time {t} "
+                                     f"(model times {sorted(set(t_model.tolist()))[:4]}..., eta {eta})")
         if not return_dict:
-            return (prev_sample, x0_hat, t_model, t_target)
+            return (prev_sample, x0_hat)
         return TimeShiftSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_hat,
                                         model_timesteps=t_model, target_timesteps=t_target)
 
@@ -476,34 +557,69 @@ def make_time_shift_scheduler(train_config: dict, **overrides) -> TimeShiftSched
     return TimeShiftScheduler.from_config(cfg)
 
 
+DATA_VAR_PILOT = {"n": 64, "steps": 50, "seed": 2**31 - 1}  # the once-per-run estimate of Var_data
+
+
+def parse_data_var(value) -> float | str | None:
+    """--data-var: None (paper statistic), "auto" (estimated once from the model) or a number in [0, 1)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--data-var must be 'auto' or a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"--data-var must be 'auto' or a number in [0, 1), got {value!r}")
+    return v
+
+
 def _sample_ts(eta_fixed: float | None):
     def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
-        from .baseline import check_steps
-
         steps = opts["steps"]
         check_steps(steps, model.scheduler_config)
         eta = eta_fixed if eta_fixed is not None else opts.get("eta", 0.0)
-        sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"),
-                                          cutoff=opts.get("cutoff"), variant=opts["variant"], eta=float(eta))
-        sched.set_timesteps(steps, device=ctx.device)
         den = model.denoiser()
+        data_var = parse_data_var(opts.get("data_var"))
+        if data_var == "auto":
+            g = torch.Generator(ctx.device).manual_seed(DATA_VAR_PILOT["seed"])
+            pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=ctx.device)
+            data_var = estimate_data_var(den, pilot, model.scheduler_config, DATA_VAR_PILOT["steps"],
+                                         cond=model.cond_for(None, DATA_VAR_PILOT["n"], ctx.device))
+            parse_data_var(data_var)  # an estimate >= 1 cannot be used: say so
+        sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"),
+                                          cutoff=opts.get("cutoff"), variant=opts["variant"], eta=float(eta),
+                                          data_var=data_var)
+        sched.set_timesteps(steps, device=ctx.device)
+        if model.is_latent and data_var is None and sched.shifting:
+            warnings.warn(f"{ctx.sampler} on the latent model {model.name!r}: the paper's statistic assumes the "
+                          f"data term alpha_bar Var(x0) is negligible, which does not hold for latents (variance ~1), "
+                          f"so it shifts to the noisiest window edge; pass --data-var auto (or a measured value)",
+                          stacklevel=2)
         gens = ctx.generators(seeds)
         x_T = ctx.randn(gens, model.event_shape) * sched.init_noise_sigma
         cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
+        n_pilot = den.calls
         x, trace = sample_time_shift(den, x_T, sched, cond=cond, guidance_scale=opts.get("guidance_scale", 1.0),
                                      generator=gens, name=ctx.sampler, on_step=ctx.step_done)
         # lists, so that run.json keeps one entry per batch (numbers would be summed over batches)
-        stats = {"nfe": den.calls, "model_rows": den.rows,
+        stats = {"nfe": den.calls - n_pilot, "model_rows": den.rows,
                  "ts_window_cutoff": [sched.window_size_eff, sched.cutoff_eff], **trace}
+        if data_var is not None:
+            stats["ts_data_var"] = [float(data_var)]
         return SampleBatch(x=x, stats=stats)
 
     return fn
 
 
 _TS_OPTIONS = (
-    Option("window", int, None, "TS window size w (h = w//2; < 2 disables); default per step count (spec table)", min=0),
+    Option("window", int, None, "TS window size w (h = w//2; < 2 disables); default per step count", min=0),
     Option("cutoff", int, None, "TS cutoff t_c: shift only while t > t_c; default 200 at <= 10 steps else 300", min=0),
     Option("variant", VARIANTS, DEFAULT_VARIANT, "TS selection rule: paper (Algorithm 3) or reference_pnm (published code)"),
+    Option("data_var", str, None, "data-aware TS statistic: reference (1 - ab) + ab * Var_data with Var_data "
+           "'auto' (estimated once from the model) or a number in [0, 1); default: the paper's 1 - ab",
+           check=parse_data_var),
 )
 
 register(SamplerSpec(

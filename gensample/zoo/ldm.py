@@ -3,9 +3,11 @@
 A diffusers ``AutoencoderKL`` (8x8x1 pixels <-> 4x4x2 latents, f = 2) and an unconditional
 latent ``UNet2DModel`` (eps prediction, DDPM linear schedule), trained by ``gensample train ldm``
 on the train split of `gensample.eval.digits_data` (the held-out test split stays unseen).
-It exists so that the latent paths of PSLD / STSL (specs/stsl.md sec. 4) run on a real
-learned VAE + UNet offline. Latents are scaled by ``vae.config.scaling_factor`` (1 / std of the
-training latents, the Stable Diffusion convention): z = sf * E(x), D(z) = vae.decode(z / sf).
+It exists so that the latent paths of PSLD / STSL (PSLD: Rout et al. 2023, arXiv 2307.00619;
+docs/stsl.md) run on a real learned VAE + UNet offline, and so that latent decoding by the
+generation samplers (docs/text_to_image.md) is tested on a trained model. Latents are scaled
+by ``vae.config.scaling_factor`` (1 / std of the training latents, the Stable Diffusion
+convention): z = sf * E(x), D(z) = vae.decode(z / sf); ``LoadedModel.decode`` applies D.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OMS demo models (specs/oms.md sec. 6): 16x16 brightness digits on a non-zero terminal SNR
+"""OMS demo models (docs/oms.md "Shipped models"): 16x16 brightness digits on a non-zero terminal SNR
 schedule, its schedule-fix baselines, and its OMS module. Weights come from
 `gensample train flawed [--variant ...]` and `gensample train oms --base digits-flawed`; the exact
 command and loss curve sit beside them (train.json, loss.csv)."""

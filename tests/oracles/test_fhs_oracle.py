@@ -1,4 +1,4 @@
-"""Exact-answer checks for masked diffusion samplers (specs/masked_fhs.md sec. 6).
+"""Exact-answer checks for masked diffusion samplers (docs/first_hitting.md).
 
 Toy language: K=3, L=4, Markov chain pi=(.6,.3,.1), the 81 sequences enumerated; its exact
 denoiser mu* (forward-backward) is checked against brute-force enumeration first.
@@ -69,7 +69,7 @@ def entropy_and_all_equal(tokens: torch.Tensor) -> tuple[float, float]:
 # -- the oracle itself ------------------------------------------------------------------------
 def test_toy_law_and_exact_denoiser_match_enumeration():
     p = P_TRUE.numpy()
-    assert abs(-(p * np.log(p)).sum() - 2.7632) < 1e-4  # spec sec. 6
+    assert abs(-(p * np.log(p)).sum() - 2.7632) < 1e-4  # docs/first_hitting.md
     assert abs(P_TRUE[(SEQS == SEQS[:, :1]).all(1)].sum().item() - 0.512) < 1e-12
     g = torch.Generator().manual_seed(0)
     x = SEQS[torch.randint(0, 81, (64,), generator=g)].clone()
@@ -201,7 +201,7 @@ def test_k_reveal_fraction_is_beta(n, k):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_pooled_reveal_times_follow_masking_cdf(schedule):
     """Driving the scheduler from t=1, the pooled reveal times of L masks are iid with CDF
-    (1 - alpha_tau) / (1 - alpha_1) (sec. 6.3)."""
+    (1 - alpha_tau) / (1 - alpha_1) (docs/first_hitting.md, oracles)."""
     B, L = 500, 8
     sched = MaskedDiffusionScheduler(mask_token_id=3, masking_schedule=schedule)
     sched.set_timesteps(num_masked=L)
@@ -232,7 +232,7 @@ def artefact_row(N: int, n: int, seed: int = 8) -> dict:
 
 @pytest.mark.parametrize("Ns", [(16, 128), pytest.param((16, 128, 1024), marks=pytest.mark.slow)])
 def test_truncated_uniforms_lower_entropy_as_steps_grow(Ns):
-    """Spec sec. 6.6: with b=8 uniforms the entropy falls as N grows (2.76 / 2.12 / 1.83 and
+    """docs/first_hitting.md: with b=8 uniforms the entropy falls as N grows (2.76 / 2.12 / 1.83 and
     P(all equal) .50 / .65 / .73 at N = 16 / 128 / 1024); with b=53 it matches the exact law."""
     n = 20_000
     spec = {16: (2.76, 0.50), 128: (2.12, 0.65), 1024: (1.83, 0.73)}
@@ -251,6 +251,6 @@ def test_truncated_uniforms_lower_entropy_as_steps_grow(Ns):
 
 
 def test_fhs_is_robust_to_truncated_uniforms():
-    """FHS draws at delta = 1: 8-bit uniforms leave the law at ~2.75 nats / .51 (spec sec. 6.6)."""
+    """FHS draws at delta = 1: 8-bit uniforms leave the law at ~2.75 nats / .51 (docs/first_hitting.md)."""
     h, eq = entropy_and_all_equal(draw("fhs", 20_000, seed=9, uniform_bits=8))
     assert abs(h - 2.7632) < 0.05 and abs(eq - 0.512) < 0.02

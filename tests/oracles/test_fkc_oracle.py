@@ -1,4 +1,4 @@
-"""FKC against exact targets on 1-D mixtures (specs/fkc.md sec. 6, cases T1-T4 plus CFG w=4).
+"""FKC against exact targets on 1-D mixtures (docs/fkc.md "Oracles": annealing, products, CFG w=2 and w=4).
 
 Target: prod_i p_i^beta_i computed independently on a 40001-point grid over [-10, 10].
 Each run holds G independent SMC groups of K particles (resampling never crosses groups, so the
@@ -6,7 +6,7 @@ groups are G seeds of one experiment in one batched loop). FKC uses its weights;
 "uncorrected" baseline is the same drift (eps_eff, N(0, I/B) start) with no weights and no
 resampling. Tolerances are 3 standard errors from the seed spread measured once over 6 groups at K = 4000
 (MEASURED_SD_K4000, scaled to K) or observed in the run, whichever is larger, floored by the
-spec's tolerances (mass 0.03, mean 0.1, variance 8 %) for discretisation bias.
+design tolerances (mass 0.03, mean 0.1, variance 8 %) for discretisation bias.
 The baseline must miss its case's key metric by more than twice the tolerance (power).
 
 `python tests/oracles/test_fkc_oracle.py` prints the full table (K=4000, 6 groups, 250 steps).
@@ -23,7 +23,7 @@ from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
 from gensample.samplers.fkc import FKCConfig, sample_fkc, spaced_timesteps
 
 AB = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)
-M = GM([0.5, 0.5], [[-2.0], [2.0]], [0.3, 0.8])  # spec sec. 6 mixture
+M = GM([0.5, 0.5], [[-2.0], [2.0]], [0.3, 0.8])  # the oracle mixture of docs/fkc.md
 U = GM([0.5, 0.5], [[-2.0], [2.0]], [0.8, 0.8])  # T3's unconditional
 P1, P2 = GM([0.5, 0.5], [[-2.0], [2.0]], [0.5, 0.5]), GM([0.8, 0.2], [[-2.0], [2.5]], [0.7, 0.7])  # T4
 Q1, Q2 = GM([0.5, 0.5], [[-2.0], [2.0]], [0.4, 0.4]), GM([0.5, 0.5], [[-1.0], [2.0]], [1.0, 0.3])
@@ -33,7 +33,7 @@ CASES = {
     "anneal_0.5": ([M], [0.5], "var"),
     "anneal_2": ([M], [2.0], "mass"),
     "anneal_3": ([M], [3.0], "mass"),
-    "product_T4": ([P1, P2], [1.0, 1.0], None),  # spec: naive is close here (weak test)
+    "product_T4": ([P1, P2], [1.0, 1.0], None),  # the uncorrected sampler is close here (weak test)
     "product_Q": ([Q1, Q2], [1.0, 1.0], "mass"),
     "cfg_w2": ([M, U], [2.0, -1.0], "mass"),
     "cfg_w4": ([M, U], [4.0, -3.0], "mass"),
@@ -88,7 +88,7 @@ def run_case(name: str, K: int, G: int, steps: int, seed: int = 0, **policy) -> 
 
 def tolerances(name: str, fkc: dict, target: dict, K: int) -> dict:
     """3 standard errors of the mean over G groups, from the larger of the measured and the
-    observed seed spread, floored by the spec's tolerances (discretisation bias)."""
+    observed seed spread, floored by the design tolerances (discretisation bias)."""
     G = fkc["mass"].numel()
     tol = {}
     for i, m in enumerate(METRICS):
@@ -140,8 +140,8 @@ def test_fkc_matches_exact_target_full(name):
 
 
 def test_tempered_noise_is_worse_than_target_score_on_gaussian():
-    # T5: N(1, 0.5^2) with beta = 3 must give variance 0.25 / 3 = 0.0833. Target score (eta = 1)
-    # gets close; tempered noise (eta = 1/sqrt(3)) stays far too narrow (spec measured 0.042).
+    # N(1, 0.5^2) with beta = 3 must give variance 0.25 / 3 = 0.0833. Target score (eta = 1)
+    # gets close; tempered noise (eta = 1/sqrt(3)) stays far too narrow.
     g = GM([1.0], [[1.0]], [0.5])
 
     def expert_eps(x, t):
@@ -155,9 +155,8 @@ def test_tempered_noise_is_worse_than_target_score_on_gaussian():
                          group_size=8000, noise_generators=gen, resample_generators=[torch.Generator().manual_seed(1)])
         x, w = res.x[:, 0].double(), res.weights
         var[eta] = float((w * (x - (w * x).sum()) ** 2).sum())
-    # Target score measured (K = 8000 and 32000 agree, so it is time discretisation, not K):
-    # 0.053 at 100 steps, 0.066 at 250, 0.074 at 1000 -> 0.0833. The spec reports 0.080 at 250
-    # steps; we do not reproduce that (see docs/fkc.md). Tolerance 25 % at 250 steps.
+    # The K -> inf value of the default (logsnr) rule at 250 steps is 0.0725 (the exact recursion,
+    # tests/test_fkc_discretisation.py; docs/fkc.md "Discretisation bias"). Tolerance 25 % at 250 steps.
     assert abs(var[1.0] - 0.25 / 3) < 0.25 * 0.25 / 3, var
     # tempered noise must be clearly worse (narrower) than target score
     assert var[3 ** -0.5] < 0.75 * var[1.0], var

@@ -1,5 +1,5 @@
 """Exact posterior of a Gaussian-mixture prior under y = A x + sigma n, and the samplers against it
-(specs/stsl.md sec. 7)."""
+(docs/stsl.md, "Oracle results")."""
 
 import math
 
@@ -74,7 +74,7 @@ def test_user_errors():
         GaussianMixturePosterior(mix, torch.ones(1, 2), torch.ones(1), 0.0)
 
 
-# -- gold sampler: DDPM on the posterior's analytic denoiser (sec. 7.3) ---------------------------
+# -- gold sampler: DDPM on the posterior's analytic denoiser ----------------------------------
 def gold_run(n, steps, tmp_path):
     import gensample
 
@@ -105,7 +105,7 @@ def test_gold_matches_exact_posterior(n, steps, tmp_path):
     assert z_prior > 4.0
 
 
-# -- DPS / PSLD / STSL: loose checks at equal paper NFE (sec. 7.5) ---------------------------------
+# -- DPS / PSLD / STSL: loose checks at equal paper NFE ----------------------------------------
 CASES = {
     "matrix": (MatrixOperator((2,), [[0.6, 0.8]]), torch.tensor([[-4.0, 0.0]], dtype=torch.float64)),
     "inpaint": (random_inpaint((2,), missing=0.5, seed=1), torch.tensor([[0.3, 3.5]], dtype=torch.float64)),
@@ -151,3 +151,24 @@ def test_gold_on_gmm_digits_random_inpainting():
     z = ((x.mean(0) - post.mean()) / se).abs().max().item()
     assert z < 4.5, f"mean off by {z:.2f} SE (64 coordinates)"
     assert posterior_distance(x.reshape(2000, 1, 8, 8), post).weight_z < 4.5
+
+
+def test_gold_on_gmm_digits_random_inpainting_fast():
+    """Default-run version of the slow gmm-digits gold check: n = 300 draws, 100 DDPM steps. Mean of
+    all 64 coordinates within 4.5 SE (Bonferroni over 64: false-fail < 5e-4) and mixture weights
+    within 4.5 SE. Power: the prior's mean fails the same mean check."""
+    import gensample
+    from gensample.zoo.analytic import gmm_digits_mixture
+
+    n = 300
+    res = gensample.run("gold", model="gmm-digits", task="inpaint-random", missing=0.5, noise_std=0.1, from_sample=1,
+                        num_samples=n, steps=100, progress=False, device="cpu")
+    op = random_inpaint((1, 8, 8), missing=0.5, seed=0)
+    post = GaussianMixturePosterior(gmm_digits_mixture(), op.matrix(), torch.from_numpy(res.samples["y"][0]).double().reshape(-1), 0.1)
+    x = torch.from_numpy(res.x).double().reshape(n, -1)
+    se = post.variance().sqrt() / math.sqrt(n)
+    z = ((x.mean(0) - post.mean()) / se).abs().max().item()
+    assert z < 4.5, f"mean off by {z:.2f} SE (64 coordinates)"
+    assert posterior_distance(x.reshape(n, 1, 8, 8), post).weight_z < 4.5
+    prior = gmm_digits_mixture().sample(n, torch.Generator().manual_seed(0)).reshape(n, -1)
+    assert ((prior.mean(0) - post.mean()) / se).abs().max().item() > 4.5
