@@ -8,7 +8,8 @@ it was made, so a reader can regenerate it and see when it went stale.
 The provenance block holds the exact command line, the git commit (and whether the tree was
 dirty), the SHA-256 of each named model's shipped weight files, the machine (CPU, cores, GPU) and
 library versions. ``benchmarks/run_all.py`` regenerates every stored file; ``tests/test_results_provenance.py``
-checks that every stored file carries this block and the fields its script writes.
+checks that every stored file carries this block and the fields its script writes, that its
+command writes that very file, and that its model checksums equal those of the weights shipped now.
 """
 
 from __future__ import annotations

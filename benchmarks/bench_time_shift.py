@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 DATA_AWARE_FILE = "time_shift_data_aware.json"
-RESULT_FIELDS = {DATA_AWARE_FILE: ["num_samples", "steps", "seeds", "models", "data_var_given", "rows", "paired"]}
+RESULT_FIELDS = {DATA_AWARE_FILE: ["num_samples", "steps", "seeds", "models", "data_var_given", "rows", "paired", "skipped"]}
 
 
 def pick_model(name: str | None) -> str:
@@ -261,13 +261,18 @@ def data_aware(models, steps_list, seeds, n: int) -> dict:
     from gensample.eval.digits import digits_fid
 
     given = {m: data_var_of_training_data(m) for m in models}
-    rows = []
+    rows, skipped = [], []
     for model in models:
         for steps in steps_list:
             for seed in seeds:
                 for label, sampler, opts in DATA_AWARE_RUNS:
                     opts = dict(opts)
                     if opts.get("data_var") == "given":
+                        if not given[model] < 1.0:  # the reference variance no longer decreases with t
+                            skipped.append({"model": model, "name": label, "steps": steps, "seed": seed,
+                                            "reason": f"Var_data of the training data {given[model]:.4f} >= 1: "
+                                                      "the data-aware reference carries no time information"})
+                            continue
                         opts["data_var"] = given[model]
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
@@ -293,10 +298,12 @@ def data_aware(models, steps_list, seeds, n: int) -> dict:
             for label, _, _ in DATA_AWARE_RUNS[1:]:
                 d = [r["fid"] - base[(model, steps, r["seed"])] for r in rows
                      if r["model"] == model and r["steps"] == steps and r["name"] == label]
+                if not d:
+                    continue
                 paired.append({"model": model, "steps": steps, "name": label, "mean": float(np.mean(d)),
                                "sd": float(np.std(d, ddof=1)) if len(d) > 1 else None, "k": len(d)})
     return {"num_samples": n, "steps": list(steps_list), "seeds": list(seeds), "models": list(models),
-            "data_var_given": given, "rows": rows, "paired": paired}
+            "data_var_given": given, "rows": rows, "paired": paired, "skipped": skipped}
 
 
 def summarise_data_aware(res: dict) -> str:

@@ -2,7 +2,7 @@
 
 Each file under ``benchmarks/results/`` is written by a committed script through
 ``_provenance.write_result``, which stores the exact command line. This script reruns those
-commands (from the repository root), oldest first, so the whole folder is remade at the current
+commands (from the repository root), in file-name order, so the whole folder is remade at the current
 commit:
 
     python benchmarks/run_all.py --list          # what would run, and how stale each file is

@@ -31,7 +31,7 @@ def _write_pngs(folder, x):
     return folder
 
 
-def test_fid_matches_torch_fidelity_small(tmp_path, monkeypatch):
+def _ours_and_theirs(tmp_path, monkeypatch):
     import torch_fidelity
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -49,7 +49,32 @@ def test_fid_matches_torch_fidelity_small(tmp_path, monkeypatch):
         input1=str(a), input2=str(b), fid=True, feature_extractor="inception-v3-compat",
         feature_layer_fid="64", feature_extractor_weights_path=str(weights), cache=False, verbose=False,
         cuda=False, batch_size=24)["frechet_inception_distance"]
+    return ours, theirs
+
+
+# both accumulate in float64 and use scipy's sqrtm: agreement to 1e-4 relative is float32 feature
+# noise; a wrong mean, covariance normalisation or preprocessing is off by far more
+REL = 1e-4
+
+
+def test_fid_matches_torch_fidelity_small(tmp_path, monkeypatch):
+    ours, theirs = _ours_and_theirs(tmp_path, monkeypatch)
     assert theirs > 0
-    # both accumulate in float64 and use scipy's sqrtm: agreement to 1e-4 relative is float32
-    # feature noise; a wrong mean, covariance normalisation or preprocessing is off by far more
-    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert ours == pytest.approx(theirs, rel=REL)
+
+
+def test_broken_fid_fails_the_comparison(tmp_path, monkeypatch):
+    """Power: our FID with the biased (1 / n) covariance instead of the (n - 1) estimator, at n = 24
+    per set (a 4 % covariance error, the subtlest normalisation bug), misses torch-fidelity by more
+    than REL (measured: 3e-4 relative), so the comparison above would fail."""
+    from gensample.eval.fid import FeatureStats
+
+    orig = FeatureStats.mean_cov
+
+    def biased(self):
+        mu, cov = orig(self)
+        return mu, cov * (23 / 24)
+
+    monkeypatch.setattr(FeatureStats, "mean_cov", biased)
+    ours, theirs = _ours_and_theirs(tmp_path, monkeypatch)
+    assert abs(ours / theirs - 1) > REL, (ours, theirs)

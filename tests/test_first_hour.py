@@ -64,7 +64,7 @@ def test_cli_tests_pass_from_a_folder_with_foreign_runs(foreign_cwd):
     before = snapshot(foreign_cwd / "runs")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider",
-                           str(REPO / "tests" / "test_foundation_cli.py"), "-k", "user_errors or writes_outputs"],
+                           str(REPO / "tests" / "test_cli_api.py"), "-k", "user_errors or writes_outputs"],
                           cwd=foreign_cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert snapshot(foreign_cwd / "runs") == before

@@ -3,7 +3,10 @@
 For each ``benchmarks/results/**/*.json``: it carries a ``provenance`` block with all of
 ``_provenance.PROVENANCE_FIELDS``; its command names a script under ``benchmarks/`` that exists;
 that script declares the file in its ``RESULT_FIELDS`` (read statically, the script is not run)
-and the file's top-level keys are exactly the declared ones plus ``provenance``.
+and the file's top-level keys are exactly the declared ones plus ``provenance``. Its command is
+``python benchmarks/SCRIPT ...`` and, when it passes ``--out``, writes this very file; its recorded
+model checksums equal those of the weights shipped now; and ``benchmarks/run_all.py --list`` names
+it with that command.
 """
 
 from __future__ import annotations
@@ -73,3 +76,50 @@ def test_stored_result_matches_its_script(path):
     assert path.name in fields, f"{script.name} does not declare {path.name} in RESULT_FIELDS"
     assert set(data) - {"provenance"} == set(fields[path.name]), (
         f"{path.name}: keys {sorted(set(data) - {'provenance'})} != what {script.name} writes {sorted(fields[path.name])}")
+
+
+@pytest.mark.parametrize("path", RESULT_FILES, ids=[str(p.relative_to(BENCH)) for p in RESULT_FILES])
+def test_stored_result_command_regenerates_this_file(path):
+    """The recorded command runs the recorded script and, when it names an output, names this file,
+    so `benchmarks/run_all.py` rewrites exactly this file."""
+    import shlex
+
+    prov = json.loads(path.read_text()).get("provenance") or {}
+    argv = shlex.split(str(prov.get("command", "")))
+    assert argv[:1] == ["python"] and len(argv) >= 2, f"{path.name}: command {prov.get('command')!r} is not `python SCRIPT ...`"
+    assert Path(argv[1]).name == prov.get("script") and (ROOT / argv[1]).is_file(), (path.name, argv[1])
+    if "--out" in argv:
+        out = argv[argv.index("--out") + 1]
+        assert (ROOT / out).resolve() == path.resolve(), f"{path.name}: its command writes {out}"
+
+
+@pytest.mark.parametrize("path", RESULT_FILES, ids=[str(p.relative_to(BENCH)) for p in RESULT_FILES])
+def test_stored_result_was_made_with_the_shipped_models(path):
+    """A stored number measured with other weights than the ones shipped now is stale: the
+    recorded SHA-256 of every named model must equal that of today's files. A model without
+    shipped files (an analytic zoo model defined in code, e.g. gmm-digits) records none; the git
+    commit pins it, and its name must still be a zoo model."""
+    from _provenance import model_checksums
+
+    from gensample import zoo
+
+    recorded = (json.loads(path.read_text()).get("provenance") or {}).get("models") or {}
+    current = model_checksums(list(recorded))
+    for name, rec in recorded.items():
+        if not rec.get("sha256"):
+            assert name in zoo.discover() and current[name]["files"] == 0, (
+                f"{path.name}: no checksum recorded for {name}, which is not a file-less zoo model")
+            continue
+        assert rec == current[name], f"{path.name} was made with other {name} weights: regenerate it (benchmarks/run_all.py --only {path.stem})"
+
+
+def test_run_all_lists_a_command_for_every_stored_file(capsys):
+    """`benchmarks/run_all.py --list` names every results file with the command that produces it."""
+    import run_all
+
+    assert run_all.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for path in RESULT_FILES:
+        line = next((ln for ln in out.splitlines() if ln.startswith(str(path.relative_to(ROOT)) + " ")), None)
+        assert line is not None, f"run_all --list does not list {path.name}"
+        assert json.loads(path.read_text())["provenance"]["command"] in line

@@ -121,36 +121,96 @@ def _defaults_text(key: str, registry) -> str:
 _TEXT_KEYS = ("prompt", "negative_prompt", "guidance_rescale", "height", "width", "weights_variant")
 
 
+def _option_param(opt, help_text: str) -> click.Parameter:
+    if opt.type is bool:
+        return click.Option([f"{opt.flag}/--no-{opt.name.replace('_', '-')}", opt.key], default=None, help=help_text)
+    return click.Option([opt.flag, opt.key], type=_click_type(opt), default=None, help=help_text)
+
+
+def _sampler_choice(registry) -> click.Parameter:
+    return click.Option(["--sampler"], type=click.Choice(sorted(registry.SAMPLERS)), default=None,
+                        help="Sampling method (see `gensample list`).")
+
+
 def _sampler_params() -> list[click.Parameter]:
     """--sampler (a choice of the registered samplers) and every sampler-specific flag."""
     from ..samplers import registry
 
     registry.discover()
-    params: list[click.Parameter] = [
-        click.Option(["--sampler"], type=click.Choice(sorted(registry.SAMPLERS)), default=None,
-                     help="Sampling method (see `gensample list`).")]
+    params: list[click.Parameter] = [_sampler_choice(registry)]
     specific = registry.all_options()
     for key in sorted(specific):
         if key in _TEXT_KEYS:  # run's own flag (--prompt, --guidance-rescale) feeds the sampler's option too
             continue
-        opt = specific[key]
-        help_text = f"{opt.help} [{_defaults_text(key, registry)}]"
-        if opt.type is bool:
-            params.append(click.Option([f"{opt.flag}/--no-{opt.name.replace('_', '-')}", key], default=None, help=help_text))
-        else:
-            params.append(click.Option([opt.flag, key], type=_click_type(opt), default=None, help=help_text))
+        params.append(_option_param(specific[key], f"{specific[key].help} [{_defaults_text(key, registry)}]"))
     return params
+
+
+def _one_sampler_params(name: str) -> list[click.Parameter] | None:
+    """--sampler and only sampler ``name``'s own flags, each with ``name``'s default (read from
+    the sampler's ``Option``, the one home of that default); None for an unknown name."""
+    from ..samplers import registry
+
+    registry.discover()
+    spec = registry.SAMPLERS.get(name)
+    if spec is None:
+        return None
+    params: list[click.Parameter] = [_sampler_choice(registry)]
+    for opt in sorted(spec.options, key=lambda o: o.key):
+        if opt.key in _TEXT_KEYS:
+            continue
+        shown = "" if opt.default is None else f" [{name}: default {opt.default}]"
+        params.append(_option_param(opt, f"{opt.help}{shown}"))
+    return params
+
+
+_HELP_SAMPLER = "gensample.help_sampler"  # ctx.meta key: `run --sampler S --help` shows only S
+
+
+def _peek_sampler(args: list[str]) -> str | None:
+    """The value of --sampler in raw arguments when they also ask for help, else None."""
+    if not any(a in ("--help", "-h") for a in args):
+        return None
+    for i, arg in enumerate(args):
+        if arg == "--sampler" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--sampler="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 class _LazyRunCommand(click.Command):
     """`run` builds --sampler and the sampler flags (which import every sampler, hence torch) only
-    when it is invoked or its --help is shown, so `gensample --help` stays fast."""
+    when it is invoked or its --help is shown, so `gensample --help` stays fast. With
+    ``--sampler S --help`` the help lists only S's flags, with S's defaults."""
+
+    def parse_args(self, ctx, args):
+        name = _peek_sampler(list(args))
+        if name is not None:
+            ctx.meta[_HELP_SAMPLER] = name
+        return super().parse_args(ctx, args)
 
     def get_params(self, ctx):
         if not getattr(self, "_built", False):
             self._built = True
+            self._common = list(self.params)
             self.params[:0] = _sampler_params()
-        return super().get_params(ctx)
+        name = ctx.meta.get(_HELP_SAMPLER)
+        only = _one_sampler_params(name) if name is not None else None
+        if only is None:
+            return super().get_params(ctx)
+        help_option = self.get_help_option(ctx)
+        return only + [_steps_for(name, p) for p in self._common] + ([help_option] if help_option is not None else [])
+
+
+def _steps_for(name: str, param: click.Parameter) -> click.Parameter:
+    """--steps with sampler ``name``'s default step count in its help (other params unchanged)."""
+    from ..samplers import registry
+
+    steps = registry.SAMPLERS[name].default_steps
+    if param.name != "steps" or not isinstance(steps, int):
+        return param
+    return click.Option(["--steps"], type=int, default=None, help=f"Number of sampling steps [{name}: default {steps}].")
 
 
 @main.command(cls=_LazyRunCommand, context_settings={"show_default": True})
@@ -224,6 +284,23 @@ def run(model, config, as_json, num_processes, compile_unet, no_progress, sample
         if text is not None and text.exists():
             for line in text.read_text().splitlines()[:4]:
                 click.echo(f"  {line}")
+
+
+@main.command(name="help")
+@click.argument("sampler", required=False)
+@click.pass_context
+def help_cmd(ctx, sampler: str | None) -> None:
+    """Show `run`'s help for SAMPLER only (its own flags and defaults), or this overview."""
+    if sampler is None:
+        click.echo(ctx.parent.get_help())
+        return
+    from ..samplers import registry
+
+    names = sorted(registry.discover())
+    if sampler not in names:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {names}")
+    with run.make_context("run", ["--sampler", sampler, "--help"], parent=ctx.parent):
+        pass
 
 
 # -- `gensample list` --------------------------------------------------------------------------

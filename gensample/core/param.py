@@ -5,7 +5,8 @@ v   = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0              (Salimans & Ho 2
 score = grad log q_t(x_t) = -eps / sqrt(1 - alpha_bar)          (Song et al. 2021, eq. 3 / Tweedie)
 
 Every sampler in gensample works on ``eps_hat``; this module is the one place that converts a
-diffusers ``prediction_type`` ("epsilon" | "sample" | "v_prediction") into it.
+diffusers ``prediction_type`` ("epsilon" | "sample" | "v_prediction") into it; the formulas
+themselves live once in `core.ddim` (these wrappers add float64 math and the output dtype).
 `alpha_bar` may be a scalar or a per-sample (B,) tensor; it is broadcast over x.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .ddim import eps_from_v, eps_from_x0, v_from_eps, x0_from_eps, x0_from_v
 from .schedule import expand_to
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -25,30 +27,30 @@ def _ab(alpha_bar, x):
 
 def eps_to_x0(eps, x_t, alpha_bar):
     ab = _ab(alpha_bar, x_t)
-    return ((x_t.double() - (1 - ab).sqrt() * eps.double()) / ab.sqrt()).to(x_t.dtype)
+    return x0_from_eps(x_t.double(), eps.double(), ab).to(x_t.dtype)
 
 
 def x0_to_eps(x0, x_t, alpha_bar):
     ab = _ab(alpha_bar, x_t)
-    return ((x_t.double() - ab.sqrt() * x0.double()) / (1 - ab).sqrt()).to(x_t.dtype)
+    return eps_from_x0(x_t.double(), x0.double(), ab).to(x_t.dtype)
 
 
 def v_to_eps(v, x_t, alpha_bar):
     """eps = sqrt(ab) v + sqrt(1-ab) x_t."""
     ab = _ab(alpha_bar, x_t)
-    return (ab.sqrt() * v.double() + (1 - ab).sqrt() * x_t.double()).to(x_t.dtype)
+    return eps_from_v(x_t.double(), v.double(), ab).to(x_t.dtype)
 
 
 def v_to_x0(v, x_t, alpha_bar):
     """x0 = sqrt(ab) x_t - sqrt(1-ab) v."""
     ab = _ab(alpha_bar, x_t)
-    return (ab.sqrt() * x_t.double() - (1 - ab).sqrt() * v.double()).to(x_t.dtype)
+    return x0_from_v(x_t.double(), v.double(), ab).to(x_t.dtype)
 
 
 def eps_to_v(eps, x_t, alpha_bar):
     x0 = eps_to_x0(eps, x_t, alpha_bar)
     ab = _ab(alpha_bar, x_t)
-    return (ab.sqrt() * eps.double() - (1 - ab).sqrt() * x0.double()).to(x_t.dtype)
+    return v_from_eps(x0.double(), eps.double(), ab).to(x_t.dtype)
 
 
 def eps_to_score(eps, alpha_bar):

@@ -23,7 +23,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..samplers.fkc import DEFAULTS, FINALS, FKCConfig, FKCScheduler, TARGETS, eps_and_x0, sample_fkc
+from ..samplers.fkc import DEFAULTS, FINALS, TARGET_BETA, FKCConfig, FKCScheduler, TARGETS, eps_and_x0, sample_fkc
 
 PIPELINE_TARGETS = TARGETS
 
@@ -111,7 +111,7 @@ class FKCPipeline(DiffusionPipeline):
         target: str = "cfg",
         experts: Optional[List[Any]] = None,
         expert_betas: Optional[List[float]] = None,
-        beta: float = 2.0,
+        beta: float = TARGET_BETA["anneal"],
         guidance_scale: float = 2.0,
         num_particles: int = 4,
         num_inference_steps: int = 50,

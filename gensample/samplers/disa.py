@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..core.ddim import ddpm_posterior, ddpm_posterior_mean, q_sample, x0_from_eps_reciprocal
 from ..core.denoiser import check_finite
 from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
@@ -239,8 +240,7 @@ def respace(alphas_cumprod: torch.Tensor, num_steps: int, timestep_clip: int | N
     ts = respaced_timesteps(num_steps, ab_train.numel(), timestep_clip)
     ab = ab_train[torch.tensor(ts)]  # (S',)
     ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    betas = 1 - ab / ab_prev
-    post_var = betas * (1 - ab_prev) / (1 - ab)  # beta-tilde; 0 at i = 0
+    betas, coef_x0, coef_xt, post_var = ddpm_posterior(ab, ab_prev)  # post_var: beta-tilde; 0 at i = 0
     # log of beta-tilde with the i = 0 entry replaced by i = 1 (it is 0); a 1-step chain never adds noise.
     first = post_var[1:2] if len(ts) > 1 else post_var.new_ones(1)
     log_var = torch.log(torch.cat([first, post_var[1:]]))
@@ -250,8 +250,8 @@ def respace(alphas_cumprod: torch.Tensor, num_steps: int, timestep_clip: int | N
         alphas_cumprod=ab,
         alphas_cumprod_prev=ab_prev,
         posterior_log_variance_clipped=log_var,
-        posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab),
-        posterior_mean_coef2=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
+        posterior_mean_coef1=coef_x0,
+        posterior_mean_coef2=coef_xt,
     )
 
 
@@ -292,8 +292,8 @@ def ddpm_head_step(table: RespacedTable, i: int, x_t: torch.Tensor, eps_hat: tor
         return vec[i].to(device=x_t.device, dtype=x_t.dtype)
 
     ab = c(table.alphas_cumprod)
-    x0_hat = x_t / ab.sqrt() - (1 / ab - 1).sqrt() * eps_hat
-    mean = c(table.posterior_mean_coef1) * x0_hat + c(table.posterior_mean_coef2) * x_t
+    x0_hat = x0_from_eps_reciprocal(x_t, eps_hat, ab)
+    mean = ddpm_posterior_mean(x0_hat, x_t, c(table.posterior_mean_coef1), c(table.posterior_mean_coef2))
     if v_hat is None:
         log_var = c(table.posterior_log_variance_clipped)
     else:
@@ -684,7 +684,7 @@ class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         ab = self.alphas_cumprod.to(original_samples.device)[timesteps.long().to(original_samples.device)]
         ab = ab.to(original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))
-        return ab.sqrt() * original_samples + (1 - ab).sqrt() * noise
+        return q_sample(original_samples, noise, ab)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -18,13 +18,16 @@ Code name -> paper symbol:
 The network never sees t unless ``time_conditioning``; then it gets sigma(t) = -log alpha_t,
 with alpha floored at ``SIGMA_ALPHA_FLOOR`` so that t = 1 on the linear schedule (alpha_1 = 0)
 gives the finite sigma_max = -log(1e-3) of MDLM's log-linear schedule instead of +inf.
+
+The `gensample run --sampler fhs | mdm-ancestral` glue (options, batch function, samples.txt) is in
+``gensample.runs.first_hitting``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,7 +37,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..core.categorical import PRECISIONS, Generators, masked_argmax, masked_log_softmax, sample_rows, uniform
-from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 SCHEDULES = ("linear", "loglinear", "cosine")
 FINAL_STEPS = ("sample", "argmax")
@@ -113,6 +115,9 @@ class MaskedDiffusionConfig:
             raise ValueError(f"t_min must be in [0, 1), got {self.t_min}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+
+DEFAULTS = {f.name: f.default for f in fields(MaskedDiffusionConfig) if f.default is not MISSING}  # the one home of defaults
 
 
 # -- 3. pure step functions -----------------------------------------------------------------
@@ -557,117 +562,3 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return 1000
-
-
-# -- 6. registry: `gensample run --sampler fhs | mdm-ancestral` -------------------------------
-def _sequence_length(opts: dict, model) -> int:
-    length = opts.get("length") or model.extras["length"]
-    max_len = model.extras.get("max_length", model.extras["length"])
-    if max_len is not None and length > max_len:
-        raise ValueError(f"--length must be <= {max_len} for model {model.name!r}, got {length}")
-    return int(length)
-
-
-def _prompt_ids(opts: dict, model) -> list[int]:
-    text = opts.get("prompt")
-    return [] if not text else list(model.extras["tokenizer"].encode(text))
-
-
-def _validate(opts: dict, model, fhs: bool) -> None:
-    materialize = model.extras.get("materialize")
-    if materialize is not None:  # mlm: loads its network here, where --trust-remote-code is known
-        materialize(bool(opts.get("trust_remote_code")))
-    length = _sequence_length(opts, model)
-    prompt = _prompt_ids(opts, model)
-    if len(prompt) >= length:
-        raise ValueError(f"--prompt encodes to {len(prompt)} tokens; it must be shorter than --length ({length})")
-    if fhs and opts.get("steps") is not None:
-        raise ValueError("--steps does not apply to fhs (it makes one model call per revealed token); "
-                         "use --tokens-per-step to reveal several tokens per call")
-    chain = model.extras.get("chain")
-    if chain is not None and prompt and not torch.isfinite(chain.log_prob(torch.tensor([prompt]))).all():
-        raise ValueError(f"--prompt {opts.get('prompt')!r} has probability 0 under the Markov chain")
-
-
-def _make_cfg(opts: dict, model, steps: int | None) -> MaskedDiffusionConfig:
-    return MaskedDiffusionConfig(
-        mask_token_id=int(model.extras["mask_token_id"]),
-        schedule=opts.get("masking_schedule") or model.extras.get("masking_schedule") or "linear",
-        num_inference_steps=steps, final_step=opts.get("final_step") or "sample",
-        tokens_per_step=int(opts.get("tokens_per_step") or 1), precision=opts.get("precision") or "float64",
-        temperature=float(opts.get("temperature") or 1.0), exclude_ids=tuple(model.extras.get("exclude_ids", ())),
-        time_conditioning=bool(model.extras.get("time_conditioning", False)))
-
-
-def _run(method: str):
-    def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
-        length = _sequence_length(opts, model)
-        x = initial_tokens(len(seeds), length, model.extras["mask_token_id"], _prompt_ids(opts, model), ctx.device)
-        gens = ctx.generators(seeds)
-        if ctx.device is not None and torch.device(ctx.device).type != "cpu":
-            # draw the token noise where the logits live (one generator per sample, same seeds)
-            gens = [torch.Generator(ctx.device).manual_seed(int(s)) for s in seeds]
-        t0 = time.perf_counter()
-        if method == "first_hitting":
-            cfg = _make_cfg(opts, model, None)
-            x, stats = sample_first_hitting(model.extras["network"], x, cfg, gens, ctx.step_done)
-        else:
-            cfg = _make_cfg(opts, model, opts.get("steps") or length)
-            x, stats = sample_ancestral(model.extras["network"], x, cfg, gens, ctx.step_done)
-        stats["masking_schedule"] = cfg.schedule
-        stats["sampling_time_s"] = time.perf_counter() - t0
-        stats.pop("steps", None)
-        return SampleBatch(x=x, stats=stats)
-
-    return fn
-
-
-def write_samples_txt(out_dir, arrays: dict, model) -> None:
-    """samples.txt: one decoded sample per line (newlines in a sample shown as spaces), written atomically."""
-    from pathlib import Path
-
-    from ..io import atomic_write_bytes
-
-    tok = model.extras["tokenizer"]
-    lines = [tok.decode(row.tolist()).replace("\n", " ") for row in arrays["tokens"]]
-    atomic_write_bytes(Path(out_dir) / "samples.txt", ("\n".join(lines) + "\n").encode("utf-8"))
-
-
-_COMMON = (
-    Option("length", int, None, "Sequence length in tokens (default: the model's)", min=1),
-    Option("prompt", str, None, "Text (or token ids for markov models) fixed at the start, never masked"),
-    Option("temperature", float, 1.0, "Softmax temperature of the token draws", min=1e-6),
-    Option("precision", PRECISIONS, "float64", "Categorical-sampling precision; float32 reproduces the MDLM/SEDD truncation"),
-    Option("masking_schedule", SCHEDULES, None, "Masking schedule alpha_t (linear, loglinear, cosine; eps=1e-3); "
-           "default: the model's (mdlm: from its checkpoint config; toy models: linear)"),
-    Option("trust_remote_code", bool, False, "mlm: models only: allow the folder's own modeling code to run "
-           "(transformers trust_remote_code; never asked interactively)"),
-)
-
-register(SamplerSpec(
-    name="fhs",
-    description="First-hitting sampler for masked diffusion (Zheng et al. 2024): one model call per revealed token",
-    fn=_run("first_hitting"),
-    default_model="mdm-text",
-    options=_COMMON + (Option("tokens_per_step", int, 1, "Tokens revealed per model call (parallel FHS)", min=1),),
-    default_steps=None,
-    model_kinds=("masked_lm",),
-    progress_total=lambda cfg: -(-(cfg.get("length") or 64) // (cfg.get("tokens_per_step") or 1)),
-    output="tokens",
-    validate=lambda opts, model: _validate(opts, model, fhs=True),
-    write_extra=write_samples_txt,
-))
-
-register(SamplerSpec(
-    name="mdm-ancestral",
-    description="Masked-diffusion ancestral grid sampler with caching (MDLM ddpm_cache), --steps grid points",
-    fn=_run("ancestral"),
-    default_model="mdm-text",
-    options=_COMMON + (Option("final_step", FINAL_STEPS, "sample", "Last step t_min -> 0: exact sample, or argmax (MDLM)"),),
-    default_steps=None,
-    model_kinds=("masked_lm",),
-    progress_total=lambda cfg: (cfg.get("steps") or cfg.get("length") or 64) + 1,
-    output="tokens",
-    validate=lambda opts, model: _validate(opts, model, fhs=False),
-    write_extra=write_samples_txt,
-))

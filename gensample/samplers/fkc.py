@@ -25,30 +25,37 @@ No divergence term; initial noise N(0, I / B), B = sum_i beta_i.
 | ``ess``            | effective sample size per group                      |
 
 Particles are a flat group-major batch of N = G * K rows (G groups of K particles); resampling
-never crosses groups (core/smc.py).
+never crosses groups (core/smc.py). The DDIM move and the timestep grid are the shared ones of
+``core.ddim``; the `gensample run --sampler fkc` glue (target resolution, experts, ESS plot) is in
+``gensample.runs.fkc``. Sections: 1. parameters, 2. pure step functions, 3. the loop, 4. the
+diffusers scheduler.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..core import smc
+from ..core.ddim import (SPACINGS, ddim_sigma, ddim_update, eps_from_v, eps_from_x0, q_sample, timestep_grid, x0_from_eps,
+                         x0_from_v)
 from ..core.denoiser import check_finite
-from ..core.param import PREDICTION_TYPES, to_eps
+from ..core.param import PREDICTION_TYPES
 from ..core.schedule import alphas_cumprod_from_config
-from .registry import Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
 
 TARGETS = ("anneal", "product", "cfg")
 POLICIES = ("every", "ess", "never")
 FINALS = ("resample", "weighted", "one_per_group")
 QUADRATURES = ("euler", "trapezoid", "logsnr", "right")
-SPACINGS = ("leading", "trailing", "linspace")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +127,7 @@ class FKCConfig:
 
 
 DEFAULTS = {f: getattr(FKCConfig(), f) for f in FKCConfig.__dataclass_fields__}  # the one home of FKC defaults
+TARGET_BETA = {"anneal": 2.0, "product": 1.0}  # default exponent per --fkc-target (CLI and pipeline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,10 +268,10 @@ def eps_and_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, predi
     ab = torch.as_tensor(alpha_bar_t, dtype=torch.float64, device=x_t.device)
     out, x = model_output.double(), x_t.double()
     if prediction_type == "v_prediction":
-        return ab.sqrt() * out + (1 - ab).sqrt() * x, ab.sqrt() * x - (1 - ab).sqrt() * out
+        return eps_from_v(x, out, ab), x0_from_v(x, out, ab)
     if prediction_type == "sample":
-        return (x - ab.sqrt() * out) / (1 - ab).sqrt(), out
-    return out, (x - (1 - ab).sqrt() * out) / clamp_alpha_bar(ab).sqrt()
+        return eps_from_x0(x, out, ab), out
+    return out, x0_from_eps(x, out, ab, alpha_bar_floor=ALPHA_BAR_MIN)
 
 
 def ddim_move(x_t: torch.Tensor, eps_eff: torch.Tensor, alpha_bar_t, alpha_bar_s, eta: float,
@@ -279,13 +287,11 @@ def ddim_move(x_t: torch.Tensor, eps_eff: torch.Tensor, alpha_bar_t, alpha_bar_s
     ab_s = torch.as_tensor(alpha_bar_s, dtype=torch.float64).to(x_t.device)
     x, e = x_t.double(), eps_eff.double()
     if x0_hat is None:
-        x0_hat = (x - (1 - ab_t).sqrt() * e) / ab_t.sqrt()
-    sigma_s = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).clamp(min=0).sqrt()
-    out = ab_s.sqrt() * x0_hat.double() + (1 - ab_s - sigma_s**2).clamp(min=0).sqrt() * e
-    if eta > 0:
-        if noise is None:
-            raise ValueError("ddim_move needs noise when eta > 0")
-        out = out + sigma_s * noise.double()
+        x0_hat = x0_from_eps(x, e, ab_t)
+    if eta > 0 and noise is None:
+        raise ValueError("ddim_move needs noise when eta > 0")
+    sigma_s = ddim_sigma(ab_t, ab_s, eta, clamp=True)
+    out = ddim_update(x0_hat.double(), e, ab_s, sigma_s, noise.double() if eta > 0 else None, clamp=True)
     return out.to(x_t.dtype)
 
 
@@ -318,19 +324,8 @@ def zero_snr_move(x_t: torch.Tensor, x0_experts: torch.Tensor, betas: Sequence[f
 
 
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
-    """Descending int64 timesteps, the diffusers rules for leading | trailing | linspace spacing."""
-    T = int(num_train_timesteps)
-    if spacing not in SPACINGS:
-        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {steps}")
-    if spacing == "leading":
-        ts = (np.arange(steps) * (T // steps)).round()[::-1].astype(np.int64) + steps_offset
-    elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
-    else:
-        ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
-    return torch.from_numpy(ts.copy())
+    """Descending int64 timesteps, diffusers' leading | trailing | linspace spacing (``core.ddim.timestep_grid``)."""
+    return timestep_grid(num_train_timesteps, steps, spacing, steps_offset)
 
 
 def alpha_bar_pairs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha_bar: float = 1.0):
@@ -472,281 +467,8 @@ def finalize(x, log_w, cfg: FKCConfig, ess_trace, did, resample_generators) -> F
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. `gensample run --sampler fkc`
+# 4. diffusers face: FKCScheduler
 # ---------------------------------------------------------------------------------------------
-_RESAMPLE_SEED_INDEX = 2**40  # sample_seed(first seed of a group, this) seeds the group's resampler
-PROMPT = "<prompt>"  # text-model expert: the group's run prompt (--prompt; group g gets prompts[g*K % P])
-NEGATIVE = "<negative prompt>"  # text-model expert: --negative-prompt, else the empty prompt
-
-
-def parse_expert_prompts(text) -> list[str]:
-    """'a cat|a dog' -> ['a cat', 'a dog'] (prompts as experts for text-to-image models)."""
-    if text is None or text == "":
-        return []
-    parts = list(text) if isinstance(text, (list, tuple)) else str(text).split("|")
-    parts = [str(p).strip() for p in parts]
-    if any(not p for p in parts):
-        raise ValueError(f"--experts-prompts must be non-empty prompts separated by '|', e.g. 'a cat|a dog', got {text!r}")
-    return parts
-
-
-def parse_experts(text) -> list[int]:
-    """'3,5' -> [3, 5] (class labels; prompts: --experts-prompts, ``parse_expert_prompts``)."""
-    if text is None or text == "":
-        return []
-    if isinstance(text, (list, tuple)):
-        parts = list(text)
-    else:
-        parts = [p.strip() for p in str(text).split(",")]
-    try:
-        return [int(p) for p in parts]
-    except (TypeError, ValueError):
-        raise ValueError(f"--experts must be comma-separated integer class labels such as 3,5, got {text!r} "
-                         "(text prompts as experts on a text-to-image model: --experts-prompts 'a cat|a dog')") from None
-
-
-def _config(betas: tuple, opts: dict) -> FKCConfig:
-    """FKCConfig from the run options; an option left unset takes the FKCConfig field default."""
-    def opt(key, default):
-        return default if opts.get(key) is None else opts[key]
-
-    D = DEFAULTS
-    return FKCConfig(
-        betas=betas, eta=opt("eta", D["eta"]), resample=opt("resample", D["resample"]),
-        ess_threshold=opt("ess_threshold", D["ess_threshold"]),
-        window=(opt("resample_from", D["window"][0]), opt("resample_until", D["window"][1])),
-        scheme=opt("scheme", D["scheme"]), final=opt("final", D["final"]),
-        quadrature=opt("quadrature", D["quadrature"]), max_log_increment=opts.get("max_log_increment"),
-    )
-
-
-def resolve_target(opts: dict, model) -> tuple[FKCConfig, list]:
-    """(FKCConfig, experts) from the run options. Experts: class labels (None = unconditional /
-    null class); on a text-to-image model prompts (PROMPT = the group's --prompt, NEGATIVE = the
-    negative or empty prompt, or a literal prompt from --experts-prompts).
-
-    anneal: p^beta, one expert (--experts C or --class-label C, else unconditional; text: --prompt),
-        beta default 2.
-    product: prod_i p(x|c_i)^beta over --experts C1,C2[,...] (text: --experts-prompts 'P1|P2'),
-        beta default 1.
-    cfg: p(x|c)^w p(x)^(1-w), w = --guidance-scale, c from --experts C or --class-label C (text:
-        p(x|prompt)^w p(x|negative prompt)^(1-w)).
-    """
-    target = opts.get("fkc_target") or "anneal"
-    text = bool(getattr(model, "text_conditional", False))
-    prompts = parse_expert_prompts(opts.get("experts_prompts"))
-    if prompts and not text:
-        raise ValueError(f"--experts-prompts needs a text-to-image model; {model.name!r} is not one (use --experts C1,C2 for class labels)")
-    if text and opts.get("experts") not in (None, ""):
-        raise ValueError(f"--experts takes class labels; {model.name!r} is a text-to-image model: use --experts-prompts 'a cat|a dog'")
-    labels = [] if text else parse_experts(opts.get("experts"))
-    beta = opts.get("beta")
-    w = float(opts.get("guidance_scale", 1.0))
-    if target != "cfg" and w != 1.0:
-        raise ValueError(f"--guidance-scale applies to --fkc-target cfg only (got target {target!r}, scale {w}); "
-                         "use --beta for annealing")
-    if beta is not None and beta <= 0 and target in ("anneal", "product"):
-        raise ValueError(f"--beta must be > 0 for --fkc-target {target} (the target is p^beta), got {beta}")
-    if text:
-        if prompts and target != "product":
-            raise ValueError(f"--experts-prompts applies to --fkc-target product, got --fkc-target {target}; "
-                             "anneal and cfg use --prompt (and --negative-prompt)")
-        if target == "anneal":
-            return _config((2.0 if beta is None else beta,), opts), [PROMPT]
-        if target == "product":
-            if len(prompts) < 2:
-                raise ValueError(f"--fkc-target product on a text model needs --experts-prompts 'P1|P2' (two or more prompts), got {prompts}")
-            b = 1.0 if beta is None else beta
-            return _config(tuple([b] * len(prompts)), opts), prompts
-        if target == "cfg":
-            if beta is not None:
-                raise ValueError("--beta does not apply to --fkc-target cfg; the CFG exponents are (w, 1 - w) with w = --guidance-scale")
-            return _config((w, 1.0 - w), opts), [PROMPT, NEGATIVE]
-        raise ValueError(f"--fkc-target must be one of {list(TARGETS)}, got {target!r}")
-    if labels and opts.get("class_label") is not None:
-        raise ValueError("give the condition either by --experts or by --class-label, not both")
-    if opts.get("class_label") is not None:
-        labels = [int(opts["class_label"])]
-    n_cls = int(getattr(model, "num_classes", 0) or 0)
-    for c in labels:
-        if not 0 <= c < max(n_cls, 1) or not n_cls:
-            raise ValueError(f"--experts class labels must be in [0, {n_cls - 1}] for model {model.name!r}, got {c}"
-                             if n_cls else f"model {model.name!r} is unconditional: --experts needs a class-conditional model")
-    if target == "anneal":
-        if len(labels) > 1:
-            raise ValueError(f"--fkc-target anneal takes at most one expert, got {labels}")
-        betas = (2.0 if beta is None else beta,)
-        experts = labels or [None]
-    elif target == "product":
-        if len(labels) < 2:
-            raise ValueError(f"--fkc-target product needs --experts C1,C2 (two or more class labels), got {labels}")
-        b = 1.0 if beta is None else beta
-        betas, experts = tuple([b] * len(labels)), labels
-    elif target == "cfg":
-        if beta is not None:
-            raise ValueError("--beta does not apply to --fkc-target cfg; the CFG exponents are (w, 1 - w) with w = --guidance-scale")
-        if len(labels) != 1:
-            raise ValueError(f"--fkc-target cfg needs exactly one class (--experts C or --class-label C), got {labels}")
-        if not n_cls or getattr(model, "null_class", None) is None:
-            raise ValueError(f"--fkc-target cfg needs a class-conditional model with a null class; {model.name!r} has none")
-        betas, experts = (w, 1.0 - w), [labels[0], None]
-    else:
-        raise ValueError(f"--fkc-target must be one of {list(TARGETS)}, got {target!r}")
-    cfg = _config(betas, opts)
-    return cfg, experts
-
-
-def _validate(opts: dict, model) -> None:
-    resolve_target(opts, model)
-    if model.kind != "diffusion":
-        raise ValueError(f"sampler 'fkc' needs a diffusion model, got kind {model.kind!r}")
-
-
-def _stack_conds(conds: list) -> dict:
-    """Concatenate M conditioning dicts (each for n rows) along the batch: expert-major rows."""
-    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
-
-
-def _expert_fn(den, model, experts: list, n: int, device, group_prompts: list | None = None):
-    """expert_eps(x, t) -> (eps, x0), each (M, n, ...): one batched model call over all experts,
-    eps and x0 formed from the raw model output (``eps_and_x0``: finite at alpha_bar = 0 for v- and
-    x0-prediction models). Text models: group g (K = n / len(group_prompts) rows) is conditioned on
-    group_prompts[g] (expert PROMPT), the negative / empty prompt (NEGATIVE) or a literal prompt."""
-    M = len(experts)
-    ab = model.alphas_cumprod
-    if model.text_conditional:
-        K = n // len(group_prompts)
-        rows = [p for p in group_prompts for _ in range(K)]
-        neg = model.negative_prompt or ""
-        texts = [rows if e == PROMPT else [neg] * n if e == NEGATIVE else [e] * n for e in experts]
-        conds = [model.encode_prompt(tx, device) for tx in texts]
-    else:
-        conds = [model.cond_for(c, n, device) for c in experts]
-    if all(c is None for c in conds):
-        if M != 1:
-            raise ValueError("several experts need a conditional model")
-        cond = None
-    else:
-        cond = _stack_conds(conds)
-
-    def expert_eps(x, t):
-        xs = x.repeat(M, *([1] * (x.ndim - 1)))  # (M * n, ...)
-        out = den._raw(xs, torch.as_tensor(t, device=x.device), cond).to(x.dtype)
-        eps, x0 = eps_and_x0(out, xs, ab[int(t)], den.prediction_type)
-        return eps.to(x.dtype).reshape(M, *x.shape), x0.to(x.dtype).reshape(M, *x.shape)
-
-    return expert_eps
-
-
-def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
-    cfg, experts = resolve_target(opts, model)
-    K = int(opts["particles"])
-    steps = int(opts["steps"])
-    sc = model.scheduler_config
-    timesteps = spaced_timesteps(model.num_train_timesteps, steps, sc.get("timestep_spacing", "leading"), int(sc.get("steps_offset", 0)))
-    ab = model.alphas_cumprod
-    final_ab = 1.0 if sc.get("set_alpha_to_one", True) else float(ab[0])
-    den = model.denoiser()
-    if cfg.final == "one_per_group":  # seeds: one per output sample = one group of K particles
-        group_seeds = list(seeds)
-        particle_seeds = [[sample_seed(s, j) for j in range(K)] for s in group_seeds]
-    else:
-        group_seeds = [seeds[g * K] for g in range(len(seeds) // K)]
-        particle_seeds = [seeds[g * K:(g + 1) * K] for g in range(len(group_seeds))]
-    group_prompts = None
-    if model.text_conditional:  # the run's rule (sample i gets prompt i % P) applied to each group's first sample
-        per_row = model._prompts_for(len(seeds))
-        group_prompts = per_row if cfg.final == "one_per_group" else per_row[::K]
-    per_chunk = max(1, int(opts.get("batch_size", 256)) // K)
-    chunks = [list(range(i, min(i + per_chunk, len(group_seeds)))) for i in range(0, len(group_seeds), per_chunk)]
-    xs, ws, esss, n_res = [], [], [], 0
-    for chunk in chunks:
-        gens = ctx.generators([s for g in chunk for s in particle_seeds[g]])
-        rgens = [torch.Generator().manual_seed(sample_seed(group_seeds[g], _RESAMPLE_SEED_INDEX)) for g in chunk]
-        x_T = ctx.randn(gens, model.event_shape)
-        prompts = [group_prompts[g] for g in chunk] if group_prompts is not None else None
-        fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device, prompts)
-        res = sample_fkc(fn, x_T, cfg, ab, timesteps, group_size=K, noise_generators=gens,
-                         resample_generators=rgens, final_alpha_bar=final_ab,
-                         on_step=lambda k, x, lw: ctx.step_done(1.0 / len(chunks)), sampler="fkc")
-        xs.append(res.x)
-        ws.append(res.weights)
-        esss.append(res.ess[res.group])  # (rows, S): the group's trace on each row
-        n_res += int(res.resampled.sum())
-    fkc_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-    fkc_cfg.update(target=opts.get("fkc_target") or "anneal", experts=experts, particles=K)
-    return SampleBatch(
-        x=torch.cat(xs), extras={"weights": torch.cat(ws), "ess": torch.cat(esss)},
-        stats={"nfe": den.calls, "model_rows": den.rows, "fkc_resample_events": n_res, "fkc": fkc_cfg},
-    )
-
-
-def write_ess_plot(out_dir, arrays: dict, model) -> None:
-    """ess.png: ESS / K over the sampling steps (median and range over groups)."""
-    from pathlib import Path
-
-    if "ess" not in arrays or arrays["ess"].size == 0:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ess = np.asarray(arrays["ess"], dtype=np.float64)  # (n, S), rows of a group repeat its trace
-    uniq = np.unique(ess, axis=0)
-    k_max = max(float(uniq.max()), 1.0)
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    steps = np.arange(uniq.shape[1])
-    ax.fill_between(steps, uniq.min(0), uniq.max(0), alpha=0.25, label="range over groups")
-    ax.plot(steps, np.median(uniq, 0), label="median")
-    ax.set_xlabel("sampling step (noise -> data)")
-    ax.set_ylabel("ESS (before resampling)")
-    ax.set_ylim(0, k_max * 1.05)
-    ax.set_title(f"FKC effective sample size, {uniq.shape[0]} group(s)")
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "ess.png"
-    fig.savefig(path)
-    plt.close(fig)
-
-
-register(
-    SamplerSpec(
-        name="fkc",
-        description="Feynman-Kac correctors + SMC (arXiv 2503.02819): annealing p^beta, product of experts, CFG",
-        fn=_sample,
-        default_model="gmm2d",
-        default_steps=100,
-        options=(
-            Option("fkc_target", TARGETS, "anneal", "target: anneal (p^beta) | product (prod p(x|c_i)^beta) | cfg (p(x|c)^w p(x)^(1-w))"),
-            Option("beta", float, None, "exponent: anneal default 2, product default 1 (each expert)"),
-            Option("experts", str, None, "comma-separated class labels, e.g. 3,5"),
-            Option("experts_prompts", str, None, "text-to-image models, --fkc-target product: prompts as experts separated by '|', e.g. 'a cat|a dog'"),
-            Option("particles", int, 16, "particles K per group (--num-samples counts particles; with --final one_per_group it counts groups)", min=1),
-            Option("resample", POLICIES, DEFAULTS["resample"], "resampling policy: every step | when ESS < threshold*K | never"),
-            Option("ess_threshold", float, DEFAULTS["ess_threshold"], "ESS fraction of K below which --resample ess resamples", min=0.0, max=1.0),
-            Option("resample_from", float, DEFAULTS["window"][0], "resample only while t/T <= this (1 = noise end)", min=0.0, max=1.0),
-            Option("resample_until", float, DEFAULTS["window"][1], "resample only while t/T >= this", min=0.0, max=1.0),
-            Option("scheme", smc.SCHEMES, DEFAULTS["scheme"], "resampling scheme"),
-            Option("final", FINALS, DEFAULTS["final"], "output: resampled population | weighted particles (samples.npz `weights`; metrics use them) | one particle per group"),
-            Option("eta", float, DEFAULTS["eta"], "DDIM eta of the move step (1 = DDPM / target score)", min=0.0),
-            Option("quadrature", QUADRATURES, DEFAULTS["quadrature"], "log-weight rule over each step (docs/fkc.md, Discretisation bias)"),
-            Option("max_log_increment", float, None, "opt-in clamp of centred log-weight increments (biased)", min=0.0),
-        ),
-        group_size=lambda o: 1 if o.get("final") == "one_per_group" else o["particles"],
-        validate=_validate,
-        write_extra=write_ess_plot,
-    )
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. diffusers face: FKCScheduler
-# ---------------------------------------------------------------------------------------------
-from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
-from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
-from diffusers.utils import BaseOutput  # noqa: E402
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 
 @dataclass
@@ -915,7 +637,7 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
         ab = self._ab64.to(original_samples.device)[timesteps.to(original_samples.device).long()]
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         ab = ab.reshape(shape) if ab.ndim else ab
-        return (ab.sqrt() * original_samples.double() + (1 - ab).sqrt() * noise.double()).to(original_samples.dtype)
+        return q_sample(original_samples.double(), noise.double(), ab).to(original_samples.dtype)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.ddim import SPACINGS
 from ..core.denoiser import Denoiser, check_finite, concat_cond
 from ..eval.images import make_grid, png_bytes, to_uint8, with_titles
 from ..io import atomic_write_bytes, atomic_write_json
@@ -45,7 +46,6 @@ from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 logger = logging.getLogger(__name__)
 
-SPACINGS = ("leading", "trailing", "linspace")
 BASES = ("ddim", "ddpm", "dpm", "euler")
 # z of the OMS step comes from its own per-sample stream, so the base loop's noise is the same
 # with and without OMS (the reference shares one generator, so its seeds differ from the bare run).

@@ -165,15 +165,16 @@ def register(spec: SamplerSpec) -> SamplerSpec:
 
 
 def discover() -> dict[str, SamplerSpec]:
-    """Import every module of gensample.samplers so their specs register."""
+    """Import every module of gensample.samplers and gensample.runs (the run glue of methods whose
+    math file holds no CLI code) so their specs register."""
     global _discovered
     if not _discovered:
         _discovered = True
-        import gensample.samplers as pkg
-
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            if mod.name not in ("registry",) and not mod.name.startswith("_"):
-                importlib.import_module(f"gensample.samplers.{mod.name}")
+        for package in ("gensample.samplers", "gensample.runs"):
+            pkg = importlib.import_module(package)
+            for mod in pkgutil.iter_modules(pkg.__path__):
+                if mod.name not in ("registry",) and not mod.name.startswith("_"):
+                    importlib.import_module(f"{package}.{mod.name}")
     return SAMPLERS
 
 

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..core.ddim import ddim_eps_coefficient, x0_from_eps
 from ..core.denoiser import Denoiser, check_finite
 from ..core.schedule import alphas_cumprod_from_config
 from .baseline import make_scheduler, scheduler_loop
@@ -181,7 +182,7 @@ class Codec:
 # -- pure pieces ------------------------------------------------------------------------------
 def tweedie_x0(z: torch.Tensor, eps_hat: torch.Tensor, alpha_bar: float) -> torch.Tensor:
     """First-order Tweedie z0_hat = (z - sqrt(1 - ab) eps_hat) / sqrt(ab) (Ho et al. 2020, eq. 15; STSL sec. 3)."""
-    return (z - math.sqrt(1 - alpha_bar) * eps_hat) / math.sqrt(alpha_bar)
+    return x0_from_eps(z, eps_hat, alpha_bar)
 
 
 def data_term(residual: torch.Tensor, kind: str = "norm") -> torch.Tensor:
@@ -319,8 +320,7 @@ def _double_cond(cond, n):
 def _dir_coef(ab: float, ab_prev: float, eta: float) -> float:
     """sqrt(1 - ab_prev - sigma_t^2), the eps coefficient of the DDIM update (Song et al. 2021, eq. 12),
     sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab) (1 - ab / ab_prev)."""
-    var = eta**2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
-    return math.sqrt(max(1 - ab_prev - var, 0.0))
+    return ddim_eps_coefficient(ab, ab_prev, eta)
 
 
 def guidance_shift(ab: float, ab_prev: float, eta: float = 0.0) -> float:

@@ -16,8 +16,9 @@ variance (the paper's Algorithm 3, "Time-Shift Sampler"), and stops shifting bel
 | ``t_target``        | tau_{k+1}, the step's target time (-1: alpha_bar = final value) |
 | ``eta``             | DDIM eta (0: DDIM, 1: DDPM-like)                          |
 
-Algorithm 3 is `time_shift_times`; `time_shift_update` is the DDIM update (Song et al. 2021,
-eq. 12) taken "with that time". The scheduler is a shell around the two.
+Algorithm 3's selection is `time_shift_times`; the DDIM update (Song et al. 2021, eq. 12) taken
+"with that time" is the shared one of ``core.ddim`` (`predict_x0` here only fixes diffusers'
+float32 coefficient order). The scheduler is a shell around the two.
 
 Two selection rules (``variant``; docs/time_shift.md "Two rules"):
 - ``"paper"`` (Algorithm 3, strided grid): at step k >= 1 with tau_k > t_c the model is evaluated
@@ -33,13 +34,14 @@ paper's reference drops the second term, which is why it needs a cutoff and why 
 variance is ~1) it always picks the noisiest window edge. With ``data_var`` = E[var_hat(x0)] the
 reference is exact for every t, so an exact sampler is never shifted.
 
+The `gensample run` glue (options, batch function, registration) is in ``gensample.runs.time_shift``.
+
 Epsilon scaling (Ning et al., ICLR 2024, arXiv 2308.15321) is the baseline: the ``ddim``
 sampler's ``--eps-scale`` (`baseline.epsilon_scale`).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -51,10 +53,9 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..core.ddim import ddim_sigma, ddim_update, eps_from_x0, q_sample, timestep_grid, v_from_eps, x0_from_eps
 from ..core.denoiser import check_finite
 from ..core.param import PREDICTION_TYPES, to_eps
-from .baseline import check_steps
-from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 VARIANTS = ("paper", "reference_pnm")
 # Chosen by measurement on digits-ddpm (docs/time_shift.md "Measured").
@@ -111,7 +112,7 @@ def default_window_cutoff(num_inference_steps: int, num_train_timesteps: int = 1
 
 def check_window_stride(grid: Sequence[int], window_size: int, eta: float) -> None:
     """With eta > 0 a shifted time must stay strictly between the step's two grid times, else
-    sigma^2 = eta^2 (1 - ab_n)/(1 - ab_s) (1 - ab_s/ab_n) is negative (NaN): require
+    sigma^2 = eta^2 (1 - ab_target)/(1 - ab_model) (1 - ab_model/ab_target) is negative (NaN): require
     h = w // 2 < the smallest grid stride, i.e. window_size in [0, 2 * stride - 1]."""
     if eta <= 0 or window_size < 2 or len(grid) < 2:
         return
@@ -192,27 +193,12 @@ def time_shift_times(x: torch.Tensor, k: int, grid: Sequence[int], reference: to
     return t_model, t_target
 
 
-def predict_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, alpha_bar_s: torch.Tensor) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - alpha_bar_s) eps_hat) / sqrt(alpha_bar_s) (DDIM, Song et al. 2021,
-    eq. 12). alpha_bar_s broadcasts against x_t ((B, 1, ...) or scalar). Same operation order as
-    diffusers' DDIMScheduler, so equal inputs give bit-equal outputs."""
-    beta_s = 1 - alpha_bar_s
-    return (x_t - (beta_s**0.5).to(x_t.dtype) * eps_hat) / (alpha_bar_s**0.5).to(x_t.dtype)
-
-
-def ddim_sigma(alpha_bar_s: torch.Tensor, alpha_bar_n: torch.Tensor, eta: float) -> torch.Tensor:
-    """sigma = eta sqrt((1 - ab_n) / (1 - ab_s)) sqrt(1 - ab_s / ab_n) (DDIM, Song et al. 2021, eq. 16)."""
-    variance = ((1 - alpha_bar_n) / (1 - alpha_bar_s)) * (1 - alpha_bar_s / alpha_bar_n)
-    return eta * variance**0.5
-
-
-def ddim_update(x0_hat, eps_hat, alpha_bar_n, sigma, noise=None) -> torch.Tensor:
-    """x_n = sqrt(ab_n) x0_hat + sqrt(1 - ab_n - sigma^2) eps_hat + sigma z (DDIM eq. 12)."""
-    dt = x0_hat.dtype
-    x_n = (alpha_bar_n**0.5).to(dt) * x0_hat + ((1 - alpha_bar_n - sigma**2) ** 0.5).to(dt) * eps_hat
-    if noise is not None:
-        x_n = x_n + sigma.to(dt) * noise
-    return x_n
+def predict_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, alpha_bar_model: torch.Tensor) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab) at the model's (shifted) time (DDIM, Song et al.
+    2021, eq. 12; ``core.ddim.x0_from_eps``). alpha_bar_model broadcasts against x_t ((B, 1, ...) or
+    scalar); the coefficients are cast to x_t's dtype as diffusers' DDIMScheduler does, so equal
+    inputs give bit-equal outputs."""
+    return x0_from_eps(x_t, eps_hat, alpha_bar_model, coef_dtype=x_t.dtype)
 
 
 def dynamic_threshold(x0_hat: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -368,7 +354,7 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
 
     # -- grid --------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: list | None = None):
-        """DDIM grid for N steps (DDIMScheduler.set_timesteps), or a strictly descending custom list
+        """DDIM grid for N steps (``core.ddim.timestep_grid``, as DDIMScheduler.set_timesteps), or a strictly descending custom list
         in [0, T-1]; fixes the effective window / cutoff for this N. Each step goes to the next
         grid entry (for every ``timestep_spacing``)."""
         T = self.config.num_train_timesteps
@@ -383,8 +369,8 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         else:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= T:
                 raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {num_inference_steps!r}")
-            self._base.set_timesteps(int(num_inference_steps), device=device)
-            self.timesteps = self._base.timesteps
+            self.timesteps = timestep_grid(T, int(num_inference_steps), self.config.timestep_spacing,
+                                           self.config.steps_offset).to(device)
             self.num_inference_steps = int(num_inference_steps)
         self._grid = tuple(int(t) for t in self.timesteps.tolist())
         self._handed = {}
@@ -497,21 +483,21 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         self._resolve_model_times(t, t_model, handed)
         shape = (sample.shape[0],) + (1,) * (sample.ndim - 1)
         ab_table = self._ab_table.to(sample.device)
-        alpha_bar_s = ab_table[t_model].reshape(shape)  # (B, 1, ...) float32
-        alpha_bar_n = ab_table[torch.where(t_target < 0, len(self.alphas_cumprod), t_target)].reshape(shape)
+        alpha_bar_model = ab_table[t_model].reshape(shape)  # (B, 1, ...) float32
+        alpha_bar_target = ab_table[torch.where(t_target < 0, len(self.alphas_cumprod), t_target)].reshape(shape)
 
         eps_hat = model_output
         if self.config.prediction_type != "epsilon":
-            eps_hat = to_eps(model_output, sample, alpha_bar_s.reshape(-1).double(), self.config.prediction_type)
-        x0_hat = predict_x0(sample, eps_hat, alpha_bar_s)
+            eps_hat = to_eps(model_output, sample, alpha_bar_model.reshape(-1).double(), self.config.prediction_type)
+        x0_hat = predict_x0(sample, eps_hat, alpha_bar_model)
         if self.config.thresholding:
             x0_hat = dynamic_threshold(x0_hat, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         elif self.config.clip_sample:
             x0_hat = x0_hat.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         if use_clipped_model_output:
             # eps re-derived from the clipped x0_hat (GLIDE; DDIMScheduler's option)
-            eps_hat = (sample - (alpha_bar_s**0.5).to(sample.dtype) * x0_hat) / ((1 - alpha_bar_s) ** 0.5).to(sample.dtype)
-        sigma = ddim_sigma(alpha_bar_s, alpha_bar_n, eta)
+            eps_hat = eps_from_x0(sample, x0_hat, alpha_bar_model, coef_dtype=sample.dtype)
+        sigma = ddim_sigma(alpha_bar_model, alpha_bar_target, eta)
         noise = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
@@ -519,7 +505,7 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
             noise = variance_noise
             if noise is None:
                 noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        prev_sample = ddim_update(x0_hat, eps_hat, alpha_bar_n, sigma, noise)
+        prev_sample = ddim_update(x0_hat, eps_hat, alpha_bar_target, sigma, noise, coef_dtype=x0_hat.dtype)
         if not torch.isfinite(prev_sample).all():
             raise FloatingPointError(f"TimeShiftScheduler.step: non-finite values (NaN/Inf) at grid time {t} "
                                      f"(model times {sorted(set(t_model.tolist()))[:4]}..., eta {eta})")
@@ -534,20 +520,20 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         t = torch.as_tensor(timesteps, device=original_samples.device).long().reshape(-1)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         a = ab[t].reshape(shape)
-        return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
+        return q_sample(original_samples, noise, a)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """v = sqrt(ab_t) noise - sqrt(1 - ab_t) x0 (Salimans & Ho 2022)."""
         ab = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
         t = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1)
         a = ab[t].reshape((-1,) + (1,) * (sample.ndim - 1))
-        return a**0.5 * noise - (1 - a) ** 0.5 * sample
+        return v_from_eps(sample, noise, a)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
 
-# -- registry ---------------------------------------------------------------------------------
+# -- factory --------------------------------------------------------------------------------
 def make_time_shift_scheduler(train_config: dict, **overrides) -> TimeShiftScheduler:
     """TimeShiftScheduler on a model's training schedule, eps parameterisation (the Denoiser
     converts other prediction types first; one convention inside)."""
@@ -555,86 +541,3 @@ def make_time_shift_scheduler(train_config: dict, **overrides) -> TimeShiftSched
     cfg["prediction_type"] = "epsilon"
     cfg.update(overrides)
     return TimeShiftScheduler.from_config(cfg)
-
-
-DATA_VAR_PILOT = {"n": 64, "steps": 50, "seed": 2**31 - 1}  # the once-per-run estimate of Var_data
-
-
-def parse_data_var(value) -> float | str | None:
-    """--data-var: None (paper statistic), "auto" (estimated once from the model) or a number in [0, 1)."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--data-var must be 'auto' or a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise ValueError(f"--data-var must be 'auto' or a number in [0, 1), got {value!r}")
-    return v
-
-
-def _sample_ts(eta_fixed: float | None):
-    def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
-        steps = opts["steps"]
-        check_steps(steps, model.scheduler_config)
-        eta = eta_fixed if eta_fixed is not None else opts.get("eta", 0.0)
-        den = model.denoiser()
-        data_var = parse_data_var(opts.get("data_var"))
-        if data_var == "auto":
-            g = torch.Generator(ctx.device).manual_seed(DATA_VAR_PILOT["seed"])
-            pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=ctx.device)
-            data_var = estimate_data_var(den, pilot, model.scheduler_config, DATA_VAR_PILOT["steps"],
-                                         cond=model.cond_for(None, DATA_VAR_PILOT["n"], ctx.device))
-            parse_data_var(data_var)  # an estimate >= 1 cannot be used: say so
-        sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"),
-                                          cutoff=opts.get("cutoff"), variant=opts["variant"], eta=float(eta),
-                                          data_var=data_var)
-        sched.set_timesteps(steps, device=ctx.device)
-        if model.is_latent and data_var is None and sched.shifting:
-            warnings.warn(f"{ctx.sampler} on the latent model {model.name!r}: the paper's statistic assumes the "
-                          f"data term alpha_bar Var(x0) is negligible, which does not hold for latents (variance ~1), "
-                          f"so it shifts to the noisiest window edge; pass --data-var auto (or a measured value)",
-                          stacklevel=2)
-        gens = ctx.generators(seeds)
-        x_T = ctx.randn(gens, model.event_shape) * sched.init_noise_sigma
-        cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
-        n_pilot = den.calls
-        x, trace = sample_time_shift(den, x_T, sched, cond=cond, guidance_scale=opts.get("guidance_scale", 1.0),
-                                     generator=gens, name=ctx.sampler, on_step=ctx.step_done)
-        # lists, so that run.json keeps one entry per batch (numbers would be summed over batches)
-        stats = {"nfe": den.calls - n_pilot, "model_rows": den.rows,
-                 "ts_window_cutoff": [sched.window_size_eff, sched.cutoff_eff], **trace}
-        if data_var is not None:
-            stats["ts_data_var"] = [float(data_var)]
-        return SampleBatch(x=x, stats=stats)
-
-    return fn
-
-
-_TS_OPTIONS = (
-    Option("window", int, None, "TS window size w (h = w//2; < 2 disables); default per step count", min=0),
-    Option("cutoff", int, None, "TS cutoff t_c: shift only while t > t_c; default 200 at <= 10 steps else 300", min=0),
-    Option("variant", VARIANTS, DEFAULT_VARIANT, "TS selection rule: paper (Algorithm 3) or reference_pnm (published code)"),
-    Option("data_var", str, None, "data-aware TS statistic: reference (1 - ab) + ab * Var_data with Var_data "
-           "'auto' (estimated once from the model) or a number in [0, 1); default: the paper's 1 - ab",
-           check=parse_data_var),
-)
-
-register(SamplerSpec(
-    name="ts-ddim",
-    description="Time-Shift DDIM (Li et al. 2024, arXiv 2305.15583): per-sample shifted model time",
-    fn=_sample_ts(None),
-    default_model="digits-ddpm",
-    default_steps=10,
-    options=_TS_OPTIONS + (Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),),
-))
-register(SamplerSpec(
-    name="ts-ddpm",
-    description="Time-Shift DDPM (DDIM with eta = 1; Li et al. 2024, arXiv 2305.15583)",
-    fn=_sample_ts(1.0),
-    default_model="digits-ddpm",
-    default_steps=10,
-    options=_TS_OPTIONS,
-))

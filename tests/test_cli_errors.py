@@ -1,4 +1,4 @@
-"""Hardening (issue 10): NaN/Inf stops with sampler + step, bad options exit 2 with a message,
+"""CLI and API error handling: NaN/Inf stops with sampler + step, bad options exit 2 with a message,
 and property tests (hypothesis) over the CLI option space and malformed model JSON files:
 either a clean run or a clean error, never a traceback.
 

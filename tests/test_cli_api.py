@@ -1,4 +1,4 @@
-"""CLI and API surface of the foundation: list, config recipes, outputs, and every user error
+"""CLI and API surface: list, config recipes, outputs, and every user error
 (exit code 2, one message naming the bad value, no traceback)."""
 
 import json
