@@ -13,6 +13,8 @@ import torch
 from click.testing import CliRunner
 
 import gensample
+from sd_models import flatten
+
 from gensample.cli import main
 from gensample.models.loading import LoadedModel, hub_allow_patterns, load_model
 
@@ -30,13 +32,7 @@ def _ddpm_pipeline_folder(folder: Path, layout: str, num_class_embeds=None) -> P
                        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=num_class_embeds)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
-    if layout == "flat":
-        for f in (folder / "unet").iterdir():
-            shutil.move(str(f), str(folder / f.name))
-        (folder / "unet").rmdir()
-        shutil.move(str(folder / "scheduler" / "scheduler_config.json"), str(folder / "scheduler_config.json"))
-        (folder / "scheduler").rmdir()
-    return folder
+    return flatten(folder) if layout == "flat" else folder
 
 
 @pytest.mark.parametrize("layout", ["nested", "flat"])

@@ -4,12 +4,13 @@ on random-weight models of the released layouts (a flat google/ddpm-* folder, an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
+from sd_models import flatten
 
 from gensample.cli import main
 
@@ -30,12 +31,7 @@ def _flat_ddpm_folder(folder: Path) -> Path:
                        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"))
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
-    for f in (folder / "unet").iterdir():
-        shutil.move(str(f), str(folder / f.name))
-    (folder / "unet").rmdir()
-    shutil.move(str(folder / "scheduler" / "scheduler_config.json"), str(folder / "scheduler_config.json"))
-    (folder / "scheduler").rmdir()
-    return folder
+    return flatten(folder)
 
 
 def test_every_recipe_resolves():

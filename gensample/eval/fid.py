@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import load_images  # noqa: F401  (re-exported: the FID input reader)
+
 IMAGE_SUFFIXES = (".png",)
 
 
@@ -177,43 +179,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 INCEPTION_DIM = 2048
 INCEPTION_DIMS = (64, 192, 768, 2048)  # torch-fidelity's feature layers (pytorch-fid --dims); 2048 = pool3, the standard
 _EXTRACTOR_NAME = "inception-v3-compat"
-
-
-def load_images(path: str | Path) -> np.ndarray:
-    """Images as (N, 3, H, W) uint8 from a folder of PNGs, a run folder, or a samples.npz.
-
-    A run folder (with samples.npz) or samples.npz is read from its "x" array, (N, C, H, W) floats
-    in [-1, 1]; a folder of PNGs is read in sorted name order (a run's images/ subfolder if there
-    are no PNGs at the top). One-channel images are repeated to three channels.
-    """
-    from .images import sample_source, to_uint8
-
-    p = sample_source(path)  # a run folder: its images/ or samples.npz, never grid.png / ess.png
-    if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as z:
-            if "x" not in z:
-                raise ValueError(f"{path}: a samples .npz needs an array 'x' (N, C, H, W) in [-1, 1]; found {sorted(z.files)}")
-            x = z["x"]
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"{path}: 'x' must have shape (N, 1 or 3, H, W), got {x.shape}")
-        imgs = to_uint8(x).transpose(0, 3, 1, 2)  # (N, C, H, W) uint8
-    elif p.is_dir():
-        from PIL import Image
-
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"{path}: no PNG images found")
-        arrs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-        if len({a.shape for a in arrs}) != 1:
-            raise ValueError(f"{path}: images have different sizes {sorted({a.shape for a in arrs})}")
-        imgs = np.stack(arrs).transpose(0, 3, 1, 2)  # (N, 3, H, W) uint8
-    elif not p.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    else:
-        raise ValueError(f"{path}: expected a folder of PNGs, a run folder or a .npz of samples")
-    if imgs.shape[1] == 1:
-        imgs = np.repeat(imgs, 3, axis=1)
-    return np.ascontiguousarray(imgs)
 
 
 def _check_dims(dims: int) -> int:

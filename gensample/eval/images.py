@@ -108,8 +108,10 @@ def load_images(path: str | Path) -> np.ndarray:
         if len({a.shape for a in arrs}) != 1:
             raise ValueError(f"{path}: images have different sizes {sorted({a.shape for a in arrs})}")
         imgs = np.stack(arrs).transpose(0, 3, 1, 2)
+    elif not p.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     else:
-        raise ValueError(f"{path}: expected a run folder, a folder of PNGs or a .npz")
+        raise ValueError(f"{path}: expected a run folder, a folder of PNGs or a .npz of samples")
     if imgs.shape[1] == 1:
         imgs = imgs.repeat(3, 1)
     return np.ascontiguousarray(imgs)

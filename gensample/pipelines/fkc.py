@@ -24,6 +24,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..samplers.fkc import DEFAULTS, FINALS, TARGET_BETA, FKCConfig, FKCScheduler, TARGETS, eps_and_x0, sample_fkc
+from ._images import to_output_type
 
 PIPELINE_TARGETS = TARGETS
 
@@ -223,10 +224,7 @@ class FKCPipeline(DiffusionPipeline):
             if self.vae is not None:
                 x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0].float()
             images = (x / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
+            images = to_output_type(self, images, output_type)
         self.maybe_free_model_hooks()
         weights, ess = res.weights.cpu().numpy(), res.ess.cpu().numpy()
         if not return_dict:

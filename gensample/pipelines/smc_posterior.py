@@ -13,6 +13,7 @@ from ..core.denoiser import Denoiser
 from ..core.schedule import alphas_cumprod_from_config
 from ..samplers.operators import LinearOperator
 from ..samplers.smc_posterior import SMCPosteriorConfig, SMCPosteriorResult, draw_blocks, sample_smc_posterior
+from ._images import to_output_type
 
 
 class SMCPosteriorPipeline(DiffusionPipeline):
@@ -87,10 +88,7 @@ class SMCPosteriorPipeline(DiffusionPipeline):
         res.stats.update(nfe=denoiser.calls, model_rows=denoiser.rows)
         self.last_result = res
         images = ((res.x.clamp(-1, 1) + 1) / 2).float()
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
+        images = to_output_type(self, images, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

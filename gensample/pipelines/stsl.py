@@ -17,6 +17,7 @@ from ..core.denoiser import Denoiser
 from ..core.schedule import alphas_cumprod_from_config
 from ..samplers.operators import LinearOperator
 from ..samplers.stsl import Codec, Counters, InverseConfig, draw_normal, init_latent, sample_inverse
+from ._images import to_output_type
 
 
 class STSLPipeline(DiffusionPipeline):
@@ -129,10 +130,7 @@ class STSLPipeline(DiffusionPipeline):
         bar.close()
         self.last_counters = counters
         images = ((x0.clamp(-1, 1) + 1) / 2).float()  # (B, C, H, W) in [0, 1]
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
+        images = to_output_type(self, images, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -26,6 +26,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..samplers.time_shift import DEFAULT_VARIANT, TimeShiftScheduler
+from ._images import to_output_type
 
 _TS_KEYS = ("window_size", "cutoff", "variant", "eta", "data_var")
 
@@ -207,10 +208,7 @@ class TimeShiftPipeline(DiffusionPipeline):
             image = latents
         else:
             image = (latents / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-                if output_type == "pil":
-                    image = self.numpy_to_pil(image)
+            image = to_output_type(self, image, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
