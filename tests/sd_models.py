@@ -61,6 +61,19 @@ def build_text_encoder(vocab_size: int, seed: int = 0):
     return CLIPTextModel(cfg).eval()
 
 
+def build_pixel_unet(channels: int = 3, attention: bool = True, num_class_embeds=None, seed: int = 0):
+    """A tiny random pixel-space UNet2DModel (8x8, widths 4/8), the one the pipeline tests share;
+    ``attention`` puts an attention block at the lower resolution."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    down, up = (("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")) if attention else \
+        (("DownBlock2D", "DownBlock2D"), ("UpBlock2D", "UpBlock2D"))
+    return UNet2DModel(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4, sample_size=8,
+                       in_channels=channels, out_channels=channels, down_block_types=down, up_block_types=up,
+                       num_class_embeds=num_class_embeds)
+
+
 def build_unet(version: int = 1, seed: int = 0, **overrides):
     from diffusers import UNet2DConditionModel
 

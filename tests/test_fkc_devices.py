@@ -15,6 +15,7 @@ import torch
 from gensample.core import smc
 from gensample.samplers import fkc
 from gensample.samplers.fkc import FKCConfig, FKCScheduler, sample_fkc, spaced_timesteps
+from sd_models import build_pixel_unet
 
 AB = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
 
@@ -111,14 +112,11 @@ def test_scheduler_step_noise(draws):
 
 
 def test_pipeline_initial_noise(draws):
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     from gensample.pipelines.fkc import FKCPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4, sample_size=8,
-                       in_channels=3, out_channels=3, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=3)
+    unet = build_pixel_unet(num_class_embeds=3)
     pipe = FKCPipeline(unet=unet, scheduler=DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     draws.clear()

@@ -8,6 +8,7 @@ import torch
 
 from gensample.pipelines.fkc import FKCPipeline
 from gensample.samplers.fkc import FKCScheduler
+from sd_models import build_pixel_unet
 
 
 
@@ -85,12 +86,9 @@ def test_sd_cfg_w1_equals_plain_conditional_sampling(tmp_path):
 
 
 def test_class_conditional_unet2d_experts(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4, sample_size=8,
-                       in_channels=3, out_channels=3, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=4)  # 3 classes + null
+    unet = build_pixel_unet(num_class_embeds=4)  # 3 classes + null
     pipe = FKCPipeline(unet=unet, scheduler=DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     out = pipe(class_labels=[0, 2], guidance_scale=3.0, num_particles=2, num_inference_steps=3,

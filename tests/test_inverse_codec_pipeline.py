@@ -5,6 +5,7 @@ import torch
 
 from gensample.samplers.operators import make_operator
 from gensample.samplers.stsl import Codec
+from sd_models import build_pixel_unet
 
 torch.set_num_threads(1)
 
@@ -53,13 +54,11 @@ def test_codec_keeps_a_float32_vae_itself():
 
 @pytest.fixture(scope="module")
 def pixel_pipe():
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     from gensample.pipelines.stsl import STSLPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4, sample_size=8, in_channels=1,
-                       out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = build_pixel_unet(channels=1, attention=False)
     pipe = STSLPipeline(unet=unet.requires_grad_(False), scheduler=DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

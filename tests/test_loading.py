@@ -13,10 +13,9 @@ import torch
 from click.testing import CliRunner
 
 import gensample
-from sd_models import flatten
-
 from gensample.cli import main
 from gensample.models.loading import LoadedModel, hub_allow_patterns, load_model
+from sd_models import flatten
 
 
 def invoke(*args):

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sd_models import flatten
-
 from gensample.cli import main
+from sd_models import flatten
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "reproduce"
 

@@ -14,6 +14,7 @@ from gensample.samplers.operators import MatrixOperator, make_operator
 from gensample.samplers.smc_posterior import SMCPosteriorConfig, ancestral_coefs, posterior_samples
 from gensample.samplers.stsl import reconstruct
 from gensample.zoo.analytic import gmm_digits
+from sd_models import build_pixel_unet
 
 torch.set_num_threads(1)
 STEPS = 50  # smc-post and DPS both: 50 UNet forward + 50 backward evaluations per particle / sample
@@ -143,13 +144,11 @@ def test_cli_run_and_errors(tmp_path):
 
 def test_pipeline_face():
     """SMCPosteriorPipeline on a tiny random UNet2DModel: shapes, weights, determinism per generator."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     from gensample.pipelines.smc_posterior import SMCPosteriorPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4, sample_size=8, in_channels=1,
-                       out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = build_pixel_unet(channels=1, attention=False)
     pipe = SMCPosteriorPipeline(unet=unet.requires_grad_(False), scheduler=DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     op = make_operator("inpaint-random", (1, 8, 8), missing=0.5, seed=0)

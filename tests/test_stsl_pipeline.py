@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gensample.samplers.operators import make_operator
+from sd_models import build_pixel_unet
 
 torch.set_num_threads(1)
 
@@ -66,13 +67,11 @@ def test_sd_shaped_latent_path_end_to_end(sd_parts, method, kwargs):
 
 
 def test_pixel_unet2d_pipeline_and_errors():
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     from gensample.pipelines.stsl import STSLPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4, sample_size=8, in_channels=3,
-                       out_channels=3, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    unet = build_pixel_unet()
     pipe = STSLPipeline(unet=unet, scheduler=DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     op = make_operator("inpaint-box", (3, 8, 8))

@@ -20,15 +20,11 @@ from diffusers import (
 
 from gensample.pipelines.time_shift import TimeShiftPipeline, disable_time_shift, enable_time_shift
 from gensample.samplers.time_shift import TimeShiftScheduler, reference_variance, sample_variance, time_shift_times
+from sd_models import build_pixel_unet
 
 
 def tiny_unet(num_class_embeds=None) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4, sample_size=8, in_channels=3,
-        out_channels=3, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=num_class_embeds,
-    ).eval()
+    return build_pixel_unet(num_class_embeds=num_class_embeds).eval()
 
 
 class Spy:
