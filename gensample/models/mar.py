@@ -24,7 +24,6 @@ safetensors + config.json).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..core.schedule import make_betas
+from .mar_backbone import timestep_embedding  # one sinusoidal embedding for both MARs
 
 PATCH = 2  # 2x2 patches of an 8x8 image -> 16 tokens of 4 values
 HEAD_PREDICTIONS = ("epsilon", "v")
@@ -53,14 +53,6 @@ def unpatchify(tokens: torch.Tensor, channels: int = 1, size: int = 8, patch: in
     g = size // patch
     x = tokens.reshape(b, g, g, channels, patch, patch)  # (B, h', w', c, p, p)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, size, size)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (M,) timesteps -> (M, dim) (DDPM / ADM convention, cos first)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (M, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class MARBackbone(ModelMixin, ConfigMixin):
