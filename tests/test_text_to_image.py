@@ -118,6 +118,24 @@ def test_text_cfg_matches_stable_diffusion_pipeline(sd_dirs, sampler, version, r
     np.testing.assert_allclose(res.samples["images"], pix.numpy(), atol=2e-4)
 
 
+def test_fkc_particle_groups_take_prompts_in_turn(sd_dirs, monkeypatch):
+    """FKC: group g (all K particles) is conditioned on prompts[g % P], also when P divides K, so
+    every prompt gets groups (the rule used to take the group's first row index, g * K % P = 0)."""
+    from gensample.models.loading import LoadedModel
+
+    seen = []
+    encode = LoadedModel.encode_prompt
+
+    def spy(self, prompts, device):
+        seen.append(list(prompts))
+        return encode(self, prompts, device)
+
+    monkeypatch.setattr(LoadedModel, "encode_prompt", spy)
+    gensample.run("fkc", str(sd_dirs[(1, "nested")]), prompt=["a cat", "a dog"], particles=2, num_samples=8,
+                  steps=1, progress=False)
+    assert ["a cat"] * 2 + ["a dog"] * 2 + ["a cat"] * 2 + ["a dog"] * 2 in seen, seen
+
+
 def test_prompts_cycle_over_sample_indices_and_empty_prompt_default(sd_dirs, tmp_path):
     folder = str(sd_dirs[(1, "flat")])
     common = dict(steps=2, num_samples=3, progress=False, guidance_scale=3.0)

@@ -158,10 +158,19 @@ class LoadedModel:
         """The sample indices of the batch about to be drawn (text models: prompt i % P)."""
         self._batch_indices = [int(i) for i in indices]
 
-    def _prompts_for(self, n: int) -> list:
+    def batch_indices(self, n: int) -> list:
+        """The run-wide sample indices of the n rows about to be drawn (``prepare_batch``), else 0..n-1."""
+        if self._batch_indices is not None and len(self._batch_indices) == n:
+            return list(self._batch_indices)
+        return list(range(n))
+
+    def prompts_at(self, indices) -> list:
+        """Prompt of each index: prompts[i % P] (samples, or FKC's particle groups)."""
         ps = self.run_prompts
-        idx = self._batch_indices if self._batch_indices is not None and len(self._batch_indices) == n else range(n)
-        return [ps[i % len(ps)] for i in idx]
+        return [ps[i % len(ps)] for i in indices]
+
+    def _prompts_for(self, n: int) -> list:
+        return self.prompts_at(self.batch_indices(n))
 
     def denoiser(self) -> Denoiser:
         if self.unet is None:

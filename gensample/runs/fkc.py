@@ -210,10 +210,9 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
         particle_seeds = [seeds[g * K:(g + 1) * K] for g in range(len(group_seeds))]
     group_prompts = None
     if model.text_conditional:  # group g (all its K particles) gets prompt g % P, so P prompts spread over groups
-        rows = model._batch_indices if model._batch_indices is not None and len(model._batch_indices) == len(seeds) \
-            else range(len(seeds))  # global sample indices of this batch (shards)
-        groups = list(rows) if cfg.final == "one_per_group" else [rows[g * K] // K for g in range(len(group_seeds))]
-        group_prompts = [model.run_prompts[g % len(model.run_prompts)] for g in groups]
+        rows = model.batch_indices(len(seeds))  # run-wide sample indices of this batch (shards)
+        groups = rows if cfg.final == "one_per_group" else [rows[g * K] // K for g in range(len(group_seeds))]
+        group_prompts = model.prompts_at(groups)
     per_chunk = max(1, int(opts.get("batch_size", 256)) // K)
     chunks = [list(range(i, min(i + per_chunk, len(group_seeds)))) for i in range(0, len(group_seeds), per_chunk)]
     xs, ws, esss, n_res = [], [], [], 0
