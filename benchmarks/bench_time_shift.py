@@ -51,7 +51,8 @@ def overhead(model_name: str, batch: int, steps: int, repeats: int, window: int,
     from gensample.models.loading import load_model
     from gensample.samplers.baseline import make_scheduler, scheduler_loop
     from gensample.samplers.registry import RunContext
-    from gensample.samplers.time_shift import make_time_shift_scheduler, sample_time_shift
+    from gensample.samplers.time_shift import sample_time_shift
+    from gensample.schedulers.time_shift import make_time_shift_scheduler
 
     model = load_model(model_name)
     den = model.denoiser()
@@ -120,7 +121,8 @@ def variance_diagnostic(model_name: str, n: int, steps: int) -> list:
     from gensample.eval.digits_data import real_digits
     from gensample.models.loading import load_model
     from gensample.samplers.registry import RunContext
-    from gensample.samplers.time_shift import make_time_shift_scheduler, sample_variance
+    from gensample.samplers.time_shift import sample_variance
+    from gensample.schedulers.time_shift import make_time_shift_scheduler
 
     model = load_model(model_name)
     den, ab = model.denoiser(), model.alphas_cumprod

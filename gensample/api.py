@@ -715,6 +715,8 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
         record["batch_size_capped_by_memory"] = max_batch
     if getattr(model_obj, "text_conditional", False):
         record["text_conditioning"] = model_obj.text_record()  # says when the empty prompt was used
+        if spec.prompt_of_sample is not None:
+            record["text_conditioning"]["prompt_of_sample"] = spec.prompt_of_sample(cfg)
     prev: dict = {}
     lock = None
     created = out_dir is not None and not out_dir.exists()

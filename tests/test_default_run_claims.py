@@ -143,7 +143,7 @@ def test_time_shift_on_stable_diffusion_pipeline_follows_algorithm_3(tmp_path):
 def test_time_shift_with_a_broken_reference_fails_the_check(tmp_path, monkeypatch):
     """A TS that matches var(x) to alpha_bar (the signal share) instead of 1 - alpha_bar picks
     other model times; the independent recomputation must catch it."""
-    from gensample.samplers import time_shift as ts
+    from gensample.schedulers import time_shift as ts
 
     monkeypatch.setattr(ts, "reference_variance", lambda ab, data_var=None: ab.double())
     grid, seen, after = _run_and_record(tmp_path)

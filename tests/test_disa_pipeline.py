@@ -11,7 +11,8 @@ from gensample import api
 from gensample.cli import main
 from gensample.models.loading import load_model
 from gensample.pipelines.ar_diffusion import ARDiffusionPipeline
-from gensample.samplers.disa import DiSAHeadScheduler, StepBudgetSchedule, head_budget
+from gensample.samplers.disa import StepBudgetSchedule, head_budget
+from gensample.schedulers.disa import DiSAHeadScheduler
 
 
 

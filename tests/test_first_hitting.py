@@ -1,5 +1,6 @@
-"""samplers/first_hitting.py: schedules, NFE accounting, caching, prompts, determinism, the diffusers
-scheduler contract, and the CLI / API faces (docs/first_hitting.md)."""
+"""samplers/first_hitting.py: schedules, NFE accounting, caching, prompts, determinism, the scheduler's
+own errors and add_noise, and the CLI / API faces (docs/first_hitting.md). The generic diffusers
+scheduler contract of MaskedDiffusionScheduler is tests/test_scheduler_contract.py."""
 
 import json
 import math
@@ -14,7 +15,6 @@ from gensample.cli import main
 from gensample.models.markov import TOY_CHAIN, MarkovChain, MarkovDenoiser, toy_chain
 from gensample.samplers.first_hitting import (
     MaskedDiffusionConfig,
-    MaskedDiffusionScheduler,
     expected_ancestral_nfe,
     initial_tokens,
     mask_alpha,
@@ -22,6 +22,7 @@ from gensample.samplers.first_hitting import (
     sample_ancestral,
     sample_first_hitting,
 )
+from gensample.schedulers.first_hitting import MaskedDiffusionScheduler
 
 MASK = 3
 
@@ -151,34 +152,8 @@ def test_scheduler_loop_equals_function_loop():
     assert torch.equal(x, anc_ref)
 
 
-# -- diffusers scheduler contract ------------------------------------------------------------------
-@pytest.mark.parametrize("config", [{"sampler": "first_hitting", "tokens_per_step": 2},
-                                    {"sampler": "ancestral", "masking_schedule": "cosine", "final_step": "argmax"}])
-def test_scheduler_contract(tmp_path, config):
-    sched = MaskedDiffusionScheduler(mask_token_id=MASK, **config)
-    sched.save_pretrained(tmp_path)
-    again = MaskedDiffusionScheduler.from_pretrained(tmp_path)
-    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    assert public(again.config) == public(sched.config)
-    logits = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))
-    x = initial_tokens(4, 6, MASK, [0])
-    outs = []
-    for s in (sched, again):
-        with pytest.raises(ValueError, match="set_timesteps"):
-            MaskedDiffusionScheduler.from_config(s.config).step(logits, 0, x)
-        s.set_timesteps(num_inference_steps=4, num_masked=5)
-        o = s.step(logits, s.timesteps[0], x, generator=torch.Generator().manual_seed(1))
-        tup = MaskedDiffusionScheduler.from_config(s.config)
-        tup.set_timesteps(num_inference_steps=4, num_masked=5)
-        t = tup.step(logits, tup.timesteps[0], x, generator=torch.Generator().manual_seed(1), return_dict=False)
-        assert len(t) == 2 and torch.equal(o.prev_sample, t[0]) and torch.equal(o.pred_original_sample, t[1])
-        assert o.prev_sample.shape == x.shape and o.prev_sample.dtype == torch.long
-        assert (o.prev_sample[:, 0] == 0).all() and (o.pred_original_sample != MASK).all()
-        outs.append(o.prev_sample)
-    assert torch.equal(outs[0], outs[1])
-    assert sched.scale_model_input(x, 0) is x and sched.init_noise_sigma == 1.0
-
-
+# -- scheduler: errors and add_noise (the generic diffusers contract, over both samplers and their
+# config variants, is tests/test_scheduler_contract.py) -------------------------------------------------
 def test_scheduler_errors_and_add_noise():
     with pytest.raises(ValueError, match="sampler must be one of"):
         MaskedDiffusionScheduler(sampler="maskgit")

@@ -1,7 +1,8 @@
-"""FKC sampler: properties, plain-sampler identity, scheduler face, CLI (docs/fkc.md "Design choices")."""
+"""FKC sampler: properties, plain-sampler identity, scheduler math, CLI (docs/fkc.md "Design choices").
+
+The generic scheduler contract of FKCScheduler is tests/test_scheduler_contract.py."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from gensample.core.schedule import alphas_cumprod_from_config
 from gensample.models.gmm import GaussianMixture
 from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
 from gensample.samplers import fkc
-from gensample.samplers.fkc import FKCConfig, FKCScheduler, sample_fkc, spaced_timesteps
+from gensample.samplers.fkc import FKCConfig, sample_fkc, spaced_timesteps
+from gensample.schedulers.fkc import FKCScheduler
 
 AB = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)
 
@@ -145,35 +147,8 @@ def test_final_modes_shapes():
 
 
 # -- scheduler face ------------------------------------------------------------------------------
-def _sched_step(s, seed=0):
-    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    return s.step(0.1 * x, s.timesteps[1], x, generator=torch.Generator().manual_seed(seed))
-
-
-def test_scheduler_contract(tmp_path):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    s = FKCScheduler.from_config(DDIMScheduler.from_config(DEFAULT_SCHEDULER_CONFIG).config, fkc_betas=[2.0])
-    with pytest.raises(ValueError, match="set_timesteps"):
-        _sched_step(s)
-    s.set_timesteps(10)
-    out = _sched_step(s)
-    assert out.prev_sample.shape == (4, 3, 8, 8) and out.log_weight_increment.dtype == torch.float64
-    tup = s.step(0.1 * torch.ones(4, 3, 8, 8), s.timesteps[1], torch.ones(4, 3, 8, 8), generator=torch.Generator().manual_seed(0), return_dict=False)
-    dat = s.step(0.1 * torch.ones(4, 3, 8, 8), s.timesteps[1], torch.ones(4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
-    assert len(tup) == 2 and torch.equal(tup[0], dat.prev_sample) and torch.equal(tup[1], dat.pred_original_sample)
-    s.save_pretrained(tmp_path)
-    s2 = FKCScheduler.from_pretrained(tmp_path)
-    s2.set_timesteps(10)
-    assert {k: v for k, v in s2.config.items() if not k.startswith("_")} == {k: v for k, v in s.config.items() if not k.startswith("_")}
-    torch.testing.assert_close(_sched_step(s2).prev_sample, out.prev_sample, atol=1e-6, rtol=0)
-    assert s.init_noise_sigma == pytest.approx(1 / math.sqrt(2))
-    back = DDPMScheduler.from_config(s.config)  # sibling round trip keeps the schedule
-    assert back.config.num_train_timesteps == 1000
-    with pytest.raises(ValueError, match="strictly descending"):
-        s.set_timesteps(timesteps=[1, 5])
-
-
+# The generic diffusers contract of FKCScheduler (save/load, from_config with a stock config, step shape,
+# tuple output, init_noise_sigma, set_timesteps misuse) is in tests/test_scheduler_contract.py.
 def test_scheduler_step_matches_pure_functions():
     s = FKCScheduler(fkc_betas=[2.0, -1.0])
     s.set_timesteps(10)

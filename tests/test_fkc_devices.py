@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gensample.core import smc
-from gensample.samplers import fkc
-from gensample.samplers.fkc import FKCConfig, FKCScheduler, sample_fkc, spaced_timesteps
+from gensample.samplers.fkc import FKCConfig, sample_fkc, spaced_timesteps
+from gensample.schedulers.fkc import FKCScheduler
 from sd_models import build_pixel_unet
 
 AB = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
@@ -55,6 +55,7 @@ def draws(monkeypatch):
     monkeypatch.setattr(torch, "randn", wrap(real_randn))
     monkeypatch.setattr(torch, "rand", wrap(real_rand))
     import gensample.pipelines.fkc as pipe_mod
+    import gensample.schedulers.fkc as sched_mod
 
     real_rt = pipe_mod.randn_tensor
 
@@ -67,7 +68,7 @@ def draws(monkeypatch):
         return real_rt(shape, generator=generator, device=device, dtype=dtype)
 
     monkeypatch.setattr(pipe_mod, "randn_tensor", rt)
-    monkeypatch.setattr(fkc, "randn_tensor", rt)
+    monkeypatch.setattr(sched_mod, "randn_tensor", rt)
     return seen
 
 

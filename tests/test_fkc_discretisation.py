@@ -13,7 +13,8 @@ from gensample.eval.fkc_gaussian import gaussian_eps_affine, gaussian_x0_affine,
 from gensample.models.gmm import GaussianMixture
 from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
 from gensample.samplers import fkc
-from gensample.samplers.fkc import DEFAULTS, FKCConfig, FKCScheduler, sample_fkc, spaced_timesteps
+from gensample.samplers.fkc import DEFAULTS, FKCConfig, sample_fkc, spaced_timesteps
+from gensample.schedulers.fkc import FKCScheduler
 
 AB = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)
 ZSNR = dict(DEFAULT_SCHEDULER_CONFIG, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")

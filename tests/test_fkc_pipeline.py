@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gensample.pipelines.fkc import FKCPipeline
-from gensample.samplers.fkc import FKCScheduler
+from gensample.schedulers.fkc import FKCScheduler
 from sd_models import build_pixel_unet
 
 

@@ -66,7 +66,7 @@ def pixel_pipe():
 
 def test_pipeline_clamps_dps_like_the_cli(pixel_pipe):
     """DPS clamps x0_hat by default on both faces (CLI ``--clamp auto`` on [-1, 1] image models)."""
-    from gensample.samplers.stsl import _config_from_opts
+    from gensample.runs.stsl import _config_from_opts
     from gensample.zoo.analytic import gmm_digits
 
     op = make_operator("inpaint-box", (1, 8, 8))

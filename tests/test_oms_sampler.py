@@ -82,10 +82,11 @@ def test_offset_noise_start(tmp_path):
 
 
 def test_ddim_declares_its_flaw_options_and_nothing_re_registers_it():
-    """The ddim spec (baseline.py) owns --rescale-zero-snr / --offset-noise; importing the oms
-    sampler leaves SAMPLERS["ddim"] as baseline registered it."""
+    """The ddim spec (runs/baseline.py) owns --rescale-zero-snr / --offset-noise; importing the oms
+    sampler (its math and its run glue) leaves SAMPLERS["ddim"] as baseline registered it."""
+    import gensample.runs.oms  # noqa: F401
     import gensample.samplers.oms  # noqa: F401
-    from gensample.samplers import baseline
+    from gensample.runs import baseline
 
     spec = registry.get("ddim")
     assert {"rescale_zero_snr", "offset_noise", "eta", "eps_scale"} <= {o.key for o in spec.options}
@@ -182,7 +183,7 @@ def test_mean_luminance():
     """BT.601 luma in [0, 255]: black 0, white 255, pure red 0.299 * 255; one channel: the value."""
     import numpy as np
 
-    from gensample.samplers.oms import mean_luminance
+    from gensample.runs.oms import mean_luminance
 
     imgs = np.stack([np.full((3, 2, 2), -1.0), np.full((3, 2, 2), 1.0), np.stack([np.ones((2, 2)), -np.ones((2, 2)), -np.ones((2, 2))])])
     np.testing.assert_allclose(mean_luminance(imgs), [0.0, 255.0, 0.299 * 255], rtol=1e-12)

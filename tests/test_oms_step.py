@@ -204,7 +204,7 @@ def test_oms_step_draws_on_the_generators_device(recorded_draws, as_list):
 def test_sampler_class_draws_on_the_generators_device(recorded_draws):
     """The per-sample OMS class of the sampler is drawn on its stream's device too."""
     from gensample.models.oms import small_oms_module
-    from gensample.samplers.oms import _oms_classes
+    from gensample.runs.oms import _oms_classes
 
     module = small_oms_module(in_channels=1, num_classes=3)
     labels = _oms_classes(module, {}, [1, 2, 3], [_ClaimsCuda(i) for i in range(3)])

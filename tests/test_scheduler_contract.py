@@ -27,6 +27,15 @@ scheduler's ancestral grid is the exception: it takes any continuous time in (0,
 the next grid time below it. ``trained_betas`` and the continuous-model add_noise do not apply to
 the masked (token) scheduler; its cases are left out of those two checks and say so.
 
+Beyond diffusers' checks, our own contract for every case: fp16 in gives fp16 out, step before
+set_timesteps raises, off-grid times, determinism with seeded generators, the full T-step grid, the
+training chain (alphas = 1 - betas, alphas_cumprod = cumprod(alphas)), a non-descending custom grid
+raises (schedulers that take ``timesteps=``), and for the token cases a prompt position is kept and the
+x0 prediction has no mask. Config variants (DiSA's timestep clip, first-hitting with 2 tokens per step,
+the ancestral cosine / argmax sampler) are cases of their own, so each goes through every check.
+The subject test files (test_fkc.py, test_disa_head.py, test_first_hitting.py, test_time_shift.py)
+keep only method-specific math and errors.
+
 To add a scheduler: append a `Case` (constructor config, its init_noise_sigma, fixtures).
 """
 
@@ -44,10 +53,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from gensample.samplers.disa import DiSAHeadScheduler
-from gensample.samplers.first_hitting import MaskedDiffusionScheduler
-from gensample.samplers.fkc import FKCScheduler
-from gensample.samplers.time_shift import TimeShiftScheduler
+from gensample.schedulers.disa import DiSAHeadScheduler
+from gensample.schedulers.first_hitting import MaskedDiffusionScheduler
+from gensample.schedulers.fkc import FKCScheduler
+from gensample.schedulers.time_shift import TimeShiftScheduler
 
 VOCAB = 6  # token ids 0..5; the mask is id 6 (an extra logit column)
 
@@ -60,6 +69,13 @@ def image_sample(seed=0, dtype=torch.float32) -> torch.Tensor:
 def token_sample(seed=0) -> torch.Tensor:
     """(4, 8) LongTensor: every position masked (first-hitting reveals all 8)."""
     return torch.full((4, 8), VOCAB, dtype=torch.long)
+
+
+def prompted_token_sample(seed=0) -> torch.Tensor:
+    """(4, 8) LongTensor: a one-token prompt (id 0) at position 0, the other 7 positions masked."""
+    x = token_sample(seed)
+    x[:, 0] = 0
+    return x
 
 
 def image_output(sched, x, t):
@@ -96,6 +112,7 @@ class Case:
     full_grid: dict = field(default_factory=dict)  # overrides for set_timesteps(T) (TS: eta > 0 needs w/2 < stride 1)
     sibling: type | None = DDIMScheduler  # a stock class whose config loads into ours (from_config both ways)
     our_keys: tuple = ()  # keys that must survive the round trip through the sibling
+    prompt_set_kwargs: dict = field(default_factory=dict)  # token cases: set_timesteps for prompted_token_sample
 
     def make(self, **overrides):
         return self.cls(**{**self.config, **overrides})
@@ -116,12 +133,26 @@ CASES = [
          sibling=DDPMScheduler, our_keys=("fkc_betas", "fkc_eta")),
     Case("disa-head", DiSAHeadScheduler, {"disa_temperature": 0.9}, 1.0, sibling=DDPMScheduler,
          our_keys=("disa_temperature",)),
+    Case("disa-head-clip950", DiSAHeadScheduler, {"disa_timestep_clip": 950}, 1.0, sibling=DDPMScheduler,
+         our_keys=("disa_timestep_clip",), full_grid={"disa_timestep_clip": None}),  # the clip caps the grid top
     Case("masked-first-hitting", MaskedDiffusionScheduler, {"mask_token_id": VOCAB}, 1.0, sample=token_sample,
-         output=token_output, set_kwargs={"num_masked": 8}, tokens=True, sibling=None),
+         output=token_output, set_kwargs={"num_masked": 8}, tokens=True, sibling=None,
+         prompt_set_kwargs={"num_masked": 7}),
+    Case("masked-first-hitting-2-per-step", MaskedDiffusionScheduler, {"mask_token_id": VOCAB, "tokens_per_step": 2},
+         1.0, sample=token_sample, output=token_output, set_kwargs={"num_masked": 8}, tokens=True, sibling=None,
+         prompt_set_kwargs={"num_masked": 7}),
     Case("masked-ancestral", MaskedDiffusionScheduler, {"mask_token_id": VOCAB, "sampler": "ancestral"}, 1.0,
-         sample=token_sample, output=token_output, tokens=True, off_grid_raises=False, sibling=None),
+         sample=token_sample, output=token_output, tokens=True, off_grid_raises=False, sibling=None,
+         prompt_set_kwargs={"num_inference_steps": 4}),
+    Case("masked-ancestral-cosine-argmax", MaskedDiffusionScheduler,
+         {"mask_token_id": VOCAB, "sampler": "ancestral", "masking_schedule": "cosine", "final_step": "argmax"}, 1.0,
+         sample=token_sample, output=token_output, set_kwargs={"num_inference_steps": 4}, tokens=True,
+         off_grid_raises=False, sibling=None, prompt_set_kwargs={"num_inference_steps": 4}),
 ]
 CONTINUOUS = [c for c in CASES if not c.tokens]
+TOKENS = [c for c in CASES if c.tokens]
+# schedulers whose set_timesteps takes a custom grid (diffusers' `timesteps=`)
+CUSTOM_GRID = [c for c in CASES if "timesteps" in inspect.signature(c.cls.set_timesteps).parameters]
 
 
 def _ids(cases):
@@ -135,6 +166,11 @@ def case(request):
 
 @pytest.fixture(params=CONTINUOUS, ids=_ids(CONTINUOUS))
 def ccase(request):
+    return request.param
+
+
+@pytest.fixture(params=TOKENS, ids=_ids(TOKENS))
+def tcase(request):
     return request.param
 
 
@@ -208,6 +244,12 @@ def test_from_config_both_ways(ccase):
     assert ours.config.beta_schedule == "squaredcos_cap_v2"
     torch.testing.assert_close(ours.alphas_cumprod.float(), stock.alphas_cumprod)
     s = ccase.make()
+    # a stock config plus our own keys as from_config overrides (how a pipeline swaps its scheduler in)
+    extra = {k: v for k, v in ccase.config.items() if k in ccase.our_keys}
+    swapped = ccase.cls.from_config(stock.config, **extra)
+    torch.testing.assert_close(swapped.alphas_cumprod.float(), stock.alphas_cumprod)
+    for key in extra:
+        assert swapped.config[key] == s.config[key], key
     again = ccase.cls.from_config(ccase.sibling.from_config(s.config).config)
     for key in ccase.our_keys:
         assert again.config[key] == s.config[key], key
@@ -233,7 +275,7 @@ def test_public_api(case):
     assert callable(s.step) and callable(s.scale_model_input) and s.order == 1
     s.set_timesteps(**case.set_kwargs)
     x = case.sample()
-    assert torch.equal(s.scale_model_input(x, s.timesteps[0]), x)
+    assert s.scale_model_input(x, s.timesteps[0]) is x  # the identity, like DDIM's
 
 
 def test_add_noise_shape_and_device(ccase):
@@ -354,10 +396,32 @@ def test_step_signature_matches_diffusers():
         assert params[:4] == ["self", "model_output", "timestep", "sample"] and "return_dict" in params
 
 
-def test_disa_head_has_the_training_chain():
-    s = DiSAHeadScheduler()
-    torch.testing.assert_close(torch.cumprod(s.alphas.double(), 0).float(), s.alphas_cumprod, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(s.betas, 1 - s.alphas)
+def test_training_chain(ccase):
+    """betas / alphas / alphas_cumprod are the training chain of num_train_timesteps entries:
+    alphas = 1 - betas exactly and alphas_cumprod = cumprod(alphas)."""
+    s = ccase.make()
+    T = s.config.num_train_timesteps
+    assert s.betas.shape == s.alphas.shape == s.alphas_cumprod.shape == (T,)
+    assert torch.equal(s.alphas, 1 - s.betas)
+    torch.testing.assert_close(torch.cumprod(s.alphas.double(), 0), s.alphas_cumprod.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cgcase", CUSTOM_GRID, ids=_ids(CUSTOM_GRID))
+def test_custom_grid_must_descend(cgcase):
+    s = cgcase.make()
+    with pytest.raises(ValueError, match="strictly descending"):
+        s.set_timesteps(timesteps=[1, 5])
+
+
+def test_token_step_keeps_the_prompt_and_predicts_no_mask(tcase):
+    """A prompt (unmasked) position is never changed; the x0 prediction has no mask token left."""
+    s = tcase.make()
+    s.set_timesteps(**tcase.prompt_set_kwargs)
+    x = prompted_token_sample()
+    for k, t in enumerate(s.timesteps[:3]):
+        out = s.step(tcase.output(s, x, t), t, x, generator=torch.Generator().manual_seed(1 + k))
+        assert (out.prev_sample[:, 0] == 0).all() and (out.pred_original_sample != VOCAB).all()
+        x = out.prev_sample
 
 
 def test_masked_step_honours_its_timestep():

@@ -131,9 +131,11 @@ def test_fkc_particle_groups_take_prompts_in_turn(sd_dirs, monkeypatch):
         return encode(self, prompts, device)
 
     monkeypatch.setattr(LoadedModel, "encode_prompt", spy)
-    gensample.run("fkc", str(sd_dirs[(1, "nested")]), prompt=["a cat", "a dog"], particles=2, num_samples=8,
-                  steps=1, progress=False)
+    res = gensample.run("fkc", str(sd_dirs[(1, "nested")]), prompt=["a cat", "a dog"], particles=2, num_samples=8,
+                        steps=1, progress=False)
     assert ["a cat"] * 2 + ["a dog"] * 2 + ["a cat"] * 2 + ["a dog"] * 2 in seen, seen
+    # run.json states the rule the groups follow, not the per-sample rule of the other samplers
+    assert res.record["text_conditioning"]["prompt_of_sample"].startswith("prompts[(i // 2) % len(prompts)]")
 
 
 def test_prompts_cycle_over_sample_indices_and_empty_prompt_default(sd_dirs, tmp_path):

@@ -19,7 +19,8 @@ from diffusers import (
 )
 
 from gensample.pipelines.time_shift import TimeShiftPipeline, disable_time_shift, enable_time_shift
-from gensample.samplers.time_shift import TimeShiftScheduler, reference_variance, sample_variance, time_shift_times
+from gensample.samplers.time_shift import reference_variance, sample_variance, time_shift_times
+from gensample.schedulers.time_shift import TimeShiftScheduler
 from sd_models import build_pixel_unet
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.categorical import inverse_cdf
+
 
 class MarkovChain:
     """A first-order Markov chain language. All probability math in float64.
@@ -118,9 +120,9 @@ class MarkovChain:
         """n exact sequences (n, L) int64 by ancestral sampling (float64 inverse CDF)."""
         L = self.length if length is None else length
         out = torch.empty(n, L, dtype=torch.long)
-        out[:, 0] = torch.multinomial(self.initial.expand(n, -1), 1, generator=generator)[:, 0]
+        out[:, 0] = inverse_cdf(self.initial.double().log().expand(n, -1), generator)
         for j in range(1, L):
-            out[:, j] = torch.multinomial(self.transition[out[:, j - 1]], 1, generator=generator)[:, 0]
+            out[:, j] = inverse_cdf(self.transition.double()[out[:, j - 1]].log(), generator)
         return out
 
     # -- exact denoiser ----------------------------------------------------------------------

@@ -32,7 +32,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from ..models.mar import unpatchify
-from ..samplers.disa import DiSAConfig, DiSAHeadScheduler, StepBudgetSchedule, sample_mar
+from ..samplers.disa import DiSAConfig, StepBudgetSchedule, sample_mar
+from ..schedulers.disa import DiSAHeadScheduler
 
 
 @dataclass

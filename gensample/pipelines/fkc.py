@@ -23,7 +23,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..samplers.fkc import DEFAULTS, FINALS, TARGET_BETA, FKCConfig, FKCScheduler, TARGETS, eps_and_x0, sample_fkc
+from ..samplers.fkc import DEFAULTS, FINALS, TARGET_BETA, FKCConfig, TARGETS, eps_and_x0, sample_fkc
+from ..schedulers.fkc import FKCScheduler
 from ._images import to_output_type
 
 PIPELINE_TARGETS = TARGETS

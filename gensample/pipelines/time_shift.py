@@ -25,7 +25,8 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..samplers.time_shift import DEFAULT_VARIANT, TimeShiftScheduler
+from ..samplers.time_shift import DEFAULT_VARIANT
+from ..schedulers.time_shift import TimeShiftScheduler
 from ._images import to_output_type
 
 _TS_KEYS = ("window_size", "cutoff", "variant", "eta", "data_var")

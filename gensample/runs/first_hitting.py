@@ -1,8 +1,9 @@
 """`gensample run --sampler fhs | mdm-ancestral`: the masked-diffusion samplers' run options, batch
 function and registration.
 
-The method (first-hitting sampler, Zheng et al. 2024; MDLM's cached ancestral sampler), its loops
-and ``MaskedDiffusionScheduler`` live in ``gensample.samplers.first_hitting``; this module reads the
+The method (first-hitting sampler, Zheng et al. 2024; MDLM's cached ancestral sampler) and its loops
+live in ``gensample.samplers.first_hitting``, its ``MaskedDiffusionScheduler`` in
+``gensample.schedulers.first_hitting``; this module reads the
 model's tokenizer / mask id / schedule, builds a ``MaskedDiffusionConfig`` (defaults: its fields,
 ``first_hitting.DEFAULTS``) and registers the two specs (docs/first_hitting.md).
 """

@@ -1,9 +1,9 @@
 """`gensample run --sampler fkc`: FKC's run options, target resolution, batch function, ESS plot.
 
 The method (Skreta et al. 2025, arXiv 2503.02819: targets, FK weights, the move step, the SMC loop)
-and its diffusers scheduler live in ``gensample.samplers.fkc``; this module turns resolved run
-options into an ``FKCConfig`` and expert list, calls ``sample_fkc`` with per-sample generators and
-registers the spec (docs/fkc.md "CLI").
+lives in ``gensample.samplers.fkc``, its diffusers scheduler in ``gensample.schedulers.fkc``; this
+module turns resolved run options into an ``FKCConfig`` and expert list, calls ``sample_fkc`` with
+per-sample generators and registers the spec (docs/fkc.md "CLI").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..samplers.fkc import (
     DEFAULTS,
     FINALS,
     POLICIES,
+    PROPOSALS,
     QUADRATURES,
     TARGET_BETA,
     TARGETS,
@@ -27,7 +28,10 @@ from ..samplers.fkc import (
     sample_fkc,
     spaced_timesteps,
 )
+from ..samplers.baseline import make_scheduler
 from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
+from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
+from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags, time_shift_step
 
 _RESAMPLE_SEED_INDEX = 2**40  # sample_seed(first seed of a group, this) seeds the group's resampler
 PROMPT = "<prompt>"  # text-model expert: the group's run prompt (--prompt; group g gets prompts[g % P])
@@ -152,9 +156,21 @@ def resolve_target(opts: dict, model) -> tuple[FKCConfig, list]:
 
 
 def _validate(opts: dict, model) -> None:
-    resolve_target(opts, model)
+    cfg, _ = resolve_target(opts, model)
     if model.kind != "diffusion":
         raise ValueError(f"sampler 'fkc' needs a diffusion model, got kind {model.kind!r}")
+    check_time_shift_flags(opts)
+    shifts = opts.get("time_shift") and (opts.get("window") is None or opts["window"] >= 2)
+    if shifts and abs(cfg.total_beta - 1.0) > 1e-12:
+        raise ValueError(f"--time-shift needs exponents summing to 1 (--fkc-target cfg, or --beta 1), got sum {cfg.total_beta:g}: "
+                         f"Time-Shift's statistic assumes the untempered path (docs/compose.md \"Time-Shift inside FKC\")")
+    if opts.get("time_shift") and cfg.quadrature not in ("euler", "logsnr"):
+        raise ValueError(f"--time-shift needs --quadrature euler or logsnr (per-particle model times: a rule that reads "
+                         f"only the current step), got {cfg.quadrature!r}")
+    if opts.get("time_shift") or (opts.get("proposal") or "fkc") != "fkc":
+        make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), cfg, "cpu")  # bad window / stride: an error before sampling
+    if opts.get("oms_module") is not None:
+        check_oms_start(opts, model)
 
 
 def _stack_conds(conds: list) -> dict:
@@ -185,12 +201,35 @@ def _expert_fn(den, model, experts: list, n: int, device, group_prompts: list | 
         cond = _stack_conds(conds)
 
     def expert_eps(x, t):
+        """t: the step's grid time (scalar) or one model time per particle ((n,), Time-Shift)."""
         xs = x.repeat(M, *([1] * (x.ndim - 1)))  # (M * n, ...)
-        out = den._raw(xs, torch.as_tensor(t, device=x.device), cond).to(x.dtype)
-        eps, x0 = eps_and_x0(out, xs, ab[int(t)], den.prediction_type)
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t_in, ab_t = t, ab[int(t)]
+        else:
+            t_in = t.long().repeat(M)  # (M * n,)
+            ab_t = ab.double().to(x.device)[t_in].reshape(-1, *([1] * (x.ndim - 1)))
+        out = den._raw(xs, t_in, cond).to(x.dtype)
+        eps, x0 = eps_and_x0(out, xs, ab_t, den.prediction_type)
         return eps.to(x.dtype).reshape(M, *x.shape), x0.to(x.dtype).reshape(M, *x.shape)
 
     return expert_eps
+
+
+def make_proposal(opts: dict, model, steps: int, cfg: FKCConfig, device):
+    """The move of `sample_fkc` from --proposal / --time-shift (docs/compose.md): None for FKC's own
+    float64 DDIM(eta) move, else a set diffusers scheduler (DDIMScheduler with --eta, DDPMScheduler,
+    or with --time-shift a TimeShiftScheduler whose DDIM update uses eta = 1 for ddpm, --eta otherwise)."""
+    kind = opts.get("proposal") or "fkc"
+    if kind not in PROPOSALS:
+        raise ValueError(f"--proposal must be one of {list(PROPOSALS)}, got {kind!r}")
+    if opts.get("time_shift"):
+        return time_shift_step(model, opts, steps, 1.0 if kind == "ddpm" else cfg.eta, device, "fkc")
+    if kind == "fkc":
+        return None
+    sched = make_scheduler(kind, model.scheduler_config)
+    sched.set_timesteps(steps, device=device)
+    return sched
 
 
 def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
@@ -198,7 +237,10 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
     K = int(opts["particles"])
     steps = int(opts["steps"])
     sc = model.scheduler_config
+    proposal = make_proposal(opts, model, steps, cfg, ctx.device)
     timesteps = spaced_timesteps(model.num_train_timesteps, steps, sc.get("timestep_spacing", "leading"), int(sc.get("steps_offset", 0)))
+    if proposal is not None:
+        timesteps = proposal.timesteps.cpu()
     ab = model.alphas_cumprod
     final_ab = 1.0 if sc.get("set_alpha_to_one", True) else float(ab[0])
     den = model.denoiser()
@@ -215,26 +257,47 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
         group_prompts = model.prompts_at(groups)
     per_chunk = max(1, int(opts.get("batch_size", 256)) // K)
     chunks = [list(range(i, min(i + per_chunk, len(group_seeds)))) for i in range(0, len(group_seeds), per_chunk)]
-    xs, ws, esss, n_res = [], [], [], 0
+    xs, ws, esss, n_res, oms_extras, oms_stats = [], [], [], 0, [], {}
     for chunk in chunks:
-        gens = ctx.generators([s for g in chunk for s in particle_seeds[g]])
+        chunk_seeds = [s for g in chunk for s in particle_seeds[g]]
+        gens = ctx.generators(chunk_seeds)
         rgens = [torch.Generator().manual_seed(sample_seed(group_seeds[g], _RESAMPLE_SEED_INDEX)) for g in chunk]
-        x_T = ctx.randn(gens, model.event_shape)
+        if opts.get("oms_module") is not None:  # One More Step start at the first grid time (docs/compose.md)
+            x_T, o_extras, oms_stats = oms_start(model, opts, chunk_seeds, ctx, _first_step(proposal, model, steps, ctx), gens)
+            oms_extras.append(o_extras)
+        else:
+            x_T = ctx.randn(gens, model.event_shape)
         prompts = [group_prompts[g] for g in chunk] if group_prompts is not None else None
         fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device, prompts)
         res = sample_fkc(fn, x_T, cfg, ab, timesteps, group_size=K, noise_generators=gens,
                          resample_generators=rgens, final_alpha_bar=final_ab,
-                         on_step=lambda k, x, lw: ctx.step_done(1.0 / len(chunks)), sampler="fkc")
+                         on_step=lambda k, x, lw: ctx.step_done(1.0 / len(chunks)), sampler="fkc", proposal=proposal)
         xs.append(res.x)
         ws.append(res.weights)
         esss.append(res.ess[res.group])  # (rows, S): the group's trace on each row
         n_res += int(res.resampled.sum())
     fkc_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-    fkc_cfg.update(target=opts.get("fkc_target") or "anneal", experts=experts, particles=K)
+    fkc_cfg.update(target=opts.get("fkc_target") or "anneal", experts=experts, particles=K,
+                   proposal=opts.get("proposal") or "fkc", time_shift=bool(opts.get("time_shift")))
+    if opts.get("time_shift"):
+        fkc_cfg.update(ts_window_cutoff=[proposal.window_size_eff, proposal.cutoff_eff])
+    extras = {"weights": torch.cat(ws), "ess": torch.cat(esss)}
+    if cfg.final != "one_per_group":  # per-particle OMS extras (oms_class) line up with the rows
+        for key in (oms_extras[0] if oms_extras else {}):
+            extras[key] = torch.cat([e[key] for e in oms_extras])
     return SampleBatch(
-        x=torch.cat(xs), extras={"weights": torch.cat(ws), "ess": torch.cat(esss)},
-        stats={"nfe": den.calls, "model_rows": den.rows, "fkc_resample_events": n_res, "fkc": fkc_cfg},
+        x=torch.cat(xs), extras=extras,
+        stats={"nfe": den.calls, "model_rows": den.rows, "fkc_resample_events": n_res, "fkc": fkc_cfg, **oms_stats},
     )
+
+
+def _first_step(proposal, model, steps: int, ctx: RunContext):
+    """The scheduler whose first timestep the OMS start targets: the proposal, else the DDIM grid of FKC's own move."""
+    if proposal is not None:
+        return proposal
+    sched = make_scheduler("ddim", model.scheduler_config)
+    sched.set_timesteps(steps, device=ctx.device)
+    return sched
 
 
 def write_ess_plot(out_dir, arrays: dict, model) -> None:
@@ -287,9 +350,17 @@ register(
             Option("eta", float, DEFAULTS["eta"], "DDIM eta of the move step (1 = DDPM / target score)", min=0.0),
             Option("quadrature", QUADRATURES, DEFAULTS["quadrature"], "log-weight rule over each step (docs/fkc.md, Discretisation bias)"),
             Option("max_log_increment", float, None, "opt-in clamp of centred log-weight increments (biased)", min=0.0),
+            Option("proposal", PROPOSALS, "fkc", "move step: fkc (own float64 DDIM(eta), zero-SNR safe) | ddim (diffusers "
+                   "DDIMScheduler, --eta) | ddpm (diffusers DDPMScheduler); docs/compose.md"),
+            TIME_SHIFT_OPTION,
+            *TS_STEP_OPTIONS,
+            *OMS_START_OPTIONS,
         ),
         group_size=lambda o: 1 if o.get("final") == "one_per_group" else o["particles"],
         validate=_validate,
         write_extra=write_ess_plot,
+        prompt_of_sample=lambda o: ("prompts[i % len(prompts)] (one group of K particles per output sample)"
+                                    if o.get("final") == "one_per_group" else
+                                    f"prompts[(i // {int(o['particles'])}) % len(prompts)] (group i // K, K = --particles)"),
     )
 )

@@ -1,9 +1,9 @@
 """`gensample run --sampler ts-ddim | ts-ddpm`: the Time-Shift sampler's options and batch function.
 
-The method (Algorithm 3 of Li et al. 2024, arXiv 2305.15583), its loop and its scheduler live in
-``gensample.samplers.time_shift``; this module only turns resolved run options into a scheduler,
-draws the start noise from the per-sample generators and registers the two specs
-(docs/time_shift.md).
+The method (Algorithm 3 of Li et al. 2024, arXiv 2305.15583) and its loop live in
+``gensample.samplers.time_shift``, its scheduler in ``gensample.schedulers.time_shift``; this
+module only turns resolved run options into a scheduler, draws the start noise from the
+per-sample generators and registers the two specs (docs/time_shift.md).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import torch
 
 from ..samplers.baseline import check_steps
 from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register
-from ..samplers.time_shift import DEFAULT_VARIANT, VARIANTS, estimate_data_var, make_time_shift_scheduler, sample_time_shift
+from ..samplers.time_shift import DEFAULT_VARIANT, VARIANTS, sample_time_shift
+from ..schedulers.time_shift import estimate_data_var, make_time_shift_scheduler
+from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 
 DATA_VAR_PILOT = {"n": 64, "steps": 50, "seed": 2**31 - 1}  # the once-per-run estimate of Var_data
 
@@ -34,45 +36,55 @@ def parse_data_var(value) -> float | str | None:
     return v
 
 
+def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str):
+    """(TimeShiftScheduler set to ``steps``, the Var_data it uses) from --window / --cutoff / --variant /
+    --data-var. --data-var auto runs the once-per-run pilot (``DATA_VAR_PILOT``, DDIM samples of the
+    model, ``estimate_data_var``); on a latent model the paper's statistic draws a warning."""
+    data_var = parse_data_var(opts.get("data_var"))
+    if data_var == "auto":
+        g = torch.Generator(device).manual_seed(DATA_VAR_PILOT["seed"])
+        pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=device)
+        data_var = estimate_data_var(model.denoiser(), pilot, model.scheduler_config, DATA_VAR_PILOT["steps"],
+                                     cond=model.cond_for(None, DATA_VAR_PILOT["n"], device))
+        parse_data_var(data_var)  # an estimate >= 1 cannot be used: say so
+    sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"), cutoff=opts.get("cutoff"),
+                                      variant=opts.get("variant") or DEFAULT_VARIANT, eta=float(eta), data_var=data_var)
+    sched.set_timesteps(int(steps), device=device)
+    if getattr(model, "is_latent", False) and data_var is None and sched.shifting:
+        warnings.warn(f"{sampler} on the latent model {model.name!r}: the paper's statistic assumes the "
+                      f"data term alpha_bar Var(x0) is negligible, which does not hold for latents (variance ~1), "
+                      f"so it shifts to the noisiest window edge; pass --data-var auto (or a measured value)",
+                      stacklevel=3)
+    return sched, data_var
+
+
 def _sample_ts(eta_fixed: float | None):
     def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
         steps = opts["steps"]
         check_steps(steps, model.scheduler_config)
         eta = eta_fixed if eta_fixed is not None else opts.get("eta", 0.0)
         den = model.denoiser()
-        data_var = parse_data_var(opts.get("data_var"))
-        if data_var == "auto":
-            g = torch.Generator(ctx.device).manual_seed(DATA_VAR_PILOT["seed"])
-            pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=ctx.device)
-            data_var = estimate_data_var(den, pilot, model.scheduler_config, DATA_VAR_PILOT["steps"],
-                                         cond=model.cond_for(None, DATA_VAR_PILOT["n"], ctx.device))
-            parse_data_var(data_var)  # an estimate >= 1 cannot be used: say so
-        sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"),
-                                          cutoff=opts.get("cutoff"), variant=opts["variant"], eta=float(eta),
-                                          data_var=data_var)
-        sched.set_timesteps(steps, device=ctx.device)
-        if model.is_latent and data_var is None and sched.shifting:
-            warnings.warn(f"{ctx.sampler} on the latent model {model.name!r}: the paper's statistic assumes the "
-                          f"data term alpha_bar Var(x0) is negligible, which does not hold for latents (variance ~1), "
-                          f"so it shifts to the noisiest window edge; pass --data-var auto (or a measured value)",
-                          stacklevel=2)
+        sched, data_var = ts_scheduler(model, opts, steps, eta, ctx.device, ctx.sampler)
         gens = ctx.generators(seeds)
-        x_T = ctx.randn(gens, model.event_shape) * sched.init_noise_sigma
+        extras, oms_stats = {}, {}
+        if opts.get("oms_module") is not None:  # One More Step start (docs/compose.md)
+            x_T, extras, oms_stats = oms_start(model, opts, seeds, ctx, sched, gens)
+        else:
+            x_T = ctx.randn(gens, model.event_shape) * sched.init_noise_sigma
         cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
-        n_pilot = den.calls
         x, trace = sample_time_shift(den, x_T, sched, cond=cond, guidance_scale=opts.get("guidance_scale", 1.0),
                                      generator=gens, name=ctx.sampler, on_step=ctx.step_done)
         # lists, so that run.json keeps one entry per batch (numbers would be summed over batches)
-        stats = {"nfe": den.calls - n_pilot, "model_rows": den.rows,
+        stats = {"nfe": den.calls, "model_rows": den.rows,
                  "ts_window_cutoff": [sched.window_size_eff, sched.cutoff_eff], **trace}
         if data_var is not None:
             stats["ts_data_var"] = [float(data_var)]
-        return SampleBatch(x=x, stats=stats)
+        return SampleBatch(x=x, extras=extras, stats={**stats, **oms_stats})
 
     return fn
 
 
-_TS_OPTIONS = (
+TS_STEP_OPTIONS = (  # the step rule alone: also on fkc, dps, psld, stsl with --time-shift
     Option("window", int, None, "TS window size w (h = w//2; < 2 disables); default per step count", min=0),
     Option("cutoff", int, None, "TS cutoff t_c: shift only while t > t_c; default 200 at <= 10 steps else 300", min=0),
     Option("variant", VARIANTS, DEFAULT_VARIANT, "TS selection rule: paper (Algorithm 3) or reference_pnm (published code)"),
@@ -80,6 +92,31 @@ _TS_OPTIONS = (
            "'auto' (estimated once from the model) or a number in [0, 1); default: the paper's 1 - ab",
            check=parse_data_var),
 )
+TIME_SHIFT_OPTION = Option("time_shift", bool, False, "use Time-Shift (Li et al. 2024, Algorithm 3) as the step rule: the model "
+                           "is called at the shifted time chosen from x_t (--window, --cutoff, --variant, --data-var; "
+                           "docs/compose.md)")
+
+
+def time_shift_step(model, opts: dict, steps: int, eta: float, device, sampler: str = "time-shift step"):
+    """The Time-Shift step rule of another sampler (``--time-shift``): ``ts_scheduler`` with ``eta``
+    for its DDIM(eta) update (the host loop's eta)."""
+    return ts_scheduler(model, opts, steps, eta, device, sampler)[0]
+
+
+def check_time_shift_flags(opts: dict) -> None:
+    """--window / --cutoff / --data-var without --time-shift on a host sampler: an error, not a silent no-op."""
+    if not opts.get("time_shift"):
+        for key in ("window", "cutoff", "data_var"):
+            if opts.get(key) is not None:
+                raise ValueError(f"--{key.replace('_', '-')} applies with --time-shift only")
+
+
+def _validate(opts: dict, model) -> None:
+    if opts.get("oms_module") is not None:
+        check_oms_start(opts, model)
+
+
+_TS_OPTIONS = TS_STEP_OPTIONS + OMS_START_OPTIONS
 
 register(SamplerSpec(
     name="ts-ddim",
@@ -87,6 +124,7 @@ register(SamplerSpec(
     fn=_sample_ts(None),
     default_model="digits-ddpm",
     default_steps=10,
+    validate=_validate,
     options=_TS_OPTIONS + (Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),),
 ))
 register(SamplerSpec(
@@ -95,5 +133,6 @@ register(SamplerSpec(
     fn=_sample_ts(1.0),
     default_model="digits-ddpm",
     default_steps=10,
+    validate=_validate,
     options=_TS_OPTIONS,
 ))

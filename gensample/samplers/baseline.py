@@ -4,6 +4,8 @@ DDPM (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021, eq. 12), DPM-Solver++ mul
 (Lu et al. 2022, Alg. 2; DPMSolverMultistepScheduler), Euler (Karras et al. 2022, Alg. 1 without
 churn; EulerDiscreteScheduler). The scheduler is always built with prediction_type="epsilon":
 the Denoiser converts any model parameterisation to eps first (one convention inside).
+The `gensample run --sampler ddpm | ddim | dpm | euler` entries (their options, ddim's flaw and
+Epsilon Scaling flags, the One More Step start) are in ``gensample.runs.baseline``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import inspect
 import torch
 
 from ..core.denoiser import Denoiser, check_finite
-from . import schedule_flaws
-from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
+from .registry import RunContext
 
 SCHEDULERS = ("ddpm", "ddim", "dpm", "euler")
 
@@ -84,58 +85,3 @@ def scheduler_loop(
         x = scheduler.step(eps, t, x, return_dict=True, **kwargs).prev_sample
         ctx.step_done()
     return x
-
-
-def _sample_with(name: str):
-    def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
-        steps = opts["steps"]
-        check_steps(steps, model.scheduler_config)
-        if name == "ddim" and schedule_flaws.zero_snr_wanted(opts, model):  # --rescale-zero-snr (docs/oms.md)
-            return schedule_flaws.sample_zero_snr_ddim(model, opts, seeds, ctx)
-        sched = make_scheduler(name, model.scheduler_config)
-        sched.set_timesteps(steps, device=ctx.device)
-        den = model.denoiser()
-        gens = ctx.generators(seeds)
-        x = schedule_flaws.start_noise(ctx, gens, model.event_shape, opts.get("offset_noise") or 0.0) * sched.init_noise_sigma
-        cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
-        eta = opts.get("eta") if name == "ddim" else None
-        eps_fn = _eps_scaling(opts) if name == "ddim" else None
-        x = scheduler_loop(den, sched, x, cond, opts.get("guidance_scale", 1.0), gens, ctx, eta=eta, eps_fn=eps_fn)
-        return SampleBatch(x=x, stats={"nfe": den.calls, "model_rows": den.rows})
-
-    return fn
-
-
-def _eps_scaling(opts: dict):
-    """Epsilon Scaling (Ning et al. 2024, arXiv 2308.15321): eps / lambda_t, lambda_t = b + k t
-    (``--eps-scale`` b, ``--eps-scale-slope`` k per training timestep); None when lambda == 1."""
-    scale, slope = opts.get("eps_scale", 1.0), opts.get("eps_scale_slope", 0.0)
-    if scale == 1.0 and slope == 0.0:
-        return None
-    return lambda eps, t, x: eps / epsilon_scale(int(t), scale, slope)
-
-
-_DESCRIPTIONS = {
-    "ddpm": "DDPM ancestral sampling (diffusers DDPMScheduler), baseline",
-    "ddim": "DDIM (diffusers DDIMScheduler, eta=0 by default), baseline",
-    "dpm": "DPM-Solver++ multistep (diffusers DPMSolverMultistepScheduler), baseline",
-    "euler": "Euler (diffusers EulerDiscreteScheduler), baseline",
-}
-_STEPS = {"ddpm": 1000, "ddim": 50, "dpm": 25, "euler": 50}
-
-for _name in SCHEDULERS:
-    register(
-        SamplerSpec(
-            name=_name,
-            description=_DESCRIPTIONS[_name],
-            fn=_sample_with(_name),
-            default_model="gmm2d",
-            default_steps=_STEPS[_name],
-            options=(Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),
-                     Option("eps_scale", float, 1.0, "Epsilon Scaling lambda (b): the update uses eps / (b + k t)", min=1e-6),
-                     Option("eps_scale_slope", float, 0.0, "Epsilon Scaling slope k per training timestep t"),
-                     *schedule_flaws.DDIM_FLAW_OPTIONS)
-            if _name == "ddim"
-            else (),
-        )
-    )

@@ -21,8 +21,10 @@ from U (early, many tokens unknown) to L (late, the next token is nearly determi
 | ``head_calls`` / ``head_rows``| sum_k S(k) / sum_k n_k S(k) (x2 under CFG) (head sampler)    |
 
 Layout: schedule and table math first (pure), then the head step and head sampler,
-then the AR loop ``sample_mar``, the registry entries ``disa`` and ``mar``, and last the diffusers
-scheduler shell ``DiSAHeadScheduler``.
+then the AR loop ``sample_mar``. The diffusers scheduler shell ``DiSAHeadScheduler`` is in
+``gensample.schedulers.disa``; nothing here imports it.
+The run glue of `gensample run --sampler disa | mar` (``schedule_from_opts``, validation, the
+batch function and the two registrations) lives in ``gensample.runs.disa``; nothing here imports it.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..core.ddim import ddpm_posterior, ddpm_posterior_mean, q_sample, x0_from_eps_reciprocal
+from ..core.ddim import ddpm_posterior, ddpm_posterior_mean, x0_from_eps_reciprocal
 from ..core.denoiser import check_finite
-from .registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
 SCHEDULES = ("constant", "linear", "cosine", "two-stage")
 CFG_SCHEDULES = ("linear", "constant")
@@ -497,194 +498,3 @@ def evidence_metrics(backbone, head, ddpm: HeadDDPM, generators, class_labels, *
         x = sample_head(head, z_rep, ddpm.table(num_steps), lambda: torch.randn((z_rep.shape[0], token_dim), generator=g))
         variance.append(float(x.reshape(-1, draws, token_dim).var(1).mean()))
     return {"straightness": straightness, "variance": variance}
-
-
-# -- 6. registry entries: `gensample run --sampler disa|mar` --------------------------------------
-def schedule_from_opts(opts: dict, annealed: bool) -> StepBudgetSchedule:
-    upper = opts.get("head_steps_max", 50)
-    lower = opts.get("head_steps_min", 5)
-    if not annealed:  # `mar`: no annealing, S = U at every iteration
-        return StepBudgetSchedule("constant", upper, upper)
-    return StepBudgetSchedule(opts.get("schedule") or "linear", upper, lower)
-
-
-def _validate(opts: dict, model) -> None:
-    if opts.get("steps") is not None:
-        raise ValueError("--steps does not apply to samplers disa/mar; use --ar-steps K and "
-                         "--head-steps-max U / --head-steps-min L")
-    annealed = opts["sampler"] == "disa"
-    sched = schedule_from_opts(opts, annealed)
-    parts = model.extras
-    for key in ("backbone", "head", "num_tokens", "token_dim", "detokenize"):
-        if key not in parts:
-            raise ValueError(f"model {model.name!r} lacks extras[{key!r}]; a 'mar' model needs backbone, head, "
-                             f"num_tokens, token_dim and detokenize (see gensample.pipelines.ar_diffusion)")
-    if opts["ar_steps"] > parts["num_tokens"]:
-        raise ValueError(f"--ar-steps must be <= the model's {parts['num_tokens']} tokens, got {opts['ar_steps']}")
-    if sched.upper > model.num_train_timesteps:
-        raise ValueError(f"--head-steps-max must be <= the head's {model.num_train_timesteps} training timesteps, got {sched.upper}")
-    clip = opts.get("timestep_clip")
-    if clip is not None and clip >= model.num_train_timesteps:
-        raise ValueError(f"--timestep-clip must be < {model.num_train_timesteps}, got {clip}")
-    if opts.get("vae") is not None:  # decode the tokens with the KL-16 VAE (model.extras["vae"])
-        from ..zoo.mar import attach_vae
-
-        attach_vae(model, opts["vae"])
-    if opts.get("guidance_scale", 1.0) != 1.0 and (not model.num_classes or model.null_class is None):
-        raise ValueError(f"--guidance-scale needs a class-conditional model with a null class; {model.name!r} has none")
-
-
-def _labels_for(model, opts: dict, generators, device) -> torch.Tensor | None:
-    """--class-label for all, else one label per sample drawn uniformly from its own generator."""
-    if not model.num_classes:
-        return None
-    if opts.get("class_label") is not None:
-        return torch.full((len(generators),), int(opts["class_label"]), dtype=torch.long, device=device)
-    return torch.cat([torch.randint(model.num_classes, (1,), generator=g) for g in generators]).to(device)
-
-
-def _sample_with(annealed: bool):
-    def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
-        parts = model.extras
-        gens = ctx.generators(seeds)
-        labels = _labels_for(model, opts, gens, ctx.device)
-        cfg = DiSAConfig(ar_steps=opts["ar_steps"], schedule=schedule_from_opts(opts, annealed),
-                         temperature=opts["temperature"], guidance_scale=opts.get("guidance_scale", 1.0),
-                         cfg_schedule=opts["cfg_schedule"])
-        ddpm = HeadDDPM(model.alphas_cumprod, opts.get("timestep_clip"), parts.get("variance_type", "auto"))
-        tokens, stats = sample_mar(parts["backbone"], parts["head"], ddpm, cfg, gens, num_tokens=parts["num_tokens"],
-                                   token_dim=parts["token_dim"], class_labels=labels, null_class=model.null_class,
-                                   device=ctx.device, dtype=ctx.dtype, on_step=ctx.step_done, sampler=ctx.sampler)
-        x = parts["detokenize"](tokens.float())
-        extras = {} if labels is None else {"class_labels": labels.cpu()}
-        return SampleBatch(x=x, extras=extras, stats=stats)
-
-    return fn
-
-
-_OPTIONS = (
-    Option("ar-steps", int, 8, "MAR iterations K (cosine unmasking schedule)", min=1),
-    Option("head-steps-max", int, 50, "diffusion-head steps U at the first AR iteration", min=1),
-    Option("head-steps-min", int, 5, "diffusion-head steps L at the last AR iteration", min=1),
-    Option("schedule", SCHEDULES, "linear", "DiSA step budget S(k): linear|cosine|two-stage|constant (constant = U)"),
-    Option("temperature", float, 1.0, "head temperature tau (scales the per-step noise only)", min=0.0),
-    Option("timestep-clip", int, None, "map respaced head timesteps t > C to C (reference DiSA code: 950); off by default", min=0),
-    Option("cfg-schedule", CFG_SCHEDULES, "linear", "MAR CFG ramp over AR iterations: linear|constant"),
-    Option("vae", str, None, "KL-16 VAE checkpoint (MAR's kl16.ckpt) decoding a released MAR's tokens "
-                             "(--model mar:...) to images; without it the latents are written"),
-)
-
-register(SamplerSpec(
-    name="disa",
-    description="DiSA (Zhao et al. 2025): MAR generation, head steps annealed U -> L over AR iterations",
-    fn=_sample_with(annealed=True),
-    default_model="mar-digits",
-    options=_OPTIONS,
-    default_steps=None,
-    model_kinds=("mar",),
-    progress_total=lambda opts: opts["ar_steps"],
-    validate=_validate,
-))
-register(SamplerSpec(
-    name="mar",
-    description="MAR baseline (Li et al. 2024): masked AR + diffusion head, constant U head steps",
-    fn=_sample_with(annealed=False),
-    default_model="mar-digits",
-    options=tuple(o for o in _OPTIONS if o.key not in ("head_steps_min", "schedule")),
-    default_steps=None,
-    model_kinds=("mar",),
-    progress_total=lambda opts: opts["ar_steps"],
-    validate=_validate,
-))
-
-
-# -- 7. diffusers face: a scheduler for the head -------------------------------------------------
-from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
-from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
-from diffusers.utils import BaseOutput  # noqa: E402
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-
-from ..core.schedule import alphas_cumprod_from_config, make_betas  # noqa: E402
-
-
-@dataclass
-class DiSAHeadSchedulerOutput(BaseOutput):
-    prev_sample: torch.Tensor
-    pred_original_sample: Optional[torch.Tensor] = None
-
-
-class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
-    """MAR's respaced ancestral DDPM for a per-token head (docs/disa.md, head sampler), as a diffusers scheduler.
-
-    DiSA calls ``set_timesteps(S(k))`` once per AR iteration; tables are cached per step count.
-    ``timesteps`` are the original training t (descending) to feed the head. ``step`` takes
-    ``noise`` (per-step standard normal, e.g. from per-image generators) or draws it with
-    ``generator``; ``disa_temperature`` scales that noise only. Differs from DDPMScheduler in the
-    timestep spacing (running float sum, banker's rounding), the clipped-log posterior variance
-    and the temperature, so MAR parity needs this class (docs/disa.md, head sampler).
-    """
-
-    _compatibles = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
-    order = 1
-
-    @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 beta_schedule: str = "squaredcos_cap_v2", trained_betas=None, prediction_type: str = "epsilon",
-                 variance_type: str = "auto", disa_temperature: float = 1.0,
-                 disa_timestep_clip: Optional[int] = None):
-        if prediction_type != "epsilon":
-            raise ValueError(f"prediction_type must be 'epsilon' for the MAR head, got {prediction_type!r}")
-        allowed = ("auto", "fixed_small", "fixed_small_log", "learned_range")
-        if variance_type not in allowed:
-            raise ValueError(f"variance_type must be one of {allowed} for the MAR head, got {variance_type!r}")
-        self.ddpm = HeadDDPM(alphas_cumprod_from_config(self.config), disa_timestep_clip,
-                             "fixed_small" if variance_type == "fixed_small_log" else variance_type)
-        self.alphas_cumprod = self.ddpm.alphas_cumprod.float()
-        # diffusers' scheduler attributes: the training chain beta_t, alpha_t = 1 - beta_t (T,)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas).float()
-        self.alphas = 1.0 - self.betas
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
-        self._table = None
-        self._step_index = None
-
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        self._table = self.ddpm.table(num_inference_steps)
-        self.num_inference_steps = len(self._table)
-        self.timesteps = self._table.timesteps.flip(0).to(device)
-        self._step_index = 0
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
-
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, noise: torch.Tensor | None = None,
-             generator=None, return_dict: bool = True):
-        if self._table is None:
-            raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        i = len(self._table) - 1 - self._step_index
-        if int(timestep) != int(self._table.timesteps[i]):
-            raise ValueError(f"timestep {int(timestep)} is not the expected {int(self._table.timesteps[i])} at step {self._step_index}")
-        c = sample.shape[1] if sample.ndim > 1 else 1
-        eps, v = model_output, None
-        if model_output.shape != sample.shape:
-            if sample.ndim < 2 or model_output.shape[1] != 2 * c or model_output.shape[2:] != sample.shape[2:]:
-                raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)} (eps) or twice its "
-                                 f"channels (eps, v); got {tuple(model_output.shape)}")
-            eps, v = model_output[:, :c], model_output[:, c:]
-        if noise is None:
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        prev, x0_hat = ddpm_head_step(self._table, i, sample, eps, noise, self.config.disa_temperature,
-                                      head_variance(self.ddpm.variance_type, v, c))
-        self._step_index += 1
-        if not return_dict:
-            return (prev, x0_hat)
-        return DiSAHeadSchedulerOutput(prev_sample=prev, pred_original_sample=x0_hat)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        ab = self.alphas_cumprod.to(original_samples.device)[timesteps.long().to(original_samples.device)]
-        ab = ab.to(original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))
-        return q_sample(original_samples, noise, ab)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps

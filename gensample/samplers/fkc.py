@@ -27,8 +27,8 @@ No divergence term; initial noise N(0, I / B), B = sum_i beta_i.
 Particles are a flat group-major batch of N = G * K rows (G groups of K particles); resampling
 never crosses groups (core/smc.py). The DDIM move and the timestep grid are the shared ones of
 ``core.ddim``; the `gensample run --sampler fkc` glue (target resolution, experts, ESS plot) is in
-``gensample.runs.fkc``. Sections: 1. parameters, 2. pure step functions, 3. the loop, 4. the
-diffusers scheduler.
+``gensample.runs.fkc``. Sections: 1. parameters, 2. pure step functions, 3. the loop. The diffusers
+face, ``FKCScheduler``, is in ``gensample.schedulers.fkc``; nothing here imports it.
 """
 
 from __future__ import annotations
@@ -38,19 +38,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..core import smc
-from ..core.ddim import (SPACINGS, ddim_sigma, ddim_update, eps_from_v, eps_from_x0, q_sample, timestep_grid, x0_from_eps,
-                         x0_from_v)
+from ..core.ddim import ddim_sigma, ddim_update, eps_from_v, eps_from_x0, timestep_grid, x0_from_eps, x0_from_v
 from ..core.denoiser import check_finite
+from ..core.noise import normal, normal_rows
 from ..core.param import PREDICTION_TYPES
-from ..core.schedule import alphas_cumprod_from_config
 
 TARGETS = ("anneal", "product", "cfg")
 POLICIES = ("every", "ess", "never")
@@ -337,13 +331,6 @@ def alpha_bar_pairs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final
     return ab_t, ab_s
 
 
-def draw_normal(shape, generator: torch.Generator | None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal draw made on the generator's own device (CPU or CUDA; the caller moves it),
-    so that ``torch.Generator("cuda")`` works and results do not depend on the sample's device."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. The loop
 # ---------------------------------------------------------------------------------------------
@@ -375,15 +362,23 @@ def sample_fkc(
     final_alpha_bar: float = 1.0,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     sampler: str = "fkc",
+    proposal=None,
 ) -> FKCResult:
     """FKC-SMC (paper Sec. 3-4; docs/fkc.md), one loop for every target.
 
     expert_eps(x, t) -> (M, N, ...) eps of each expert at x (N, ...) and timestep t (one batched
-        model call). x_T: (N, ...) standard normal noise, N = G * group_size; it is scaled by
+        model call); t is the scalar grid time, or (N,) per-particle model times when the proposal
+        is a Time-Shift scheduler. x_T: (N, ...) standard normal noise, N = G * group_size; it is scaled by
         1 / sqrt(B) here. noise_generators: one CPU generator per particle (move noise; the API's
         per-sample convention) or a single generator (one batched draw per step, faster);
         resample_generators: one per group (or one shared). on_step(k, x, log_w) is called after each
         step; a tensor it returns replaces x (diffusers callback_on_step_end).
+    proposal: None (FKC's own float64 DDIM(eta) move, ``ddim_move``) or a memoryless diffusers
+        scheduler with ``set_timesteps`` done on ``timesteps`` and eps parameterisation
+        (DDIMScheduler, DDPMScheduler, TimeShiftScheduler; ``check_proposal``): its ``step`` moves the
+        particles (docs/compose.md "FKC over any proposal"). A scheduler with ``model_timesteps``
+        (Time-Shift) sets the time the experts are evaluated at, per particle, and the weight of
+        the step is taken from that time to the next grid time.
     """
     N = x_T.shape[0]
     K = int(group_size)
@@ -397,9 +392,23 @@ def sample_fkc(
         warnings.warn("FKC with eta=0 (ODE move) and resampling duplicates particles forever "
                       "(docs/fkc.md \"Design choices\"); use eta > 0", RuntimeWarning, stacklevel=2)
     T = alphas_cumprod.numel()
+    step_kwargs = {}
+    if proposal is not None:
+        step_kwargs = check_proposal(proposal, timesteps, cfg)
+        final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
+    shifted = proposal is not None and hasattr(proposal, "model_timesteps")
+    if shifted and getattr(proposal, "shifting", False) and abs(cfg.total_beta - 1.0) > 1e-12:
+        raise ValueError(f"Time-Shift inside FKC needs sum(betas) = 1 (CFG, or a single expert with beta = 1), got "
+                         f"{cfg.total_beta:g}: its statistic references the untempered path variance 1 - alpha_bar, and a "
+                         f"shifted model time breaks the x-cancellation of the tempered DDIM move (docs/compose.md "
+                         f"\"Time-Shift inside FKC\")")
     ab_t_all, ab_s_all = alpha_bar_pairs(alphas_cumprod, timesteps, final_alpha_bar)
     coef = node_coefficients(ab_t_all, ab_s_all, cfg.quadrature)  # (S,) weight of each model call
     direct = direct_steps(ab_t_all, ab_s_all)  # (S,) zero-SNR start steps
+    if proposal is not None and bool(direct.any()):
+        raise ValueError("a zero-terminal-SNR schedule (alpha_bar_T = 0) needs FKC's own move (proposal=None): "
+                         "a scheduler step from alpha_bar = 0 is undefined for sum(betas) != 1")
+    ab_table = alphas_cumprod.double().cpu()
     event = tuple(x_T.shape[1:])
     x = (x_T.double() / math.sqrt(cfg.total_beta)).to(x_T.dtype)  # N(0, I/B) = rho_T for VP (docs/fkc.md)
     log_w = torch.zeros((G, K), dtype=torch.float64)
@@ -407,12 +416,18 @@ def sample_fkc(
     did = torch.zeros((G, len(timesteps)), dtype=torch.bool)
     trivial = cfg.is_trivial
     for k, t in enumerate(timesteps):
-        out = expert_eps(x, t)  # (M, N, ...) eps, or a pair (eps, x0) formed from the raw output
+        t_model = proposal.model_timesteps(x, t) if shifted else t  # (N,) per particle under Time-Shift
+        out = expert_eps(x, t_model)  # (M, N, ...) eps, or a pair (eps, x0) formed from the raw output
         eps_experts, x0_experts = out if isinstance(out, tuple) else (out, None)
+        if proposal is not None:
+            x0_experts = None  # the scheduler forms x0 from eps_eff itself
         check_finite(eps_experts, sampler, k)
         if not trivial:
             rate = weight_rate(eps_experts, cfg.betas).cpu()  # (N,)
-            inc = (coef[k] * rate).reshape(G, K)
+            c_k = coef[k]
+            if shifted:  # the step runs from each particle's model time to the next grid time
+                c_k = node_coefficients(ab_table[t_model.cpu()], ab_s_all[k].expand(N), cfg.quadrature)
+            inc = (c_k * rate).reshape(G, K)
             if cfg.max_log_increment is not None:
                 inc = inc - inc.mean(1, keepdim=True)
                 inc = inc.clamp(-cfg.max_log_increment, cfg.max_log_increment)
@@ -428,16 +443,24 @@ def sample_fkc(
             want = ess < cfg.ess_threshold * K if cfg.resample == "ess" else torch.ones(G, dtype=torch.bool)
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():
-                carried = [x, eps_eff] + ([] if x0_eff is None else [x0_eff])
+                carried = [x, eps_eff] + ([] if x0_eff is None else [x0_eff]) + ([t_model] if shifted else [])
                 carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
                 x, eps_eff = carried[0], carried[1]
                 x0_eff = carried[2] if x0_eff is not None else None
+                t_model = carried[-1] if shifted else t_model
                 did[:, k] = want
+        if proposal is not None:  # the scheduler's own step (its noise from the same generators)
+            kw = dict(step_kwargs, model_timesteps=t_model) if shifted else step_kwargs
+            x = proposal.step(eps_eff.to(x.dtype), t, x, generator=noise_generators, return_dict=True, **kw).prev_sample
+            if on_step is not None:
+                new_x = on_step(k, x, log_w)
+                x = new_x if isinstance(new_x, torch.Tensor) else x
+            continue
         noise = None
         if cfg.eta > 0 and batched_noise:
-            noise = draw_normal((N, *event), noise_generators, x.dtype).to(x.device)
+            noise = normal((N, *event), noise_generators, device=x.device, dtype=x.dtype)
         elif cfg.eta > 0:
-            noise = torch.stack([draw_normal(event, g, x.dtype) for g in noise_generators]).to(x.device)
+            noise = normal_rows(noise_generators, event, device=x.device, dtype=x.dtype)
         if direct[k]:  # zero terminal SNR: sample rho_s directly (docs/fkc.md "Zero terminal SNR")
             if x0_experts is None:  # eps models: x0 through the clamped alpha_bar
                 x0_experts = torch.stack([eps_and_x0(e, x, ab_t_all[k], "epsilon")[1] for e in eps_experts])
@@ -448,6 +471,28 @@ def sample_fkc(
             new_x = on_step(k, x, log_w)
             x = new_x if isinstance(new_x, torch.Tensor) else x
     return finalize(x, log_w, cfg, ess_trace, did, resample_generators)
+
+
+PROPOSALS = ("fkc", "ddim", "ddpm")  # FKC's own float64 DDIM(eta) move | diffusers DDIMScheduler | DDPMScheduler
+
+
+def check_proposal(proposal, timesteps: torch.Tensor, cfg: FKCConfig) -> dict:
+    """Check that a scheduler can serve as FKC's move and return the extra ``step`` keywords.
+
+    FKC resamples particles between steps, so the move must be memoryless (a one-step scheduler
+    whose ``step`` depends only on (eps, t, x)): DDIM, DDPM and Time-Shift qualify; multistep
+    solvers (DPM-Solver, PNDM) keep model outputs of earlier particles and do not. The scheduler
+    must predict eps (FKC combines the experts in eps) and hold the same grid as the loop."""
+    name = type(proposal).__name__
+    if name not in ("DDIMScheduler", "DDPMScheduler", "TimeShiftScheduler"):
+        raise ValueError(f"FKC's proposal must be a one-step scheduler (DDIMScheduler, DDPMScheduler or "
+                         f"TimeShiftScheduler), got {name}: multistep solvers keep state across resampling")
+    if proposal.config.prediction_type != "epsilon":
+        raise ValueError(f"FKC's proposal scheduler must use prediction_type 'epsilon' (the experts' eps are combined), "
+                         f"got {proposal.config.prediction_type!r}")
+    if proposal.timesteps is None or not torch.equal(proposal.timesteps.cpu().long(), torch.as_tensor(timesteps).cpu().long()):
+        raise ValueError("FKC's proposal scheduler must be set to the loop's timesteps (call set_timesteps first)")
+    return {"eta": float(cfg.eta)} if name in ("DDIMScheduler", "TimeShiftScheduler") else {}
 
 
 def finalize(x, log_w, cfg: FKCConfig, ess_trace, did, resample_generators) -> FKCResult:
@@ -464,180 +509,3 @@ def finalize(x, log_w, cfg: FKCConfig, ess_trace, did, resample_generators) -> F
     pick = smc.draw_one_per_group(log_w, resample_generators).cpu()  # (G,)
     rows = torch.arange(G) * K + pick
     return FKCResult(x[rows.to(x.device)], torch.ones(G, dtype=torch.float64), log_w, ess_trace, did, torch.arange(G))
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. diffusers face: FKCScheduler
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FKCSchedulerOutput(BaseOutput):
-    """prev_sample (N, ...), pred_original_sample (N, ...), log_weight_increment (N,) float64."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None = None
-    log_weight_increment: torch.Tensor | None = None
-
-
-SCHEDULER_QUADRATURES = ("euler", "logsnr")  # rules that need only the current step
-
-
-class FKCScheduler(SchedulerMixin, ConfigMixin):
-    """FKC move + weight step as a diffusers scheduler (docs/fkc.md "Where it lives").
-
-    ``step(model_output, t, sample)`` takes either one raw model output (one expert with exponent
-    ``fkc_betas[0]``, e.g. annealing) or a list / stacked (M, N, ...) tensor of expert outputs
-    (exponents ``fkc_betas``) in the config's ``prediction_type``, forms eps_i and x0_i from each
-    (``eps_and_x0``), makes a DDIM(eta = fkc_eta) step on eps_eff = sum beta_i eps_i and returns
-    the FK log-weight increment (float64, rule ``fkc_quadrature``) in the output's
-    ``log_weight_increment``; ``return_dict=False`` gives diffusers' (prev_sample,
-    pred_original_sample). Zero-terminal-SNR schedules start with ``zero_snr_move``. Resampling
-    is ``resample(...)`` (within groups of ``group_size``). Initial noise must be multiplied by
-    ``init_noise_sigma`` = 1 / sqrt(B). Loads any DDPM/DDIM config (``from_config``); the noise
-    is drawn on the generator's device (CPU or CUDA) and moved to the sample's.
-    """
-
-    _compatibles = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
-                    "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "UniPCMultistepScheduler"]
-    order = 1
-
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "leading",
-        steps_offset: int = 0,
-        set_alpha_to_one: bool = True,
-        rescale_betas_zero_snr: bool = False,
-        fkc_betas: Sequence[float] = (1.0,),
-        fkc_eta: float = DEFAULTS["eta"],
-        fkc_resample: str = DEFAULTS["resample"],
-        fkc_ess_threshold: float = DEFAULTS["ess_threshold"],
-        fkc_scheme: str = DEFAULTS["scheme"],
-        fkc_quadrature: str = DEFAULTS["quadrature"],
-    ):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        if timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
-        if fkc_quadrature not in SCHEDULER_QUADRATURES:
-            raise ValueError(f"fkc_quadrature must be one of {SCHEDULER_QUADRATURES} (one step at a time), got {fkc_quadrature!r}")
-        self.fkc = FKCConfig(betas=tuple(fkc_betas), eta=fkc_eta, resample=fkc_resample,
-                             ess_threshold=fkc_ess_threshold, scheme=fkc_scheme, quadrature=fkc_quadrature)
-        # stored as a list of floats: the config survives a JSON save / load unchanged
-        self.register_to_config(fkc_betas=[float(b) for b in self.fkc.betas])
-        cfg = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
-               "beta_schedule": beta_schedule, "trained_betas": trained_betas, "rescale_betas_zero_snr": rescale_betas_zero_snr}
-        ab = alphas_cumprod_from_config(cfg)
-        self.alphas_cumprod = ab.float()
-        self.betas = (1 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])).float()
-        self.alphas = 1.0 - self.betas
-        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(ab[0])
-        self.init_noise_sigma = 1.0 / math.sqrt(self.fkc.total_beta)
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy().astype(np.int64))
-        self._ab64 = ab
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps or timesteps")
-        if timesteps is not None:
-            ts = torch.as_tensor(list(timesteps), dtype=torch.long)
-            if ts.ndim != 1 or ts.numel() == 0 or (ts[1:] >= ts[:-1]).any() or ts.min() < 0 or ts.max() >= self.config.num_train_timesteps:
-                raise ValueError(f"timesteps must be a non-empty, strictly descending list of integers in [0, {self.config.num_train_timesteps - 1}]")
-        else:
-            ts = spaced_timesteps(self.config.num_train_timesteps, num_inference_steps,
-                                  self.config.timestep_spacing, self.config.steps_offset)
-        self.num_inference_steps = len(ts)
-        self.timesteps = ts.to(device)
-
-    def _next_alpha_bar(self, timestep: int) -> float:
-        ts = self.timesteps.cpu().tolist()
-        if timestep not in ts:
-            raise ValueError(f"timestep {timestep} is not in the current schedule (set_timesteps)")
-        i = ts.index(timestep)
-        return float(self._ab64[ts[i + 1]]) if i + 1 < len(ts) else self.final_alpha_cumprod
-
-    def step(self, model_output, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True):
-        """One FKC step. model_output: eps-like (N, ...) or M expert outputs ([M] list or (M, N, ...))."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps(...) before step(...)")
-        t = int(timestep)
-        if isinstance(model_output, (list, tuple)):
-            outs = torch.stack(list(model_output))
-        elif model_output.shape == sample.shape:
-            outs = model_output[None]
-        else:
-            outs = model_output
-        if outs.shape[1:] != sample.shape:
-            raise ValueError(f"expert outputs must each have the sample's shape {tuple(sample.shape)}, got {tuple(outs.shape)}")
-        ab_t = self._ab64[t]
-        ab_s = torch.tensor(self._next_alpha_bar(t), dtype=torch.float64)
-        pairs = [eps_and_x0(o, sample, ab_t, self.config.prediction_type) for o in outs]
-        eps = torch.stack([e for e, _ in pairs])  # (M, N, ...) float64, formed from the raw outputs
-        x0s = torch.stack([x0 for _, x0 in pairs])
-        direct = bool(direct_steps(ab_t.reshape(1), ab_s.reshape(1))[0]) if self._zero_snr_start(t) else False
-        if direct:  # zero terminal SNR start (docs/fkc.md "Zero terminal SNR"): no weight, sample rho_s
-            inc = torch.zeros(sample.shape[0], dtype=torch.float64)
-        else:
-            coef = node_coefficients(ab_t.reshape(1), ab_s.reshape(1), self.fkc.quadrature)[0]
-            inc = coef * weight_rate(eps, self.fkc.betas).cpu()
-        eps_eff = combine_eps(eps, self.fkc.betas)
-        noise = None
-        if self.fkc.eta > 0:  # drawn on the generator's device (CPU or CUDA), then moved
-            gen = generator[0] if isinstance(generator, list) else generator
-            dev = gen.device if gen is not None else sample.device
-            noise = randn_tensor(sample.shape, generator=generator, device=dev, dtype=sample.dtype).to(sample.device)
-        x0 = combine_x0(x0s, sample, self.fkc.betas, ab_t)
-        if direct:
-            prev = zero_snr_move(sample, x0s, self.fkc.betas, ab_s, self.fkc.eta, noise)
-            x0 = x0s.mean(0) if len(self.fkc.betas) == 1 else (_betas_like(self.fkc.betas, x0s) * x0s).sum(0) / self.fkc.total_beta
-        else:
-            prev = ddim_move(sample, eps_eff, ab_t, ab_s, self.fkc.eta, noise, x0)
-        x0 = x0.to(sample.dtype)
-        if not return_dict:
-            return (prev, x0)
-        return FKCSchedulerOutput(prev_sample=prev, pred_original_sample=x0, log_weight_increment=inc)
-
-    def _zero_snr_start(self, timestep: int) -> bool:
-        """True when the schedule starts at alpha_bar = 0 and ``timestep`` is one of its first,
-        directly sampled steps (``direct_steps``)."""
-        ts = self.timesteps.cpu().tolist()
-        ab_t = self._ab64[torch.as_tensor(ts)]
-        ab_s = torch.cat([ab_t[1:], torch.tensor([self.final_alpha_cumprod], dtype=torch.float64)])
-        return bool(direct_steps(ab_t, ab_s)[ts.index(timestep)])
-
-    def resample(self, tensors, log_w: torch.Tensor, generator=None, force: bool = False):
-        """Resample flat group-major tensors by (G, K) log_w under the configured policy.
-
-        Returns (tensors, log_w, resampled (G,) bool). ``force`` ignores the policy."""
-        G, K = log_w.shape
-        if force or self.fkc.resample == "every":
-            want = torch.ones(G, dtype=torch.bool)
-        elif self.fkc.resample == "ess":
-            want = smc.effective_sample_size(log_w).cpu() < self.fkc.ess_threshold * K
-        else:
-            want = torch.zeros(G, dtype=torch.bool)
-        if not want.any():
-            return list(tensors), log_w, want
-        out, lw, _ = smc.resample(list(tensors), log_w, self.fkc.scheme, generator, mask=want)
-        return out, lw, want
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        ab = self._ab64.to(original_samples.device)[timesteps.to(original_samples.device).long()]
-        shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        ab = ab.reshape(shape) if ab.ndim else ab
-        return q_sample(original_samples.double(), noise.double(), ab).to(original_samples.dtype)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps

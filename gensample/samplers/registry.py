@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..core.noise import normal_rows
+
 
 @dataclass(frozen=True)
 class Option:
@@ -127,9 +129,8 @@ class RunContext:
         return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
     def randn(self, gens: Sequence[torch.Generator], shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
-        """(len(gens), *shape) standard normal, row b from gens[b], drawn on CPU then moved."""
-        rows = [torch.randn(tuple(shape), generator=g, dtype=dtype) for g in gens]
-        return torch.stack(rows).to(self.device)
+        """(len(gens), *shape) standard normal, row b from gens[b] (CPU generators: drawn on CPU), then moved."""
+        return normal_rows(gens, shape, device=self.device, dtype=dtype)
 
     def step_done(self, n: int = 1) -> None:
         if self.progress is not None:
@@ -153,6 +154,8 @@ class SamplerSpec:
     validate: Callable[[dict, Any], None] | None = None  # extra checks (opts, LoadedModel)
     # extra files after a run: write_extra(out_dir: Path, arrays: dict, model) (ess.png, samples.txt)
     write_extra: Callable[[Any, dict, Any], None] | None = None
+    # text models: run.json's rule for which prompt sample i gets, when not prompts[i % P] (FKC groups)
+    prompt_of_sample: Callable[[dict], str] | None = None
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}

@@ -41,6 +41,11 @@ rows are normalised), which only costs efficiency: the final likelihood is exact
 | ``grad``    | g = grad_{x_t} log L_t                   |
 | ``shift``   | h, the proposal's mean shift             |
 | ``s``       | sqrt of the ancestral step variance s^2  |
+
+This module holds the method: ``SMCPosteriorConfig``, the particle loop ``sample_smc_posterior`` and
+the Python entry point ``posterior_samples`` (with ``grid`` and ``draw_blocks``). The run glue of
+`gensample run --sampler smc-post` (options, option parsing, validation, the batch function and the
+registration) lives in ``gensample.runs.smc_posterior``; nothing here imports it.
 """
 
 from __future__ import annotations
@@ -51,13 +56,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import smc
+from ..core.ddim import timestep_grid
 from ..core.denoiser import check_finite
+from ..core.noise import normal_blocks
 from ..core.schedule import alphas_cumprod_from_config
-from .baseline import make_scheduler
+from .fkc import QUADRATURES, combine_eps, node_coefficients, weight_rate
 from .operators import LinearOperator, MatrixOperator
-from .registry import SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
-from .stsl import (Codec, build_operator, estimate_prior_var, likelihood_quad, measurement_for, trust_clip, tweedie_var,
-                   write_extra)
+from .registry import RunContext, sample_seed
+from .stsl import Codec, estimate_prior_var, likelihood_quad, trust_clip, tweedie_var
 
 FINALS = ("resample", "weighted")
 NAME = "smc-post"
@@ -76,6 +82,10 @@ class SMCPosteriorConfig:
     scheme: str = "systematic"
     final: str = "resample"
     guidance_weight: float = 1.0  # multiplier of the proposal shift h (0: plain DDPM proposal, pure reweighting)
+    # FKC prior target prod_i p_i^{beta_i} (docs/compose.md "FKC targets with a measurement"): exponents of
+    # the experts handed to sample_smc_posterior; (1.0,) is the model's own prior. quadrature: FKC's weight rule.
+    betas: tuple = (1.0,)
+    quadrature: str = "logsnr"
 
     def __post_init__(self):
         if isinstance(self.particles, bool) or int(self.particles) != self.particles or self.particles < 1:
@@ -95,6 +105,37 @@ class SMCPosteriorConfig:
             raise ValueError(f"--final must be one of {list(FINALS)}, got {self.final!r}")
         if not (math.isfinite(self.guidance_weight) and self.guidance_weight >= 0):
             raise ValueError(f"--guidance-weight must be a finite number >= 0, got {self.guidance_weight!r}")
+        betas = tuple(float(b) for b in self.betas)
+        if not betas or not all(math.isfinite(b) for b in betas) or sum(betas) <= 0:
+            raise ValueError(f"betas must be finite numbers with a positive sum, got {self.betas!r}")
+        object.__setattr__(self, "betas", betas)
+        if self.quadrature not in ("euler", "logsnr"):
+            raise ValueError(f"--quadrature must be euler or logsnr for smc-post (one model call per step), got {self.quadrature!r}")
+
+    @property
+    def tempered(self) -> bool:
+        """True when the prior path is an FKC target other than the model itself."""
+        return self.betas != (1.0,)
+
+
+class TargetPrior:
+    """The prior part of a twisted target p_t(x) -> prod_i p_{i,t}(x)^{beta_i} (an FKC target; Skreta
+    et al. 2025, Sec. 3): called like a denoiser, it returns eps_eff = sum_i beta_i eps_i (with its
+    graph, for the twist's gradient) and keeps the FK weight rate ||sum beta eps||^2 - sum beta ||eps||^2
+    of that call in ``rate`` ((N,) float64, `fkc.weight_rate`).
+
+    experts(x, t) -> (M, N, ...) eps of the M experts (one batched model call)."""
+
+    def __init__(self, experts, betas):
+        self.experts, self.betas = experts, tuple(betas)
+        self.rate: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        eps = self.experts(x, t)
+        if isinstance(eps, tuple):
+            eps = eps[0]
+        self.rate = weight_rate(eps.detach(), self.betas).cpu()
+        return combine_eps(eps, self.betas)
 
 
 @dataclass
@@ -148,7 +189,8 @@ def twist(denoiser, op: LinearOperator, y: torch.Tensor, x: torch.Tensor, t, ab:
 
 def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: torch.Tensor, cfg: SMCPosteriorConfig, *,
                          alphas_cumprod: torch.Tensor, timesteps, final_alpha_bar: float = 1.0, noise_generators,
-                         resample_generators, cond=None, on_step=None, sampler: str = NAME, codec=None) -> SMCPosteriorResult:
+                         resample_generators, cond=None, on_step=None, sampler: str = NAME, codec=None,
+                         experts=None) -> SMCPosteriorResult:
     """Run G independent systems of K = cfg.particles particles (docs/smc_posterior.md, "Proposal", "Weights").
 
     x_T: (G*K, *shape) group-major start noise; y: (1 or G*K, *op.out_shape); timesteps: the descending
@@ -157,7 +199,13 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
     one per system. codec: `stsl.Codec`
     of a latent model (x_T and the moves are latents z; the twist and the output use D(z0_hat)), None for pixels.
     final_alpha_bar: accepted for the scheduler contract only; the output is x0_hat at the last grid point
-    (the deterministic final DDIM step), where the twist becomes the true likelihood."""
+    (the deterministic final DDIM step), where the twist becomes the true likelihood.
+    experts(x, t) -> (M, N, ...) eps: with cfg.betas != (1,), the prior path is the FKC target
+    prod_i p_i^{beta_i} (docs/compose.md "FKC targets with a measurement"): the moves use
+    eps_eff = sum beta_i eps_i, x_T is scaled by 1 / sqrt(B) (rho_T = N(0, I / B)), and every step adds
+    FKC's weight increment c_k * rate (`fkc.node_coefficients`, cfg.quadrature) to the twist's; the
+    target at t = 0 is prod_i p_i^{beta_i}(x) N(y; A x, sigma_y^2 I). ``denoiser`` then only serves the
+    prior-variance estimate (v / B for the tempered path: exact for a Gaussian)."""
     K = int(cfg.particles)
     rows = x_T.shape[0]
     if rows % K:
@@ -183,9 +231,22 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
     sy = float(cfg.noise_std)
     dev = x_T.device
     t_dev = lambda t: torch.tensor(t, device=dev)  # noqa: E731
+    prior = denoiser
+    B = float(sum(cfg.betas))
+    if cfg.tempered:
+        if experts is None:
+            raise ValueError(f"betas {cfg.betas} need the experts' eps (experts=...): the target is prod_i p_i^beta_i")
+        prior = TargetPrior(experts, cfg.betas)
+        if cfg.prior_var is None:
+            v = v / B  # the tempered path's variance (exact for Gaussian experts sharing their variance)
+        x_T = (x_T.double() / math.sqrt(B)).to(x_T.dtype)  # rho_T = N(0, I / B)
+    abs_next = abs_[1:] + [1.0]
+    fk_coef = node_coefficients(torch.tensor(abs_, dtype=torch.float64), torch.tensor(abs_next, dtype=torch.float64),
+                                cfg.quadrature) if cfg.tempered else None  # (N,) FKC weight of each model call
 
     x = x_T.detach()
-    eps, x0, log_l, grad = twist(denoiser, op, y, x, t_dev(ts[0]), abs_[0], sy, tweedie_var(abs_[0], v), cond, codec)
+    eps, x0, log_l, grad = twist(prior, op, y, x, t_dev(ts[0]), abs_[0], sy, tweedie_var(abs_[0], v), cond, codec)
+    rate = prior.rate if cfg.tempered else None
     log_w = log_l.reshape(G, K).clone()
     ess_trace, n_res = [], torch.zeros(G, dtype=torch.int64)
     unet_fwd = unet_bwd = 1
@@ -197,11 +258,14 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
         ess_trace.append(ess)
         want = ess < cfg.ess_threshold * K
         if K > 1 and bool(want.any()):
-            (x, eps, x0, grad, log_l_f), log_w, _ = smc.resample([x, eps, x0, grad, log_l.reshape(-1)], log_w, cfg.scheme,
-                                                                 resample_generators, mask=want)
-            log_l = log_l_f
+            carried = [x, eps, x0, grad, log_l.reshape(-1)] + ([rate] if rate is not None else [])
+            carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
+            x, eps, x0, grad, log_l = carried[:5]
+            rate = carried[5] if rate is not None else None
             n_res += want.long()
         ab = abs_[i]
+        if rate is not None:  # FKC's increment of the step from t_i (experts at x_t_i), paper Sec. 3
+            log_w = log_w + (fk_coef[i] * rate).reshape(G, K)
         if i == len(ts) - 1:  # last step: output x0_hat, twist -> the true likelihood N(y; A x0, sigma_y^2 I)
             with torch.no_grad():
                 x_img = x0 if codec is None else codec.decode(x0)
@@ -215,15 +279,16 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
         s, dir_ = ancestral_coefs(ab, ab_prev)
         g = trust_clip(grad, ab, v)
         shift = cfg.guidance_weight * s * s * proposal_gain(s * s, ab_prev, v, sy, aat) * g
-        z = draw_blocks(noise_generators, rows, tuple(x.shape[1:]), dev)
+        z = normal_blocks(noise_generators, rows, tuple(x.shape[1:]), device=dev)
         x_new = math.sqrt(ab_prev) * x0 + dir_ * eps + shift + s * z
         hd, zd = shift.double().flatten(1), z.double().flatten(1)
         if s > 0:  # log p(x'|x) - log q(x'|x, y), both N(., s^2 I)
             log_pq = (-((hd**2).sum(1) + 2 * s * (hd * zd).sum(1)) / (2 * s * s)).cpu()
         else:
             log_pq = torch.zeros(rows, dtype=torch.float64)
-        eps, x0, log_l_new, grad = twist(denoiser, op, y, x_new, t_dev(ts[i + 1]), ab_prev, sy, tweedie_var(ab_prev, v),
+        eps, x0, log_l_new, grad = twist(prior, op, y, x_new, t_dev(ts[i + 1]), ab_prev, sy, tweedie_var(ab_prev, v),
                                          cond, codec)
+        rate = prior.rate if cfg.tempered else None
         unet_fwd += 1
         unet_bwd += 1
         log_w = log_w + (log_pq + log_l_new - log_l).reshape(G, K)
@@ -246,26 +311,32 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
 
 
 def draw_blocks(generators, rows: int, shape: tuple, device) -> torch.Tensor:
-    """(rows, *shape) standard normal: rows / len(generators) consecutive rows from each generator, drawn as
-    one block on that generator's own device (CPU or CUDA), then moved to ``device``."""
-    per = rows // len(generators)
-    return torch.cat([torch.randn((per, *shape), generator=g, device=g.device).to(device) for g in generators])
+    """(rows, *shape) standard normal, one block of rows / len(generators) per generator (core.noise.normal_blocks)."""
+    return normal_blocks(generators, rows, shape, device=device)
 
 
 def grid(model, steps: int, device="cpu"):
-    """(alphas_cumprod, descending timesteps, final alpha_bar) of the model's DDIM grid with `steps` steps."""
-    sched = make_scheduler("ddim", model.scheduler_config)
-    sched.set_timesteps(int(steps), device=device)
-    final = getattr(sched, "final_alpha_cumprod", None)
-    return alphas_cumprod_from_config(model.scheduler_config), sched.timesteps, float(final) if final is not None else 1.0
+    """(alphas_cumprod, descending timesteps, final alpha_bar) of the model's DDIM grid with `steps` steps:
+    the timesteps of diffusers' DDIMScheduler on the model's config (``timestep_spacing``, default
+    "leading", and ``steps_offset``; `core.ddim.timestep_grid`), and its final alpha_bar, 1 when
+    ``set_alpha_to_one`` (default) else alpha_bar at t = 0 (as float32, the scheduler's precision)."""
+    cfg = model.scheduler_config
+    ac = alphas_cumprod_from_config(cfg)
+    ts = timestep_grid(int(cfg.get("num_train_timesteps", 1000)), int(steps), cfg.get("timestep_spacing", "leading"),
+                       int(cfg.get("steps_offset", 0))).to(device)
+    final = 1.0 if cfg.get("set_alpha_to_one", True) else float(ac[0].float())
+    return ac, ts, final
 
 
 def posterior_samples(model, op: LinearOperator, y: torch.Tensor, seeds, cfg: SMCPosteriorConfig, *, ctx: RunContext | None = None,
-                      cond=None, on_step=None) -> SMCPosteriorResult:
+                      cond=None, on_step=None, experts=None, start=None) -> SMCPosteriorResult:
     """Python entry point (pixel or latent models): one system of cfg.particles particles per seed (final
     "resample": one output per seed) or, with final "weighted", seeds in consecutive groups of K
     particles (len(seeds) a multiple of K; every particle returned with its weight).
-    y: (1, *op.out_shape), the measurement shared by all systems."""
+    y: (1, *op.out_shape), the measurement shared by all systems.
+    experts(x, t) -> (M, rows, ...) eps: the FKC target of cfg.betas (`sample_smc_posterior`).
+    start(x_Tp) -> x_T maps the systems' unit-variance start draw (rows, *event) to another start
+    (One More Step: ``gensample.runs.oms.oms_start`` with ``x_Tp``)."""
     ctx = ctx or RunContext(sampler=NAME)
     K = int(cfg.particles)
     seeds = [int(s) for s in seeds]
@@ -283,7 +354,9 @@ def posterior_samples(model, op: LinearOperator, y: torch.Tensor, seeds, cfg: SM
     ac, ts, final_ab = grid(model, cfg.steps, ctx.device)
     gens = ctx.generators(system_seeds)  # one per system: start noise and move noise of its K particles
     rgens = [torch.Generator().manual_seed(sample_seed(s, _RESAMPLE_SEED_INDEX)) for s in system_seeds]
-    x_T = draw_blocks(gens, len(system_seeds) * K, tuple(model.event_shape), ctx.device)
+    x_T = normal_blocks(gens, len(system_seeds) * K, tuple(model.event_shape), device=ctx.device)
+    if start is not None:
+        x_T = start(x_T)
     den = model.denoiser()
     if cond is None:
         cond = model.cond_for(None, x_T.shape[0], ctx.device)
@@ -291,86 +364,8 @@ def posterior_samples(model, op: LinearOperator, y: torch.Tensor, seeds, cfg: SM
     codec = Codec(vae) if vae is not None else None
     res = sample_smc_posterior(den, op, y.to(ctx.device), x_T, cfg, alphas_cumprod=ac, timesteps=ts, final_alpha_bar=final_ab,
                                noise_generators=gens, resample_generators=rgens, cond=cond,
-                               on_step=ctx.step_done if on_step is None else on_step, codec=codec)
+                               on_step=ctx.step_done if on_step is None else on_step, codec=codec, experts=experts)
     res.stats.update(nfe=den.calls, model_rows=den.rows)
     if codec is not None:
         res.stats.update(vae_decode=codec.counters.vae_decode, vae_decode_backward=codec.counters.vae_decode_backward)
     return res
-
-
-# -- `gensample run --sampler smc-post` -------------------------------------------------------
-def _dps_spec() -> SamplerSpec:
-    return SAMPLERS["dps"]  # registered by the import of .stsl above
-
-
-_MEASUREMENT_KEYS = ("task", "measurement", "noise_std", "from_sample", "from_digit", "from_image", "task_seed", "missing",
-                     "box_size", "sr_factor", "blur_sigma", "blur_size", "prior_var")
-
-
-def _config(opts: dict) -> SMCPosteriorConfig:
-    ns = opts.get("noise_std")
-    return SMCPosteriorConfig(particles=int(opts["particles"]), steps=int(opts["steps"]), noise_std=0.05 if ns is None else float(ns),
-                              prior_var=opts.get("prior_var"), ess_threshold=float(opts["ess_threshold"]), scheme=opts["scheme"],
-                              final=opts["final"], guidance_weight=float(opts["guidance_weight"]))
-
-
-def _validate(opts: dict, model) -> None:
-    _config(opts)
-    _dps_spec().validate(opts, model)  # operator / ground-truth checks shared with dps / psld / stsl
-    build_operator(opts, model)
-
-
-def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
-    cfg = _config(opts)
-    op, y1, x_true, _ = measurement_for(opts, model, ctx)
-    K = cfg.particles
-    per_chunk = max(1, int(opts.get("batch_size") or 256) // K)
-    unit = K if cfg.final == "weighted" else 1
-    step = per_chunk * unit
-    xs, ws, esss, stats = [], [], [], {"nfe": 0, "model_rows": 0, "resample_events": 0}
-    starts = range(0, len(seeds), step)
-    for start in starts:  # progress: one batch = `steps` units, spread over its chunks
-        res = posterior_samples(model, op, y1, seeds[start:start + step], cfg, ctx=ctx,
-                                on_step=lambda k: ctx.step_done(k / len(starts)))
-        xs.append(res.x)
-        ws.append(res.weights)
-        esss.append(res.ess.repeat_interleave(unit, 0))
-        for k in stats:
-            stats[k] += int(res.stats[k])
-        stats["prior_var"] = res.stats["prior_var"]
-    x = torch.cat(xs).float()
-    n = x.shape[0]
-    extras = {"weights": torch.cat(ws), "ess": torch.cat(esss), "y": y1.float().cpu().expand(n, *op.out_shape)}
-    if x_true is not None:
-        xt = x_true.float().expand(n, *x_true.shape[1:])
-        extras["x_true"] = xt
-        if x.ndim == 4:
-            from ..eval.restoration import psnr, ssim
-
-            extras["psnr"] = psnr(x.cpu(), xt).float()
-            extras["ssim"] = ssim(x.cpu(), xt).float()
-    stats.update(particles=K, final=cfg.final, steps=cfg.steps)
-    return SampleBatch(x=x, extras=extras, stats=stats)
-
-
-def _options() -> tuple:
-    shared = tuple(o for o in _dps_spec().options if o.key in _MEASUREMENT_KEYS)
-    return shared + (
-        Option("particles", int, 16, "particles K per independent system (each output sample is one system's draw; "
-               "with --final weighted --num-samples counts particles)", min=1),
-        Option("ess_threshold", float, 0.5, "resample a system when its ESS < threshold * K (1: every step, 0: never)",
-               min=0.0, max=1.0),
-        Option("scheme", smc.SCHEMES, "systematic", "resampling scheme"),
-        Option("final", FINALS, "resample", "output: one particle per system drawn from its weights | every particle "
-               "with its weight (samples.npz `weights`)"),
-        Option("guidance_weight", float, 1.0, "multiplier of the proposal's likelihood shift (0: unguided DDPM proposal, "
-               "pure reweighting)", min=0.0),
-    )
-
-
-register(SamplerSpec(
-    name=NAME, description="SMC posterior sampler for linear inverse problems, twisted by the PiGDM likelihood "
-    "(Twisted Diffusion Sampler, Wu et al. 2023): exact as --particles grows",
-    fn=_sample, default_model="gmm2d", default_steps=50, validate=_validate, write_extra=write_extra, options=_options(),
-    group_size=lambda o: int(o["particles"]) if o.get("final") == "weighted" else 1,
-))

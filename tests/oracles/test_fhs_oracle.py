@@ -15,7 +15,6 @@ from scipy import stats
 from gensample.models.markov import MarkovDenoiser, toy_chain
 from gensample.samplers.first_hitting import (
     MaskedDiffusionConfig,
-    MaskedDiffusionScheduler,
     ancestral_times,
     first_hitting_time,
     hitting_fraction,
@@ -24,6 +23,7 @@ from gensample.samplers.first_hitting import (
     sample_ancestral,
     sample_first_hitting,
 )
+from gensample.schedulers.first_hitting import MaskedDiffusionScheduler
 
 CHAIN = toy_chain()
 SEQS, P_TRUE = CHAIN.enumerate()  # (81, 4), (81,)

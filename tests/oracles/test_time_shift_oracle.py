@@ -13,7 +13,8 @@ from diffusers import DDIMScheduler
 
 from gensample.core.schedule import alphas_cumprod_from_config
 from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
-from gensample.samplers.time_shift import TimeShiftScheduler, sample_time_shift, sample_variance
+from gensample.samplers.time_shift import sample_time_shift, sample_variance
+from gensample.schedulers.time_shift import TimeShiftScheduler
 
 CFG = dict(DEFAULT_SCHEDULER_CONFIG)
 AB = alphas_cumprod_from_config(CFG)  # (1000,) float64
@@ -115,7 +116,7 @@ def test_reference_pnm_picks_noisy_edge_with_exact_model():
 def _gmm_digits_run(n, steps, seed=1, **ts_kw):
     """TS/DDIM with the exact gmm-digits eps from a correctly scaled start; returns (x0, trace)."""
     from gensample.models.loading import load_model
-    from gensample.samplers.time_shift import make_time_shift_scheduler
+    from gensample.schedulers.time_shift import make_time_shift_scheduler
 
     model = load_model("gmm-digits")
     sched = make_time_shift_scheduler(model.scheduler_config, **ts_kw)

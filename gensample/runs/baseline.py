@@ -1,0 +1,83 @@
+"""`gensample run --sampler ddpm | ddim | dpm | euler`: the baseline samplers' options and batch function.
+
+The loop (``scheduler_loop``) and the scheduler factory live in ``gensample.samplers.baseline``;
+ddim's flaw options (--rescale-zero-snr, --offset-noise) in ``gensample.samplers.schedule_flaws``.
+ddim and ddpm can start from One More Step (``--oms-module``, docs/compose.md): the OMS draw replaces
+x_T and the loop is unchanged.
+"""
+
+from __future__ import annotations
+
+from ..samplers import schedule_flaws
+from ..samplers.baseline import SCHEDULERS, check_steps, epsilon_scale, make_scheduler, scheduler_loop
+from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register
+from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
+
+
+def _validate_oms_start(opts: dict, model) -> None:
+    if opts.get("oms_module") is None:
+        return
+    for key in ("offset_noise", "rescale_zero_snr"):
+        if opts.get(key):
+            raise ValueError(f"--oms-module replaces x_T; it excludes --{key.replace('_', '-')}")
+    check_oms_start(opts, model)
+
+
+def _sample_with(name: str):
+    def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
+        steps = opts["steps"]
+        check_steps(steps, model.scheduler_config)
+        if name == "ddim" and schedule_flaws.zero_snr_wanted(opts, model):  # --rescale-zero-snr (docs/oms.md)
+            return schedule_flaws.sample_zero_snr_ddim(model, opts, seeds, ctx)
+        sched = make_scheduler(name, model.scheduler_config)
+        sched.set_timesteps(steps, device=ctx.device)
+        den = model.denoiser()
+        gens = ctx.generators(seeds)
+        extras, stats = {}, {}
+        if opts.get("oms_module") is not None:  # One More Step start (docs/compose.md)
+            x, extras, stats = oms_start(model, opts, seeds, ctx, sched, gens)
+        else:
+            x = schedule_flaws.start_noise(ctx, gens, model.event_shape, opts.get("offset_noise") or 0.0) * sched.init_noise_sigma
+        cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
+        eta = opts.get("eta") if name == "ddim" else None
+        eps_fn = _eps_scaling(opts) if name == "ddim" else None
+        x = scheduler_loop(den, sched, x, cond, opts.get("guidance_scale", 1.0), gens, ctx, eta=eta, eps_fn=eps_fn)
+        return SampleBatch(x=x, extras=extras, stats={"nfe": den.calls, "model_rows": den.rows, **stats})
+
+    return fn
+
+
+def _eps_scaling(opts: dict):
+    """Epsilon Scaling (Ning et al. 2024, arXiv 2308.15321): eps / lambda_t, lambda_t = b + k t
+    (``--eps-scale`` b, ``--eps-scale-slope`` k per training timestep); None when lambda == 1."""
+    scale, slope = opts.get("eps_scale", 1.0), opts.get("eps_scale_slope", 0.0)
+    if scale == 1.0 and slope == 0.0:
+        return None
+    return lambda eps, t, x: eps / epsilon_scale(int(t), scale, slope)
+
+
+_DESCRIPTIONS = {
+    "ddpm": "DDPM ancestral sampling (diffusers DDPMScheduler), baseline",
+    "ddim": "DDIM (diffusers DDIMScheduler, eta=0 by default), baseline",
+    "dpm": "DPM-Solver++ multistep (diffusers DPMSolverMultistepScheduler), baseline",
+    "euler": "Euler (diffusers EulerDiscreteScheduler), baseline",
+}
+_STEPS = {"ddpm": 1000, "ddim": 50, "dpm": 25, "euler": 50}
+
+for _name in SCHEDULERS:
+    register(
+        SamplerSpec(
+            name=_name,
+            description=_DESCRIPTIONS[_name],
+            fn=_sample_with(_name),
+            default_model="gmm2d",
+            default_steps=_STEPS[_name],
+            options=(Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),
+                     Option("eps_scale", float, 1.0, "Epsilon Scaling lambda (b): the update uses eps / (b + k t)", min=1e-6),
+                     Option("eps_scale_slope", float, 0.0, "Epsilon Scaling slope k per training timestep t"),
+                     *schedule_flaws.DDIM_FLAW_OPTIONS, *OMS_START_OPTIONS)
+            if _name == "ddim"
+            else OMS_START_OPTIONS if _name == "ddpm" else (),
+            validate=_validate_oms_start if _name in ("ddim", "ddpm") else None,
+        )
+    )
