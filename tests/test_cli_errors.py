@@ -21,8 +21,14 @@ from hypothesis import strategies as st
 from gensample import api
 from gensample.cli import main
 from gensample.models import loading
+from gensample.runs.oms import OMS_START_OPTIONS
+from gensample.runs.time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS
 from gensample.samplers import registry
 from gensample.samplers.registry import SampleBatch, SamplerSpec
+
+# options of a composed part (docs/compose.md): on a host sampler most of them are refused unless
+# their switch (--oms-module, --time-shift) is given too, so the sweep draws them rarely
+COMPOSED_KEYS = {o.key for o in (*OMS_START_OPTIONS, TIME_SHIFT_OPTION, *TS_STEP_OPTIONS)} | {"proposal"}
 
 registry.discover()
 BASELINE = ("ddim", "ddpm", "dpm", "euler")
@@ -222,6 +228,10 @@ def _value_strategy(opt):
     if opt.type is float:
         return _mostly(st.floats(lo, hi, allow_nan=False).map(repr),
                        st.sampled_from([repr(lo - 1.0), "nan", "inf", "x"]))
+    if opt.key == "data_var":  # 'auto' or a number in [0, 1) (auto would add a 64-sample pilot run)
+        return _mostly(st.sampled_from(["0", "0.25", "0.5"]), st.sampled_from(["1.5", "x"]))
+    if opt.key == "oms_module":  # the model's shipped module, or a folder that does not exist
+        return _mostly(st.just("default"), st.text(alphabet="abc", min_size=1, max_size=4))
     return st.text(alphabet="0123456789,abc -", max_size=6)
 
 
@@ -248,8 +258,10 @@ def cli_args(draw, samplers, model_for, always_steps=True):
         args += ["--device", draw(st.sampled_from(["cpu", "auto", "bogus", "cuda:7"]))]
     if draw(st.integers(0, 3)) == 0:
         args += ["--dtype", draw(st.sampled_from(["fp32", "fp16", "bf16", "fp8"]))]
+    native = name in ("oms", "ts-ddim", "ts-ddpm")  # the parts' own samplers
     for opt in spec.options:
-        if draw(st.integers(0, 2)) == 0:
+        rare = opt.key in COMPOSED_KEYS and not native
+        if draw(st.integers(0, 11 if rare else 2)) == 0:
             value = draw(_value_strategy(opt))
             args += [value] if opt.type is bool else [opt.flag, value]
     return args

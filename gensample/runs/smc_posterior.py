@@ -17,7 +17,7 @@ from ..eval.restoration import psnr, ssim
 from ..samplers.baseline import make_scheduler
 from ..samplers.fkc import TARGETS
 from ..samplers.registry import SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
-from ..samplers.smc_posterior import FINALS, NAME, SMCPosteriorConfig, posterior_samples
+from ..samplers.smc_posterior import DEFAULTS, FINALS, NAME, SMCPosteriorConfig, posterior_samples
 from .fkc import _expert_fn, resolve_target
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 from .stsl import build_operator, measurement_for, write_extra
@@ -50,10 +50,11 @@ def _target(opts: dict, model) -> tuple[tuple, list]:
 
 def _config(opts: dict, betas: tuple = (1.0,)) -> SMCPosteriorConfig:
     ns = opts.get("noise_std")
-    return SMCPosteriorConfig(particles=int(opts["particles"]), steps=int(opts["steps"]), noise_std=0.05 if ns is None else float(ns),
+    return SMCPosteriorConfig(particles=int(opts["particles"]), steps=int(opts["steps"]),
+                              noise_std=DEFAULTS["noise_std"] if ns is None else float(ns),
                               prior_var=opts.get("prior_var"), ess_threshold=float(opts["ess_threshold"]), scheme=opts["scheme"],
                               final=opts["final"], guidance_weight=float(opts["guidance_weight"]), betas=betas,
-                              quadrature=opts.get("quadrature") or "logsnr")
+                              quadrature=opts.get("quadrature") or DEFAULTS["quadrature"])
 
 
 def _validate(opts: dict, model) -> None:
@@ -116,20 +117,20 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
 def _options() -> tuple:
     shared = tuple(o for o in _dps_spec().options if o.key in _MEASUREMENT_KEYS)
     return shared + (
-        Option("particles", int, 16, "particles K per independent system (each output sample is one system's draw; "
+        Option("particles", int, DEFAULTS["particles"], "particles K per independent system (each output sample is one system's draw; "
                "with --final weighted --num-samples counts particles)", min=1),
-        Option("ess_threshold", float, 0.5, "resample a system when its ESS < threshold * K (1: every step, 0: never)",
+        Option("ess_threshold", float, DEFAULTS["ess_threshold"], "resample a system when its ESS < threshold * K (1: every step, 0: never)",
                min=0.0, max=1.0),
-        Option("scheme", smc.SCHEMES, "systematic", "resampling scheme"),
-        Option("final", FINALS, "resample", "output: one particle per system drawn from its weights | every particle "
+        Option("scheme", smc.SCHEMES, DEFAULTS["scheme"], "resampling scheme"),
+        Option("final", FINALS, DEFAULTS["final"], "output: one particle per system drawn from its weights | every particle "
                "with its weight (samples.npz `weights`)"),
-        Option("guidance_weight", float, 1.0, "multiplier of the proposal's likelihood shift (0: unguided DDPM proposal, "
+        Option("guidance_weight", float, DEFAULTS["guidance_weight"], "multiplier of the proposal's likelihood shift (0: unguided DDPM proposal, "
                "pure reweighting)", min=0.0),
         Option("fkc_target", TARGETS, None, "prior target as in fkc (docs/compose.md): anneal p^beta | product | cfg "
                "p(x|c)^w p(x)^(1-w); the posterior is target x likelihood [default: the model's prior]"),
         Option("beta", float, None, "with --fkc-target anneal / product: the exponent (fkc's defaults)"),
         Option("experts", str, None, "with --fkc-target: comma-separated class labels, e.g. 3,5"),
-        Option("quadrature", ("euler", "logsnr"), "logsnr", "with --fkc-target: FKC's weight rule of each step"),
+        Option("quadrature", ("euler", "logsnr"), DEFAULTS["quadrature"], "with --fkc-target: FKC's weight rule of each step"),
         *OMS_START_OPTIONS,
     )
 

@@ -118,6 +118,9 @@ class SMCPosteriorConfig:
         return self.betas != (1.0,)
 
 
+DEFAULTS = {f: getattr(SMCPosteriorConfig(), f) for f in SMCPosteriorConfig.__dataclass_fields__}  # the one home of smc-post defaults
+
+
 class TargetPrior:
     """The prior part of a twisted target p_t(x) -> prod_i p_{i,t}(x)^{beta_i} (an FKC target; Skreta
     et al. 2025, Sec. 3): called like a denoiser, it returns eps_eff = sum_i beta_i eps_i (with its
