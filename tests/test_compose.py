@@ -94,6 +94,9 @@ def test_time_shift_inside_fkc_refuses_tempered_targets():
     with pytest.raises(ValueError, match="sum\\(betas\\) = 1"):
         sample_fkc(experts, x, FKCConfig(betas=(2.0,)), AB, ts.timesteps, group_size=4,
                    noise_generators=torch.Generator(), resample_generators=[torch.Generator()], proposal=ts)
+    with pytest.raises(ValueError, match="quadrature euler or logsnr"):  # per-particle times: one-step rules only
+        sample_fkc(experts, x, FKCConfig(betas=(2.0, -1.0), quadrature="trapezoid"), AB, ts.timesteps, group_size=4,
+                   noise_generators=torch.Generator(), resample_generators=[torch.Generator()], proposal=ts)
     r = _cli("run", "--sampler", "fkc", "--time-shift", "--beta", "2", "--model", "digits-ddpm", "--num-samples", 16,
              "--steps", 10, "--no-progress")
     assert r.exit_code == 2 and "--time-shift needs exponents summing to 1" in r.output and "Traceback" not in r.output

@@ -188,3 +188,23 @@ def test_sd15_brightness_recipe_runs_tiny(dirs, tmp_path):
         assert row["n"] == 2 and 0 <= row["with_oms"] <= 255 and 0 <= row["without_oms"] <= 255 and row["with_oms_se"] >= 0
     rec = json.loads((out / "run.json").read_text())
     assert rec["config"]["oms_guidance"] == 2.0 and rec["config"]["guidance_scale"] == 7.5
+
+
+def test_released_oms_start_composes_with_other_samplers_on_sd(dirs, tmp_path):
+    """The released OMS layout before ddim (== the oms sampler, bit for bit) and before FKC-CFG with
+    Time-Shift as FKC's step, on an SD 1.x-architecture pipeline (docs/compose.md)."""
+    common = ["--model", dirs["sd1"], "--weights-variant", "fp16", "--prompt", "a cat", "--oms-module", dirs["rel"],
+              "--oms-variant", "fp16", "--steps", 3, "--no-progress"]
+    res = invoke("run", "--sampler", "oms", "--skip-compare", "-n", 2, *common, "-o", tmp_path / "oms")
+    assert res.exit_code == 0, res.output
+    res = invoke("run", "--sampler", "ddim", "-n", 2, *common, "-o", tmp_path / "ddim")
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "oms" / "samples.npz") as a, np.load(tmp_path / "ddim" / "samples.npz") as b:
+        assert np.array_equal(a["x"], b["x"])
+    res = invoke("run", "--sampler", "fkc", "--fkc-target", "cfg", "--guidance-scale", 3, "--time-shift", "--particles", 2,
+                 "-n", 4, *common, "-o", tmp_path / "fkc")
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "fkc" / "run.json").read_text())
+    assert rec["stats"]["fkc"]["time_shift"] and rec["stats"]["oms"]["text_encoder"] == "oms"
+    with np.load(tmp_path / "fkc" / "samples.npz") as z:
+        assert z["x"].shape == (4, 4, LATENT, LATENT) and np.isfinite(z["x"]).all()

@@ -24,6 +24,7 @@ from ..samplers.fkc import (
     TARGET_BETA,
     TARGETS,
     FKCConfig,
+    check_proposal,
     eps_and_x0,
     sample_fkc,
     spaced_timesteps,
@@ -160,15 +161,10 @@ def _validate(opts: dict, model) -> None:
     if model.kind != "diffusion":
         raise ValueError(f"sampler 'fkc' needs a diffusion model, got kind {model.kind!r}")
     check_time_shift_flags(opts)
-    shifts = opts.get("time_shift") and (opts.get("window") is None or opts["window"] >= 2)
-    if shifts and abs(cfg.total_beta - 1.0) > 1e-12:
-        raise ValueError(f"--time-shift needs exponents summing to 1 (--fkc-target cfg, or --beta 1), got sum {cfg.total_beta:g}: "
-                         f"Time-Shift's statistic assumes the untempered path (docs/compose.md \"Time-Shift inside FKC\")")
-    if opts.get("time_shift") and cfg.quadrature not in ("euler", "logsnr"):
-        raise ValueError(f"--time-shift needs --quadrature euler or logsnr (per-particle model times: a rule that reads "
-                         f"only the current step), got {cfg.quadrature!r}")
-    if opts.get("time_shift") or (opts.get("proposal") or "fkc") != "fkc":
-        make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), cfg, "cpu")  # bad window / stride: an error before sampling
+    # the proposal's own checks (window / stride, Time-Shift's target and quadrature rules) before sampling
+    proposal = make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), cfg, "cpu", warn=False)
+    if proposal is not None:
+        check_proposal(proposal, proposal.timesteps, cfg)
     if opts.get("oms_module") is not None:
         check_oms_start(opts, model)
 
@@ -216,7 +212,7 @@ def _expert_fn(den, model, experts: list, n: int, device, group_prompts: list | 
     return expert_eps
 
 
-def make_proposal(opts: dict, model, steps: int, cfg: FKCConfig, device):
+def make_proposal(opts: dict, model, steps: int, cfg: FKCConfig, device, warn: bool = True):
     """The move of `sample_fkc` from --proposal / --time-shift (docs/compose.md): None for FKC's own
     float64 DDIM(eta) move, else a set diffusers scheduler (DDIMScheduler with --eta, DDPMScheduler,
     or with --time-shift a TimeShiftScheduler whose DDIM update uses eta = 1 for ddpm, --eta otherwise)."""
@@ -224,7 +220,7 @@ def make_proposal(opts: dict, model, steps: int, cfg: FKCConfig, device):
     if kind not in PROPOSALS:
         raise ValueError(f"--proposal must be one of {list(PROPOSALS)}, got {kind!r}")
     if opts.get("time_shift"):
-        return time_shift_step(model, opts, steps, 1.0 if kind == "ddpm" else cfg.eta, device, "fkc")
+        return time_shift_step(model, opts, steps, 1.0 if kind == "ddpm" else cfg.eta, device, "fkc", warn)
     if kind == "fkc":
         return None
     sched = make_scheduler(kind, model.scheduler_config)

@@ -92,14 +92,19 @@ def module_spec(opts: dict) -> str | None:
     return None if spec in (None, "", "default") else spec
 
 
-def check_oms_start(opts: dict, model) -> None:
-    """Errors of an OMS start before any sampling: model kind, exclusive flags, the step's
-    parameters and the module itself (loaded once here)."""
-    if model.kind != "diffusion" or not model.is_image:
-        raise ValueError(f"--oms-module needs an image diffusion model, got {model.name!r}")
+def check_oms_flags(opts: dict) -> None:
+    """The OMS start's flags on their own: exclusive conditioning flags and the step's parameters."""
     if opts.get("oms_prompt") is not None and opts.get("oms_class") is not None:
         raise ValueError("--oms-prompt and --oms-class exclude each other (a text or a class OMS module)")
     oms_config(opts)
+
+
+def check_oms_start(opts: dict, model) -> None:
+    """Errors of an OMS start before any sampling: model kind, the flags (``check_oms_flags``) and
+    the module itself (loaded once here)."""
+    if model.kind != "diffusion" or not model.is_image:
+        raise ValueError(f"--oms-module needs an image diffusion model, got {model.name!r}")
+    check_oms_flags(opts)
     load_oms(module_spec(opts), model, opts.get("oms_variant"), text_override=opts.get("oms_text_encoder"))
 
 
@@ -243,9 +248,8 @@ def _validate_oms(opts: dict, model) -> None:
         raise ValueError(f"the oms sampler needs an image diffusion model, got {model.name!r}")
     if opts.get("oms_base") not in (None, "ddim") and opts.get("eta"):
         raise ValueError("--eta applies to --oms-base ddim only")
-    if opts.get("oms_prompt") is not None and opts.get("oms_class") is not None:
-        raise ValueError("--oms-prompt and --oms-class exclude each other (a text or a class OMS module)")
     if opts.get("skip_oms"):
+        check_oms_flags(opts)  # flags are checked even when the step is skipped
         return
     check_oms_start(opts, model)  # loading errors before any sampling
 

@@ -36,10 +36,11 @@ def parse_data_var(value) -> float | str | None:
     return v
 
 
-def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str):
+def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str, warn: bool = True):
     """(TimeShiftScheduler set to ``steps``, the Var_data it uses) from --window / --cutoff / --variant /
     --data-var. --data-var auto runs the once-per-run pilot (``DATA_VAR_PILOT``, DDIM samples of the
-    model, ``estimate_data_var``); on a latent model the paper's statistic draws a warning."""
+    model, ``estimate_data_var``); on a latent model the paper's statistic draws a warning (``warn``:
+    False when only validating, so a run warns once)."""
     data_var = parse_data_var(opts.get("data_var"))
     if data_var == "auto":
         g = torch.Generator(device).manual_seed(DATA_VAR_PILOT["seed"])
@@ -50,7 +51,7 @@ def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str
     sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"), cutoff=opts.get("cutoff"),
                                       variant=opts.get("variant") or DEFAULT_VARIANT, eta=float(eta), data_var=data_var)
     sched.set_timesteps(int(steps), device=device)
-    if getattr(model, "is_latent", False) and data_var is None and sched.shifting:
+    if warn and getattr(model, "is_latent", False) and data_var is None and sched.shifting:
         warnings.warn(f"{sampler} on the latent model {model.name!r}: the paper's statistic assumes the "
                       f"data term alpha_bar Var(x0) is negligible, which does not hold for latents (variance ~1), "
                       f"so it shifts to the noisiest window edge; pass --data-var auto (or a measured value)",
@@ -97,10 +98,11 @@ TIME_SHIFT_OPTION = Option("time_shift", bool, False, "use Time-Shift (Li et al.
                            "docs/compose.md)")
 
 
-def time_shift_step(model, opts: dict, steps: int, eta: float, device, sampler: str = "time-shift step"):
+def time_shift_step(model, opts: dict, steps: int, eta: float, device, sampler: str = "time-shift step",
+                    warn: bool = True):
     """The Time-Shift step rule of another sampler (``--time-shift``): ``ts_scheduler`` with ``eta``
     for its DDIM(eta) update (the host loop's eta)."""
-    return ts_scheduler(model, opts, steps, eta, device, sampler)[0]
+    return ts_scheduler(model, opts, steps, eta, device, sampler, warn)[0]
 
 
 def check_time_shift_flags(opts: dict) -> None:

@@ -397,11 +397,6 @@ def sample_fkc(
         step_kwargs = check_proposal(proposal, timesteps, cfg)
         final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
     shifted = proposal is not None and hasattr(proposal, "model_timesteps")
-    if shifted and getattr(proposal, "shifting", False) and abs(cfg.total_beta - 1.0) > 1e-12:
-        raise ValueError(f"Time-Shift inside FKC needs sum(betas) = 1 (CFG, or a single expert with beta = 1), got "
-                         f"{cfg.total_beta:g}: its statistic references the untempered path variance 1 - alpha_bar, and a "
-                         f"shifted model time breaks the x-cancellation of the tempered DDIM move (docs/compose.md "
-                         f"\"Time-Shift inside FKC\")")
     ab_t_all, ab_s_all = alpha_bar_pairs(alphas_cumprod, timesteps, final_alpha_bar)
     coef = node_coefficients(ab_t_all, ab_s_all, cfg.quadrature)  # (S,) weight of each model call
     direct = direct_steps(ab_t_all, ab_s_all)  # (S,) zero-SNR start steps
@@ -452,21 +447,18 @@ def sample_fkc(
         if proposal is not None:  # the scheduler's own step (its noise from the same generators)
             kw = dict(step_kwargs, model_timesteps=t_model) if shifted else step_kwargs
             x = proposal.step(eps_eff.to(x.dtype), t, x, generator=noise_generators, return_dict=True, **kw).prev_sample
-            if on_step is not None:
-                new_x = on_step(k, x, log_w)
-                x = new_x if isinstance(new_x, torch.Tensor) else x
-            continue
-        noise = None
-        if cfg.eta > 0 and batched_noise:
-            noise = normal((N, *event), noise_generators, device=x.device, dtype=x.dtype)
-        elif cfg.eta > 0:
-            noise = normal_rows(noise_generators, event, device=x.device, dtype=x.dtype)
-        if direct[k]:  # zero terminal SNR: sample rho_s directly (docs/fkc.md "Zero terminal SNR")
-            if x0_experts is None:  # eps models: x0 through the clamped alpha_bar
-                x0_experts = torch.stack([eps_and_x0(e, x, ab_t_all[k], "epsilon")[1] for e in eps_experts])
-            x = zero_snr_move(x, x0_experts, cfg.betas, ab_s_all[k], cfg.eta, noise)
         else:
-            x = ddim_move(x, eps_eff, ab_t_all[k], ab_s_all[k], cfg.eta, noise, x0_eff)
+            noise = None
+            if cfg.eta > 0 and batched_noise:
+                noise = normal((N, *event), noise_generators, device=x.device, dtype=x.dtype)
+            elif cfg.eta > 0:
+                noise = normal_rows(noise_generators, event, device=x.device, dtype=x.dtype)
+            if direct[k]:  # zero terminal SNR: sample rho_s directly (docs/fkc.md "Zero terminal SNR")
+                if x0_experts is None:  # eps models: x0 through the clamped alpha_bar
+                    x0_experts = torch.stack([eps_and_x0(e, x, ab_t_all[k], "epsilon")[1] for e in eps_experts])
+                x = zero_snr_move(x, x0_experts, cfg.betas, ab_s_all[k], cfg.eta, noise)
+            else:
+                x = ddim_move(x, eps_eff, ab_t_all[k], ab_s_all[k], cfg.eta, noise, x0_eff)
         if on_step is not None:
             new_x = on_step(k, x, log_w)
             x = new_x if isinstance(new_x, torch.Tensor) else x
@@ -492,6 +484,16 @@ def check_proposal(proposal, timesteps: torch.Tensor, cfg: FKCConfig) -> dict:
                          f"got {proposal.config.prediction_type!r}")
     if proposal.timesteps is None or not torch.equal(proposal.timesteps.cpu().long(), torch.as_tensor(timesteps).cpu().long()):
         raise ValueError("FKC's proposal scheduler must be set to the loop's timesteps (call set_timesteps first)")
+    if hasattr(proposal, "model_timesteps"):  # Time-Shift: per-particle model times (docs/compose.md "Time-Shift inside FKC")
+        window = proposal.config.window_size
+        if (window is None or window >= 2) and abs(cfg.total_beta - 1.0) > 1e-12:
+            raise ValueError(f"--time-shift needs exponents summing to 1 (sum(betas) = 1: --fkc-target cfg, or --beta 1), "
+                             f"got sum {cfg.total_beta:g}: Time-Shift's statistic references the untempered path variance "
+                             f"1 - alpha_bar, and a shifted model time breaks the x-cancellation of the tempered DDIM move "
+                             f"(docs/compose.md \"Time-Shift inside FKC\")")
+        if cfg.quadrature not in ("euler", "logsnr"):
+            raise ValueError(f"--time-shift needs --quadrature euler or logsnr (per-particle model times: a rule that reads "
+                             f"only the current step), got {cfg.quadrature!r}")
     return {"eta": float(cfg.eta)} if name in ("DDIMScheduler", "TimeShiftScheduler") else {}
 
 

@@ -245,7 +245,7 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
         x_T = (x_T.double() / math.sqrt(B)).to(x_T.dtype)  # rho_T = N(0, I / B)
     abs_next = abs_[1:] + [1.0]
     fk_coef = node_coefficients(torch.tensor(abs_, dtype=torch.float64), torch.tensor(abs_next, dtype=torch.float64),
-                                cfg.quadrature) if cfg.tempered else None  # (N,) FKC weight of each model call
+                                cfg.quadrature) if cfg.tempered else None  # (S,) FKC weight of each model call
 
     x = x_T.detach()
     eps, x0, log_l, grad = twist(prior, op, y, x, t_dev(ts[0]), abs_[0], sy, tweedie_var(abs_[0], v), cond, codec)
