@@ -1,13 +1,23 @@
-"""Wall time of every sampler's bare demo (`gensample run --sampler S`, no other flag) and the
-start-up time of `gensample --help`, `--version` and `list` (cold and warm registry cache).
+"""Wall time of every sampler's bare demo (`gensample run --sampler S`, no other flag), idle and
+beside ``--busy N`` busy processes, plus usage-error and start-up timings.
 
-    python benchmarks/bench_demos.py [--timeout 120] [--repeats 3] [--threads 2] [--only ddim,fkc]
+    python benchmarks/bench_demos.py --busy 3 --out benchmarks/results/demos.json
+    python benchmarks/bench_demos.py --busy 3 --only ddim,dps          # two demos, print only
 
 Each command runs in a fresh process in a fresh temporary working folder (so every demo writes
-its own default runs/ folder and resumes nothing). Start-up commands are repeated ``--repeats``
-times, interleaved, and reported as median and spread (min-max); demos run once each (they take
-seconds to a minute). Prints a Markdown table (docs/demos.md holds one). Timings depend on the
-machine's load: measure on an idle machine for numbers to quote.
+its own default runs/ folder and resumes nothing). Two phases: *idle* (nothing of ours beside the
+command) and *loaded* (``--busy N`` processes of this script spinning on the CPU, started before
+the phase and stopped at its end, also on Ctrl-C or an error). In both phases:
+
+- usage errors (``gensample run --steps 0`` etc.): ``--repeats`` runs each, median and spread;
+  the target is a median under 1 s (they are answered before torch is imported);
+- start-up (``--help``, ``--version``, ``list``): median of ``--repeats``;
+- every demo once (they take seconds to a minute); the target is under 60 s when loaded.
+
+Threads: by default each demo uses gensample's own choice (``--threads auto``: one thread for
+the small demo models); ``--threads N`` sets OMP_NUM_THREADS=N for every process instead.
+Prints Markdown tables; ``--out FILE`` also writes them as JSON with provenance. Numbers depend on
+the machine: run on a machine that nothing else is using, and quote the busy count.
 """
 
 from __future__ import annotations
@@ -22,6 +32,20 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULT_FIELDS = {"demos.json": ["busy", "threads", "cpu_count", "repeats", "usage_errors", "usage_error_median_s",
+                                "startup", "demos", "over_60s_loaded", "failed"]}
+
+USAGE_ERRORS = {  # name -> arguments of `gensample`; each must exit 2
+    "run --steps 0": ["run", "--sampler", "ddim", "--steps", "0"],
+    "run --sampler nope": ["run", "--sampler", "nope"],
+    "run --eta -1": ["run", "--sampler", "ddim", "--eta", "-1"],
+    "run --config missing.yaml": ["run", "--config", "missing.yaml"],
+}
+STARTUP = {"--help": ["--help"], "--version": ["--version"], "list": ["list"], "run --help": ["run", "--help"],
+           "help ddim": ["help", "ddim"]}
+
 
 def timed(cmd: list[str], cwd: str, env: dict, timeout: float) -> tuple[float, int | None, str]:
     t0 = time.perf_counter()
@@ -29,59 +53,142 @@ def timed(cmd: list[str], cwd: str, env: dict, timeout: float) -> tuple[float, i
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return time.perf_counter() - t0, None, ""
-    return time.perf_counter() - t0, proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-1:][0] if (proc.stdout + proc.stderr).strip() else ""
+    text = (proc.stdout + proc.stderr).strip()
+    return time.perf_counter() - t0, proc.returncode, text.splitlines()[-1] if text else ""
+
+
+class Busy:
+    """``n`` processes spinning on the CPU while the block runs; always stopped at its end."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        for _ in range(self.n):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5 if self.n else 0.0)  # let them reach the run queue
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+        return False
+
+
+def _summary(ts: list[float]) -> dict:
+    return {"median_s": round(statistics.median(ts), 3), "min_s": round(min(ts), 3), "max_s": round(max(ts), 3),
+            "runs": [round(t, 3) for t in ts]}
+
+
+def phase(exe, work, env, samplers, args, busy: int) -> dict:
+    """Usage errors, start-up and demos with ``busy`` spinning processes beside them."""
+    out = {"usage_errors": {}, "startup": {}, "demos": {}}
+    with Busy(busy):
+        for name, cmd in USAGE_ERRORS.items():
+            runs = [timed([*exe, *cmd], work, env, 120) for _ in range(args.repeats)]
+            out["usage_errors"][name] = {**_summary([r[0] for r in runs]), "exit": sorted({r[1] for r in runs}, key=str)}
+        for name, cmd in STARTUP.items():
+            out["startup"][name] = _summary([timed([*exe, *cmd], work, env, 120)[0] for _ in range(args.repeats)])
+        for s in samplers:
+            cwd = tempfile.mkdtemp(prefix=f"demo-{s}-busy{busy}-", dir=work)
+            wall, code, last = timed([*exe, "run", "--sampler", s], cwd, env, args.timeout)
+            out["demos"][s] = {"wall_s": round(wall, 2), "exit": code, "last_line": last[:160]}
+            shown = f"{wall:6.1f} s" if code is not None else f"> {args.timeout:.0f} s (stopped)"
+            print(f"# busy {busy}: {s:<14} {shown}  exit {code}  {last[:90]}", file=sys.stderr, flush=True)
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds before a demo is stopped and reported as > timeout")
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of each start-up command")
-    ap.add_argument("--threads", type=int, default=2, help="OMP/torch threads per process (2: the README's 2-core machine)")
+    ap.add_argument("--busy", type=int, default=3, help="busy processes beside the commands in the loaded phase")
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds before a demo is stopped and reported as > timeout")
+    ap.add_argument("--repeats", type=int, default=5, help="runs of each usage-error and start-up command")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every process [default: unset, "
+                    "gensample's --threads auto]")
     ap.add_argument("--only", default=None, help="comma-separated samplers (default: every registered one)")
+    ap.add_argument("--out", default=None, help="also write the results as JSON with provenance")
     args = ap.parse_args()
+    if args.busy < 0 or args.repeats < 1:
+        ap.error("--busy must be >= 0 and --repeats >= 1")
 
     exe = [sys.executable, "-m", "gensample"]
     work = tempfile.mkdtemp(prefix="gensample-bench-demos-")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", XDG_CACHE_HOME=os.path.join(work, "cache"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", XDG_CACHE_HOME=os.path.join(work, "cache"))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_NUM_THREADS"):
+        env.pop(var, None)
+    if args.threads is not None:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
-    # start-up: the first `list` fills the registry cache (cold), later ones read it (warm)
-    cold, rc, _ = timed([*exe, "list"], work, env, 300)
-    startup: dict[str, list[float]] = {"--help": [], "--version": [], "list (warm cache)": []}
-    for _ in range(args.repeats):
-        for name, cmd in (("--help", ["--help"]), ("--version", ["--version"]), ("list (warm cache)", ["list"])):
-            startup[name].append(timed([*exe, *cmd], work, env, 120)[0])
-    listing = subprocess.run([*exe, "list"], cwd=work, env=env, capture_output=True, text=True).stdout
-    section = listing.split("Zoo models:")[0].splitlines()[1:]
-    samplers = [line.split()[0] for line in section if line.strip()]
+    from gensample.options import manifest
+
+    specs = manifest().samplers
+    samplers = sorted(specs)
     if args.only:
-        samplers = [s for s in samplers if s in args.only.split(",")]
+        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in specs]
+        if unknown:
+            ap.error(f"--only: unknown sampler(s) {unknown}; choose from {samplers}")
+        samplers = wanted
+    # fill the list cache, and the options manifest's when the shipped one is stale (a developer's tree)
+    subprocess.run([*exe, "list"], cwd=work, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-c", "from gensample.options import manifest; manifest()"], cwd=work, env=env,
+                   capture_output=True)
 
-    rows = []
-    for s in samplers:
-        cwd = tempfile.mkdtemp(prefix=f"demo-{s}-", dir=work)
-        wall, code, last = timed([*exe, "run", "--sampler", s], cwd, env, args.timeout)
-        rows.append((s, wall, code, last))
-        shown = f"{wall:6.1f} s" if code is not None else f"> {args.timeout:.0f} s (stopped)"
-        print(f"# {s:<14} {shown}  exit {code}  {last[:100]}", file=sys.stderr, flush=True)
+    idle = phase(exe, work, env, samplers, args, 0)
+    loaded = phase(exe, work, env, samplers, args, args.busy)
 
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs visible, "
-          f"{args.threads} threads per process; python {platform.python_version()}\n")
-    print("| command | wall time (median of %d) | spread |" % args.repeats)
-    print("|---|---|---|")
-    print(f"| `gensample list` (cold cache, imports every sampler) | {cold:.2f} s (1 run) | |")
-    for name, ts in startup.items():
-        print(f"| `gensample {name.split()[0]}`{' (warm cache)' if 'warm' in name else ''} | {statistics.median(ts):.2f} s | "
-              f"{min(ts):.2f}-{max(ts):.2f} s |")
-    print("\n| sampler | bare demo `gensample run --sampler S` | exit | output line |")
+    cores = os.cpu_count()
+    print(f"machine: {platform.node()} {platform.machine()}, {cores} CPUs visible; threads: "
+          f"{args.threads if args.threads is not None else 'gensample auto'}; python {platform.python_version()}\n")
+    print(f"| command | idle: median (min-max) of {args.repeats} | {args.busy} busy: median (min-max) | exit |")
     print("|---|---|---|---|")
-    for s, wall, code, last in rows:
-        shown = f"{wall:.1f} s" if code is not None else f"> {args.timeout:.0f} s (stopped)"
-        print(f"| `{s}` | {shown} | {code if code is not None else '-'} | {last.replace('|', '/')[:90]} |")
-    slow = [s for s, wall, code, _ in rows if code is None or wall >= 60]
-    failed = [s for s, _, code, _ in rows if code not in (0, None)]
-    print(f"\nover 60 s: {slow or 'none'}; failed: {failed or 'none'}")
-    return 0 if not failed else 1
+    for name in USAGE_ERRORS:
+        a, b = idle["usage_errors"][name], loaded["usage_errors"][name]
+        print(f"| `gensample {name}` | {a['median_s']:.2f} s ({a['min_s']:.2f}-{a['max_s']:.2f}) | "
+              f"{b['median_s']:.2f} s ({b['min_s']:.2f}-{b['max_s']:.2f}) | {a['exit']} |")
+    for name in STARTUP:
+        a, b = idle["startup"][name], loaded["startup"][name]
+        print(f"| `gensample {name}` | {a['median_s']:.2f} s ({a['min_s']:.2f}-{a['max_s']:.2f}) | "
+              f"{b['median_s']:.2f} s ({b['min_s']:.2f}-{b['max_s']:.2f}) | |")
+    print(f"\n| sampler | bare demo, idle | bare demo, {args.busy} busy processes | exit | output line |")
+    print("|---|---|---|---|---|")
+    demos = {}
+    for s in samplers:
+        a, b = idle["demos"][s], loaded["demos"][s]
+        demos[s] = {"idle_s": a["wall_s"], "loaded_s": b["wall_s"], "exit_idle": a["exit"], "exit_loaded": b["exit"],
+                    "last_line": b["last_line"] or a["last_line"]}
+
+        def shown(d):
+            return f"{d['wall_s']:.1f} s" if d["exit"] is not None else f"> {args.timeout:.0f} s (stopped)"
+
+        print(f"| `{s}` | {shown(a)} | {shown(b)} | {a['exit']}/{b['exit']} | {demos[s]['last_line'].replace('|', '/')[:80]} |")
+    slow = [s for s, d in demos.items() if d["exit_loaded"] is None or d["loaded_s"] >= 60]
+    failed = [s for s, d in demos.items() if d["exit_idle"] not in (0, None) or d["exit_loaded"] not in (0, None)]
+    usage_median = max(max(idle["usage_errors"][n]["median_s"], loaded["usage_errors"][n]["median_s"]) for n in USAGE_ERRORS)
+    bad_exit = [n for n in USAGE_ERRORS if idle["usage_errors"][n]["exit"] != [2] or loaded["usage_errors"][n]["exit"] != [2]]
+    print(f"\nslowest usage-error median: {usage_median:.2f} s (target < 1 s); usage errors not exiting 2: {bad_exit or 'none'}")
+    print(f"over 60 s with {args.busy} busy processes: {slow or 'none'}; failed: {failed or 'none'}")
+    if args.out:
+        from _provenance import write_result
+
+        payload = {"busy": args.busy, "threads": args.threads if args.threads is not None else "auto", "cpu_count": cores,
+                   "repeats": args.repeats,
+                   "usage_errors": {n: {"idle": idle["usage_errors"][n], "loaded": loaded["usage_errors"][n]} for n in USAGE_ERRORS},
+                   "usage_error_median_s": usage_median,
+                   "startup": {n: {"idle": idle["startup"][n], "loaded": loaded["startup"][n]} for n in STARTUP},
+                   "demos": demos, "over_60s_loaded": slow, "failed": failed + [f"usage: {n}" for n in bad_exit]}
+        models = sorted({specs[s].default_model for s in samplers})
+        write_result(args.out, payload, models=models)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if not failed and not bad_exit else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ max_k |mean r_k - w'_k|, error of the mean along the rows of A (prior-std units)
 sqrt(D). `exact` rows are n exact posterior draws (the Monte Carlo floor).
 Part "digits": held-out digits, box inpainting and 2x bicubic SR, digits-ddpm (pixel) and digits-ldm
 (latent): PSNR / SSIM (mean +- SE over the digits) and classifier accuracy, DPS / PSLD / STSL at
-equal paper NFE and STSL at 1/4, default rule, plus first-order STSL and the paper-rule rows.
+equal paper NFE and STSL at 1/4, default rule, plus first-order STSL (eta=0), STSL with the
+linearised log det trace term (trace=logdet; docs/stsl.md, "The trace term") and the paper-rule rows.
 
     python benchmarks/bench_stsl.py [--part oracle|digits|all] [--n 200] [--n-digits 32]
 Single-threaded; seeds fixed; results go to benchmarks/results/stsl_{oracle,digits}.json through
@@ -47,6 +48,7 @@ ORACLE_METHODS = {
     "PSLD N=100": ("psld", dict(steps=100)),
     "STSL N=20 K=5": ("stsl", dict(steps=20, inner_steps=5)),
     "STSL N=20 K=5 eta=0": ("stsl", dict(steps=20, inner_steps=5, trace_weight=0.0)),
+    "STSL N=20 K=5 trace=logdet": ("stsl", dict(steps=20, inner_steps=5, trace_rule="logdet")),
 }
 
 
@@ -84,7 +86,7 @@ def oracle_part(n: int) -> list[dict]:
             runs[label] = (method, dict(params, noise_std=s))
             runs[label + " [paper rule]"] = (method, dict(params, step_rule="paper"))
         for label, spec in runs.items():
-            if "eta=0 [paper" in label:
+            if "eta=0 [paper" in label or "trace=logdet [paper" in label:  # ablations of the auto rule only
                 continue
             t0 = time.time()
             if spec is None:
@@ -126,6 +128,7 @@ def digits_part(n: int, nfe: int = 100) -> list[dict]:
         f"PSLD N={nfe}": ("psld", dict(steps=nfe)),
         f"STSL N={nfe // k} K={k}": ("stsl", dict(steps=nfe // k, inner_steps=k)),
         f"STSL N={nfe // k} K={k} eta=0": ("stsl", dict(steps=nfe // k, inner_steps=k, trace_weight=0.0)),
+        f"STSL N={nfe // k} K={k} trace=logdet": ("stsl", dict(steps=nfe // k, inner_steps=k, trace_rule="logdet")),
         f"STSL N={nfe // (4 * k)} K={k} (1/4 NFE)": ("stsl", dict(steps=nfe // (4 * k), inner_steps=k)),
         f"STSL N={nfe // k} K={k} [paper rule, eta=0.02]": ("stsl", dict(steps=nfe // k, inner_steps=k, step_rule="paper")),
         f"PSLD N={nfe} [paper rule]": ("psld", dict(steps=nfe, step_rule="paper")),

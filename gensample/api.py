@@ -8,6 +8,7 @@ or resumption. Output (when ``output`` is given) is written shard by shard, atom
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -29,17 +30,12 @@ from .io import atomic_save_npz, atomic_write_bytes, atomic_write_json  # noqa: 
 from .io import json_default as _json_default
 from .eval.images import save_images, scatter_over_density_png
 from .samplers import registry
-from .samplers.registry import RunContext, parse_bool, sample_seed
+from .samplers.registry import RunContext, parse_bool, sample_seed  # noqa: F401
+# option validation lives in the torch-free gensample.options (the CLI checks options before importing torch)
+from .options import (COMMON_KEYS, MAX_SAMPLES, NON_SEMANTIC, _bool, _float, _int, _intlike,  # noqa: F401
+                      _text_options, load_config_file, resolve_options)
+from . import threads as _threads
 
-COMMON_KEYS = (
-    "sampler", "model", "steps", "num_samples", "batch_size", "class_label", "guidance_scale",
-    "seed", "device", "dtype", "output", "overwrite", "progress", "compile", "max_samples",
-    # text-to-image / latent models (gensample.models.text, docs/text_to_image.md); None = unset
-    "prompt", "negative_prompt", "guidance_rescale", "height", "width", "weights_variant",
-)
-# keys that may differ between an interrupted run and its resumption without changing samples
-NON_SEMANTIC = ("output", "overwrite", "progress", "batch_size", "device", "num_processes", "compile", "max_samples")
-MAX_SAMPLES = 1_000_000  # larger -n needs an explicit max_samples (--max-samples N)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -54,37 +50,21 @@ class RunResult:
         return self.samples.get("x", self.samples.get("tokens"))
 
 
-def load_config_file(path: str | os.PathLike) -> dict:
-    """YAML/JSON recipe -> dict of option defaults (dash or underscore keys)."""
-    import yaml
-
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"config must be the path of a YAML/JSON recipe file (str or os.PathLike), got {type(path).__name__}")
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read config file {path}: {err}") from err
-    try:
-        data = yaml.safe_load(text) if p.suffix != ".json" else json.loads(text)
-    except Exception as err:  # yaml.YAMLError, json.JSONDecodeError
-        raise ValueError(f"config file {path} is not valid YAML/JSON: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
-    if isinstance(data.get("run"), dict):  # allow a `run:` table (click default_map style)
-        data = data["run"]
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
 def resolve_device(device: str | None) -> torch.device:
     device = device or "auto"
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
+        m = re.fullmatch(r"cuda(?::(\d+))?", device)
+        if m is None:  # the syntax first: "cuda:abc" is a typo, not a missing GPU
+            raise ValueError(f"--device {device!r} is malformed; use cuda or cuda:N with N a GPU index (0, 1, ...), "
+                             f"cpu or auto")
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device} requested but CUDA is not available on this machine; use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if m.group(1) is not None and int(m.group(1)) >= count:
+            raise ValueError(f"--device {device}: there is no GPU {int(m.group(1))}; {count} visible "
+                             f"(cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''})")
         return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")
@@ -93,134 +73,6 @@ def resolve_device(device: str | None) -> torch.device:
             raise ValueError("--device mps requested but MPS is not available")
         return torch.device("mps")
     raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-
-
-def resolve_options(sampler: str, config: str | None = None, **options) -> dict:
-    """Merge recipe file < explicit options; validate everything; fill defaults."""
-    spec = registry.get(sampler)
-    merged: dict[str, Any] = {}
-    if config is not None:
-        merged.update(load_config_file(config))
-        # an explicit sampler wins over the recipe's `sampler:` key (run() reads the key when none is given)
-    merged.update({k: v for k, v in options.items() if v is not None})
-    merged["sampler"] = sampler
-    allowed_specific = {o.key: o for o in spec.options}
-    known_elsewhere = registry.all_options()
-    unknown = [k for k in merged if k not in COMMON_KEYS and k not in allowed_specific and k != "num_processes"]
-    for k in unknown:
-        if k in known_elsewhere:
-            raise ValueError(f"option {known_elsewhere[k].flag} does not apply to sampler {sampler!r}; "
-                             f"its options: {sorted(o.flag for o in spec.options) or 'none'}")
-        raise ValueError(f"unknown option {k!r}; allowed: {sorted(set(COMMON_KEYS) | set(allowed_specific))}")
-    out: dict[str, Any] = {"sampler": sampler}
-    model = merged.get("model", spec.default_model)
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"--model must be a non-empty model spec (zoo name, prefix:FILE, folder or hub id), got {model!r}; "
-                         f"leave it out for the sampler's demo model {spec.default_model!r}")
-    out["model"] = model
-    steps = merged.get("steps")
-    if steps is None:
-        steps = spec.default_steps(merged) if callable(spec.default_steps) else spec.default_steps
-    out["steps"] = _int("steps", steps, 1) if steps is not None else None
-    out["num_samples"] = _int("num_samples", merged.get("num_samples", 16), 1)
-    out["batch_size"] = _int("batch_size", merged.get("batch_size", 256), 1)
-    cl = merged.get("class_label")
-    out["class_label"] = None if cl is None else _int("class_label", cl, 0)
-    gs = merged.get("guidance_scale", 1.0)
-    out["guidance_scale"] = _float("guidance_scale", gs)
-    out["seed"] = _int("seed", merged.get("seed", 0), 0)
-    out["device"] = str(merged.get("device", "auto"))
-    dt = str(merged.get("dtype", "fp32"))
-    if dt not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dt!r}")
-    out["dtype"] = dt
-    output = merged.get("output")
-    if output is not None and (not isinstance(output, (str, os.PathLike)) or not str(output).strip()):
-        raise TypeError(f"--output must be a folder path (str or os.PathLike), got {output!r}")
-    out["output"] = None if output is None else str(output)
-    out["overwrite"] = _bool("overwrite", merged.get("overwrite", False))  # strict: "false"/"no" are False
-    out["progress"] = _bool("progress", merged.get("progress", True))
-    out["compile"] = _bool("compile", merged.get("compile", False))
-    out["max_samples"] = _int("max_samples", merged.get("max_samples", MAX_SAMPLES), 1)
-    out.update(_text_options(merged, skip=set(allowed_specific)))
-    if out["num_samples"] > out["max_samples"]:
-        raise ValueError(f"--num-samples {out['num_samples']} is more than --max-samples {out['max_samples']} "
-                         f"(about {-(-out['num_samples'] // out['batch_size'])} batches of {out['batch_size']}); "
-                         f"pass --max-samples {out['num_samples']} to draw that many, or lower --num-samples")
-    for key, opt in allowed_specific.items():
-        value = merged.get(key, opt.default)
-        out[key] = opt.validate(value)
-    if spec.group_size is not None:
-        g = spec.group_size(out)
-        if out["num_samples"] % g:
-            raise ValueError(f"--num-samples ({out['num_samples']}) must be a multiple of the group size {g} for sampler {sampler!r}")
-        out["batch_size"] = max(g, out["batch_size"] // g * g)
-    return out
-
-
-def _text_options(merged: dict, skip: set) -> dict:
-    """prompt (str or list of str -> list), negative_prompt, guidance_rescale in [0, 1], height /
-    width (ints >= 1), weights_variant (e.g. "fp16"); all None when unset. A key the sampler
-    declares itself (``skip``) is left to the sampler's own option."""
-    from .models.text import normalize_prompts
-
-    out: dict[str, Any] = {}
-    if "prompt" not in skip:
-        out["prompt"] = normalize_prompts(merged.get("prompt"))
-    if "negative_prompt" not in skip:
-        neg = merged.get("negative_prompt")
-        if neg is not None and not isinstance(neg, str):
-            raise ValueError(f"--negative-prompt must be a string, got {neg!r}")
-        out["negative_prompt"] = neg
-    if "guidance_rescale" not in skip:
-        gr = merged.get("guidance_rescale")
-        gr = None if gr is None else _float("guidance_rescale", gr)
-        if gr is not None and not 0.0 <= gr <= 1.0:
-            raise ValueError(f"--guidance-rescale must be in [0, 1], got {gr}")
-        out["guidance_rescale"] = gr
-    for key in ("height", "width"):
-        if key not in skip:
-            out[key] = None if merged.get(key) is None else _int(key, merged[key], 1)
-    if "weights_variant" not in skip:
-        wv = merged.get("weights_variant")
-        if wv is not None and (not isinstance(wv, str) or not re.fullmatch(r"[A-Za-z0-9_]+", wv)):
-            raise ValueError(f"--weights-variant must be a variant name such as fp16, got {wv!r}")
-        out["weights_variant"] = wv
-    return out
-
-
-def _int(name, value, lo):
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (isinstance(value, (float, str)) and _intlike(value)):
-        raise ValueError(f"{flag} must be an integer, got {value!r}")
-    value = int(float(value)) if isinstance(value, (float, str)) else int(value)
-    if value < lo:
-        raise ValueError(f"{flag} must be >= {lo}, got {value}")
-    return value
-
-
-def _intlike(v) -> bool:
-    try:
-        return float(v).is_integer()
-    except (TypeError, ValueError):
-        return False
-
-
-def _bool(name, value):
-    return parse_bool("--" + name.replace("_", "-"), value)
-
-
-def _float(name, value):
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{flag} must be a number, got {value!r}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{flag} must be a number, got {value!r}") from None
-    if not np.isfinite(value):
-        raise ValueError(f"{flag} must be finite, got {value}")
-    return value
 
 
 def semantic_config(cfg: dict) -> dict:
@@ -303,6 +155,8 @@ def check_existing_run(out_dir: Path, cfg: dict) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"cannot read the existing run record {record_path} ({err.__class__.__name__}); "
                          f"pass --overwrite to start fresh or choose another --output") from None
+    if not has_shards and old.get("status") != "complete":
+        return  # a run that drew no sample (failed / interrupted before its first shard) does not claim the folder
     new_cfg = json.loads(json.dumps(semantic_config(cfg), default=_json_default))
     diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
     if diff:
@@ -419,11 +273,18 @@ def _batch_arrays(res, spec) -> dict:
     return arrays
 
 
-def prepare_model(cfg: dict, device: torch.device, cast: bool = True):
+def prepare_model(cfg: dict, device: torch.device, cast: bool = True, loaded=None):
+    """The run's LoadedModel, checked against the options and cast to ``cfg["dtype"]`` on
+    ``device``. ``loaded``: a model the caller holds (``models.loading.from_object``), used as
+    it is: never loaded, cast nor moved (``run`` takes its device and dtype)."""
     from .models.loading import load_model
 
     spec = registry.get(cfg["sampler"])
-    model = load_model(cfg["model"], variant=cfg.get("weights_variant"))
+    if loaded is not None:
+        model = loaded
+    else:
+        with quiet_loading(not cfg.get("progress", True)):
+            model = load_model(cfg["model"], variant=cfg.get("weights_variant"))
     if model.kind not in spec.model_kinds:
         raise ValueError(f"sampler {spec.name!r} needs a model of kind {list(spec.model_kinds)}; "
                          f"{cfg['model']!r} is {model.kind!r}")
@@ -444,9 +305,10 @@ def prepare_model(cfg: dict, device: torch.device, cast: bool = True):
     if spec.validate is not None:
         spec.validate(cfg, model)
     dtype = DTYPES[cfg.get("dtype", "fp32")]
-    if dtype != torch.float32 and device.type == "cpu":
+    borrowed = getattr(model, "borrowed", False)
+    if dtype != torch.float32 and device.type == "cpu" and not borrowed:  # an object's own dtype is respected
         raise ValueError(f"--dtype {cfg['dtype']} needs --device cuda; CPU runs in fp32")
-    if not cast:  # validation only (the parent of a multi-process launch)
+    if not cast or borrowed:  # validation only (the parent of a multi-process launch), or the caller's object
         return model, dtype
     cast_module = parallel.cast_module
     # network weights in `dtype`; float64 schedule/probability tensors stay float64
@@ -456,6 +318,71 @@ def prepare_model(cfg: dict, device: torch.device, cast: bool = True):
     if cfg.get("compile") and isinstance(model.unet, torch.nn.Module):
         model.unet = torch.compile(model.unet)
     return model, dtype
+
+
+@contextlib.contextmanager
+def quiet_loading(quiet: bool):
+    """While loading with progress off: diffusers', transformers' and huggingface_hub's own
+    progress bars ("Loading weights", downloads) disabled, restored afterwards."""
+    if not quiet:
+        yield
+        return
+    import importlib
+
+    restore = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if mod.is_progress_bar_enabled():
+            mod.disable_progress_bar()
+            restore.append(mod.enable_progress_bar)
+    try:
+        import huggingface_hub.utils as hub_utils
+
+        if not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()
+            restore.append(hub_utils.enable_progress_bars)
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+
+
+def borrow_model(model, options: dict):
+    """``model=<object>`` (the Python API): (the spec string standing for it, its LoadedModel);
+    (model, None) for a spec string. The object's device and dtype become the run's: an explicit
+    ``device`` / ``dtype`` that differs is refused (the object is used as it is, never moved or
+    cast). ``options`` is updated in place."""
+    if model is None or isinstance(model, str):
+        return model, None
+    from .models.loading import from_object
+
+    loaded = from_object(model)  # TypeError for a wrong kind of object, ValueError for unsupported models
+    origin = loaded.origin
+    own = torch.device(origin["device"])
+    want = options.get("device")
+    if want is not None and str(want) != "auto":
+        asked = resolve_device(str(want))
+        if asked.type != own.type or (asked.index is not None and asked.index != (own.index or 0)):
+            raise ValueError(f"device={want!r}, but the model object lives on {own}; the object is used as it is (never "
+                             f"moved): leave device out, or move the object first (pipe.to({str(asked)!r}))")
+    options["device"] = str(own)
+    names = {v: k for k, v in DTYPES.items()}
+    own_dtype = getattr(torch, origin["dtype"], None)
+    if own_dtype not in names:
+        raise ValueError(f"the model object's UNet is {origin['dtype']}; a run takes fp32, fp16 or bf16 weights: cast "
+                         f"the object first (e.g. pipe.to(torch.float32))")
+    want = options.get("dtype")
+    if want is not None and want != names[own_dtype]:
+        raise ValueError(f"dtype={want!r}, but the model object's UNet is {origin['dtype']} ({names[own_dtype]}); the "
+                         f"object is used as it is (never cast): leave dtype out, or cast the object first")
+    options["dtype"] = names[own_dtype]
+    return loaded.name, loaded
 
 
 class OutputError(OSError):
@@ -511,22 +438,51 @@ def acquire_lock(out_dir: Path):
     except ImportError:  # pragma: no cover - Windows
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    path = out_dir / LOCK_NAME
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(f"--output {out_dir} is in use by another gensample run (pid {holder}); "
+                              f"wait for it to finish (then rerun to resume) or choose another --output") from None
+        # a file left by a dead run holds no flock and does not block; but the previous holder
+        # may have removed the file between our open and our flock: then lock the one there now
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise OutputError(f"--output {out_dir} is in use by another gensample run (pid {holder}); "
-                          f"wait for it to finish (then rerun to resume) or choose another --output") from None
+    else:  # pragma: no cover - five removals in a row: another run is starting and ending right now
+        raise OutputError(f"--output {out_dir}: could not take the lock {path}; try again")
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    return fd
+    handle = LockHandle(fd)
+    handle.path = path
+    return handle
+
+
+class LockHandle(int):
+    """The descriptor of a held ``.gensample.lock`` (an int) and the lock file's ``path``."""
+
+    path: Path | None = None
 
 
 def release_lock(fd) -> None:
-    if fd is not None:
-        os.close(fd)
+    """Remove the lock file (while still holding it, so no other run sees a file nobody guards)
+    and close it: a finished, failed or interrupted run leaves no ``.gensample.lock`` behind."""
+    if fd is None:
+        return
+    path = getattr(fd, "path", None)
+    try:
+        if path is not None and os.fstat(fd).st_ino == os.stat(path).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 class LogProgress:
@@ -538,6 +494,7 @@ class LogProgress:
         self.every_s, self.min_s = every_s, min_s
         self.done, self.t0 = 0, time.monotonic()
         self.last_t, self.last_mark, self.printed = self.t0, 0, False
+        self.printed_done = -1  # the count of the last line printed
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -551,10 +508,10 @@ class LogProgress:
         self.stream.write(f"{self.desc}: {100 * self.done / self.total:.0f}% ({self.done}/{self.total} steps, "
                           f"{now - self.t0:.1f} s)\n")
         self.stream.flush()
-        self.last_t, self.printed = now, True
+        self.last_t, self.printed, self.printed_done = now, True, self.done
 
     def close(self) -> None:
-        if self.printed and self.done >= self.total:
+        if self.printed and self.done >= self.total and self.printed_done != self.done:  # the 100% line once
             self._line(time.monotonic())
 
 
@@ -688,13 +645,17 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
     if num_processes is not None and _int("num_processes", num_processes, 1) > 1:
         return launch_local(_int("num_processes", num_processes, 1), sampler=sampler, model=model,
                             config=config, **options)
+    model, loaded = borrow_model(model, options)  # model=<pipeline / UNet object>: used as it is
     cfg, spec, device, out_dir = plan_run(sampler, model, config, options)
     sampler = cfg["sampler"]
     info = parallel.process_info(device)
+    if loaded is not None and info.device != device:
+        raise ValueError(f"this process of the launch runs on {info.device}, but the model object lives on {device}; "
+                         f"move the object to the process's device first (pipe.to(accelerator.device))")
     device = info.device
     if info.world_size > 1 and out_dir is None:
         raise ValueError("a multi-process run needs --output DIR (the processes write shards there)")
-    model_obj, dtype = prepare_model(cfg, device)  # every input check before the output folder is looked at
+    model_obj, dtype = prepare_model(cfg, device, loaded=loaded)  # every input check before the output folder is looked at
     check_output(out_dir, cfg)
     max_batch = check_resources(cfg, model_obj, spec, device, out_dir)
     info.wait()  # every process has checked the old run before the main process changes it
@@ -713,6 +674,9 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
     }
     if max_batch < cfg["batch_size"]:
         record["batch_size_capped_by_memory"] = max_batch
+    if getattr(model_obj, "origin", None):
+        record["model_origin"] = model_obj.origin  # an in-memory object: class, _name_or_path, dtype, device, adapters
+    record["threads"] = _threads.apply(cfg, model_obj, device, max_batch)  # --threads (gensample.threads)
     if getattr(model_obj, "text_conditional", False):
         record["text_conditioning"] = model_obj.text_record()  # says when the empty prompt was used
         if spec.prompt_of_sample is not None:
@@ -728,6 +692,8 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
                     clear_run(out_dir)
                 remove_stale_temp_files(out_dir)
                 prev = json.loads(record_path.read_text()) if record_path.exists() else {}
+                if not any((out_dir / "shards").glob("*.npz")):
+                    prev = {}  # a record without samples (a run that failed before its first shard): nothing to carry on
                 record["wall_time_s"] = prev.get("wall_time_s", 0.0)
                 atomic_write_json(record_path, record)
         except OSError as err:
@@ -735,16 +701,24 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
             if created:  # leave nothing behind when the folder could not even take run.json
                 _remove_if_only_ours(out_dir)
             raise err if isinstance(err, OutputError) else _output_error(out_dir, err) from None
+        discard = False
         try:
-            return _run_body(cfg, spec, model_obj, dtype, device, info, out_dir, record, prev, max_batch)
+            with model_obj.frozen() if getattr(model_obj, "borrowed", False) else contextlib.nullcontext():
+                return _run_body(cfg, spec, model_obj, dtype, device, info, out_dir, record, prev, max_batch)
         except BaseException as err:
             if record_path is not None and info.is_main:
                 interrupted = isinstance(err, KeyboardInterrupt)
                 record.update(status="interrupted" if interrupted else "failed",
                               error=f"{err.__class__.__name__}: {err}" if not interrupted else str(err) or "KeyboardInterrupt")
                 record["samples_done"] = len(completed_indices(out_dir))
+                # a user error (exit 2) before the first sample: the folder is left as it was found (no run.json);
+                # other failures keep their record for diagnosis, which claims nothing (check_existing_run)
+                discard = isinstance(err, (ValueError, TypeError)) and not record["samples_done"] and not prev
                 try:
-                    atomic_write_json(record_path, record)
+                    if discard:
+                        record_path.unlink(missing_ok=True)
+                    else:
+                        atomic_write_json(record_path, record)
                 except OSError:
                     pass  # the disk that failed the shard may fail this too; the shards tell the truth
             if isinstance(err, OSError) and not isinstance(err, OutputError) and out_dir is not None:
@@ -752,6 +726,8 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
             raise
         finally:
             release_lock(lock)
+            if discard and created:
+                _remove_if_only_ours(out_dir)
 
 
 def _remove_if_only_ours(out_dir: Path) -> None:
@@ -896,6 +872,13 @@ def launch_local(num_processes: int, sampler=None, model=None, config=None, **op
 
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"--num-processes must be an integer >= 1, got {num_processes!r}")
+    if model is not None and not isinstance(model, str):
+        from .models.loading import short_repr
+
+        raise ValueError(f"--num-processes {num_processes} needs a model spec string (folder, hub id, zoo name): an "
+                         f"in-memory model object ({short_repr(model)}) lives in this process only and cannot be "
+                         f"shared with new processes; save it (pipe.save_pretrained(DIR)) and pass model=DIR, or run "
+                         f"with one process")
     if parallel.env_world_size() > 1:
         raise ValueError("--num-processes cannot be used inside a multi-process launch (accelerate launch / torchrun "
                          "already started the processes); drop --num-processes")

@@ -228,8 +228,8 @@ def _value_strategy(opt):
     if opt.type is float:
         return _mostly(st.floats(lo, hi, allow_nan=False).map(repr),
                        st.sampled_from([repr(lo - 1.0), "nan", "inf", "x"]))
-    if opt.key == "data_var":  # 'auto' or a number in [0, 1) (auto would add a 64-sample pilot run)
-        return _mostly(st.sampled_from(["0", "0.25", "0.5"]), st.sampled_from(["1.5", "x"]))
+    if opt.key == "data_var":  # 'auto' or a number >= 0 other than 1 (auto would add a 64-sample pilot run)
+        return _mostly(st.sampled_from(["0", "0.25", "0.5", "1.5"]), st.sampled_from(["1", "-0.5", "x"]))
     if opt.key == "oms_module":  # the model's shipped module, or a folder that does not exist
         return _mostly(st.just("default"), st.text(alphabet="abc", min_size=1, max_size=4))
     return st.text(alphabet="0123456789,abc -", max_size=6)

@@ -107,11 +107,77 @@ def test_fkc_time_shift_flags_need_time_shift():
     assert r.exit_code == 2 and "--window applies with --time-shift only" in r.output
 
 
-def test_fkc_time_shift_weights_use_the_model_times():
-    """Under Time-Shift the step runs from each particle's model time t' to the next grid time, so
-    its FK coefficient is node_coefficients(alpha_bar(t'), alpha_bar(s)) per particle. Experts with
-    constant eps (rate r_b fixed per particle) make log w_b - log w_0 = sum_k (c_k(t'_b) r_b - c_k(t'_0) r_0)."""
-    from gensample.samplers.fkc import node_coefficients, weight_rate
+def _log_snr(ab):
+    ab = torch.as_tensor(ab, dtype=torch.float64)
+    return torch.log(ab) - torch.log1p(-ab)
+
+
+class _Cfg(dict):
+    __getattr__ = dict.__getitem__
+
+
+class TimeShiftScheduler:
+    """A stand-in Time-Shift proposal (same class name, so ``check_proposal`` takes it as one): it
+    hands FKC random per-particle model times t_k + shift (the shifts drawn from a seeded generator,
+    up to +-max_shift) and leaves x in place; only the weights are under test."""
+
+    def __init__(self, grid, max_shift, seed, final_alpha_cumprod):
+        self.timesteps = grid
+        self.config = _Cfg(prediction_type="epsilon", window_size=2 * max_shift + 1)
+        self.final_alpha_cumprod = final_alpha_cumprod
+        self.gen = torch.Generator().manual_seed(seed)
+        self.max_shift = max_shift
+        self.seen = []
+
+    def model_timesteps(self, x, t):
+        shift = torch.randint(-self.max_shift, self.max_shift + 1, (x.shape[0],), generator=self.gen)
+        out = (int(t) + shift).clamp(0, len(AB) - 1)
+        self.seen.append(out)
+        return out
+
+    def step(self, eps, t, x, generator=None, return_dict=True, eta=None, model_timesteps=None):
+        return type("Out", (), {"prev_sample": x})()
+
+
+def _shifted_log_w(experts, cfg, grid, proposal, N):
+    return sample_fkc(experts, torch.zeros(N, 1, 4, 4), cfg, AB, grid, group_size=N,
+                      noise_generators=[torch.Generator().manual_seed(i) for i in range(N)],
+                      resample_generators=[torch.Generator()], proposal=proposal).log_w[0]
+
+
+@pytest.mark.parametrize("seed,max_shift,steps", [(0, 15, 20), (1, 40, 50), (2, 3, 7)])
+def test_fkc_time_shift_weights_integrate_the_path_once(seed, max_shift, steps):
+    """Issue 25 item 12. Under Time-Shift each particle's step still traverses the grid interval
+    [t_k, t_{k+1}], so the FK coefficients (logsnr rule) sum to 1/2 (lambda_end - lambda_start) of the
+    path whatever the per-particle model times (docs/compose.md "Time-Shift inside FKC"). Experts
+    whose eps gap is fixed per particle make the rate r_b constant, so
+    log w_b - log w_0 = 1/2 Delta lambda (r_b - r_0) exactly (1e-12)."""
+    N = 6
+    g = torch.Generator().manual_seed(100 + seed)
+    e_c = torch.randn(N, 1, 4, 4, generator=g) * 0.3  # float32, the dtype of x
+    experts = lambda x, t: torch.stack([e_c, torch.zeros_like(e_c)])  # noqa: E731
+    cfg = FKCConfig(betas=(2.0, -1.0), resample="never", final="weighted", quadrature="logsnr")
+    grid = torch.linspace(999, 0, steps).round().long()
+    final_ab = float(AB[0])  # set_alpha_to_one=False: the path ends at a finite log-SNR
+    prop = TimeShiftScheduler(grid, max_shift, seed, final_ab)
+    log_w = _shifted_log_w(experts, cfg, grid, prop, N)
+    seen = torch.stack(prop.seen)  # (S, N)
+    assert (seen != grid[:, None]).float().mean() > 0.5  # most particles were shifted, differently
+    rate = (2.0 * e_c.double().flatten(1) ** 2).sum(1)  # w (w - 1) ||eps_c - eps_u||^2, w = 2
+    half_span = 0.5 * float(_log_snr(final_ab) - _log_snr(AB.double()[grid[0]]))
+    torch.testing.assert_close(log_w - log_w[0], half_span * (rate - rate[0]), rtol=1e-12, atol=1e-12)
+    # any rule: the coefficients are the grid's, the same as with no shift at all (Euler here)
+    cfg_e = FKCConfig(betas=(2.0, -1.0), resample="never", final="weighted", quadrature="euler")
+    shifted = _shifted_log_w(experts, cfg_e, grid, TimeShiftScheduler(grid, max_shift, seed, final_ab), N)
+    unshifted = _shifted_log_w(experts, cfg_e, grid, TimeShiftScheduler(grid, 0, seed, final_ab), N)
+    torch.testing.assert_close(shifted, unshifted, rtol=1e-12, atol=1e-12)
+
+
+def test_fkc_time_shift_weights_take_the_rate_at_the_model_times():
+    """The real Time-Shift scheduler: the experts are called at each particle's model time (recorded),
+    the coefficient of step k is the grid's node_coefficients c_k for every particle. Experts with
+    constant eps make log w_b - log w_0 = sum_k c_k (r_b - r_0)."""
+    from gensample.samplers.fkc import alpha_bar_pairs, node_coefficients, weight_rate
 
     ts = make_time_shift_scheduler(DEFAULT_SCHEDULER_CONFIG, window_size=30, cutoff=0, eta=1.0)
     ts.set_timesteps(10)
@@ -136,10 +202,8 @@ def test_fkc_time_shift_weights_use_the_model_times():
     times = torch.stack(seen)  # (S, N)
     assert (times != ts.timesteps[:, None]).any()  # some particles were shifted
     rate = weight_rate(torch.stack([e_c, e_u]), cfg.betas)  # (N,)
-    grid = ts.timesteps
-    ab_s = torch.cat([AB.double()[grid[1:]], torch.ones(1, dtype=torch.float64)])
-    coef = torch.stack([node_coefficients(AB.double()[times[k]], ab_s[k].expand(N), "logsnr") for k in range(len(grid))])
-    expected = (coef * rate).sum(0)
+    coef = node_coefficients(*alpha_bar_pairs(AB, ts.timesteps, 1.0), "logsnr")  # (S,) the grid's
+    expected = coef.sum() * rate
     torch.testing.assert_close(res.log_w[0] - res.log_w[0, 0], expected - expected[0], rtol=1e-10, atol=1e-10)
 
 

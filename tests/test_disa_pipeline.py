@@ -162,3 +162,34 @@ def test_configs_resolve(name):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     cfg = api.resolve_options(api.load_config_file(path)["sampler"], config=str(path))
     assert cfg["model"] == "mar-digits" and cfg["ar_steps"] == 8
+
+
+def test_folder_saved_with_the_old_scheduler_path_loads_with_a_warning(tmp_path):
+    """Issue 25 item 9 (DiSA): a folder saved before the schedulers moved records
+    ``gensample.samplers.disa`` as the scheduler's library; it still loads, with a FutureWarning that
+    names the new path, and gives the same scheduler."""
+    import subprocess
+    import sys
+
+    m = load_model("mar-digits")
+    pipe = ARDiffusionPipeline(m.extras["backbone"], m.extras["head"], DiSAHeadScheduler.from_config(m.scheduler_config))
+    pipe.save_pretrained(tmp_path)
+    index_file = tmp_path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    assert index["scheduler"] == ["gensample.schedulers.disa", "DiSAHeadScheduler"]
+    index["scheduler"] = ["gensample.samplers.disa", "DiSAHeadScheduler"]
+    index_file.write_text(json.dumps(index))
+    with pytest.warns(FutureWarning, match=r"moved to gensample\.schedulers\.disa\.DiSAHeadScheduler"):
+        again = ARDiffusionPipeline.from_pretrained(tmp_path)
+    assert type(again.scheduler) is DiSAHeadScheduler
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.scheduler.config) == public(pipe.scheduler.config)
+    import gensample.samplers.disa as old
+
+    with pytest.raises(AttributeError, match="NoSuchScheduler"):
+        old.NoSuchScheduler  # noqa: B018
+    # the alias is lazy: importing the old module alone loads neither diffusers nor the schedulers
+    code = ("import sys, gensample.samplers.disa; "
+            "print(sorted(m for m in sys.modules if m.startswith(('diffusers', 'gensample.schedulers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -181,3 +181,38 @@ def test_inception_fid_matches_torch_fidelity_at_299(random_inception, digit_fol
     theirs = torch_fidelity.calculate_metrics(input1=str(a), input2=str(b), fid=True, feature_extractor="inception-v3-compat",
                                               feature_extractor_weights_path=str(random_inception), cache=False, verbose=False, cuda=False)
     assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- caveats (issue 30, item 7)
+
+
+def test_fid_caveats_name_small_n_and_format_mismatch():
+    from gensample.eval.fid import fid_caveats
+
+    assert fid_caveats(64, 64, 100, (3, 8, 8), (3, 8, 8)) == []  # n >= D on both sides, same format
+    few = fid_caveats(2048, 3, 5000, (3, 8, 8), (3, 8, 8))
+    assert len(few) == 1 and "samples: 3 images for 2048-dimensional features" in few[0] and "rank at most 2" in few[0]
+    fmt = fid_caveats(64, 100, 100, (1, 8, 8), (3, 16, 16))
+    assert len(fmt) == 1 and "resolution 8x8 vs 16x16" in fmt[0] and "channels 1 vs 3" in fmt[0]
+    assert fid_caveats(64, 100, None, (1, 8, 8), None) == []  # a foreign mu/sigma reference: unknown, not flagged
+
+
+def test_fid_cli_warns_and_records_caveats(random_inception, small_inception, tmp_path):
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    grey = _write_pngs(tmp_path / "grey8", rng.uniform(-1, 1, size=(3, 1, 8, 8)))  # 3 grey 8x8 samples
+    rgb = _write_pngs(tmp_path / "rgb16", rng.uniform(-1, 1, size=(6, 3, 16, 16)))  # a 16x16 RGB reference
+    res = CliRunner().invoke(main, ["fid", str(grey), "--ref", str(rgb), "--inception-weights", str(random_inception),
+                                    "--dims", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(next(ln for ln in res.output.splitlines() if ln.startswith('{"fid"')))
+    assert rec["n_samples"] == 3 and rec["samples_shape"] == [1, 8, 8] and rec["ref_shape"] == [3, 16, 16]
+    assert len(rec["caveats"]) == 3  # samples n < 64, reference n < 64, resolution + channels
+    assert sum(ln.startswith("warning: FID caveat:") for ln in res.output.splitlines()) == 3
+    # a fid-stats reference records its count and image shape, so the same caveats are found
+    res = CliRunner().invoke(main, ["fid-stats", str(rgb), "--out", str(tmp_path / "ref.npz"), "--inception-weights",
+                                    str(random_inception), "--dims", "64"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["fid", str(grey), "--ref", str(tmp_path / "ref.npz"), "--inception-weights",
+                                    str(random_inception), "--dims", "64"])
+    assert res.exit_code == 0 and "(see the caveats above)" in res.output and "channels 1 vs 3" in res.output

@@ -198,7 +198,7 @@ def test_groups_batch_independent():
     (["--fkc-target", "product", "--experts", "1"], "two or more"),
     (["--fkc-target", "cfg", "--guidance-scale", "2"], "exactly one class"),
     (["--fkc-target", "cfg", "--experts", "1", "--beta", "2"], "--beta does not apply"),
-    (["--guidance-scale", "3"], "applies to --fkc-target cfg only"),
+    (["--guidance-scale", "3", "--beta", "2"], "applies to --fkc-target cfg only"),  # --beta keeps the anneal target
     (["--experts", "a,b"], "integer class labels"),
     (["--experts", "7"], "class labels must be in"),
     (["--particles", "5"], "multiple of the group size 5"),
@@ -243,3 +243,57 @@ def test_defaults_have_one_home():
     res = gensample.run(sampler="fkc", num_samples=16, steps=3, progress=False)
     rec = res.record["stats"]["fkc"]
     assert (rec["final"], rec["quadrature"], rec["eta"]) == (d["final"], d["quadrature"], d["eta"])
+
+
+# -- the default weight rule over seeds (issue 25 item 17; docs/fkc.md "Weight rules over seeds") --
+INFLATION = 5.0  # allowed SMC variance inflation over iid draws (measured 2.5-4.5 for every rule in the study)
+
+
+def _left_mass_over_seeds(seeds, K, steps, betas=(2.0,), **kw):
+    """P(x < 0) of FKC's weighted output for p^2 of p = 0.7 N(-2, .5^2) + 0.3 N(2, .5^2), one group of K."""
+    mix = GaussianMixture([0.7, 0.3], [[-2.0], [2.0]], [0.5, 0.5])
+    ts = spaced_timesteps(1000, steps)
+    cfg = FKCConfig(betas=betas, final="weighted", resample="ess", **kw)
+    out = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        res = sample_fkc(lambda x, t: mix.eps(x.double(), AB[int(t)]).float()[None], torch.randn(K, 1, generator=gen),
+                         cfg, AB, ts, group_size=K, noise_generators=gen,
+                         resample_generators=[torch.Generator().manual_seed(seed + 10_000)])
+        out.append(float((res.weights * (res.x[:, 0] < 0)).sum()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _within_seed_tolerance(masses, exact, K):
+    """Error over S seeds within tolerances from the binomial SE of K particles, se_b = sqrt(p (1 - p) / K),
+    and the seed count S. With sigma = INFLATION * se_b the allowed sd of one run: the median error is
+    within 3 standard errors of a sample median (1.2533 sigma / sqrt(S)); the robust spread
+    (1.4826 x median absolute deviation) within two of its standard errors (about 1.16 sigma / sqrt(S))
+    of sigma; collapses (runs more than 3 sigma off, the heavy tail of docs/fkc.md "Weight rules over
+    seeds") in at most 10% of the seeds. Medians, because one collapse dominates a mean or an sd."""
+    S, se_b = masses.numel(), (exact * (1 - exact) / K) ** 0.5
+    sigma = INFLATION * se_b
+    med = float(masses.median())
+    spread = 1.4826 * float((masses - med).abs().median())
+    collapses = int(((masses - exact).abs() > 3 * sigma).sum())
+    ok = (abs(med - exact) <= 3 * 1.2533 * sigma / S**0.5 and spread <= sigma * (1 + 2 * 1.16 / S**0.5)
+          and collapses <= 0.1 * S)
+    return ok, med - exact, spread, collapses
+
+
+@pytest.mark.slow
+def test_default_weight_rule_error_over_seeds_on_a_bimodal_anneal():
+    """The default rule (``DEFAULTS["quadrature"]``) on the bimodal anneal of the weight-rule study
+    (exact left-mode mass 0.8448), 100 steps, K = 2000, 20 seeds: median error, robust spread and
+    collapses within the tolerances of ``_within_seed_tolerance``. Negative control: the same check fails when the
+    weights are switched off (increments clamped to +-1e-6: the plain p path, mass 0.7)."""
+    g = torch.linspace(-10, 10, 200001, dtype=torch.float64)
+    mix = GaussianMixture([0.7, 0.3], [[-2.0], [2.0]], [0.5, 0.5])
+    lp = 2.0 * mix.log_prob(g[:, None])
+    p = torch.exp(lp - lp.max())
+    exact = float(p[g < 0].sum() / p.sum())
+    seeds, K = range(1, 21), 2000
+    ok, err, spread, collapses = _within_seed_tolerance(_left_mass_over_seeds(seeds, K, 100), exact, K)
+    assert ok, f"default rule {fkc.DEFAULTS['quadrature']}: median error {err:+.4f}, robust spread {spread:.4f}, collapses {collapses}"
+    off, err_off, _, _ = _within_seed_tolerance(_left_mass_over_seeds(seeds[:5], K, 100, betas=(1.0,)), exact, K)
+    assert not off and err_off < -0.1

@@ -159,3 +159,37 @@ def test_last_increment_vanishes_only_when_the_grid_ends_at_t0_with_final_alpha_
     assert fkc.node_coefficients(ab_t, ab_s, "euler")[-1] == 0.0
     ab_t, ab_s = fkc.alpha_bar_pairs(ab, ts1, final)
     assert int(ts1[-1]) == 1 and fkc.node_coefficients(ab_t, ab_s, "euler")[-1] > 0.1
+
+
+def test_infinite_k_gaussian_generalises_the_anneal_recursion_and_matches_cfg_monte_carlo():
+    """``infinite_k_gaussian`` (any prod_i N(m_i, s2_i)^beta_i; used by benchmarks/bench_compose.py for the
+    K -> inf law of FKC-CFG) equals ``infinite_k_anneal`` for one expert to 1e-12, and for CFG (w = 2 on
+    N(0.3, 0.02) | N(0, 0.05)) agrees with the sampler's weighted variance and mean: 4 groups x K = 4000,
+    50 steps, resampling every step, within 4 standard errors over groups (group sd, floored at the iid
+    bound v sqrt(2 / K) for the variance and sqrt(v / K) for the mean)."""
+    from gensample.eval.fkc_gaussian import infinite_k_gaussian
+
+    ts = spaced_timesteps(1000, 50)
+    for rule in ("euler", "logsnr"):
+        a, b = _rec(50, rule), infinite_k_gaussian([(M, S2)], [BETA], AB, ts, rule=rule)
+        assert b["var"] == pytest.approx(a["var"], rel=1e-12) and b["mean"] == pytest.approx(a["mean"], rel=1e-12)
+    experts, betas, G, K = [(0.3, 0.02), (0.0, 0.05)], (2.0, -1.0), 4, 4000
+    lim = infinite_k_gaussian(experts, betas, AB, ts, rule=DEFAULTS["quadrature"])
+    assert lim["target_var"] == pytest.approx(1 / (2 / 0.02 - 1 / 0.05)) and lim["var"] < 0.9 * lim["target_var"]
+
+    def eps(x, t):
+        a = AB[int(t)].double()
+        xd = x.double()
+        return torch.stack([(xd - a.sqrt() * m) * (1 - a).sqrt() / (a * s2 + 1 - a) for m, s2 in experts]).float()
+
+    gen = torch.Generator().manual_seed(0)
+    res = sample_fkc(eps, torch.randn(G * K, 1, generator=gen), FKCConfig(betas=betas, final="weighted", resample="every"),
+                     AB, ts, group_size=K, noise_generators=gen,
+                     resample_generators=[torch.Generator().manual_seed(1 + i) for i in range(G)])
+    x, w = res.x[:, 0].double().reshape(G, K), res.weights.reshape(G, K)
+    mean = (w * x).sum(1)
+    var = (w * (x - mean[:, None]) ** 2).sum(1)
+    tol_v = 4 * max(float(var.std()), lim["var"] * math.sqrt(2 / K)) / math.sqrt(G)
+    tol_m = 4 * max(float(mean.std()), math.sqrt(lim["var"] / K)) / math.sqrt(G)
+    assert abs(float(var.mean()) - lim["var"]) < tol_v, (float(var.mean()), lim["var"], tol_v)
+    assert abs(float(mean.mean()) - lim["mean"]) < tol_m, (float(mean.mean()), lim["mean"], tol_m)

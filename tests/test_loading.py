@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import gensample
 from gensample.cli import main
+from gensample.models import loading
 from gensample.models.loading import LoadedModel, hub_allow_patterns, load_model
 from sd_models import flatten
 
@@ -86,6 +87,48 @@ def test_missing_component_and_unsupported_pipelines(tmp_path):
         load_model(str(folder))
 
 
+SD3_INDEX = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer_3": ["transformers", "T5TokenizerFast"]}
+FLUX_INDEX = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+              "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"]}
+SDXL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+              "scheduler": ["diffusers", "EulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+REFINER_INDEX = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                 "scheduler": ["diffusers", "EulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+                 "text_encoder": [None, None], "tokenizer": [None, None],
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+PIXART_INDEX = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+                "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"]}
+
+
+@pytest.mark.parametrize("index,reason,not_said", [
+    (SD3_INDEX, r"StableDiffusion3Pipeline \(scheduler FlowMatchEulerDiscreteScheduler\) is a flow-matching transformer", "SDXL"),
+    (FLUX_INDEX, r"FluxPipeline \(scheduler FlowMatchEulerDiscreteScheduler\) is a flow-matching transformer", "SDXL"),
+    (SDXL_INDEX, r"StableDiffusionXLPipeline is an SDXL pipeline \(two text encoders.*SDXL is not supported yet", "flow"),
+    (REFINER_INDEX, r"StableDiffusionXLImg2ImgPipeline is an SDXL refiner / image-to-image pipeline", "flow"),
+    (PIXART_INDEX, r"PixArtAlphaPipeline has a transformer denoiser \(PixArtTransformer2DModel\)", "SDXL"),
+])
+def test_unsupported_pipeline_folders_name_the_real_reason(tmp_path, index, reason, not_said):
+    """Only model_index.json is read: the refusal comes before any component is looked for."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({**index, "_diffusers_version": "0.42.1"}))
+    with pytest.raises(ValueError, match=reason) as err:
+        load_model(str(folder))
+    assert not_said not in str(err.value)
+    res = invoke("run", "--sampler", "ddim", "--model", folder, "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "not supported yet" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_bare_conditional_unet_asks_for_the_pipeline(tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -141,6 +184,7 @@ def test_hub_id_of_a_flat_repository_loads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "list_repo_files", fake_list)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(loading, "hub_offline_reason", lambda: None)  # as if online (this machine may not be)
     m = load_model("google/ddpm-tiny-test")
     assert seen["repo"] == "google/ddpm-tiny-test" and "config.json" in seen["patterns"]
     assert type(m.unet).__name__ == "UNet2DModel" and m.event_shape == (3, 8, 8)
@@ -153,6 +197,7 @@ def test_unreachable_hub_id_is_a_user_error(monkeypatch, tmp_path):
         raise OSError("offline")
 
     monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(loading, "hub_offline_reason", lambda: None)  # the host resolves, the listing fails
     res = invoke("run", "--sampler", "ddim", "--model", "someone/no-such-model", "-o", tmp_path / "o")
     assert res.exit_code == 2 and "someone/no-such-model" in res.output and "offline" in res.output
 

@@ -17,7 +17,7 @@ from gensample.models.loading import load_model
 from gensample.models.mar import MAR_SCHEDULER_CONFIG
 from gensample.models.mar_backbone import (MAR_SIZES, MARConfig, MARModel, mar_config_from_state_dict,
                                            released_config, write_release_checkpoint)
-from gensample.samplers.disa import HeadDDPM, sample_head
+from gensample.samplers.disa import DiSAConfig, HeadDDPM, StepBudgetSchedule, sample_head, sample_mar
 
 FIX = Path(__file__).parent / "fixtures" / "mar"
 # The golden tensors were computed by the reference code in float32 on CPU; ours runs the same
@@ -99,6 +99,116 @@ def test_golden_head_sample_learned_range_cfg(tiny_release):
     print(f"head sample max rel diff {err:.2e} (fixed-variance arm {err_fixed:.2e})")
     assert err <= 1e-6  # observed 1.1e-7
     assert err_fixed > 4e-6  # observed 8.1e-6 (deterministic: fixed weights and seeds)
+
+
+# -- the whole sample_tokens loop (golden_loop.pt; tests/fixtures/mar/README.md) -------------------
+# Reference: main_mar.py --evaluate (load "model", switch to the "model_ema" parameters) then
+# MAR.sample_tokens with its orders and every normal draw recorded. Configs: "a" CFG 3 linear
+# schedule, temperature 0.9, 4 AR steps x 10 head steps; "b" CFG 2.5 constant, temperature 1.1,
+# 6 x 8; "c" no CFG, no labels (fake_latent), 16 x 5 (every step clamped to one token).
+# Tolerance: the random head's eps is not ~x_t at t = 999, so x0_hat is x_t / sqrt(alpha_bar) ~ 2e4
+# times a unit-scale input and the tokens reach ~7e4; a float32 rounding difference of one ulp in eps
+# (6e-8 relative) then shows as ~1e-7 of the output's scale. Observed 1.6e-7 .. 5.7e-7 (no growth
+# over the AR iterations); 2e-6 is ~16 ulps. The wrong arms below are off by 3e-5 (temperature,
+# which only scales the per-step noise, small next to the amplified x_T) to 0.18 (the "model" weights).
+LOOP_RTOL = 2e-6
+LOOP_CONFIGS = ("a", "b", "c")
+
+
+def _gold_loop():
+    return torch.load(FIX / "golden_loop.pt", weights_only=True)
+
+
+def _sample_loop(model, g, **change):
+    """Our sample_mar on the reference's orders and noise; latents (B, C, h, w) as sample_tokens returns."""
+    opts = dict(temperature=g["temperature"], guidance_scale=g["cfg"], cfg_schedule=g["cfg_schedule"],
+                orders=g["orders"], noise=g["noise"], noise_rows_reversed=False)
+    opts.update(change)
+    steps = g["steps"]
+    cfg = DiSAConfig(ar_steps=g["num_iter"], schedule=StepBudgetSchedule("constant", steps, steps),
+                     temperature=opts["temperature"], guidance_scale=opts["guidance_scale"],
+                     cfg_schedule=opts["cfg_schedule"])
+    ddpm = HeadDDPM(alphas_cumprod_from_config(MAR_SCHEDULER_CONFIG), variance_type=model.extras["variance_type"])
+    noise, used = opts["noise"], [0]
+
+    def noise_fn(k, shape):  # the recorded draws in the reference's order: x_T, then one per step
+        out = noise[used[0]: used[0] + shape[0]]
+        used[0] += shape[0]
+        return out.flip(0) if opts["noise_rows_reversed"] else out
+
+    bsz = g["orders"].shape[0]
+    with torch.no_grad():
+        tokens, _ = sample_mar(model.extras["backbone"], model.extras["head"], ddpm, cfg,
+                               [torch.Generator() for _ in range(bsz)], num_tokens=model.extras["num_tokens"],
+                               token_dim=model.extras["token_dim"], class_labels=g["labels"],
+                               null_class=model.null_class, orders=opts["orders"], noise_fn=noise_fn)
+    assert used[0] == noise.shape[0]  # every recorded draw consumed, in order
+    return model.extras["detokenize"](tokens)
+
+
+@pytest.mark.parametrize("name", LOOP_CONFIGS)
+def test_golden_sample_tokens_loop(tiny_release, name):
+    """Issue 25 item 16: MAR's whole loop (random order, cosine mask schedule, CFG schedule,
+    temperature, learned-range head) against the reference on fixed weights, orders and noise."""
+    g = _gold_loop()[name]
+    model = load_model(f"mar:{tiny_release}")
+    err = _max_rel(_sample_loop(model, g), g["tokens"])
+    print(f"sample_tokens loop {name}: max diff {err:.2e} of the output's max |x|")
+    assert err <= LOOP_RTOL
+
+
+def test_golden_loop_detects_wrong_schedules_orders_and_temperature(tiny_release):
+    """The loop golden has power: each of these changes moves the output by far more than LOOP_RTOL."""
+    gold = _gold_loop()
+    model = load_model(f"mar:{tiny_release}")
+    a, b = gold["a"], gold["b"]
+    swapped = a["orders"].clone()
+    swapped[:, [0, -1]] = swapped[:, [-1, 0]]  # a slot of the last iteration exchanged with one of the first
+    arms = {
+        "cfg schedule constant for linear": (a, dict(cfg_schedule="constant")),
+        "cfg schedule linear for constant": (b, dict(cfg_schedule="linear")),
+        "temperature 1": (a, dict(temperature=1.0)),
+        "orders of another draw": (a, dict(orders=swapped)),
+        "noise rows not image-major": (a, dict(noise_rows_reversed=True)),
+    }
+    for what, (g, change) in arms.items():
+        err = _max_rel(_sample_loop(model, g, **change), g["tokens"])
+        print(f"{what}: {err:.2e}")
+        assert err > 10 * LOOP_RTOL, f"{what}: only {err:.2e} off"
+
+
+def test_fixture_model_and_model_ema_differ_and_sampling_uses_model_ema(tiny_release, tmp_path):
+    """Issue 25 item 16: the fixture's two containers differ, and sampling uses "model_ema", as the
+    reference's main_mar.py --evaluate does (its evaluate() switches to the EMA parameters). Loading
+    "model" instead (a checkpoint without EMA, or the two swapped) misses both goldens."""
+    ck = torch.load(FIX / "tiny_mar.pth", weights_only=False)
+    differ = [k for k in ck["model"] if not torch.equal(ck["model"][k], ck["model_ema"][k])]
+    for key in ("fake_latent", "class_emb.weight", "z_proj.weight", "mask_token", "diffloss.net.input_proj.weight",
+                "diffloss.net.final_layer.linear.weight", "encoder_blocks.0.norm1.weight"):
+        assert key in differ
+    model = load_model(f"mar:{tiny_release}")
+    assert model.extras["mar_weights"] == "model_ema"
+    ours = model.extras["mar"].state_dict()
+    assert all(torch.equal(ours[k], ck["model_ema"][k]) for k in ck["model_ema"])
+    g = _gold_loop()["a"]
+    assert _max_rel(_sample_loop(model, g), g["tokens"]) <= LOOP_RTOL
+    variants = {"no_ema": {"model": ck["model"], "epoch": 0, "args": ck["args"]},
+                "swapped": {"model": ck["model_ema"], "model_ema": ck["model"], "epoch": 0, "args": ck["args"]}}
+    for name, container in variants.items():
+        d = tmp_path / name
+        d.mkdir()
+        torch.save(container, d / "checkpoint-last.pth")
+        (d / "config.json").write_text(json.dumps({"encoder_num_heads": 2, "decoder_num_heads": 2}))
+        wrong = load_model(f"mar:{d}")
+        assert wrong.extras["mar_weights"] == {"no_ema": "model", "swapped": "model_ema"}[name]
+        err = _max_rel(_sample_loop(wrong, g), g["tokens"])
+        assert err > 1e3 * LOOP_RTOL, f"{name}: the training weights are only {err:.2e} off the EMA golden"
+        gold = _gold()
+        b = gold["labels"].numel()
+        with torch.no_grad():
+            z = wrong.extras["backbone"](torch.cat([gold["tokens"]] * 2), torch.cat([gold["mask"]] * 2).bool(),
+                                         torch.cat([gold["labels"], torch.full((b,), wrong.null_class)]))
+        assert _max_rel(z, gold["z"]) > 1e-2
 
 
 def test_golden_vae_decode_and_encode():

@@ -17,6 +17,8 @@ test_schedulers.py of the diffusers repository), one test per check, never branc
 | test_trained_betas                                | test_trained_betas_survive_save_load   |
 | test_getattr_is_correct                           | test_getattr_is_correct                |
 | (SchedulerBaseTests) unexpected config keys       | test_unexpected_config_key_is_ignored  |
+| (DDIM/DDPM test_inference with default configs)    | test_from_config_of_a_default_built_   |
+|                                                   | stock_config_keeps_its_values          |
 
 Grid-only restriction: diffusers steps from the raw timesteps 0 and 1. Our schedulers step only
 from times on the grid of their last ``set_timesteps`` (Time-Shift needs the grid to place its
@@ -36,6 +38,10 @@ the ancestral cosine / argmax sampler) are cases of their own, so each goes thro
 The subject test files (test_fkc.py, test_disa_head.py, test_first_hitting.py, test_time_shift.py)
 keep only method-specific math and errors.
 
+Two more rules of ours: ``from_config`` of a default-built DDIM/DDPM config keeps the source's value
+of every shared key (diffusers would let our defaults win), and a flow-matching config is refused
+(no betas to build the schedule from).
+
 To add a scheduler: append a `Case` (constructor config, its init_noise_sigma, fixtures).
 """
 
@@ -51,7 +57,8 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, PNDMScheduler)
 
 from gensample.schedulers.disa import DiSAHeadScheduler
 from gensample.schedulers.first_hitting import MaskedDiffusionScheduler
@@ -253,6 +260,65 @@ def test_from_config_both_ways(ccase):
     again = ccase.cls.from_config(ccase.sibling.from_config(s.config).config)
     for key in ccase.our_keys:
         assert again.config[key] == s.config[key], key
+
+
+# -- issue 25 item 3: the source's value wins for every key shared with DDIM/DDPM ----------------
+STOCK_FAMILY = (DDIMScheduler, DDPMScheduler)
+DDPM_FAMILY_KEYS = (set(inspect.signature(DDIMScheduler.__init__).parameters)
+                    | set(inspect.signature(DDPMScheduler.__init__).parameters)) - {"self"}
+
+
+def _shared(cls, stock_cls):
+    return sorted(DDPM_FAMILY_KEYS & set(inspect.signature(cls.__init__).parameters)
+                  & set(inspect.signature(stock_cls.__init__).parameters))
+
+
+@pytest.mark.parametrize("stock_cls", STOCK_FAMILY, ids=lambda c: c.__name__)
+def test_from_config_of_a_default_built_stock_config_keeps_its_values(ccase, stock_cls):
+    """`Ours.from_config(DDIMScheduler().config)`: diffusers lists every key of a default-built
+    config as defaulted, and its from_config would let *our* default win (DDIM's clip_sample=True
+    became False). Every shared key must keep the source's value, and the reverse conversion must
+    keep ours (our config does not mark shared keys as defaulted)."""
+    stock = stock_cls()
+    assert set(_shared(ccase.cls, stock_cls)) <= set(stock.config["_use_default_values"])  # the hard case
+    ours = ccase.cls.from_config(stock.config)
+    shared = _shared(ccase.cls, stock_cls)
+    assert shared, "no shared key: the case does not exercise the rule"
+    for key in shared:
+        assert ours.config[key] == stock.config[key], (key, ours.config[key], stock.config[key])
+    torch.testing.assert_close(ours.alphas_cumprod.float(), stock.alphas_cumprod)
+    mine = ccase.make()
+    back = stock_cls.from_config(mine.config)
+    for key in shared:
+        assert back.config[key] == mine.config[key], (key, back.config[key], mine.config[key])
+
+
+# -- issue 25 item 5: flow-matching configs are refused -------------------------------------------
+FLOW_CONFIGS = {
+    "flow-match-euler": lambda: dict(FlowMatchEulerDiscreteScheduler().config),
+    "flow-keys-no-betas": lambda: {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+                                   "base_image_seq_len": 256},
+    "dpm-flow-sigmas": lambda: dict(DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                                flow_shift=3.0).config),
+}
+
+
+@pytest.mark.parametrize("flow", sorted(FLOW_CONFIGS))
+@pytest.mark.parametrize("cls", [TimeShiftScheduler, FKCScheduler, DiSAHeadScheduler, MaskedDiffusionScheduler],
+                         ids=lambda c: c.__name__)
+def test_flow_matching_config_is_refused(cls, flow):
+    """A flow-matching config carries no betas: from_config would build the default DDPM schedule
+    and a stock SD3 pipeline would run on it to the end. It must raise, naming the reason."""
+    with pytest.raises(ValueError, match="flow-matching"):
+        cls.from_config(FLOW_CONFIGS[flow]())
+
+
+def test_stock_ddpm_family_configs_are_not_flow():
+    from gensample.schedulers._config import flow_matching_reason
+
+    for stock in (DDIMScheduler(), DDPMScheduler(), EulerDiscreteScheduler(), PNDMScheduler(),
+                  DPMSolverMultistepScheduler()):
+        assert flow_matching_reason(dict(stock.config)) is None, type(stock).__name__
 
 
 def test_step_shape(case):

@@ -180,3 +180,28 @@ def test_trained_pixel_and_latent_models_run(name):
     assert res.x.shape == (1, 1, 8, 8) and torch.isfinite(res.x).all()
     if name == "digits-ldm":
         assert res.stats["vae_decode_backward"] > 0
+
+
+def test_fkc_target_is_reached_only_as_the_steps_grow():
+    """Issue 25 item 13. smc-post with an FKC target (annealed prior p^3 of p = N(1, 0.25), y = x + noise,
+    sigma_y = 0.5: the exact target p^3 N(y; x, sigma_y^2) is N(0.8, 0.0625)) reaches it only as the number
+    of steps grows: FKC's increments are a quadrature of the continuous weight (docs/compose.md "FKC targets
+    with a measurement"). At fixed K the output variance (n independent systems, one output each; the
+    standard error of a sample variance is var sqrt(2 / (n - 1))) grows towards the target's from 10 to 40
+    steps by more than 4 standard errors of the difference, and at 40 steps is still more than 4 standard
+    errors below it."""
+    from gensample.runs.fkc import _expert_fn
+
+    m, s2, beta, y, sy, n, K = 1.0, 0.25, 3.0, 0.2, 0.5, 200, 32
+    model = gmm_model("gauss-1d", GaussianMixture([1.0], [[m]], [math.sqrt(s2)]))
+    op = MatrixOperator((1,), [[1.0]])
+    exact_var = 1.0 / (beta / s2 + 1 / sy**2)
+    var, se = {}, {}
+    for steps in (10, 40):
+        cfg = SMCPosteriorConfig(particles=K, steps=steps, noise_std=sy, betas=(beta,))
+        fn = _expert_fn(model.denoiser(), model, [None], n * K, "cpu")
+        x = posterior_samples(model, op, torch.tensor([[y]]), list(range(n)), cfg, experts=fn).x.double()[:, 0]
+        var[steps] = float(x.var())
+        se[steps] = var[steps] * math.sqrt(2.0 / (n - 1))
+    assert var[40] - var[10] > 4 * math.hypot(se[10], se[40])
+    assert exact_var - var[40] > 4 * se[40]

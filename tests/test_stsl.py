@@ -56,7 +56,7 @@ def test_trace_gradient_is_a_descent_direction_for_the_exact_trace():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(64, 2, generator=g) * 2
     op = MatrixOperator((2,), [[1.0, 0.0]])
-    cfg = InverseConfig(data_weight=0.0, trace_weight=1.0, probe_scale=1e-2)
+    cfg = InverseConfig(data_weight=0.0, trace_weight=1.0, probe_scale=1e-2, trace_rule="paper")  # probes N(0, I) in z
     grads = torch.zeros_like(z)
     for _ in range(200):  # average the one-probe gradient
         zi = z.clone().requires_grad_(True)
@@ -78,12 +78,51 @@ def test_gaussian_prior_trace_term_has_no_effect():
     kw = dict(steps=10, inner_steps=2, ddim_eta=0.0)
     a, _ = reconstruct(model, op, y, "stsl", list(range(8)), trace_weight=0.0, **kw)
     b, _ = reconstruct(model, op, y, "stsl", list(range(8)), trace_weight=5.0, **kw)
-    # float32 UNet-batch rounding only (amplified by the (1 - ab)^2 / ab trace scale at the first steps)
+    # float32 UNet-batch rounding only (the linear score makes the trace term constant in z)
     torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
     # power: on a mixture (non-linear score) the same trace weight changes the samples
     c, _ = reconstruct(gmm2d(), op, y, "stsl", list(range(8)), trace_weight=0.0, **kw)
     d, _ = reconstruct(gmm2d(), op, y, "stsl", list(range(8)), trace_weight=5.0, **kw)
     assert (c - d).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("rule", ["logdet", "paper"])
+def test_sampler_probes_lie_in_the_range_of_a(rule):
+    """The loop draws the trace probe per sample and inner step: with the "logdet" rule on a mask
+    v = A^T u, u = +-1 (Rademacher), so z + delta v differs from z only on observed pixels, by exactly
+    +-delta (docs/stsl.md, "The trace term"); the paper rule's v ~ N(0, I) moves every pixel."""
+    from gensample.zoo.analytic import gmm_digits
+
+    model = gmm_digits()
+    op = random_inpaint((1, 8, 8), 0.5, seed=2)
+    y = op.measure(model.extras["mixture"].sample(1, torch.Generator().manual_seed(0)), 0.05, [torch.Generator().manual_seed(1)])
+    calls = []
+    base = model.denoiser()
+
+    class Recording:
+        def __call__(self, z, t, cond=None):
+            calls.append(z.detach().clone())
+            return base(z, t, cond)
+
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+    model_den = model.denoiser
+    model.denoiser = lambda: Recording()
+    try:
+        reconstruct(model, op, y, "stsl", [0, 1], steps=2, inner_steps=2, prior_var=1.0, probe_scale=0.5, trace_rule=rule)
+    finally:
+        model.denoiser = model_den
+    pairs = [c for c in calls if c.shape[0] == 4]  # the batched [z, z + delta v] calls
+    assert len(pairs) == 4
+    observed = op.mask.bool().expand(1, 8, 8)
+    for c in pairs:
+        dv = (c[2:] - c[:2]).double()  # (2, 1, 8, 8) = delta v
+        if rule == "logdet":
+            assert dv[:, ~observed].abs().max() == 0
+            torch.testing.assert_close(dv[:, observed].abs(), torch.full_like(dv[:, observed], 0.5), atol=1e-6, rtol=0)
+        else:
+            assert dv[:, ~observed].abs().min() > 0
 
 
 def _ddim_baseline(model, seeds, steps, eta):
@@ -208,6 +247,29 @@ def test_cli_stsl_on_gmm_digits_writes_before_after(cli, tmp_path):
     from gensample.eval.digits_data import real_digits
 
     np.testing.assert_allclose(np.load(tmp_path / "run4" / "samples.npz")["x_true"][0], real_digits("test")[0][7], atol=1e-6)
+
+
+def test_cli_trace_rule_flag(cli, tmp_path):
+    """--trace-rule reaches the sampler (same seeds, different samples); the default is the paper's
+    term under both step rules (docs/stsl.md, "The trace term"); a bad value exits 2 naming the flag."""
+    from gensample.runs.stsl import _config_from_opts
+
+    def run(out, *extra):
+        r = cli("run", "--sampler", "stsl", "--model", "gmm2d", "--task", "inpaint-random", "-n", "4", "--steps", "3",
+                "--inner-steps", "2", "--prior-var", "1", "--device", "cpu", "-o", str(tmp_path / out), *extra)
+        assert r.exit_code == 0, r.output
+        return np.load(tmp_path / out / "samples.npz")["x"]
+
+    a, c = run("a"), run("c", "--trace-rule", "logdet")
+    assert np.abs(a - c).max() > 1e-4
+    model = gmm2d()
+    for rule in ("auto", "paper"):
+        cfg = _config_from_opts("stsl", {"steps": 2, "step_rule": rule, "trace_rule": "paper"}, model)
+        assert (cfg.trace_rule, cfg.trace_weight) == ("paper", 0.02)
+    assert _config_from_opts("stsl", {"steps": 2, "trace_rule": "logdet"}, model).trace_weight == 1.0
+    r = cli("run", "--sampler", "stsl", "--model", "gmm2d", "--trace-rule", "jensen", "-n", "1", "--steps", "2",
+            "--device", "cpu", "-o", str(tmp_path / "e"))
+    assert r.exit_code == 2 and "trace-rule" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_cli_matrix_task_on_gmm2d(cli, tmp_path):

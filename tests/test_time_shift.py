@@ -13,9 +13,11 @@ from gensample.cli import main
 from gensample.core.schedule import alphas_cumprod_from_config
 from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
 from gensample.samplers.baseline import epsilon_scale
+from gensample.runs.time_shift import parse_data_var
 from gensample.samplers.time_shift import (
     TimeShiftParams,
     default_window_cutoff,
+    reference_variance,
     sample_variance,
     select_shift,
     window_candidates,
@@ -361,13 +363,62 @@ def test_no_import_circle_between_baseline_and_time_shift():
     assert not any("time_shift" in m for m in names), names
 
 
-def test_data_var_rejected_outside_unit_interval(tmp_path):
-    with pytest.raises(ValueError, match=r"data_var must be None or a number in \[0, 1\)"):
-        TimeShiftScheduler(data_var=1.2)
-    for bad in ("1.5", "foo"):
+# -- issue 25 item 15: Var_data > 1 is allowed, V = 1 refused with the reason ----------------------
+def test_data_var_one_is_refused_with_the_reason_and_above_one_accepted(tmp_path):
+    for bad in (1.0, -0.1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"data_var must be None or a finite number >= 0 other than 1"):
+            TimeShiftScheduler(data_var=bad)
+    for ok in (0.0, 0.5, 1.03, 2.0):  # digits-ldm's latents have Var_data = 1.03
+        assert TimeShiftScheduler(data_var=ok).config.data_var == ok
+    assert parse_data_var("1.03") == 1.03 and parse_data_var("auto") == "auto"
+    for bad, why in (("1", "cannot choose a shifted time"), ("-0.5", ">= 0"), ("foo", "'auto' or a finite number")):
         r = CliRunner().invoke(main, ["run", "--sampler", "ts-ddim", "--model", "gmm-digits", "--data-var", bad,
                                       "-n", "2", "-o", str(tmp_path / "unused-ts")])
-        assert r.exit_code == 2 and "--data-var" in r.output and "Traceback" not in r.output, r.output
+        assert r.exit_code == 2 and "--data-var" in r.output and why in r.output, r.output
+        assert "Traceback" not in r.output
+    res = _run("ts-ddim", num_samples=2, steps=10, data_var=1.5, window=40, cutoff=0)
+    assert res.record["stats"]["ts_data_var"] == [[1.5]]
+
+
+@pytest.mark.parametrize("data_var,direction", [(0.0, +1), (0.5, +1), (1.03, -1), (2.0, -1)])
+def test_reference_rises_with_t_below_one_and_falls_above(data_var, direction):
+    """r(t) = (1 - ab_t) + ab_t V = 1 - ab_t (1 - V); ab_t falls with t, so dr/dt has the sign of
+    1 - V: up for V < 1, down for V > 1 (docs/time_shift.md "Data-aware statistic")."""
+    ab = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)
+    assert (torch.diff(ab) < 0).all()
+    ref = reference_variance(ab, data_var)
+    assert (direction * torch.diff(ref) > 0).all()
+    assert torch.allclose(ref, 1 - ab * (1 - data_var), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("data_var", [0.5, 2.0])
+def test_data_aware_statistic_locates_the_true_time_on_either_side_of_one(data_var):
+    """x0 with iid N(0, V) entries noised exactly to t_star: the data-aware reference finds t_star
+    for V < 1 and V > 1 alike; the paper's 1 - ab (V ignored) picks a later time.
+    Tolerance: var_hat of D iid Gaussian entries has sd r sqrt(2 / (D - 1)); divided by |dr/dt|
+    at t_star that is the time error's sd; z = 5 over 16 rows keeps a false failure below 1e-5."""
+    ab = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)
+    t_star, window = 250, 400
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 3, 64, 64, generator=g, dtype=torch.float64) * data_var ** 0.5
+    eps = torch.randn(16, 3, 64, 64, generator=g, dtype=torch.float64)
+    x_t = ab[t_star].sqrt() * x0 + (1 - ab[t_star]).sqrt() * eps
+    D = x_t[0].numel()
+    ref = 1 - ab * (1 - data_var)  # E[var_hat(x_t)], derived in the docstring of reference_variance
+    slope = (ref[t_star + 1] - ref[t_star - 1]).abs() / 2
+    tol = 5 * ref[t_star] * (2 / (D - 1)) ** 0.5 / slope
+    assert tol < window // 2 - 10  # the test can tell the true time from a window edge
+
+    def chosen(v):  # the scheduler's model time at grid time t_star (step 1 of a custom grid)
+        sched = TimeShiftScheduler.from_config(DEFAULT_SCHEDULER_CONFIG, window_size=window, cutoff=0, data_var=v)
+        sched.set_timesteps(timesteps=[999, t_star, 0])
+        return sched.model_timesteps(x_t.float(), t_star)
+
+    t_s = chosen(data_var)
+    assert ((t_s - t_star).abs() <= tol).all(), (t_s.tolist(), float(tol))
+    # the paper's 1 - ab is below the true variance 1 - ab (1 - V) for any V > 0: it picks later times
+    paper = chosen(None)
+    assert ((paper - t_star) > tol).all(), paper.tolist()
 
 
 def test_latent_model_warns_on_the_paper_statistic():
@@ -380,3 +431,13 @@ def test_latent_model_warns_on_the_paper_statistic():
         warnings.simplefilter("error", UserWarning)
         res = _run("ts-ddim", model="digits-ldm", num_samples=2, steps=4, data_var=0.4)
     assert res.record["stats"]["ts_data_var"] == [[0.4]]  # one entry per batch
+
+
+def test_get_variance_matches_ddim_scheduler():
+    """DDIMScheduler's ``_get_variance`` helper (called by diffusers' own DDIM tests) on our class:
+    (1 - ab_s)/(1 - ab_t) (1 - ab_t/ab_s), the final alpha_bar for s < 0."""
+    from diffusers import DDIMScheduler
+
+    ours, stock = TimeShiftScheduler(), DDIMScheduler()
+    for t, s in [(0, 0), (420, 400), (980, 960), (487, 486), (999, 998), (10, -1)]:
+        assert abs(float(ours._get_variance(t, s)) - float(stock._get_variance(t, s))) < 1e-7, (t, s)

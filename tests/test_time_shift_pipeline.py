@@ -2,6 +2,7 @@
 `enable_time_shift`, the `from_config` idiom, and our `TimeShiftPipeline` (docs/time_shift.md
 "Python / diffusers"). SD pipelines are tiny random ones built offline (tests/sd_fixtures.py)."""
 
+import copy
 import json
 
 import numpy as np
@@ -138,6 +139,117 @@ def test_window_wider_than_stride_with_eta_is_refused_and_steps_stay_finite():
     pipe = enable_time_shift(_ddim_pipe(), window_size=40, cutoff=0)
     with pytest.raises(ValueError, match=r"window_size 40 .* must be in \[0, 19\]"):
         pipe(batch_size=2, num_inference_steps=100, eta=1.0, output_type="np", generator=_gen())
+
+
+# -- issue 25 item 1: Time-Shift is per pipeline, whatever the pipelines share -----------------
+KW = dict(batch_size=2, num_inference_steps=5, output_type="np")
+
+
+def _own(pipe_cls, unet, scheduler):
+    pipe = pipe_cls(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(pipe, seed=0, **kw):
+    return pipe(generator=_gen(seed), **{**KW, **kw}).images
+
+
+def test_from_pipe_copy_that_did_not_enable_runs_stock():
+    """`q = DDIMPipeline.from_pipe(p)` shares p's UNet (and with it the hook). q did not enable
+    Time-Shift: it must see the grid times and give stock DDIM images, before and after p runs."""
+    unet = tiny_unet()
+    ref = _images(_own(DDIMPipeline, copy.deepcopy(unet), DDIMScheduler(clip_sample=False)))
+    p = enable_time_shift(_own(DDIMPipeline, unet, DDIMScheduler(clip_sample=False)), window_size=40, cutoff=0)
+    q = DDIMPipeline.from_pipe(p)
+    q.set_progress_bar_config(disable=True)
+    assert q.unet is p.unet and type(q.scheduler) is DDIMScheduler
+    shifted = _images(p)
+    assert not np.array_equal(shifted, ref)  # p does shift
+    spy = Spy(unet)
+    assert np.array_equal(_images(q), ref)
+    assert all(t.numel() == 1 for t in spy.seen)  # q's UNet calls carry the grid time, untouched
+    assert np.array_equal(_images(p), shifted)  # and p is unaffected by q
+
+
+def test_from_pipe_sharing_our_scheduler_object_fails_loudly_until_enabled():
+    """DDPMPipeline keeps the scheduler it is given, so `DDPMPipeline.from_pipe(p)` shares p's
+    TimeShiftScheduler object. q did not enable Time-Shift: its UNet gets the grid time and the
+    step that would shift raises (no silent DDIM/TS mix); enable_time_shift(q) makes it right."""
+    unet = tiny_unet()
+    p = enable_time_shift(_own(DDPMPipeline, unet, DDPMScheduler(clip_sample=False)), window_size=30, cutoff=0)
+    a = _images(p)
+    q = DDPMPipeline.from_pipe(p)
+    q.set_progress_bar_config(disable=True)
+    assert q.scheduler is p.scheduler
+    with pytest.raises(ValueError, match="enable_time_shift"):
+        _images(q)
+    enable_time_shift(q)  # keeps the TS keys of the scheduler it had (window 30, cutoff 0, eta 1)
+    assert q.scheduler is not p.scheduler and q.scheduler.config.window_size == 30
+    assert np.array_equal(_images(q), a) and np.array_equal(_images(p), a)
+
+
+@pytest.mark.parametrize("order", ["p-first", "q-first"])
+def test_two_enabled_pipelines_sharing_a_unet_each_use_their_own_scheduler(order):
+    """Enabling on a second pipeline must not break the first (it did: 'timestep 580 is not on the
+    grid'): each pipeline gives what it gives with a UNet of its own, in any order of calls."""
+    unet = tiny_unet()
+    p = enable_time_shift(_own(DDIMPipeline, unet, DDIMScheduler(clip_sample=False)), window_size=40, cutoff=0)
+    q = enable_time_shift(DDIMPipeline.from_pipe(p), window_size=20, cutoff=100)
+    q.set_progress_bar_config(disable=True)
+    alone_p = _images(enable_time_shift(_own(DDIMPipeline, copy.deepcopy(unet), DDIMScheduler(clip_sample=False)),
+                                        window_size=40, cutoff=0))
+    alone_q = _images(enable_time_shift(_own(DDIMPipeline, copy.deepcopy(unet), DDIMScheduler(clip_sample=False)),
+                                        window_size=20, cutoff=100))
+    assert not np.array_equal(alone_p, alone_q)  # the two settings differ, so a mix-up would show
+    calls = [(p, alone_p), (q, alone_q)] if order == "p-first" else [(q, alone_q), (p, alone_p)]
+    for pipe, expected in calls * 2:
+        assert np.array_equal(_images(pipe), expected)
+    assert len([h for h in unet._forward_pre_hooks.values() if type(h).__name__ == "_TimeShiftHook"]) == 1
+    disable_time_shift(p)  # q keeps shifting; p is stock again
+    ref = _images(_own(DDIMPipeline, copy.deepcopy(unet), DDIMScheduler(clip_sample=False)))
+    assert np.array_equal(_images(p), ref) and np.array_equal(_images(q), alone_q)
+    disable_time_shift(q)
+    assert not unet._forward_pre_hooks  # the last one out removes the hook
+
+
+# -- issue 25 item 2: save -> load -> enable keeps the saved window / cutoff ----------------------
+def test_ddim_pipeline_save_load_enable_gives_identical_images(tmp_path):
+    """A saved TS DDIMPipeline loads with a stock DDIMScheduler (DDIMPipeline converts it) that
+    keeps window_size/cutoff/... as hidden config; enable_time_shift(loaded) with no arguments
+    must use them (not the per-step defaults), so the images are identical."""
+    p = enable_time_shift(_ddim_pipe(), window_size=12, cutoff=100)
+    a = _images(p)
+    p.save_pretrained(tmp_path)
+    loaded = DDIMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is DDIMScheduler and loaded.scheduler.config.window_size == 12
+    enable_time_shift(loaded)
+    assert (loaded.scheduler.config.window_size, loaded.scheduler.config.cutoff) == (12, 100)
+    assert np.array_equal(_images(loaded), a)
+    defaults = _images(enable_time_shift(_ddim_pipe()))
+    assert not np.array_equal(defaults, a)  # the per-step defaults give other images: the test has power
+    again = enable_time_shift(DDIMPipeline.from_pretrained(tmp_path), window_size=0)  # an explicit value wins
+    again.set_progress_bar_config(disable=True)
+    assert np.array_equal(_images(again), _images(_ddim_pipe()))
+
+
+# -- issue 25 item 5: flow-matching schedulers are refused ---------------------------------------
+def test_enable_time_shift_refuses_a_flow_matching_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = _ddim_pipe()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="flow-matching schedulers are not supported by TimeShiftScheduler"):
+        enable_time_shift(pipe)
+    assert getattr(pipe, "_ts_state", None) is None and not pipe.unet._forward_pre_hooks
+
+    class SD3Like:  # what StableDiffusion3Pipeline offers: a transformer, no unet, a flow scheduler
+        transformer = torch.nn.Identity()
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+    with pytest.raises(ValueError, match="flow-matching"):
+        enable_time_shift(SD3Like())
 
 
 # -- Stable Diffusion -------------------------------------------------------------------------

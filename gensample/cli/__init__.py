@@ -6,9 +6,11 @@ is read-only / full / in use); 130 Ctrl-C and 143 SIGTERM (run.json says ``inter
 finished shards are kept: the same command resumes).
 
 Start-up is kept light: importing this module loads click only. torch, diffusers and the sampler
-modules load when a command needs them; `gensample list` reads a cache of the registry (in the
-user cache folder, rebuilt whenever a file of the package changes) and `run`'s sampler-specific
-flags are built on first use (`_LazyRunCommand`).
+modules load when a command needs them. `run`'s sampler-specific flags, `--help` and `gensample help
+S` come from the sampler manifest (``gensample.options.manifest``: JSON, never stale), and `run`
+checks every option, file and the output folder against it before importing torch, so a usage
+error answers in well under a second. `gensample list` reads a cache of the registry (in the user
+cache folder, rebuilt whenever a file of the package changes).
 
 Subcommand modules ``gensample/cli/cmd_*.py`` define ``register(main)`` and are picked up
 automatically; ``gensample train`` subcommands attach to the ``train`` group.
@@ -65,12 +67,23 @@ class _Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings in the CLI: one line ``warning: ...`` on stderr, without the source line."""
+    text = " ".join(str(message).split())
+    click.echo(f"warning: {text}", err=True)
+
+
 class _Group(click.Group):
     """The top-level group: Ctrl-C and SIGTERM end any command with one line and exit 130/143
-    (the run itself has recorded ``interrupted`` in run.json by then), never a traceback."""
+    (the run itself has recorded ``interrupted`` in run.json by then), never a traceback.
+    Python warnings print as one clean line ``warning: ...`` (``_show_warning``)."""
 
     def invoke(self, ctx):
         import threading
+        import warnings
+
+        old_show = warnings.showwarning
+        warnings.showwarning = _show_warning
 
         old = None
         if threading.current_thread() is threading.main_thread():
@@ -86,6 +99,7 @@ class _Group(click.Group):
                        f"run the same command again to resume", err=True)
             ctx.exit(128 + int(signum))
         finally:
+            warnings.showwarning = old_show
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
 
@@ -108,10 +122,10 @@ def _click_type(opt):
     return {int: int, float: float, str: str, bool: bool}.get(opt.type, str)
 
 
-def _defaults_text(key: str, registry) -> str:
+def _defaults_text(key: str, man) -> str:
     """Per-sampler defaults of option ``key``: "ddim, oms: default 0.0; fkc: default 1.0"."""
     by_default: dict[str, list[str]] = {}
-    for spec in registry.SAMPLERS.values():
+    for spec in man.samplers.values():
         for o in spec.options:
             if o.key == key:
                 by_default.setdefault(repr(o.default) if not isinstance(o.default, str) else o.default, []).append(spec.name)
@@ -127,35 +141,38 @@ def _option_param(opt, help_text: str) -> click.Parameter:
     return click.Option([opt.flag, opt.key], type=_click_type(opt), default=None, help=help_text)
 
 
-def _sampler_choice(registry) -> click.Parameter:
-    return click.Option(["--sampler"], type=click.Choice(sorted(registry.SAMPLERS)), default=None,
+def _manifest():
+    """The sampler manifest (names, defaults, option declarations) without importing torch."""
+    from .. import options
+
+    return options.manifest()
+
+
+def _sampler_choice(man) -> click.Parameter:
+    return click.Option(["--sampler"], type=click.Choice(sorted(man.samplers)), default=None,
                         help="Sampling method (see `gensample list`).")
 
 
 def _sampler_params() -> list[click.Parameter]:
     """--sampler (a choice of the registered samplers) and every sampler-specific flag."""
-    from ..samplers import registry
-
-    registry.discover()
-    params: list[click.Parameter] = [_sampler_choice(registry)]
-    specific = registry.all_options()
+    man = _manifest()
+    params: list[click.Parameter] = [_sampler_choice(man)]
+    specific = man.all_options()
     for key in sorted(specific):
         if key in _TEXT_KEYS:  # run's own flag (--prompt, --guidance-rescale) feeds the sampler's option too
             continue
-        params.append(_option_param(specific[key], f"{specific[key].help} [{_defaults_text(key, registry)}]"))
+        params.append(_option_param(specific[key], f"{specific[key].help} [{_defaults_text(key, man)}]"))
     return params
 
 
 def _one_sampler_params(name: str) -> list[click.Parameter] | None:
     """--sampler and only sampler ``name``'s own flags, each with ``name``'s default (read from
     the sampler's ``Option``, the one home of that default); None for an unknown name."""
-    from ..samplers import registry
-
-    registry.discover()
-    spec = registry.SAMPLERS.get(name)
+    man = _manifest()
+    spec = man.samplers.get(name)
     if spec is None:
         return None
-    params: list[click.Parameter] = [_sampler_choice(registry)]
+    params: list[click.Parameter] = [_sampler_choice(man)]
     for opt in sorted(spec.options, key=lambda o: o.key):
         if opt.key in _TEXT_KEYS:
             continue
@@ -180,8 +197,8 @@ def _peek_sampler(args: list[str]) -> str | None:
 
 
 class _LazyRunCommand(click.Command):
-    """`run` builds --sampler and the sampler flags (which import every sampler, hence torch) only
-    when it is invoked or its --help is shown, so `gensample --help` stays fast. With
+    """`run` builds --sampler and the sampler flags (from the manifest) only when it is invoked or
+    its --help is shown. With
     ``--sampler S --help`` the help lists only S's flags, with S's defaults."""
 
     def parse_args(self, ctx, args):
@@ -205,9 +222,7 @@ class _LazyRunCommand(click.Command):
 
 def _steps_for(name: str, param: click.Parameter) -> click.Parameter:
     """--steps with sampler ``name``'s default step count in its help (other params unchanged)."""
-    from ..samplers import registry
-
-    steps = registry.SAMPLERS[name].default_steps
+    steps = _manifest().samplers[name].default_steps
     if param.name != "steps" or not isinstance(steps, int):
         return param
     return click.Option(["--steps"], type=int, default=None, help=f"Number of sampling steps [{name}: default {steps}].")
@@ -237,25 +252,25 @@ def _steps_for(name: str, param: click.Parameter) -> click.Parameter:
 @click.option("--max-samples", type=int, default=None, help="Refuse -n above this many samples [default 1000000].")
 @click.option("--num-processes", type=int, default=None, help="Launch N local processes (sharded sampling; see docs/scaling.md).")
 @click.option("--compile", "compile_unet", is_flag=True, default=False, help="torch.compile the UNet (CUDA runs).")
+@click.option("--threads", default=None, help="CPU threads for torch: auto (one for small models and batches, all cores for "
+              "large ones; an OMP_NUM_THREADS or torch setting of yours is kept) or N [default auto].")
 @click.option("--no-progress", "no_progress", is_flag=True, default=False, help="No progress bar / progress lines.")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print the run record as JSON on stdout.")
 @user_errors
 def run(model, config, as_json, num_processes, compile_unet, no_progress, sampler=None, **options):
     """Draw samples with a sampler; write samples.npz, run.json and images to --output."""
-    from .. import api
+    from .. import options as light
 
     if sampler is None and config is None:
         raise UserError("--sampler is required (or --config FILE with a `sampler:` key)")
     if sampler is None:
-        sampler = api.load_config_file(config).get("sampler")
+        sampler = light.load_config_file(config).get("sampler")
         if sampler is None:
             raise UserError(f"config file {config} has no `sampler:` key; pass --sampler")
     prompts = list(options.pop("prompt", None) or ())
     prompts_file = options.pop("prompts_file", None)
     if prompts_file is not None:
-        from ..models.text import read_prompts_file
-
-        prompts += read_prompts_file(prompts_file)
+        prompts += light.read_prompts_file(prompts_file)
     if prompts:
         options["prompt"] = prompts[0] if len(prompts) == 1 else prompts
     opts = {k: v for k, v in options.items() if v is not None and v is not False}
@@ -265,6 +280,11 @@ def run(model, config, as_json, num_processes, compile_unet, no_progress, sample
         opts["progress"] = False
     if compile_unet:
         opts["compile"] = True
+    # every check that needs no model, before torch is imported (a usage error answers at once)
+    light.resolve_options(sampler, config=config, model=model, _catalog=_manifest(), **opts)
+    light.check_output_folder(opts.get("output"))
+    from .. import api
+
     if "output" not in opts and not (config and "output" in api.load_config_file(config)):
         cfg = api.resolve_options(sampler, config=config, model=model, **opts)
         opts["output"] = str(api.default_output_dir(cfg))
@@ -294,9 +314,7 @@ def help_cmd(ctx, sampler: str | None) -> None:
     if sampler is None:
         click.echo(ctx.parent.get_help())
         return
-    from ..samplers import registry
-
-    names = sorted(registry.discover())
+    names = sorted(_manifest().samplers)
     if sampler not in names:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {names}")
     with run.make_context("run", ["--sampler", sampler, "--help"], parent=ctx.parent):

@@ -44,14 +44,17 @@ def check_inception_weights(path) -> None:
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print {\"fid\": ...} as JSON.")
 @user_errors
 def fid_cmd(samples, ref, inception_weights, batch_size, device, dims, as_json):
-    """Inception FID of SAMPLES (folder of PNGs, run folder or samples.npz) against --ref."""
-    from ..eval.fid import inception_fid, sample_weights
+    """Inception FID of SAMPLES (folder of PNGs, run folder or samples.npz) against --ref.
+
+    Caveats (fewer images than --dims, samples and reference of different resolution or
+    channels) print as warnings and are listed under "caveats" in --json."""
+    from ..eval.fid import fid_report, sample_weights
 
     check_inception_weights(inception_weights)
-    value = inception_fid(samples, ref, inception_weights, batch_size=batch_size, device=device, progress=not as_json, dims=int(dims))
+    rep = fid_report(samples, ref, inception_weights, batch_size=batch_size, device=device, progress=not as_json, dims=int(dims))
     if sample_weights(samples) is not None:  # FKC --final weighted: the statistics used the run's weights
         click.echo(f"{samples}: weighted by the `weights` in its samples.npz (weighted feature mean and covariance)", err=True)
-    click.echo(json.dumps({"fid": value}) if as_json else f"FID {value:.4f}")
+    click.echo(json.dumps(rep) if as_json else f"FID {rep['fid']:.4f}" + (" (see the caveats above)" if rep["caveats"] else ""))
 
 
 @click.command(name="fid-stats", context_settings={"show_default": True})
@@ -64,13 +67,13 @@ def fid_cmd(samples, ref, inception_weights, batch_size, device, dims, as_json):
 @user_errors
 def fid_stats_cmd(folder, out, inception_weights, batch_size, device, dims):
     """Reference Inception statistics of FOLDER (PNGs, run folder or samples.npz) -> --out ref.npz."""
-    from ..eval.fid import inception_extractor, inception_stats, load_images, sample_weights
+    from ..eval.fid import inception_extractor, inception_stats, load_images, sample_weights, source_shape
 
     check_inception_weights(inception_weights)
     images = load_images(folder)
     stats = inception_stats(images, inception_extractor(inception_weights, device, int(dims)), batch_size, progress=True,
                             weights=sample_weights(folder, len(images)))  # FKC weighted samples: weighted statistics
-    stats.save(out)
+    stats.save(out, image_shape=source_shape(folder)[1])  # lets `fid` warn about another resolution / channels
     click.echo(f"{stats.count} images -> {out}")
 
 

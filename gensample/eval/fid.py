@@ -91,12 +91,14 @@ class FeatureStats:
         cov = (self.outer - W * np.outer(mu, mu)) / denom
         return mu, (cov + cov.T) / 2
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, image_shape: tuple | None = None) -> None:
         """npz with mu, sigma (the usual FID reference format) plus count/total/outer (and the
-        weight sums) for merging."""
+        weight sums) for merging; ``image_shape`` (C, H, W) of the source images, when given, lets
+        ``fid`` warn about samples of another resolution or channel count."""
         mu, sigma = self.mean_cov()
+        extra = {} if image_shape is None else {"image_shape": np.asarray(image_shape, dtype=np.int64)}
         np.savez(path, mu=mu, sigma=sigma, count=np.int64(self.count), total=self.total, outer=self.outer,
-                 weight_sum=np.float64(self.weight_sum), weight_sq_sum=np.float64(self.weight_sq_sum))
+                 weight_sum=np.float64(self.weight_sum), weight_sq_sum=np.float64(self.weight_sq_sum), **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureStats":
@@ -232,6 +234,53 @@ def inception_stats(images: np.ndarray, extractor, batch_size: int = 64, progres
     return stats
 
 
+def source_shape(path: str | Path) -> tuple[int, tuple[int, int, int]]:
+    """(N, (C, H, W)) of the images at ``path`` as stored, before ``load_images`` repeats one
+    channel to three: a samples .npz's ``x``, or a folder of PNGs (C from the first image's bands:
+    1 grey, 3 RGB, 4 RGBA)."""
+    from PIL import Image
+
+    from .images import sample_source
+
+    p = sample_source(path)
+    if p.is_file() and p.suffix == ".npz":
+        with np.load(p) as z:
+            x = z["x"] if "x" in z else None
+            if x is not None and x.ndim == 4:
+                return int(x.shape[0]), tuple(int(v) for v in x.shape[1:])
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
+    if not files:
+        return 0, (0, 0, 0)
+    with Image.open(files[0]) as img:
+        return len(files), (len(img.getbands()), img.size[1], img.size[0])
+
+
+def fid_caveats(dims: int, n_samples: int, n_ref: int | None, samples_shape, ref_shape) -> list[str]:
+    """Why a FID may not mean what it seems to (empty when none applies):
+
+    - fewer images than feature dimensions on either side: the covariance estimate has rank at
+      most N - 1 < D, so the Frechet distance (eq. 6 of Heusel et al.) is dominated by
+      estimation error, biased upwards roughly like 1/N (Chong & Forsyth 2020, arXiv 1911.07023);
+    - samples and reference of different resolution or channel count: Inception sees resized /
+      channel-repeated images, so part of the distance is the format, not the model."""
+    out = []
+    for side, n in (("samples", n_samples), ("reference", n_ref)):
+        if n is not None and n < dims:
+            out.append(f"{side}: {n} images for {dims}-dimensional features; the covariance has rank at most {max(n - 1, 0)} "
+                       f"< {dims}, so this FID is dominated by estimation bias (use at least {dims} images; 10000+ is "
+                       f"usual for comparisons, or a lower --dims)")
+    if samples_shape is not None and ref_shape is not None and tuple(samples_shape) != tuple(ref_shape):
+        (c1, h1, w1), (c2, h2, w2) = samples_shape, ref_shape
+        what = []
+        if (h1, w1) != (h2, w2):
+            what.append(f"resolution {h1}x{w1} vs {h2}x{w2}")
+        if c1 != c2:
+            what.append(f"channels {c1} vs {c2}")
+        out.append(f"samples and reference differ ({', '.join(what)}): Inception sees them resized / channel-repeated, "
+                   f"so part of the FID measures the format, not the samples")
+    return out
+
+
 def reference_stats(ref: str | Path, extractor_fn, batch_size: int = 64, progress: bool = False):
     """(mu, sigma) of REF: a .npz with mu/sigma, or images (folder / run / samples.npz)."""
     p = Path(ref)
@@ -249,8 +298,42 @@ def inception_fid(samples: str | Path, ref: str | Path, weights: str | Path | No
 
     Samples that carry non-uniform ``weights`` in their samples.npz (FKC ``--final weighted``)
     are scored with weighted feature statistics (``FeatureStats``), so the FID describes the
-    weighted target, not the proposal."""
+    weighted target, not the proposal. Caveats (``fid_caveats``) are raised as warnings;
+    ``fid_report`` also returns them."""
+    return fid_report(samples, ref, weights, batch_size=batch_size, device=device, progress=progress, dims=dims)["fid"]
+
+
+def _reference_info(ref: str | Path) -> tuple[int | None, tuple | None]:
+    """(image count, (C, H, W)) of the reference: from its images, or from a fid-stats .npz
+    (count, image_shape when recorded); None where unknown (a foreign mu/sigma file)."""
+    p = Path(ref)
+    if p.is_file() and p.suffix == ".npz":
+        with np.load(p) as z:
+            if "mu" in z and "sigma" in z:
+                n = int(z["count"]) if "count" in z else None
+                shape = tuple(int(v) for v in z["image_shape"]) if "image_shape" in z else None
+                return n, shape
+    n, shape = source_shape(p)
+    return n, shape
+
+
+def fid_report(samples: str | Path, ref: str | Path, weights: str | Path | None = None, *,
+               batch_size: int = 64, device: str = "cpu", progress: bool = False, dims: int = INCEPTION_DIM) -> dict:
+    """``{"fid", "dims", "n_samples", "n_ref", "samples_shape", "ref_shape", "caveats"}``; each
+    caveat (``fid_caveats``: too few images for the feature dimension, a resolution or channel
+    mismatch) is also raised as a UserWarning."""
     dims = _check_dims(dims)
+    value = _inception_fid(samples, ref, weights, batch_size=batch_size, device=device, progress=progress, dims=dims)
+    n_s, shape_s = source_shape(samples)
+    n_r, shape_r = _reference_info(ref)
+    caveats = fid_caveats(dims, n_s, n_r, shape_s, shape_r)
+    for text in caveats:
+        warnings.warn(f"FID caveat: {text}", UserWarning, stacklevel=2)
+    return {"fid": value, "dims": dims, "n_samples": n_s, "n_ref": n_r, "samples_shape": list(shape_s),
+            "ref_shape": None if shape_r is None else list(shape_r), "caveats": caveats}
+
+
+def _inception_fid(samples, ref, weights, *, batch_size, device, progress, dims) -> float:
     cache = {}
 
     def extractor():

@@ -1,4 +1,4 @@
-"""The infinite-particle limit of FKC annealing on Gaussian data, in closed form (docs/fkc.md
+"""The infinite-particle limit of FKC on Gaussian data, in closed form (docs/fkc.md
 "Discretisation bias").
 
 Data N(m, s2) in one dimension; the noised marginal q_t = N(sqrt(ab) m, ab s2 + 1 - ab) has the
@@ -14,7 +14,8 @@ scheme stays Gaussian as K -> infinity:
 
 So the weighted output law of the sampler with infinitely many particles is N(mu_S, v_S) exactly:
 the bias left is the discretisation of the method, not Monte Carlo error. The target is
-N(m, s2 / beta).
+N(m, s2 / beta). ``infinite_k_gaussian`` does the same for any target prod_i N(m_i, s2_i)^beta_i
+(products, CFG), whose rate is again a quadratic in x.
 """
 
 from __future__ import annotations
@@ -89,3 +90,61 @@ def infinite_k_anneal(m: float, s2: float, beta: float, alphas_cumprod: torch.Te
             sig = float(move(torch.zeros(1, dtype=torch.float64), one, torch.zeros(1, dtype=torch.float64))[0])
         mu, v = A * mu + C, A * A * v + sig * sig
     return {"mean": mu, "var": v, "target_var": s2 / beta, "normalisable": True}
+
+
+def infinite_k_gaussian(experts, betas, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *, eta: float = 1.0,
+                        rule: str = "euler", final_alpha_bar: float = 1.0) -> dict:
+    """Weighted output law N(mean, var) of FKC with K -> infinity for Gaussian experts, any target
+    prod_i p_i^beta_i (annealing: one expert; products; CFG: betas (w, 1 - w)), per coordinate.
+
+    experts: [(m_i, s2_i)] data laws N(m_i, s2_i) of the experts (isotropic experts act coordinate by
+    coordinate). Each expert's eps is affine, eps_i = a_i x + b_i, so the rate
+    R = (sum beta_i eps_i)^2 - sum beta_i eps_i^2 = q2 x^2 + q1 x + const is a quadratic and the weight
+    at node k maps N(mu, v) to precision 1/v - 2 c_k q2 and mean (mu / v + c_k q1) / precision; the move
+    is the sampler's own ``ddim_move`` on eps_eff (``zero_snr_move`` on a zero-SNR first step), affine
+    plus Gaussian noise. The target is N(m*, s2*) with 1/s2* = sum beta_i / s2_i and
+    m* = s2* sum beta_i m_i / s2_i (``target`` in the result). Returns {"mean", "var", "target_mean",
+    "target_var", "normalisable"} (see ``infinite_k_anneal``).
+    """
+    betas = [float(b) for b in betas]
+    if len(betas) != len(experts):
+        raise ValueError(f"got {len(experts)} experts for {len(betas)} betas")
+    B = sum(betas)
+    prec_t = sum(b / s2 for (m, s2), b in zip(experts, betas))
+    if not prec_t > 0:
+        raise ValueError(f"the target prod_i N(m_i, s2_i)^beta_i is not normalisable (precision {prec_t})")
+    target_var = 1.0 / prec_t
+    target_mean = target_var * sum(b * m / s2 for (m, s2), b in zip(experts, betas))
+    ab_t, ab_s = alpha_bar_pairs(alphas_cumprod, timesteps, final_alpha_bar)
+    coef = node_coefficients(ab_t, ab_s, rule)
+    direct = direct_steps(ab_t, ab_s)
+    mu, v = 0.0, 1.0 / B
+    pts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for k in range(len(timesteps)):
+        ab = clamp_alpha_bar(ab_t[k])
+        aff = [gaussian_eps_affine(m, s2, ab) for m, s2 in experts]
+        E = sum(b * a for (a, _), b in zip(aff, betas))
+        F = sum(b * c for (_, c), b in zip(aff, betas))
+        q2 = E * E - sum(b * a * a for (a, _), b in zip(aff, betas))
+        q1 = 2.0 * (E * F - sum(b * a * c for (a, c), b in zip(aff, betas)))
+        c_k = float(coef[k])
+        prec = 1.0 / v - 2.0 * c_k * q2
+        if not prec > 0:
+            return {"mean": float("nan"), "var": float("nan"), "target_mean": target_mean, "target_var": target_var,
+                    "normalisable": False}
+        mu, v = (mu / v + c_k * q1) / prec, 1.0 / prec
+        if direct[k]:
+            x0 = torch.stack([a0 * pts + b0 for a0, b0 in (gaussian_x0_affine(m, s2, ab_t[k]) for m, s2 in experts)])
+
+            def move(x, noise, x0=x0):
+                return zero_snr_move(x, x0 if x.numel() == 2 else torch.zeros(len(experts), x.numel(), dtype=torch.float64),
+                                     betas, ab_s[k], eta, noise)
+        else:
+            def move(x, noise):
+                e = E * x + F if x.numel() == 2 else torch.zeros_like(x)
+                return ddim_move(x, e, ab_t[k], ab_s[k], eta, noise)
+        mean_pts = move(pts, torch.zeros(2, dtype=torch.float64))
+        C, A = float(mean_pts[0]), float(mean_pts[1] - mean_pts[0])
+        sig = float(move(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))[0]) if eta > 0 else 0.0
+        mu, v = A * mu + C, A * A * v + sig * sig
+    return {"mean": mu, "var": v, "target_mean": target_mean, "target_var": target_var, "normalisable": True}

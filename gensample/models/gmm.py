@@ -23,6 +23,27 @@ import torch
 from ..core.schedule import alpha_bar_at, expand_to
 
 
+def _check_json_labels(path, labels, num_classes) -> int | None:
+    """Class labels of a mixture file: integers in [0, C), C = ``num_classes`` when the file
+    declares it, else the largest label + 1 (label C is the unconditional null class of CFG).
+    A fraction, a bool, a negative label or one >= C is refused naming the offending value,
+    never rounded. Returns the declared C (None when not declared)."""
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"mixture file {path}: 'num_classes' must be an integer >= 1, got {num_classes!r}")
+    if not isinstance(labels, list):
+        raise ValueError(f"mixture file {path}: 'labels' must be a list of integers, got {labels!r}")
+    for k, lab in enumerate(labels):
+        if isinstance(lab, bool) or not isinstance(lab, (int, float)) or isinstance(lab, float) and not lab.is_integer():
+            raise ValueError(f"mixture file {path}: labels must be integers, got {lab!r} (component {k})")
+    top = num_classes if num_classes is not None else (int(max(labels)) + 1 if labels else 0)
+    for k, lab in enumerate(labels):
+        if not 0 <= int(lab) < top:
+            where = f"'num_classes': {num_classes}" if num_classes is not None else "labels are class indices"
+            raise ValueError(f"mixture file {path}: label {lab!r} (component {k}) is outside [0, {top}) ({where}; "
+                             f"label {top} is the unconditional null class)")
+    return num_classes
+
+
 @dataclass
 class MixtureOutput:
     sample: torch.Tensor
@@ -32,10 +53,11 @@ class GaussianMixture:
     """Mixture of isotropic Gaussians, all math in float64.
 
     weights: (K,) positive, normalised here. means: (K, *event_shape). stds: (K,) positive.
-    labels: optional (K,) ints in [0, num_classes).
+    labels: optional (K,) ints in [0, num_classes). num_classes: default max(labels) + 1; label
+    num_classes is the null class (CFG's unconditional branch).
     """
 
-    def __init__(self, weights, means, stds, labels=None):
+    def __init__(self, weights, means, stds, labels=None, num_classes: int | None = None):
         w = torch.as_tensor(weights, dtype=torch.float64)
         mu = torch.as_tensor(means, dtype=torch.float64)
         s = torch.as_tensor(stds, dtype=torch.float64)
@@ -69,12 +91,15 @@ class GaussianMixture:
             if (lab < 0).any():
                 raise ValueError("labels must be >= 0")
             self.labels = lab
-            self.num_classes = int(lab.max()) + 1
+            self.num_classes = int(lab.max()) + 1 if num_classes is None else int(num_classes)
+            if self.num_classes <= int(lab.max()):
+                raise ValueError(f"labels must be < num_classes={self.num_classes}, got {int(lab.max())}")
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_json(cls, path: str | Path) -> "GaussianMixture":
-        """Load {"weights": [...], "means": [[...]...], "stds": [...], "labels": [...]?}."""
+        """Load {"weights": [...], "means": [[...]...], "stds": [...], "labels": [...]?, "num_classes": C?}
+        (labels: integers in [0, C); ``_check_json_labels``)."""
         path = Path(path)
         try:
             spec = json.loads(path.read_text())
@@ -91,9 +116,14 @@ class GaussianMixture:
         missing = [k for k in ("weights", "means", "stds") if k not in spec]
         if missing:
             raise ValueError(f"mixture file {path} lacks key(s) {missing}; needs weights, means, stds (labels optional)")
-        unknown = sorted(set(spec) - {"weights", "means", "stds", "labels"})
+        unknown = sorted(set(spec) - {"weights", "means", "stds", "labels", "num_classes"})
         if unknown:
-            raise ValueError(f"mixture file {path} has unknown key(s) {unknown}; allowed: weights, means, stds, labels")
+            raise ValueError(f"mixture file {path} has unknown key(s) {unknown}; allowed: weights, means, stds, labels, num_classes")
+        declared = None
+        if spec.get("labels") is not None:
+            declared = _check_json_labels(path, spec["labels"], spec.get("num_classes"))
+        elif spec.get("num_classes") is not None:
+            raise ValueError(f"mixture file {path}: 'num_classes' needs 'labels' (one class label per component)")
         arrays = {}
         for key in ("weights", "means", "stds", "labels"):
             if spec.get(key) is None:
@@ -105,7 +135,7 @@ class GaussianMixture:
             except (TypeError, ValueError, RuntimeError, OverflowError) as err:
                 raise ValueError(f"mixture file {path}: malformed arrays in {key!r} ({err})") from None
         try:
-            return cls(arrays["weights"], arrays["means"], arrays["stds"], arrays.get("labels"))
+            return cls(arrays["weights"], arrays["means"], arrays["stds"], arrays.get("labels"), num_classes=declared)
         except ValueError as err:
             raise ValueError(f"mixture file {path}: {err}") from None
 
@@ -113,6 +143,8 @@ class GaussianMixture:
         out = {"weights": self.weights.tolist(), "means": self.means.tolist(), "stds": self.stds.tolist()}
         if self.labels is not None:
             out["labels"] = self.labels.tolist()
+            if self.num_classes != int(self.labels.max()) + 1:
+                out["num_classes"] = self.num_classes
         return out
 
     # -- conditioning ----------------------------------------------------------------------

@@ -7,7 +7,11 @@ Extension points (so each method adds models without editing this file):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -69,6 +73,32 @@ class LoadedModel:
     guidance_rescale: float = 0.0
     _batch_indices: list | None = field(default=None, repr=False)
     _prompt_cache: dict = field(default_factory=dict, repr=False)
+    # an in-memory object the user passed (``from_object``): what run.json records about it; its
+    # modules are used as they are (device, dtype, adapters), never cast or moved by the run
+    origin: dict | None = None
+
+    @property
+    def borrowed(self) -> bool:
+        """True when the modules belong to the caller (``from_object``): the run must not change them."""
+        return self.origin is not None
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Weights with ``requires_grad`` off while sampling, as a loaded folder's are; the
+        caller's flags come back afterwards. Samplers never need weight gradients, and some CPU
+        kernels take another path (not bit-equal) for weights that require grad."""
+        thawed = []
+        for part in [self.unet, *self.extras.values()]:
+            if isinstance(part, torch.nn.Module):
+                for param in part.parameters():
+                    if param.requires_grad:
+                        param.requires_grad_(False)
+                        thawed.append(param)
+        try:
+            yield self
+        finally:
+            for param in thawed:
+                param.requires_grad_(True)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -145,13 +175,15 @@ class LoadedModel:
 
     def text_record(self) -> dict:
         """What run.json says about the text conditioning of this run."""
-        from .text import EMPTY_PROMPT_NOTE
+        from .text import EMPTY_PROMPT_NOTE, token_usage
 
         rec = {"prompts": self.run_prompts, "prompt_given": bool(self.prompts),
                "negative_prompt": self.negative_prompt or "", "guidance_rescale": self.guidance_rescale,
                "prompt_of_sample": "prompts[i % len(prompts)]"}
         if not self.prompts:
             rec["note"] = EMPTY_PROMPT_NOTE
+        if self.extras.get("tokenizer") is not None:  # what the text encoder saw of each prompt
+            rec["tokens"] = token_usage(self.extras["tokenizer"], self.run_prompts, self.extras.get("text_encoder"))
         return rec
 
     def prepare_batch(self, indices) -> None:
@@ -250,14 +282,19 @@ class LoadedModel:
         sf = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
         shift = float(getattr(cfg, "shift_factor", None) or 0.0)
         p = next(vae.parameters())
+        own_dtype = p.dtype
         if p.dtype == torch.float16 and getattr(cfg, "force_upcast", True):
             vae.to(torch.float32)
             p = next(vae.parameters())
         z = torch.as_tensor(latents)
         out = []
-        for i in range(0, z.shape[0], chunk):
-            zi = (z[i:i + chunk].to(device=p.device, dtype=torch.float32) / sf + shift).to(p.dtype)
-            out.append(vae.decode(zi).sample.float().clamp(-1.0, 1.0).to(z.device))
+        try:
+            for i in range(0, z.shape[0], chunk):
+                zi = (z[i:i + chunk].to(device=p.device, dtype=torch.float32) / sf + shift).to(p.dtype)
+                out.append(vae.decode(zi).sample.float().clamp(-1.0, 1.0).to(z.device))
+        finally:
+            if self.borrowed and p.dtype != own_dtype:  # the caller's VAE goes back to its own dtype
+                vae.to(own_dtype)
         return torch.cat(out)
 
     def add_decoded(self, arrays: dict) -> dict:
@@ -351,6 +388,49 @@ def _read_json(path: Path, spec: str) -> dict:
     return data
 
 
+FLOW_MATCHING_NOTE = ("flow-matching transformer models (SD3, Flux, ...) are not supported yet: their denoiser "
+                      "is a transformer trained on a flow-matching schedule, not a UNet on a VP (DDPM) schedule; "
+                      "flow-matching support is planned in a later release")
+
+
+def check_pipeline_kind(class_name, comps: dict, spec: str) -> None:
+    """Refuse the pipelines gensample cannot sample yet, naming the real reason.
+
+    class_name: the pipeline class (``model_index.json``'s ``_class_name``, or the object's class);
+    comps: component name -> [library, class] of the present components. Order of the checks:
+    a flow-matching scheduler or an SD3/Flux class (flow-matching transformer), another
+    transformer denoiser, SDXL refiners / img2img / inpainting (by name), SDXL (a second text
+    encoder), inpainting pipelines (image + mask inputs), then the UNet that every sampler needs."""
+    cls = str(class_name or "this pipeline")
+    sched = (comps.get("scheduler") or [None, ""])[1] or ""
+    if sched.startswith("FlowMatch") or cls.startswith(("StableDiffusion3", "Flux")):
+        raise ValueError(f"--model {spec}: {cls} (scheduler {sched or 'unknown'}) is a flow-matching transformer "
+                         f"pipeline; {FLOW_MATCHING_NOTE}")
+    if "transformer" in comps and "unet" not in comps:
+        raise ValueError(f"--model {spec}: {cls} has a transformer denoiser ({comps['transformer'][1]}) instead of a "
+                         f"UNet; transformer-based pipelines are not supported yet (gensample samples UNet-based "
+                         f"diffusion pipelines: Stable Diffusion 1.x / 2.x, DDPM-style UNets)")
+    is_xl = cls.startswith("StableDiffusionXL") or "text_encoder_2" in comps
+    if is_xl and any(tag in cls for tag in ("Img2Img", "Inpaint", "Refiner")):
+        raise ValueError(f"--model {spec}: {cls} is an SDXL refiner / image-to-image pipeline (it denoises a given "
+                         f"image with its second text encoder); SDXL is not supported yet, and gensample's samplers "
+                         f"start from noise, not from an image")
+    if is_xl:
+        raise ValueError(f"--model {spec}: {cls} is an SDXL pipeline (two text encoders, pooled text embeddings and "
+                         f"size conditioning); SDXL is not supported yet; use a Stable Diffusion 1.x / 2.x pipeline")
+    if "Inpaint" in cls:
+        raise ValueError(f"--model {spec}: {cls} is an inpainting pipeline (its UNet takes the image and mask as "
+                         f"extra input channels); gensample's samplers need a text-to-image or unconditional UNet")
+    if "unet" not in comps:
+        raise ValueError(f"--model {spec}: {cls} has no 'unet' component "
+                         f"(components: {sorted(comps)}); gensample samples UNet-based diffusion pipelines")
+
+
+def _check_class(name: str, cls: str, allowed: tuple, spec: str) -> None:
+    if cls not in allowed:
+        raise ValueError(f"--model {spec}: component {name!r} is a {cls}; supported: {', '.join(allowed)}")
+
+
 def _component_dir(folder: Path, name: str, cls: str, spec: str) -> tuple[Path, str | None]:
     """(folder, subfolder) of pipeline component ``name``: ``name/`` (nested layout) or the root
     (flat layout: the root config.json names the class)."""
@@ -367,8 +447,7 @@ def _load_component(folder: Path, name: str, lib_cls: list, allowed: tuple, spec
     import importlib
 
     lib, cls = lib_cls
-    if cls not in allowed:
-        raise ValueError(f"--model {spec}: component {name!r} is a {cls}; supported: {', '.join(allowed)}")
+    _check_class(name, cls, allowed, spec)
     root, sub = _component_dir(folder, name, cls, spec)
     klass = getattr(importlib.import_module(lib), cls)
     # the component's own folder, not subfolder=: diffusers prefers a root weights file over the
@@ -426,8 +505,62 @@ def hub_allow_patterns(files: list[str], variant: str | None = None) -> list[str
     return sorted(set(keep))
 
 
+HUB_PROBE_S = 3.0  # how long the hub's host name may take to resolve before we call the machine offline
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None if it may be: HF_HUB_OFFLINE /
+    TRANSFORMERS_OFFLINE set, or the hub's host name not resolving within HUB_PROBE_S seconds
+    (an offline machine otherwise spends ~25 s in huggingface_hub's retries before failing)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var}={os.environ[var]} is set"
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    result: dict = {}
+
+    def probe():
+        try:
+            socket.getaddrinfo(host, 443)
+            result["ok"] = True
+        except OSError as err:
+            result["err"] = err
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(HUB_PROBE_S)
+    if result.get("ok"):
+        return None
+    if "err" in result:
+        return f"the hub's host {host} does not resolve ({result['err']})"
+    return f"the hub's host {host} did not resolve within {HUB_PROBE_S:g} s"
+
+
 def _hub_snapshot(repo_id: str, variant: str | None) -> Path:
-    """Download the files a LoadedModel needs from a hub repository (any layout); local path."""
+    """Download the files a LoadedModel needs from a hub repository (any layout); local path.
+
+    Offline (``hub_offline_reason``): the local Hugging Face cache only, and a refusal at once,
+    saying how to get the model, when the repository is not there."""
+    offline = hub_offline_reason()
+    if offline is not None:
+        from huggingface_hub import constants, snapshot_download
+
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        except Exception as err:  # noqa: BLE001 - not in the cache (or a malformed id): one message
+            raise ValueError(
+                f"could not load model {repo_id!r}: not a zoo name, prefix or local folder; it is a hub id, but the "
+                f"machine is offline ({offline}) and the model is not in the local Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}; {err.__class__.__name__}). Get it where there is network with "
+                f"`hf download {repo_id}` (huggingface_hub's CLI, into the same cache) and run again, or pass the "
+                f"downloaded folder as --model") from None
     try:
         from huggingface_hub import list_repo_files, snapshot_download
 
@@ -467,21 +600,13 @@ def load_pipeline_folder(folder: Path, name: str, spec: str | None = None, varia
     if index_file.exists():
         index = _read_json(index_file, spec)
         comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1]}
-        if "text_encoder_2" in comps:
-            raise ValueError(f"--model {spec}: SDXL-style pipelines (two text encoders, {index.get('_class_name')}) are not "
-                             f"supported yet; use a Stable Diffusion 1.x / 2.x pipeline")
-        if "unet" not in comps:
-            raise ValueError(f"--model {spec}: {index.get('_class_name', 'this pipeline')} has no 'unet' component "
-                             f"(components: {sorted(comps)}); gensample samples UNet-based diffusion pipelines")
+        check_pipeline_kind(index.get("_class_name"), comps, spec)
+        _check_text_pair(comps, spec)
         unet = _load_component(folder, "unet", comps["unet"], UNET_CLASSES, spec, variant)
         sched = _scheduler_config(folder, spec)
         vae = _load_component(folder, "vae", comps["vae"], VAE_CLASSES, spec, variant) if "vae" in comps else None
         enc = tok = None
-        if "text_encoder" in comps or "tokenizer" in comps:
-            for needed in ("text_encoder", "tokenizer"):
-                if needed not in comps:
-                    raise ValueError(f"--model {spec}: model_index.json lists {'tokenizer' if needed == 'text_encoder' else 'text_encoder'} "
-                                     f"but not {needed}; a text-to-image pipeline needs both")
+        if "text_encoder" in comps:
             enc = _load_component(folder, "text_encoder", comps["text_encoder"], TEXT_ENCODER_CLASSES, spec, variant)
             tok = _load_component(folder, "tokenizer", comps["tokenizer"], TOKENIZER_CLASSES, spec, variant)
     elif (folder / "config.json").exists():
@@ -496,6 +621,12 @@ def load_pipeline_folder(folder: Path, name: str, spec: str | None = None, varia
     else:
         raise _layout_error(spec, folder)
     return _assemble(name, unet, sched, vae, enc, tok, spec)
+
+
+def _check_text_pair(comps: dict, spec: str) -> None:
+    if ("text_encoder" in comps) != ("tokenizer" in comps):
+        have, needed = ("text_encoder", "tokenizer") if "text_encoder" in comps else ("tokenizer", "text_encoder")
+        raise ValueError(f"--model {spec}: the pipeline has a {have} but no {needed}; a text-to-image pipeline needs both")
 
 
 def _assemble(name, unet, sched, vae, enc, tok, spec) -> LoadedModel:
@@ -534,6 +665,184 @@ def _assemble(name, unet, sched, vae, enc, tok, spec) -> LoadedModel:
         is_image=True,
         extras=extras,
     )
+
+
+# -- in-memory objects (the Python API's ``model=pipe``) -----------------------------------------
+ACCEPTED_OBJECTS = ("a diffusers pipeline with a unet and a scheduler (e.g. StableDiffusionPipeline, DDPMPipeline), "
+                    "a UNet2DModel or a UNet2DConditionModel (inside its pipeline)")
+
+
+def short_repr(obj) -> str:
+    """``module.Class`` of ``obj`` and its ``_name_or_path`` if it has one: never its config dump."""
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    where = _name_or_path(obj)
+    return f"{kind} ({where!r})" if where else kind
+
+
+def _name_or_path(obj) -> str | None:
+    cfg = getattr(obj, "config", None)
+    value = None
+    if isinstance(cfg, dict):
+        value = cfg.get("_name_or_path")
+    elif cfg is not None:
+        value = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+    value = value or getattr(obj, "name_or_path", None)
+    return str(value) if value else None
+
+
+def _is_pipeline(obj) -> bool:
+    return isinstance(getattr(obj, "components", None), dict) and hasattr(obj, "config") and hasattr(obj, "save_pretrained")
+
+
+def _first_param(module):
+    for t in (*module.parameters(), *module.buffers()):
+        return t
+    return None
+
+
+def _config_dict(part) -> dict | None:
+    """A component's configuration as plain data (diffusers ConfigMixin / transformers
+    PretrainedConfig), or a tokenizer's defining facts; None for parts with neither."""
+    cfg = getattr(part, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        data = cfg.to_dict()
+    elif isinstance(cfg, dict):
+        data = dict(cfg)
+    elif hasattr(part, "get_vocab"):  # a tokenizer: its vocabulary and length define the token ids
+        vocab = part.get_vocab()
+        data = {"vocab_sha256": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
+                "model_max_length": getattr(part, "model_max_length", None)}
+    else:
+        return None
+    return {k: v for k, v in data.items() if k not in ("_name_or_path", "_diffusers_version", "transformers_version",
+                                                      "_commit_hash", "_use_default_values")}
+
+
+def adapter_record(module) -> dict:
+    """What peft says about LoRA-style adapters on ``module``: {"adapters": names loaded,
+    "active": names active, "merged": names fused into the weights}; empty lists without peft."""
+    names = sorted(getattr(module, "peft_config", None) or {})
+    active: list = []
+    if names:
+        try:
+            got = module.active_adapters() if callable(getattr(module, "active_adapters", None)) else module.active_adapters
+            active = sorted([got] if isinstance(got, str) else list(got or []))
+        except Exception:  # noqa: BLE001 - peft raises when nothing is active
+            active = []
+    merged: set = set()
+    for sub in module.modules():
+        m = getattr(sub, "merged_adapters", None)  # peft BaseTunerLayer: adapters merged into this layer
+        if isinstance(m, (list, tuple, set)):
+            merged.update(str(x) for x in m)
+    return {"adapters": names, "active": active, "merged": sorted(merged)}
+
+
+_FINGERPRINT_ENTRIES = 64  # entries read from every parameter / buffer tensor
+
+
+def weights_fingerprint(modules: dict) -> str:
+    """sha256 over, for every parameter and buffer of every module (in name order), its name,
+    shape, dtype and ``_FINGERPRINT_ENTRIES`` evenly spaced entries (as float64, so the device
+    does not matter). Cheap (one gather per tensor); a change that touches none of the read
+    entries is not seen (docs/python_api.md)."""
+    h = hashlib.sha256()
+    for part_name in sorted(modules):
+        module = modules[part_name]
+        tensors = sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items())
+        picks = []
+        for name, t in tensors:
+            h.update(f"{part_name}.{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel() == 0:
+                continue
+            k = min(_FINGERPRINT_ENTRIES, flat.numel())
+            idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).round().long()
+            v = flat[idx]
+            picks.append((v.real if v.is_complex() else v).to(torch.float64))
+        if picks:
+            h.update(torch.cat(picks).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def from_object(obj, spec: str | None = None) -> LoadedModel:
+    """LoadedModel of a model the caller already holds, used as it is (device, dtype, adapters).
+
+    Accepted: a diffusers pipeline with ``unet`` and ``scheduler`` (+ ``vae``, ``text_encoder``,
+    ``tokenizer``: Stable Diffusion 1.x / 2.x, DDPMPipeline, ...) or a bare UNet2DModel (the
+    default DDPM schedule, as for a bare UNet folder). The pipeline goes through the same checks
+    (``check_pipeline_kind``) and the same assembly (``_assemble``) as a folder, so the model
+    equals the one loaded from the pipeline saved with ``save_pretrained``. Nothing is copied,
+    cast or moved; the scheduler is read (its config), never stepped.
+
+    ``origin`` records the class, ``_name_or_path``, components, dtype, device, adapters
+    (peft: loaded / active / merged names, and the pipeline's fused LoRAs) and a fingerprint:
+    sha256 of the configs + adapter names + ``weights_fingerprint``. The model name (the run's
+    ``model`` key, which names its default output folder) holds that fingerprint, never an
+    address in memory. TypeError for other objects (short repr); ValueError for flow-matching /
+    transformer / SDXL pipelines (the folder messages)."""
+    cls = type(obj).__name__
+    label = _name_or_path(obj)
+    spec = spec or f"<in-memory {cls}{f' {label!r}' if label else ''}>"
+    if _is_pipeline(obj):
+        parts = {k: v for k, v in obj.components.items() if v is not None}
+        comps = {k: [type(v).__module__.split(".")[0], type(v).__name__] for k, v in parts.items()}
+        check_pipeline_kind(cls, comps, spec)
+        _check_text_pair(comps, spec)
+        _check_class("unet", comps["unet"][1], UNET_CLASSES, spec)
+        if "scheduler" not in parts:
+            raise ValueError(f"--model {spec}: the pipeline has no scheduler; its training schedule (the scheduler's "
+                             f"config) is needed")
+        sched = dict(parts["scheduler"].config)
+        if "vae" in parts:
+            _check_class("vae", comps["vae"][1], VAE_CLASSES, spec)
+        if "text_encoder" in parts:
+            _check_class("text_encoder", comps["text_encoder"][1], TEXT_ENCODER_CLASSES, spec)
+            _check_class("tokenizer", comps["tokenizer"][1], TOKENIZER_CLASSES, spec)
+        unet, vae = parts["unet"], parts.get("vae")
+        enc, tok = parts.get("text_encoder"), parts.get("tokenizer")
+        used = {k: parts[k] for k in ("unet", "scheduler", "vae", "text_encoder", "tokenizer") if k in parts}
+    elif isinstance(obj, torch.nn.Module) and cls in UNET_CLASSES:
+        if cls == "UNet2DConditionModel":
+            raise ValueError(f"--model {spec}: a bare UNet2DConditionModel needs its text encoder and tokenizer; pass "
+                             f"the whole pipeline (e.g. model=pipe, a StableDiffusionPipeline)")
+        unet, vae, enc, tok = obj, None, None, None
+        sched = dict(DEFAULT_SCHEDULER_CONFIG)
+        used = {"unet": obj}
+    elif isinstance(obj, torch.nn.Module) and "Transformer" in cls:
+        flow = cls.startswith(("SD3", "Flux", "StableDiffusion3"))
+        raise ValueError(f"--model {spec}: a {cls} is a transformer denoiser; "
+                         + (FLOW_MATCHING_NOTE if flow else "transformer-based models are not supported yet")
+                         + "; pass a UNet-based pipeline")
+    else:
+        raise TypeError(f"model must be a model spec string (zoo name, prefix:FILE, folder or hub id) or an in-memory "
+                        f"model: {ACCEPTED_OBJECTS}; got {short_repr(obj)}")
+    first = _first_param(unet)
+    if first is None:
+        raise ValueError(f"--model {spec}: the UNet has no parameters")
+    modules = {k: v for k, v in used.items() if isinstance(v, torch.nn.Module)}
+    adapters = {k: rec for k, v in modules.items() if any((rec := adapter_record(v)).values())}
+    fused = sorted(str(x) for x in (getattr(obj, "_merged_adapters", None) or ()))  # the pipeline's fuse_lora record
+    configs = {k: _config_dict(v) for k, v in used.items()}
+    digest_src = json.dumps({"class": cls, "configs": configs, "adapters": adapters, "fused_loras": fused,
+                             "weights": weights_fingerprint(modules)}, sort_keys=True, default=str)
+    digest_src = re.sub(r" at 0x[0-9a-fA-F]+", "", digest_src)  # never an address in memory
+    digest = hashlib.sha256(digest_src.encode()).hexdigest()
+    origin = {
+        "in_memory": True,
+        "class": f"{type(obj).__module__}.{type(obj).__qualname__}",
+        "_name_or_path": label,
+        "components": {k: f"{type(v).__module__}.{type(v).__qualname__}" for k, v in used.items()},
+        "dtype": str(first.dtype).replace("torch.", ""),
+        "device": str(first.device),
+        "adapters": adapters,
+        "fused_loras": fused,
+        "fingerprint": digest,
+        "fingerprint_covers": "component configs, adapter names and 64 evenly spaced entries of every weight tensor",
+    }
+    name = f"{label} (in-memory {cls}, fingerprint {digest[:12]})" if label else f"in-memory {cls} (fingerprint {digest[:12]})"
+    model = _assemble(name, unet, sched, vae, enc, tok, spec)
+    model.origin = origin
+    return model
 
 
 def load_model(spec: str, variant: str | None = None) -> LoadedModel:

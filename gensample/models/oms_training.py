@@ -290,8 +290,10 @@ def training_data(base) -> Callable:
             return x0, labels
 
         return draw
-    raise ValueError(f"--base {base.name!r} ships no training data (extras['dataset']) or class-labelled mixture; "
-                     f"train OMS on a zoo model such as digits-flawed")
+    raise ValueError(f"--base {base.name!r} ships no training data (extras['dataset']) or class-labelled mixture, "
+                     f"so `gensample train oms` cannot train for it (it trains on the zoo models' own data, e.g. "
+                     f"--base digits-flawed); for your own model use a released One More Step module with "
+                     f"`gensample run --oms-module` (docs/oms.md)")
 
 
 def oms_dc_gap(module, num_classes: int, n: int = 64, seed: int = 0) -> dict:

@@ -5,55 +5,69 @@ A prompt becomes the cross-attention context of the UNet: the CLIP tokenizer pad
 as ``encoder_hidden_states``, as Stable Diffusion does. Classifier-free guidance (Ho & Salimans
 2022) uses the negative prompt (default the empty prompt "") as the unconditional branch.
 
-This module is import-light (no torch at import time): the CLI reads ``--prompts FILE`` with it.
+This module imports torch only inside functions; the CLI reads ``--prompts FILE`` with
+``read_prompts_file`` from ``gensample.options`` (re-exported here), which needs no package import.
 See docs/text_to_image.md for the run options.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 EMPTY_PROMPT_NOTE = "no prompt given: every sample is conditioned on the empty prompt \"\""
 
-
-def normalize_prompts(value: Any, flag: str = "--prompt") -> list[str] | None:
-    """None | str | sequence of str -> None or a non-empty list of str (ValueError otherwise)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise ValueError(f"{flag} must be a string or a non-empty list of strings, got {value!r}")
+# the prompt readers live in the torch-free gensample.options (this package's __init__ imports torch)
+from ..options import normalize_prompts, read_prompts_file  # noqa: E402,F401  (re-exported)
 
 
-def read_prompts_file(path: str | Path) -> list[str]:
-    """``--prompts FILE``: one prompt per line (blank lines skipped; a line may be ``""``-less text)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"--prompts {path}: cannot read the file ({err.__class__.__name__}: {err})") from None
-    prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path}: the file holds no prompt (one prompt per line)")
-    return prompts
+
+def max_tokens(tokenizer, text_encoder=None) -> int:
+    """The token length prompts are padded / truncated to: ``tokenizer.model_max_length``, or the
+    encoder's position count when the tokenizer was saved without a limit (77 for CLIP)."""
+    max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
+    if max_len > 100_000:  # a tokenizer saved without a limit: use the encoder's positions
+        config = getattr(text_encoder, "config", None)
+        max_len = int(getattr(config, "max_position_embeddings", 77))
+    return max_len
+
+
+def token_usage(tokenizer, prompts: Sequence[str], text_encoder=None) -> dict:
+    """What the text encoder sees of each prompt, for run.json: ``{"max_tokens": L, "tokens":
+    [n_i], "tokens_used": [min(n_i, L)], "truncated": [indices of prompts longer than L]}``
+    (n_i counts the begin / end tokens the tokenizer adds)."""
+    max_len = max_tokens(tokenizer, text_encoder)
+    ids = tokenizer(list(prompts), truncation=False, verbose=False).input_ids
+    counts = [len(row) for row in ids]
+    return {"max_tokens": max_len, "tokens": counts, "tokens_used": [min(c, max_len) for c in counts],
+            "truncated": [i for i, c in enumerate(counts) if c > max_len]}
+
+
+def warn_truncated(tokenizer, prompts: Sequence[str], text_encoder=None) -> dict:
+    """One warning per prompt the tokenizer will cut, naming how many tokens are kept; returns
+    ``token_usage``."""
+    import warnings
+
+    usage = token_usage(tokenizer, prompts, text_encoder)
+    for i in usage["truncated"]:
+        head = " ".join(prompts[i].split())[:40]
+        warnings.warn(f"prompt {head!r}... is {usage['tokens'][i]} tokens long; the text encoder reads only the first "
+                      f"{usage['max_tokens']} (begin/end tokens included), the rest is ignored", UserWarning, stacklevel=2)
+    return usage
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device) -> "Any":
     """(P, L, D) CLIP last hidden states of ``prompts`` (Stable Diffusion's text conditioning).
 
-    Tokens are padded to ``tokenizer.model_max_length`` and truncated there; the attention mask
-    is passed only when the encoder's config asks for it (``use_attention_mask``), as diffusers'
-    StableDiffusionPipeline.encode_prompt does. Runs without gradients."""
+    Tokens are padded to ``tokenizer.model_max_length`` and truncated there (a prompt that is cut
+    gets one warning, ``warn_truncated``); the attention mask is passed only when the encoder's
+    config asks for it (``use_attention_mask``), as diffusers' StableDiffusionPipeline.encode_prompt
+    does. Runs without gradients."""
     import torch
 
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
-    max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
-    if max_len > 100_000:  # a tokenizer saved without a limit: use the encoder's positions
-        max_len = int(getattr(text_encoder.config, "max_position_embeddings", 77))
+    max_len = max_tokens(tokenizer, text_encoder)
+    warn_truncated(tokenizer, prompts, text_encoder)
     tok = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
     ids = tok.input_ids.to(device)
     mask = tok.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None

@@ -11,7 +11,8 @@ Plugging in your own MAR-like model: pass any two modules with these call signat
         x_t (M, C), t (M,) int64 training timesteps, z (M, D).
 
 and a ``DiSAHeadScheduler`` built from the head's training schedule (any DDPM scheduler config
-converts: ``DiSAHeadScheduler.from_config(ddpm.config)``). Tokens are turned into images with
+converts: ``DiSAHeadScheduler.from_config(ddpm.config)``, keeping the source's betas and variance
+type, e.g. DDPM's linear / fixed_small, rather than our squaredcos / auto defaults). Tokens are turned into images with
 ``image_channels``, ``image_size`` and ``patch_size`` (row-major patches), or returned as tokens
 with ``output_type="latent"``. ``num_tokens``/``token_dim`` are read from ``backbone.config`` when
 present, else given to ``__init__``.

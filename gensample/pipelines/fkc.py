@@ -8,6 +8,19 @@ Thin: it builds the experts' conditioning and one batched expert call, then runs
 - ``UNet2DConditionModel`` + ``CLIPTextModel`` + tokenizer (+ ``AutoencoderKL``), Stable
   Diffusion style: experts are prompts (or ``prompt_embeds``).
 
+Denoisers (checked at construction, ``check_denoiser``): a ``UNet2DModel`` or a Stable Diffusion
+1.x / 2.x ``UNet2DConditionModel`` (text cross-attention and nothing else). SDXL UNets
+(``addition_embed_type="text_time"``: pooled embeddings and size/crop ids from two text encoders),
+other added or class conditioning, extra input channels (inpainting, depth, upscaling) and
+transformer denoisers (SD3, Flux: flow matching; DiT, PixArt) are refused with the reason.
+
+The scheduler is always an ``FKCScheduler`` (another DDPM-family scheduler is converted with
+``from_config``; a flow-matching one is refused). Its ``fkc_*`` config fields do not set the
+target: the call's ``target`` / ``beta`` / ``guidance_scale`` / ``expert_betas`` do. The loop
+sums the log-weights and resamples itself (``sample_fkc``), which a stock diffusers pipeline does
+not: ``FKCScheduler`` placed in one refuses a non-trivial target (gensample.schedulers.fkc).
+``FKCPipeline.from_pipe(pipe)`` reuses a loaded SD 1.x/2.x, DDPM or DDIM pipeline's modules.
+
 Targets: ``"cfg"`` p(x|c)^w p(x|neg)^(1-w) per group (w = guidance_scale, diffusers convention);
 ``"product"`` prod_i p(x|c_i)^beta_i over ``experts`` (one group); ``"anneal"`` p(x|c)^beta.
 Each prompt / class label is a group of ``num_particles`` particles that resample only among
@@ -19,7 +32,8 @@ from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -39,13 +53,69 @@ class FKCPipelineOutput(BaseOutput):
     ess: np.ndarray
 
 
+SUPPORTED_DENOISERS = ("UNet2DModel (unconditional, or class-conditional through num_class_embeds with the last "
+                       "embedding as the null class)",
+                       "UNet2DConditionModel with text cross-attention only (Stable Diffusion 1.x / 2.x)")
+
+
+def check_denoiser(unet, text_encoder=None, vae=None) -> None:
+    """Raise a ValueError naming the reason and ``SUPPORTED_DENOISERS`` when ``unet`` cannot be
+    driven by FKCPipeline's expert calls (``unet(x, t, encoder_hidden_states=...)`` or
+    ``unet(x, t, class_labels=...)``), or when the text encoder / VAE do not fit it."""
+    supported = "FKCPipeline supports: " + "; ".join(SUPPORTED_DENOISERS)
+    unet = getattr(unet, "_orig_mod", unet)  # a torch.compile'd UNet is checked as the module it wraps
+    name = type(unet).__name__
+    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
+        if "SD3" in name or "Flux" in name:
+            why = "a flow-matching transformer (SD3 / Flux): FKC on flow-matching models is not supported yet"
+        elif "Transformer" in name:
+            why = "a transformer denoiser, which FKCPipeline does not drive"
+        else:
+            why = "not a diffusers UNet"
+        raise ValueError(f"unet: got {name}, {why}. {supported}.")
+    cfg = unet.config
+    in_ch, out_ch = int(cfg.in_channels), int(cfg.out_channels)
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"unet: {name} has in_channels={in_ch}, out_channels={out_ch}: a UNet that takes extra input "
+                         f"channels (inpainting, depth, upscaling) needs an input image FKCPipeline does not pass. {supported}.")
+    if cfg.get("class_embed_type") is not None:
+        raise ValueError(f"unet: {name} has class_embed_type={cfg.class_embed_type!r}, which needs class embeddings "
+                         f"FKCPipeline does not build. {supported}.")
+    if isinstance(unet, UNet2DConditionModel):
+        added = cfg.get("addition_embed_type")
+        if added == "text_time":
+            raise ValueError(f"unet: {name} has addition_embed_type='text_time' (an SDXL UNet: it needs pooled text "
+                             f"embeddings and size/crop time ids from two text encoders), which FKCPipeline does not "
+                             f"build. {supported}.")
+        if added is not None:
+            raise ValueError(f"unet: {name} has addition_embed_type={added!r}, an added conditioning FKCPipeline does "
+                             f"not build. {supported}.")
+        if cfg.get("num_class_embeds") is not None:
+            raise ValueError(f"unet: {name} has num_class_embeds={cfg.num_class_embeds} besides text conditioning "
+                             f"(e.g. a noise-level class of an upscaler), which FKCPipeline does not pass. {supported}.")
+        if cfg.get("encoder_hid_dim_type") not in (None, "text_proj"):
+            raise ValueError(f"unet: {name} has encoder_hid_dim_type={cfg.encoder_hid_dim_type!r} (image "
+                             f"conditioning), which FKCPipeline does not build. {supported}.")
+        text_dim = cfg.get("encoder_hid_dim") or cfg.get("cross_attention_dim")
+        hidden = getattr(getattr(text_encoder, "config", None), "hidden_size", None)
+        if isinstance(text_dim, int) and isinstance(hidden, int) and hidden != text_dim:
+            raise ValueError(f"text_encoder: hidden size {hidden} does not match the UNet's text dimension {text_dim} "
+                             f"(cross_attention_dim / encoder_hid_dim)")
+    latent = getattr(getattr(vae, "config", None), "latent_channels", None)
+    if isinstance(latent, int) and latent != in_ch:
+        raise ValueError(f"vae: latent_channels={latent} does not match the UNet's in_channels={in_ch}")
+
+
 class FKCPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None):
+    def __init__(self, unet: Union[UNet2DModel, UNet2DConditionModel], scheduler: SchedulerMixin,
+                 vae: Optional[Union[AutoencoderKL, AutoencoderTiny]] = None, text_encoder=None, tokenizer=None):
+        # the annotations let DiffusionPipeline.from_pipe hand over a loaded pipeline's UNet and VAE
         super().__init__()
+        check_denoiser(unet, text_encoder, vae)
         if not isinstance(scheduler, FKCScheduler):
             scheduler = FKCScheduler.from_config(scheduler.config)
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)

@@ -70,7 +70,7 @@ class STSLPipeline(DiffusionPipeline):
     ):
         """measurement: y, (1 or batch_size, *operator.out_shape) in the [-1, 1] image convention.
         method: "stsl" | "dps" | "psld"; method_kwargs: `InverseConfig` fields (inner_steps,
-        trace_weight, probe_scale, data_weight, zeta, gamma, omega, ddim_eta, init, ...).
+        trace_rule, trace_weight, probe_scale, data_weight, zeta, gamma, omega, ddim_eta, init, ...).
         guidance_scale: only 1.0 (no classifier-free guidance) is accepted: the posterior samplers
         target p(x | y) under the conditional prior of ``prompt``; CFG would change that prior (and the
         guided eps is not the score of any density the likelihood terms assume), so any other value

@@ -5,18 +5,40 @@ Two faces:
 - `enable_time_shift(pipe, ...)` makes a *stock* diffusers pipeline with a ``unet`` and a
   ``scheduler`` (DDPM, DDIM, Stable Diffusion, SD inpaint / img2img / depth2img / pix2pix, ...)
   time-shift without editing it: its scheduler becomes a `TimeShiftScheduler` built from the
-  pipeline's own scheduler config, and a forward pre-hook on the UNet (not a wrapper module: the
-  pipeline's ``unet`` stays the original model, so ``save_pretrained`` writes a loadable folder)
-  replaces the timestep the pipeline passes by ``pipe.scheduler.model_timesteps(latents, t)``.
-  The hook reads ``pipe.scheduler`` at every call, so swapping the scheduler afterwards works
-  (a non-Time-Shift scheduler sees its own timestep unchanged). Under classifier-free guidance
-  the UNet input is [x; x], so both halves get the same t_s. Pipelines that concatenate extra
-  channels (mask, masked-image latents, depth, image latents) after the latents select t_s on the
-  latent channels only (the first ``min(in_channels, out_channels)``), i.e. on what ``step``
-  updates. `disable_time_shift(pipe)` undoes it.
+  pipeline's own scheduler config, and a forward pre-hook on the UNet replaces the timestep the
+  pipeline passes by ``pipe.scheduler.model_timesteps(latents, t)``. `disable_time_shift(pipe)`
+  undoes it.
 - `TimeShiftPipeline`: our own pipeline for unconditional or class-conditional UNet2DModels.
+
+Per-pipeline design (docs/time_shift.md "Several pipelines, one UNet"). A UNet is a module that
+several pipelines may share (``from_pipe``, components passed by hand), so a hook on it must know
+*whose* call is running. ``enable_time_shift`` marks the pipeline (``_ts_state``) and puts at most
+one hook on a UNet, whatever the number of pipelines enabled on it. At each UNet call the hook looks
+up the calling pipeline on the call stack: the innermost frame whose ``self`` is a
+``DiffusionPipeline`` (the pipeline's ``__call__`` or a method it calls; per thread, so concurrent
+calls are told apart). It shifts the timestep only when that pipeline enabled Time-Shift on this
+very UNet and its current scheduler is a ``TimeShiftScheduler``; otherwise the call passes
+unchanged. Hence:
+- a pipeline that did not enable Time-Shift is untouched, whatever it shares: a ``from_pipe``
+  copy that keeps the stock scheduler runs stock; one that shares our ``TimeShiftScheduler``
+  object (pipelines that keep the scheduler they get, e.g. DDPMPipeline, StableDiffusionPipeline)
+  is not fed shifted times, so its step raises with the fix (``enable_time_shift`` on it) instead
+  of mixing DDIM and Time-Shift;
+- any number of pipelines sharing a UNet can be enabled; each call uses its own scheduler;
+- a scheduler swapped in after enabling is honoured (a stock one sees its own timesteps);
+- the UNet stays the original model (no wrapper), so ``save_pretrained`` writes a loadable folder.
+Rejected alternatives: a flag that the scheduler sets between ``set_timesteps`` and its last step
+stays set when a run stops early (exception, ``interrupt``) and would then shift another
+pipeline's call; wrapping ``__call__`` per instance needs a per-instance subclass (``type(pipe)``
+changes). The look-up does not run the model: a handful of frame reads per UNet call.
+
+Under classifier-free guidance the UNet input is [x; x], so both halves get the same t_s.
+Pipelines that concatenate extra channels (mask, masked-image latents, depth, image latents) after
+the latents select t_s on the latent channels only (the first ``min(in_channels, out_channels)``),
+i.e. on what ``step`` updates.
 """
 
+import sys
 import warnings
 import weakref
 from typing import Callable, Dict, List, Optional, Union
@@ -26,6 +48,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..samplers.time_shift import DEFAULT_VARIANT
+from ..schedulers._config import refuse_flow_config
 from ..schedulers.time_shift import TimeShiftScheduler
 from ._images import to_output_type
 
@@ -49,16 +72,39 @@ def latent_channels(unet) -> Optional[int]:
         return None
 
 
-class _TimeShiftHook:
-    """Forward pre-hook: timestep -> ``pipe.scheduler.model_timesteps(latents, timestep)``."""
+def calling_pipeline(depth: int = 1) -> Optional[DiffusionPipeline]:
+    """The innermost ``DiffusionPipeline`` whose method is on the current thread's call stack
+    (the frame's first argument ``self``), or None. ``depth``: frames to skip (this one = 0)."""
+    frame = sys._getframe(depth)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, DiffusionPipeline):
+                return obj
+        frame = frame.f_back
+    return None
 
-    def __init__(self, pipe, channels: Optional[int]):
-        self.pipe = weakref.ref(pipe)
-        self.channels = channels
+
+class _TimeShiftHook:
+    """The one forward pre-hook per UNet: timestep -> ``pipe.scheduler.model_timesteps(latents, t)``
+    for the calling pipeline ``pipe`` when it enabled Time-Shift on this UNet, else unchanged.
+    ``users`` holds the enabled pipelines (weakly, by id) so that the last ``disable`` removes it."""
+
+    def __init__(self):
+        self.users: dict = {}  # id(pipe) -> weakref.ref(pipe)
+        self.handle = None
+
+    def live_users(self) -> list:
+        self.users = {k: r for k, r in self.users.items() if r() is not None}
+        return [r() for r in self.users.values()]
 
     def __call__(self, module, args, kwargs):
-        pipe = self.pipe()
-        sched = getattr(pipe, "scheduler", None) if pipe is not None else None
+        pipe = calling_pipeline(2)
+        state = getattr(pipe, "_ts_state", None) if pipe is not None else None
+        if state is None or state.get("unet") is not module or getattr(pipe, "unet", None) is not module:
+            return None  # not a Time-Shift pipeline's call (or its UNet was replaced): unchanged
+        sched = getattr(pipe, "scheduler", None)
         if not isinstance(sched, TimeShiftScheduler):
             return None  # another scheduler was swapped in: leave the call unchanged
         args = list(args)
@@ -66,14 +112,22 @@ class _TimeShiftHook:
         in_args = len(args) > 1
         timestep = args[1] if in_args else kwargs.get("timestep")
         x = sample
-        if self.channels is not None and sample.ndim >= 2 and sample.shape[1] > self.channels:
-            x = sample[:, : self.channels]  # the latents; extra conditioning channels follow them
+        channels = latent_channels(module)
+        if channels is not None and sample.ndim >= 2 and sample.shape[1] > channels:
+            x = sample[:, :channels]  # the latents; extra conditioning channels follow them
         t_model = sched.model_timesteps(x, timestep)  # (B,) int64, handed over to step()
         if in_args:
             args[1] = t_model
         else:
             kwargs["timestep"] = t_model
         return tuple(args), kwargs
+
+
+def _hook_of(unet) -> Optional[_TimeShiftHook]:
+    for hook in unet._forward_pre_hooks.values():
+        if isinstance(hook, _TimeShiftHook):
+            return hook
+    return None
 
 
 def enable_time_shift(
@@ -86,48 +140,63 @@ def enable_time_shift(
 ) -> DiffusionPipeline:
     """Turn a stock diffusers pipeline with ``unet`` and ``scheduler`` into a TS sampler, in place.
 
-    window_size / cutoff: None picks the per-step defaults at ``set_timesteps``. variant: None
-    keeps the scheduler's (a TimeShiftScheduler already there, e.g. after ``from_pretrained`` of a
-    saved TS pipeline, keeps all its TS keys unless overridden) else "paper". eta: the
-    scheduler's default eta (pipelines that pass ``eta`` to ``step``, as DDIMPipeline and
-    StableDiffusionPipeline do, override it); None: 1.0 for a DDPMScheduler (DDPM-like TS-DDPM),
-    else 0.0. data_var: the data-aware statistic (docs/time_shift.md); the paper's statistic on
-    a pipeline with a VAE (a latent model) warns. Returns ``pipe``.
+    Only ``pipe`` is affected: other pipelines sharing its UNet (``from_pipe``) keep running stock
+    unless enabled too (module docstring). Each argument left None takes the value the pipeline's
+    scheduler config carries (a saved ``TimeShiftScheduler``, or the hidden keys a stock scheduler
+    keeps after ``DDIMPipeline`` converted it, e.g. after ``from_pretrained``), else the default:
+    window_size / cutoff: the per-step defaults at ``set_timesteps``; variant: "paper"; eta: 1.0
+    for a DDPMScheduler (DDPM-like TS-DDPM), else 0.0 (pipelines that pass ``eta`` to ``step``, as
+    DDIMPipeline and StableDiffusionPipeline do, override it); data_var: the paper's statistic (on
+    a pipeline with a VAE, a latent model, this warns; docs/time_shift.md "Data-aware statistic").
+    A flow-matching scheduler (SD3, Flux) is refused with a ValueError. Returns ``pipe``.
     """
+    sched_old = getattr(pipe, "scheduler", None)
+    if sched_old is not None and hasattr(sched_old, "config"):
+        refuse_flow_config(sched_old.config, "TimeShiftScheduler")
     for part in ("unet", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise TypeError(f"pipe must have a `{part}` component, got {type(pipe).__name__}")
     if getattr(pipe, "_ts_state", None) is not None:
         raise ValueError("time shift is already enabled on this pipeline; call disable_time_shift(pipe) first")
+    if isinstance(pipe, TimeShiftPipeline):
+        raise ValueError("pipe is a TimeShiftPipeline, which time-shifts by itself; enable_time_shift is for stock "
+                         "pipelines")
     old = pipe.scheduler
     cfg = effective_config(old)
     given = {"window_size": window_size, "cutoff": cutoff, "variant": variant, "eta": eta, "data_var": data_var}
-    if isinstance(old, TimeShiftScheduler):
-        ts_kw = {k: (v if v is not None else cfg.get(k)) for k, v in given.items()}
-    else:
-        ts_kw = dict(given)
-        ts_kw["eta"] = (1.0 if type(old).__name__ == "DDPMScheduler" else 0.0) if eta is None else eta
+    ts_kw = {k: (v if v is not None else cfg.get(k)) for k, v in given.items()}
+    if ts_kw["eta"] is None:
+        ts_kw["eta"] = 1.0 if type(old).__name__ == "DDPMScheduler" else 0.0
     ts_kw["variant"] = ts_kw["variant"] or DEFAULT_VARIANT
-    ts_kw["eta"] = float(ts_kw["eta"] or 0.0)
+    ts_kw["eta"] = float(ts_kw["eta"])
     sched = TimeShiftScheduler.from_config(cfg, **ts_kw)
     if getattr(pipe, "vae", None) is not None and sched.config.data_var is None:
         warnings.warn("enable_time_shift on a latent pipeline: the paper's statistic ignores the data term "
                       "alpha_bar Var(x0), which for latents (variance ~1) makes it pick the noisiest window edge at "
                       "every step; pass data_var=... (docs/time_shift.md 'Data-aware statistic')", stacklevel=2)
-    handle = pipe.unet.register_forward_pre_hook(_TimeShiftHook(pipe, latent_channels(pipe.unet)), with_kwargs=True)
-    object.__setattr__(pipe, "_ts_state", (handle, old))  # not a pipeline component
+    unet = pipe.unet
+    hook = _hook_of(unet)
+    if hook is None:
+        hook = _TimeShiftHook()
+        hook.handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    hook.users[id(pipe)] = weakref.ref(pipe)
+    object.__setattr__(pipe, "_ts_state", {"unet": unet, "scheduler": old})  # not a pipeline component
     pipe.scheduler = sched
     return pipe
 
 
 def disable_time_shift(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    """Remove the UNet hook and restore the scheduler that `enable_time_shift` replaced."""
+    """Restore the scheduler that `enable_time_shift` replaced; the UNet's hook goes when no other
+    enabled pipeline uses it."""
     state = getattr(pipe, "_ts_state", None)
     if state is None:
         raise ValueError("time shift is not enabled on this pipeline")
-    handle, old = state
-    handle.remove()
-    pipe.scheduler = old
+    hook = _hook_of(state["unet"])
+    if hook is not None:
+        hook.users.pop(id(pipe), None)
+        if not hook.live_users():
+            hook.handle.remove()
+    pipe.scheduler = state["scheduler"]
     object.__setattr__(pipe, "_ts_state", None)
     return pipe
 

@@ -156,6 +156,27 @@ def resolve_target(opts: dict, model) -> tuple[FKCConfig, list]:
     return cfg, experts
 
 
+def _implied_target(opts: dict, given: set) -> None:
+    """--fkc-target left unset: ``cfg`` when --guidance-scale is given (without --beta), as every
+    diffusers pipeline reads a guidance scale; else ``anneal``. run.json's config records the
+    target used (docs/fkc.md)."""
+    if opts.get("fkc_target") is not None:
+        return
+    if "guidance_scale" in given and "beta" not in given:
+        opts["fkc_target"] = "cfg"
+    else:
+        opts["fkc_target"] = "anneal"
+
+
+def _group_hint(opts: dict, group: int) -> str:
+    """The whole fix for -n not a multiple of the particle group (one message, every way out)."""
+    n = int(opts["num_samples"])
+    groups = -(-n // group)
+    return (f"-n counts particles, {group} per group (--particles {group}): pass -n {groups * group} for {groups} group(s), "
+            f"or --particles {n} for one group of {n}, or --final one_per_group to get {n} sample(s), one per group "
+            f"of {group} particles")
+
+
 def _validate(opts: dict, model) -> None:
     cfg, _ = resolve_target(opts, model)
     if model.kind != "diffusion":
@@ -332,7 +353,8 @@ register(
         default_model="gmm2d",
         default_steps=100,
         options=(
-            Option("fkc_target", TARGETS, "anneal", "target: anneal (p^beta) | product (prod p(x|c_i)^beta) | cfg (p(x|c)^w p(x)^(1-w))"),
+            Option("fkc_target", TARGETS, None, "target: anneal (p^beta) | product (prod p(x|c_i)^beta) | cfg (p(x|c)^w p(x)^(1-w)) "
+                   "[fkc: default cfg when --guidance-scale is given (as in diffusers pipelines), else anneal]"),
             Option("beta", float, None, f"exponent: anneal default {TARGET_BETA['anneal']:g}, product default {TARGET_BETA['product']:g} (each expert)"),
             Option("experts", str, None, "comma-separated class labels, e.g. 3,5"),
             Option("experts_prompts", str, None, "text-to-image models, --fkc-target product: prompts as experts separated by '|', e.g. 'a cat|a dog'"),
@@ -353,6 +375,8 @@ register(
             *OMS_START_OPTIONS,
         ),
         group_size=lambda o: 1 if o.get("final") == "one_per_group" else o["particles"],
+        group_hint=_group_hint,
+        implied=_implied_target,
         validate=_validate,
         write_extra=write_ess_plot,
         prompt_of_sample=lambda o: ("prompts[i % len(prompts)] (one group of K particles per output sample)"

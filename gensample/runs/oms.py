@@ -105,7 +105,29 @@ def check_oms_start(opts: dict, model) -> None:
     if model.kind != "diffusion" or not model.is_image:
         raise ValueError(f"--oms-module needs an image diffusion model, got {model.name!r}")
     check_oms_flags(opts)
-    load_oms(module_spec(opts), model, opts.get("oms_variant"), text_override=opts.get("oms_text_encoder"))
+    if module_spec(opts) is None and model.extras.get("oms_module") is None:
+        raise ValueError(no_module_message(model))
+    parts = load_oms(module_spec(opts), model, opts.get("oms_variant"), text_override=opts.get("oms_text_encoder"))
+    _check_channels(parts, model)
+
+
+# The One More Step release's modules (docs/oms.md "Released checkpoints"); hub ids need the network once.
+RELEASED_MODULES = "h1t/oms_b_openclip_15_21 (SD 1.5 / 2.1 latents), h1t/oms_b_openclip_xl (SDXL latents)"
+
+
+def no_module_message(model) -> str:
+    """The error for a model without a shipped OMS module: only what works (a released module, or
+    a zoo model that ships one); training from a user's own model's data is not supported."""
+    return (f"model {model.name!r} ships no OMS module; pass --oms-module with a released One More Step module "
+            f"(a local copy of its folder, or a hub id: {RELEASED_MODULES}; docs/oms.md), "
+            f"or try OMS on a zoo model that ships one: --model digits-flawed")
+
+
+def _check_channels(parts, model) -> None:
+    if parts.module.config.in_channels != model.event_shape[0]:
+        raise ValueError(f"the OMS module has {parts.module.config.in_channels} input channels; model "
+                         f"{model.name!r} samples {model.event_shape[0]}-channel latents: pass --oms-module with a "
+                         f"module made for this model's latents ({RELEASED_MODULES}; docs/oms.md)")
 
 
 def oms_start(model, opts: dict, seeds: list[int], ctx: RunContext, sched, gens,
@@ -127,9 +149,7 @@ def oms_start(model, opts: dict, seeds: list[int], ctx: RunContext, sched, gens,
         x_Tp = ctx.randn(gens, model.event_shape)  # the bare sampler's x_T draw (unit variance)
     parts = load_oms(module_spec(opts), model, opts.get("oms_variant"), ctx.device, ctx.dtype,
                      opts.get("oms_text_encoder"))
-    if parts.module.config.in_channels != model.event_shape[0]:
-        raise ValueError(f"the OMS module has {parts.module.config.in_channels} input channels; model "
-                         f"{model.name!r} samples {model.event_shape[0]}-channel latents")
+    _check_channels(parts, model)
     z_gens = [torch.Generator("cpu").manual_seed(int(s) ^ _Z_STREAM) for s in seeds]
     o_cond, o_uncond, extras = _oms_condition(parts, opts, model, seeds, z_gens, ctx.device)
     a = first_alpha_bar(sched)

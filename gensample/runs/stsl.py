@@ -29,7 +29,7 @@ from ..models.posterior import GaussianMixturePosterior, PosteriorUNet
 from ..samplers.baseline import make_scheduler, scheduler_loop
 from ..samplers.operators import TASKS, LinearOperator, make_operator
 from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register
-from ..samplers.stsl import DATA_LOSSES, INITS, STEP_RULES, Codec, InverseConfig, reconstruct
+from ..samplers.stsl import DATA_LOSSES, INITS, STEP_RULES, TRACE_RULES, Codec, InverseConfig, reconstruct
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags, time_shift_step
 
@@ -135,7 +135,7 @@ def _config_from_opts(method: str, opts: dict, model) -> InverseConfig:
     clamp = opts.get("clamp", "auto")
     clamp_x0 = (model.is_image and tuple(model.value_range) == (-1.0, 1.0)) if clamp == "auto" else clamp == "on"
     fields = {k: opts[k] for k in ("step_rule", "noise_std", "prior_var", "ddim_eta", "init", "zeta", "gamma", "omega", "inner_steps",
-                                   "data_weight", "trace_weight", "step_size", "probe_scale", "data_loss", "glue_weight",
+                                   "data_weight", "trace_rule", "trace_weight", "step_size", "probe_scale", "data_loss", "glue_weight",
                                    "reuse_eps") if opts.get(k) is not None}
     return InverseConfig(method=method, steps=opts["steps"], clamp_x0=bool(clamp_x0) and method == "dps", **fields)
 
@@ -293,8 +293,11 @@ register(SamplerSpec(
     options=_common_options("measurement", "paper rule 0") + _COMPOSE_OPTIONS + (
         Option("inner_steps", int, 5, "K inner gradient steps per timestep", min=1),
         Option("data_weight", float, 1.0, "lambda, weight of the data term", min=0.0),
+        Option("trace_rule", TRACE_RULES, "paper", "second-order term: paper = (eta / d) T_delta with a Gaussian probe "
+               "(STSL Eq. 4); logdet = linearised (1/2) log det(sigma_y^2 I + A Cov A^T), probed in the range of A "
+               "(docs/stsl.md, \"The trace term\")"),
         Option("trace_weight", float, None, "eta, weight of the Hutchinson trace term (0 = first order) "
-               "[default: auto rule 1 = the derived second-order scale; paper rule 0.02 on eta / d]", min=0.0),
+               "[default: paper 0.02 on eta / d; logdet 1 = the derived scale]", min=0.0),
         Option("step_size", float, 1.0, "rho, inner gradient step (auto rule: multiplier of (1 - ab_t) / K)", min=0.0),
         Option("probe_scale", float, 1.0, "delta, finite-difference probe scale", min=1e-8),
         Option("data_loss", DATA_LOSSES, "norm", "data term ||r|| (norm) or ||r||^2 (sq, Eq. 4)"),

@@ -8,6 +8,7 @@ per-sample generators and registers the two specs (docs/time_shift.md).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -22,17 +23,24 @@ DATA_VAR_PILOT = {"n": 64, "steps": 50, "seed": 2**31 - 1}  # the once-per-run e
 
 
 def parse_data_var(value) -> float | str | None:
-    """--data-var: None (paper statistic), "auto" (estimated once from the model) or a number in [0, 1)."""
+    """--data-var: None (paper statistic), "auto" (estimated once from the model) or a finite number
+    >= 0 other than 1 (at Var_data = 1 the reference 1 - ab (1 - Var_data) is flat in t and locates
+    no time; ``samplers.time_shift.check_params``)."""
     if value is None:
         return None
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
+    allowed = "'auto' or a finite number >= 0 other than 1"
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"--data-var must be 'auto' or a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise ValueError(f"--data-var must be 'auto' or a number in [0, 1), got {value!r}")
+        raise ValueError(f"--data-var must be {allowed}, got {value!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"--data-var must be {allowed}, got {value!r}")
+    if v == 1.0:
+        raise ValueError(f"--data-var must be {allowed}, got {value!r}: at Var_data = 1 the reference variance "
+                         f"(1 - ab) + ab * Var_data is 1 at every t, so it cannot choose a shifted time "
+                         f"(for plain DDIM pass --window 0 or use --sampler ddim)")
     return v
 
 
@@ -47,7 +55,7 @@ def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str
         pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=device)
         data_var = estimate_data_var(model.denoiser(), pilot, model.scheduler_config, DATA_VAR_PILOT["steps"],
                                      cond=model.cond_for(None, DATA_VAR_PILOT["n"], device))
-        parse_data_var(data_var)  # an estimate >= 1 cannot be used: say so
+        parse_data_var(data_var)  # an estimate of exactly 1 (a flat reference) cannot be used: say so
     sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"), cutoff=opts.get("cutoff"),
                                       variant=opts.get("variant") or DEFAULT_VARIANT, eta=float(eta), data_var=data_var)
     sched.set_timesteps(int(steps), device=device)
@@ -90,7 +98,7 @@ TS_STEP_OPTIONS = (  # the step rule alone: also on fkc, dps, psld, stsl with --
     Option("cutoff", int, None, "TS cutoff t_c: shift only while t > t_c; default 200 at <= 10 steps else 300", min=0),
     Option("variant", VARIANTS, DEFAULT_VARIANT, "TS selection rule: paper (Algorithm 3) or reference_pnm (published code)"),
     Option("data_var", str, None, "data-aware TS statistic: reference (1 - ab) + ab * Var_data with Var_data "
-           "'auto' (estimated once from the model) or a number in [0, 1); default: the paper's 1 - ab",
+           "'auto' (estimated once from the model) or a number >= 0, != 1; default: the paper's 1 - ab",
            check=parse_data_var),
 )
 TIME_SHIFT_OPTION = Option("time_shift", bool, False, "use Time-Shift (Li et al. 2024, Algorithm 3) as the step rule: the model "

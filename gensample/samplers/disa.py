@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import _moved
 from ..core.ddim import ddpm_posterior, ddpm_posterior_mean, x0_from_eps_reciprocal
 from ..core.denoiser import check_finite
 
@@ -397,7 +398,9 @@ class DiSAConfig:
 def sample_mar(backbone, head, ddpm: HeadDDPM, cfg: DiSAConfig, generators: Sequence[torch.Generator], *,
                num_tokens: int, token_dim: int, class_labels: torch.Tensor | None = None,
                null_class: int | None = None, device=torch.device("cpu"), dtype=torch.float32,
-               on_step: Callable[[int], None] | None = None, sampler: str = "disa", record_paths: bool = False):
+               on_step: Callable[[int], None] | None = None, sampler: str = "disa", record_paths: bool = False,
+               orders: torch.Tensor | None = None,
+               noise_fn: Callable[[int, tuple[int, int]], torch.Tensor] | None = None):
     """MAR generation with a DiSA step budget (MAR sec. 3.3; DiSA sec. 3). Returns (tokens, stats).
 
     Per image b (generator g_b, so results do not depend on batch composition): a random order
@@ -408,12 +411,23 @@ def sample_mar(backbone, head, ddpm: HeadDDPM, cfg: DiSAConfig, generators: Sequ
     tokens: (B, N, C). stats: head_calls, head_rows, nfe (= head_calls), backbone_calls,
     backbone_rows, head_time_s, backbone_time_s, head_steps (the S'(k) list), and with
     ``record_paths`` a list per k of (S'+1, B n_k, C) head trajectories.
+
+    Fixed randomness (a comparison with other code, e.g. the reference MAR's ``sample_tokens``):
+    ``orders`` (B, N) int64, one permutation of 0..N-1 per image, replaces the randperm draws (the
+    first m_{k+1} slots of an order are still masked after iteration k); ``noise_fn(k, (B n_k, C))``
+    replaces the generator draws at iteration k: it is called once for x_T, then once per head step
+    (the last step too), and returns standard normal noise of that shape, rows image-major with the
+    slots of each image ascending (the conditional half under CFG).
     """
     bsz, n_k_list = len(generators), tokens_per_step(num_tokens, cfg.ar_steps)
     use_cfg = cfg.guidance_scale != 1.0
     if use_cfg and (class_labels is None or null_class is None):
         raise ValueError("guidance_scale != 1 needs a class-conditional model with a null class")
-    orders = torch.stack([torch.randperm(num_tokens, generator=g) for g in generators]).to(device)  # (B, N)
+    if orders is None:
+        orders = torch.stack([torch.randperm(num_tokens, generator=g) for g in generators])  # (B, N)
+    else:
+        orders = _check_orders(orders, bsz, num_tokens)
+    orders = orders.to(device)
     tokens = torch.zeros(bsz, num_tokens, token_dim, device=device, dtype=dtype)  # (B, N, C)
     masked = torch.ones(bsz, num_tokens, dtype=torch.bool, device=device)
     counter, stats = HeadCounter(), {"backbone_calls": 0, "backbone_rows": 0, "backbone_time_s": 0.0, "head_steps": []}
@@ -445,7 +459,9 @@ def sample_mar(backbone, head, ddpm: HeadDDPM, cfg: DiSAConfig, generators: Sequ
         stats["head_steps"].append(len(table))
         w_k = cfg_scale_at(cfg.cfg_schedule, cfg.guidance_scale, num_tokens, cfg.ar_steps, k)
 
-        def draw_noise():
+        def draw_noise(k=k, n_k=n_k):
+            if noise_fn is not None:
+                return _checked_noise(noise_fn(k, (bsz * n_k, token_dim)), (bsz * n_k, token_dim), k, device, dtype)
             noise = [torch.randn((n_k, token_dim), generator=g) for g in generators]
             return torch.cat(noise).to(device=device, dtype=dtype)  # (B n_k, C), rows image-major
 
@@ -467,6 +483,29 @@ def sample_mar(backbone, head, ddpm: HeadDDPM, cfg: DiSAConfig, generators: Sequ
     if record_paths:
         stats["paths"] = paths
     return tokens, stats
+
+
+def _check_orders(orders, bsz: int, num_tokens: int) -> torch.Tensor:
+    """orders must be (B, N) integers, each row a permutation of 0..N-1."""
+    if not isinstance(orders, torch.Tensor):
+        raise TypeError(f"orders must be a torch.Tensor of shape ({bsz}, {num_tokens}), got {type(orders).__name__}")
+    if orders.shape != (bsz, num_tokens) or orders.is_floating_point() or orders.is_complex():
+        raise ValueError(f"orders must be an integer tensor of shape ({bsz}, {num_tokens}) (one order per image), "
+                         f"got {orders.dtype} {tuple(orders.shape)}")
+    orders = orders.long().cpu()
+    bad = (orders.sort(dim=1).values != torch.arange(num_tokens)).any(dim=1)  # (B,)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"orders: every row must be a permutation of 0..{num_tokens - 1}, got row {row} = "
+                         f"{orders[row].tolist()}")
+    return orders
+
+
+def _checked_noise(noise, shape: tuple[int, int], k: int, device, dtype) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise_fn({k}, {shape}) must return a tensor of shape {shape}, got {got}")
+    return noise.to(device=device, dtype=dtype)
 
 
 def _sync(device) -> None:
@@ -498,3 +537,7 @@ def evidence_metrics(backbone, head, ddpm: HeadDDPM, generators, class_labels, *
         x = sample_head(head, z_rep, ddpm.table(num_steps), lambda: torch.randn((z_rep.shape[0], token_dim), generator=g))
         variance.append(float(x.reshape(-1, draws, token_dim).var(1).mean()))
     return {"straightness": straightness, "variance": variance}
+
+
+# -- deprecated import path (one release): the diffusers face moved to gensample.schedulers.disa (gensample._moved)
+__getattr__ = _moved.moved(__name__, "gensample.schedulers.disa", ("DiSAHeadScheduler", "DiSAHeadSchedulerOutput"))

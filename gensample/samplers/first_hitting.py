@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .. import _moved
 from ..core.categorical import PRECISIONS, Generators, masked_argmax, masked_log_softmax, sample_rows, uniform
 
 SCHEDULES = ("linear", "loglinear", "cosine")
@@ -405,3 +406,8 @@ def expected_ancestral_nfe(num_steps: int, num_masks: int, skip_finished: bool =
     N, L = num_steps, num_masks
     none_last = (1 - 1 / N) ** L
     return 1 + (N - 1) * (1 - none_last) - (none_last if skip_finished else 0.0)
+
+
+# -- deprecated import path (one release): the diffusers face moved to gensample.schedulers.first_hitting (gensample._moved)
+__getattr__ = _moved.moved(__name__, "gensample.schedulers.first_hitting",
+                           ("MaskedDiffusionScheduler", "MaskedDiffusionSchedulerOutput"))

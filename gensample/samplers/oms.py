@@ -287,8 +287,8 @@ def load_oms(spec: str | None, model, variant: str | None = None, device=None, d
     if spec is None:
         default = model.extras.get("oms_module")
         if default is None:
-            raise ValueError(f"model {model.name!r} has no default OMS module; pass --oms-module PATH "
-                             f"(a released OMS folder, or one from `gensample train oms --base {model.name}`)")
+            raise ValueError(f"model {model.name!r} has no default OMS module; pass --oms-module with a released "
+                             f"One More Step module (h1t/oms_b_openclip_15_21, h1t/oms_b_openclip_xl; docs/oms.md)")
         spec = str(default)
     cache = model.extras.setdefault("_oms_cache", {})
     key = (str(spec), variant, text_override)

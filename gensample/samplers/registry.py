@@ -22,86 +22,7 @@ import numpy as np
 import torch
 
 from ..core.noise import normal_rows
-
-
-@dataclass(frozen=True)
-class Option:
-    """A sampler-specific option: CLI flag ``--name-with-dashes``, API keyword ``name_with_underscores``.
-
-    type: int | float | str | bool, or a tuple of allowed strings (a choice).
-    min/max: inclusive numeric bounds checked for CLI and API alike.
-    """
-
-    name: str
-    type: Any
-    default: Any = None
-    help: str = ""
-    min: float | None = None
-    max: float | None = None
-    check: Any = None  # optional callable(value) raising ValueError with its own message (e.g. "auto" or a number)
-
-    @property
-    def key(self) -> str:
-        return self.name.replace("-", "_")
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def validate(self, value):
-        if value is None:
-            return None
-        if isinstance(self.type, tuple):
-            if value not in self.type:
-                raise ValueError(f"{self.flag} must be one of {list(self.type)}, got {value!r}")
-            return value
-        if self.type is bool:
-            return parse_bool(self.flag, value)
-        try:
-            if self.type is int:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError
-                value = int(value)
-            elif self.type is float:
-                if isinstance(value, bool):
-                    raise ValueError
-                value = float(value)
-                if not np.isfinite(value):
-                    raise ValueError
-            else:
-                value = self.type(value)
-        except (TypeError, ValueError):
-            tname = getattr(self.type, "__name__", str(self.type))
-            raise ValueError(f"{self.flag} must be a finite {tname}, got {value!r}") from None
-        if self.min is not None and value < self.min:
-            raise ValueError(f"{self.flag} must be >= {self.min}, got {value}")
-        if self.max is not None and value > self.max:
-            raise ValueError(f"{self.flag} must be <= {self.max}, got {value}")
-        if self.check is not None:
-            self.check(value)
-        return value
-
-
-TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")  # click.BOOL's words
-FALSE_WORDS = ("0", "false", "f", "no", "n", "off")
-
-
-def parse_bool(flag: str, value) -> bool:
-    """A strict boolean: True/False (numpy too) or one of click's words (``"false"``, ``"no"``,
-    ``"off"``, ``"0"``, ... case-insensitive) or the integers 0/1. Anything else (another string,
-    another number, None)
-    is a ValueError naming ``flag``: a string is never truthy just for being non-empty."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):  # click.BOOL takes 0/1 too (YAML `overwrite: 0`)
-        return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
-    raise ValueError(f"{flag} must be true or false (or one of {'/'.join(TRUE_WORDS + FALSE_WORDS)}), got {value!r}")
+from ..options import FALSE_WORDS, TRUE_WORDS, Option, merge_options, parse_bool  # noqa: F401  (torch-free home; re-exported)
 
 
 @dataclass
@@ -156,6 +77,10 @@ class SamplerSpec:
     write_extra: Callable[[Any, dict, Any], None] | None = None
     # text models: run.json's rule for which prompt sample i gets, when not prompts[i % P] (FKC groups)
     prompt_of_sample: Callable[[dict], str] | None = None
+    # implied(opts, given): fill options that other options imply (opts: resolved; given: keys the user set)
+    implied: Callable[[dict, set], None] | None = None
+    # group_hint(opts, g) -> the whole fix when --num-samples is not a multiple of the group size g
+    group_hint: Callable[[dict, int], str] | None = None
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
@@ -189,13 +114,41 @@ def get(name: str) -> SamplerSpec:
 
 
 def all_options() -> dict[str, Option]:
-    """Every sampler-specific option by key (first declaration wins; types must agree)."""
+    """Every sampler-specific option by key, as the CLI declares it once (``options.merge_options``:
+    shared choices are the union of the samplers' values)."""
     discover()
-    out: dict[str, Option] = {}
-    for spec in SAMPLERS.values():
-        for opt in spec.options:
-            out.setdefault(opt.key, opt)
-    return out
+    return merge_options(SAMPLERS.values())
+
+
+def _type_to_json(t):
+    if isinstance(t, tuple):
+        return list(t)
+    return {int: "int", float: "float", str: "str", bool: "bool"}.get(t, "str")
+
+
+def manifest_data(deps: Sequence[str] | None = None) -> dict:
+    """The sampler manifest (``gensample.options``) as a JSON-able dict: every sampler's name,
+    description, demo model, default steps and option declarations, keyed by the SHA-256 of
+    ``deps`` (package files the registry is built from; default: every gensample module loaded now)."""
+    import sys
+
+    from .. import options
+
+    discover()
+    if deps is None:
+        deps = options.package_files(sys.modules.values())
+    samplers = {}
+    for name, spec in sorted(SAMPLERS.items()):
+        steps = spec.default_steps
+        samplers[name] = {
+            "description": spec.description, "default_model": spec.default_model,
+            "default_steps": None if callable(steps) else steps, "output": spec.output,
+            "grouped": spec.group_size is not None,
+            "options": [{"name": o.name, "type": _type_to_json(o.type), "default": o.default, "help": o.help,
+                         "min": o.min, "max": o.max, "checked": o.check is not None} for o in spec.options],
+        }
+    deps = sorted(set(deps))
+    return {"format": options.MANIFEST_FORMAT, "key": options.source_key(deps), "deps": deps, "samplers": samplers}
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -13,6 +13,7 @@ pixel space (codec = identity) or latent space (codec = VAE), on a diffusers DDI
 | ``x_hat``            | D(z0_hat)                                                        |
 | ``data_weight``      | lambda (STSL Eq. 4)                                              |
 | ``trace_weight``     | eta (STSL Eq. 4; the loss uses eta / d)                          |
+| ``trace_rule``       | "paper": (eta / d) T_delta; "logdet": the linearised log det term |
 | ``probe_scale``      | delta of the finite-difference Hutchinson probe T_delta           |
 | ``step_size``        | rho, inner gradient step                                         |
 | ``inner_steps``      | K                                                                |
@@ -50,6 +51,7 @@ METHODS = ("dps", "psld", "stsl")
 DATA_LOSSES = ("norm", "sq")
 INITS = ("gaussian", "measurement")
 STEP_RULES = ("auto", "paper")
+TRACE_RULES = ("logdet", "paper")
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,16 @@ class InverseConfig:
 
     ``step_rule="auto"`` (default) scales every guidance term as the score of the Gaussian
     likelihood N(y; A x0_hat, sigma_y^2 I + r_t^2 A A^T), r_t^2 = (1 - ab_t) / ab_t (docs/stsl.md,
-    "Step-size rule"); the weights zeta / omega / data_weight / trace_weight are then unitless
-    multipliers of that score (1 = the rule itself). ``step_rule="paper"`` keeps the papers' raw
-    weights (DPS Alg. 1 zeta grad ||r||, PSLD Alg. 2, STSL Eq. 4 with eta / d)."""
+    "Step-size rule"); the weights zeta / omega / data_weight (and trace_weight with
+    ``trace_rule="logdet"``) are then unitless multipliers of that score (1 = the rule itself).
+    ``step_rule="paper"`` keeps the papers' raw weights (DPS Alg. 1 zeta grad ||r||, PSLD Alg. 2,
+    STSL Eq. 4 with eta / d).
+
+    ``trace_rule`` picks STSL's second-order term (docs/stsl.md, "The trace term"): "paper" (default,
+    both step rules) is STSL Eq. 4's (eta / d) T_delta with a Gaussian probe in z, eta = 0.02;
+    "logdet" is the z-dependent part of (1/2) log det(sigma_y^2 I + A Cov A^T) linearised around
+    Cov = r_t^2 I, probed in the range of A (measured worse than first-order STSL on the oracle
+    problems, hence not the default). ``step_rule="paper"`` is then the paper's Algorithm 1 step."""
 
     method: str = "stsl"
     steps: int = 50
@@ -78,7 +87,8 @@ class InverseConfig:
     # STSL
     inner_steps: int = 5
     data_weight: float = 1.0
-    trace_weight: float | None = None  # None: auto 1 (the derived second-order scale), paper 0.02
+    trace_rule: str = "paper"  # "paper": (eta / d) T_delta (STSL Eq. 4); "logdet": the linearised log det term
+    trace_weight: float | None = None  # None: paper 0.02 (on eta / d), logdet 1 (the derived scale itself)
     step_size: float = 1.0
     probe_scale: float = 1.0
     data_loss: str = "norm"
@@ -94,8 +104,10 @@ class InverseConfig:
             object.__setattr__(self, "init", "measurement" if self.method == "stsl" else "gaussian")
         if self.ddim_eta is None:  # auto: ancestral for all (deterministic guided DDIM ends on saddles between modes)
             object.__setattr__(self, "ddim_eta", 1.0 if (self.method == "dps" or self.step_rule == "auto") else 0.0)
+        if self.trace_rule not in TRACE_RULES:
+            raise ValueError(f"--trace-rule must be one of {TRACE_RULES}, got {self.trace_rule!r}")
         if self.trace_weight is None:
-            object.__setattr__(self, "trace_weight", 1.0 if self.step_rule == "auto" else 0.02)
+            object.__setattr__(self, "trace_weight", 1.0 if self.trace_rule == "logdet" else 0.02)
         if self.gamma is None and self.step_rule == "paper":
             object.__setattr__(self, "gamma", 0.1)
         if self.data_loss not in DATA_LOSSES:
@@ -224,9 +236,11 @@ def likelihood_quad(op: LinearOperator, r: torch.Tensor, s2: float, r2: float) -
 
 
 def observed_fraction(op: LinearOperator) -> float:
-    """||A||_F^2 / D: the mean eigenvalue of A^T A (the observed fraction for a mask), which turns
-    Tr(A^T A H) into (||A||_F^2 / D) Tr(H) in the second-order term (exact for isotropic H). Exact from
-    the mask / matrix, else a fixed 16-probe Hutchinson estimate E||A v||^2 = ||A||_F^2."""
+    """||A||_F^2 / D: the mean eigenvalue of A^T A (the observed fraction for a mask). Only the latent
+    path uses it: there A acts on D(z), not on z, so the range probe of `range_probe` does not apply and
+    Tr(A^T A H) is replaced by (||A||_F^2 / D) Tr(H), which is exact only for isotropic H (for a mask it
+    brings in the curvature of unobserved pixels; docs/stsl.md, "The trace term"). Exact from the
+    mask / matrix, else a fixed 16-probe Hutchinson estimate E||A v||^2 = ||A||_F^2."""
     cached = getattr(op, "_observed_fraction", None)
     if cached is not None:
         return cached
@@ -245,21 +259,60 @@ def observed_fraction(op: LinearOperator) -> float:
     return val
 
 
+def range_probe(op: LinearOperator, u: torch.Tensor, s2: float, r2: float) -> torch.Tensor:
+    """v = A^T B u, a probe in the range of A^T: (B, *op.out_shape) -> (B, *op.in_shape), in u's dtype.
+
+    B B^T = (s2 + r2) W with W = (s2 I + r2 A A^T)^-1, so for E[u u^T] = I (Rademacher or Gaussian u)
+    E[v^T H v] = Tr(B^T A H A^T B) = (s2 + r2) Tr(W A H A^T): the trace that the linearised log det
+    term needs (docs/stsl.md, "The trace term"). Dense matrices: B = sqrt(s2 + r2) W^(1/2) (eigh of
+    s2 I + r2 A A^T, float64). Every other operator: B = I, exact for masks (W A = A / (s2 + r2): the
+    missing rows of A are 0) and the A A^T ~ I approximation of `likelihood_quad` otherwise."""
+    from .operators import MatrixOperator
+
+    if isinstance(op, MatrixOperator):
+        A = op.mat.double()  # (M, D)
+        lam, Q = torch.linalg.eigh(s2 * torch.eye(A.shape[0], dtype=torch.float64) + r2 * (A @ A.T))
+        lam = lam.clamp(min=1e-12 * float(lam.max().clamp(min=1e-300)))
+        B = math.sqrt(s2 + r2) * (Q * lam.rsqrt()) @ Q.T  # (M, M) symmetric
+        u = (u.double() @ B.to(u.device)).to(u.dtype)  # rows: (B u_b)^T, B symmetric
+    return op.adjoint(u)
+
+
+def trace_probe(cfg: InverseConfig, codec: Codec, op: LinearOperator, randn: Callable[[tuple], torch.Tensor],
+                event_shape: tuple, alpha_bar: float) -> torch.Tensor:
+    """The probe v of T_delta for one inner step, (B, *event_shape).
+
+    trace_rule "logdet" on a pixel model: v = A^T B u (`range_probe`), u Rademacher (the sign of a
+    N(0, I) draw from each sample's generator), so E[T_delta] -> (s2 + r2) Tr(W A H A^T). Otherwise
+    (trace_rule "paper", or a latent model, where A acts on D(z)): v ~ N(0, I) in z (STSL Eq. 4)."""
+    if cfg.trace_rule == "logdet" and not codec.latent:
+        u = torch.sign(randn(tuple(op.out_shape)))  # (B, *out_shape), +-1
+        return range_probe(op, u, cfg.noise_std**2, tweedie_var(alpha_bar, cfg.prior_var))
+    return randn(tuple(event_shape))
+
+
 def hutchinson_trace(v: torch.Tensor, eps_probe: torch.Tensor, eps_hat: torch.Tensor, alpha_bar: float, delta: float) -> torch.Tensor:
     """T_delta = v^T (s(z + delta v) - s(z)) / delta with s = -eps / sqrt(1 - ab): a one-probe
-    estimate of Tr(grad^2 log p_t) (STSL Eq. 4 second term; exact in expectation for a linear
-    score, -> Tr(H) as delta -> 0). Returns (B,)."""
+    estimate of v^T H v, H = grad^2 log p_t (STSL Eq. 4 second term; exact for a linear score,
+    -> v^T H v as delta -> 0), so E_v T_delta = Tr(E[v v^T] H): Tr(H) for v ~ N(0, I) (Hutchinson),
+    (s2 + r2) Tr(W A H A^T) for the range probe. Returns (B,)."""
     return -(v * (eps_probe - eps_hat)).flatten(1).sum(1) / (delta * math.sqrt(1 - alpha_bar))
 
 
 def stsl_loss(z, t, alpha_bar, v, denoiser, cond, codec, op, y, cfg: InverseConfig, counters: Counters):
     """Surrogate loss, summed over the batch. Returns (loss, eps_hat, z0_hat).
 
-    paper rule: L = lambda data(y - A D(z0_hat)) + (eta / d) T_delta  (STSL Eq. 4).
-    auto rule: L = lambda r^T W r / 2 + eta c_t T_delta with W = (sigma_y^2 I + r_t^2 A A^T)^-1 and
-    c_t = (1 - ab)^2 / (2 ab (sigma_y^2 + r_t^2)) * ||A||_F^2 / D: the z-dependent part of the
-    second-order Tweedie term Tr(W A Cov[z_0|z_t] A^T) / 2, Cov = ((1 - ab)/ab)(I + (1 - ab) H)
-    (docs/stsl.md, "The trace term's scale")."""
+    Data term: paper rule lambda data(y - A D(z0_hat)) (STSL Eq. 4); auto rule lambda r^T W r / 2,
+    W = (sigma_y^2 I + r_t^2 A A^T)^-1 (the quadratic of -log N(y; A z0_hat, sigma_y^2 I + r_t^2 A A^T)).
+    Trace term (``trace_rule``; docs/stsl.md, "The trace term"):
+    - "paper": (eta / d) T_delta, v ~ N(0, I) in z (STSL Eq. 4 / Alg. 1).
+    - "logdet": eta c_t T_delta, c_t = (1 - ab)^2 / (2 ab (sigma_y^2 + r_t^2)), v = A^T B u (`trace_probe`),
+      so E T_delta = (sigma_y^2 + r_t^2) Tr(W A H A^T) and the term averages to the z-dependent part of
+      (1/2) log det(sigma_y^2 I + A Cov A^T) linearised around Cov = r_t^2 I,
+      (1/2) Tr(W A (Cov - r_t^2 I) A^T), with the second-order Tweedie covariance
+      Cov[z_0|z_t] = ((1 - ab)/ab)(I + (1 - ab) H), H = grad^2 log p_t(z_t) (second-order Tweedie,
+      STSL sec. 3). On a latent model v ~ N(0, I) in z and c_t carries
+      ||A||_F^2 / D, the isotropic-H approximation of Tr(A^T A H) (`observed_fraction`)."""
     n = z.shape[0]
     d = z[0].numel()
     use_trace = cfg.trace_weight > 0
@@ -273,16 +326,20 @@ def stsl_loss(z, t, alpha_bar, v, denoiser, cond, codec, op, y, cfg: InverseConf
     x_hat = codec.decode(z0_hat, grad=True)
     if cfg.clamp_x0:
         x_hat = x_hat.clamp(-1, 1)
+    s2, r2 = cfg.noise_std**2, tweedie_var(alpha_bar, cfg.prior_var)
+    denom = max(s2 + r2, 1e-12)
     if cfg.step_rule == "auto":
-        s2, r2 = cfg.noise_std**2, tweedie_var(alpha_bar, cfg.prior_var)
-        denom = max(s2 + r2, 1e-12)
         loss = cfg.data_weight * 0.5 * likelihood_quad(op, y - op(x_hat), s2, r2)
-        trace_coef = cfg.trace_weight * (1 - alpha_bar) ** 2 / (2 * alpha_bar * denom) * observed_fraction(op)
         glue_coef = cfg.glue_weight * 0.5 / denom
     else:
         loss = cfg.data_weight * data_term(y - op(x_hat), cfg.data_loss)
-        trace_coef = cfg.trace_weight / d
         glue_coef = cfg.glue_weight
+    if cfg.trace_rule == "logdet":
+        trace_coef = cfg.trace_weight * (1 - alpha_bar) ** 2 / (2 * alpha_bar * denom)
+        if codec.latent:  # isotropic-H stand-in for Tr(A^T A H): the probe is not in the range of A
+            trace_coef = trace_coef * observed_fraction(op)
+    else:
+        trace_coef = cfg.trace_weight / d
     if use_trace:
         loss = loss + trace_coef * hutchinson_trace(v, eps_probe, eps_hat, alpha_bar, cfg.probe_scale)
     if cfg.glue_weight > 0:
@@ -468,9 +525,9 @@ def sample_inverse(
                 rho = cfg.step_size
             eps_last = None
             for _ in range(cfg.inner_steps):
-                # fresh Gaussian probe per inner step (none without the trace term: the generators' streams
-                # then match the plain DDIM / DDPM sampler)
-                v = randn(tuple(z.shape[1:])) if cfg.trace_weight > 0 else None
+                # fresh probe per inner step (trace_probe: Rademacher in the range of A, or Gaussian in z; none without
+                # the trace term: the generators' streams then match the plain DDIM / DDPM sampler)
+                v = trace_probe(cfg, codec, op, randn, tuple(z.shape[1:]), ab) if cfg.trace_weight > 0 else None
                 with torch.enable_grad():
                     z_in = z.detach().requires_grad_(True)
                     loss, eps_last, _ = stsl_loss(z_in, t, ab, v, denoiser, cond, codec, op, y, cfg, counters)

@@ -34,7 +34,9 @@ Data-aware statistic (``data_var``, ours; docs/time_shift.md "Data-aware statist
 x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, E[var_hat(x_t)] = (1 - ab_t) + ab_t E[var_hat(x0)]. The
 paper's reference drops the second term, which is why it needs a cutoff and why on latents (whose
 variance is ~1) it always picks the noisiest window edge. With ``data_var`` = E[var_hat(x0)] the
-reference is exact for every t, so an exact sampler is never shifted.
+reference is exact for every t, so an exact sampler is never shifted. The reference is
+1 - ab_t (1 - Var_data): increasing in t for Var_data < 1, decreasing for Var_data > 1 (still
+one-to-one, so it still locates a time), flat only at Var_data = 1 (refused).
 
 The `gensample run` glue (options, batch function, registration) is in ``gensample.runs.time_shift``.
 
@@ -50,6 +52,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .. import _moved
 from ..core.ddim import x0_from_eps
 from ..core.denoiser import check_finite
 
@@ -65,7 +68,7 @@ DEFAULT_WINDOWS = {5: 40, 10: 40, 20: 30, 50: 8, 100: 2}
 @dataclass(frozen=True)
 class TimeShiftParams:
     """Resolved TS parameters. window_size w >= 0 (w < 2: no shift), cutoff t_c >= 0,
-    data_var: None (the paper's statistic) or Var_data in [0, 1) (data-aware statistic)."""
+    data_var: None (the paper's statistic) or Var_data >= 0, != 1 (data-aware statistic)."""
 
     window_size: int
     cutoff: int
@@ -88,10 +91,12 @@ def check_params(window_size, cutoff, variant, eta, data_var=None) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if data_var is not None:
-        if isinstance(data_var, bool) or not isinstance(data_var, (int, float)) or not 0.0 <= data_var < 1.0:
-            raise ValueError(f"data_var must be None or a number in [0, 1) (for Var_data >= 1 the reference "
-                             f"variance (1 - ab) + ab Var_data no longer grows with t, so it cannot locate a time), "
-                             f"got {data_var!r}")
+        if (isinstance(data_var, bool) or not isinstance(data_var, (int, float)) or not np.isfinite(data_var)
+                or data_var < 0 or data_var == 1.0):
+            raise ValueError(f"data_var must be None or a finite number >= 0 other than 1, got {data_var!r}: the "
+                             f"reference variance 1 - ab (1 - Var_data) rises with t for Var_data < 1, falls with t "
+                             f"for Var_data > 1, and is the constant 1 at Var_data = 1, where it cannot locate a time "
+                             f"(every candidate ties and the smallest would be chosen)")
 
 
 def default_window_cutoff(num_inference_steps: int, num_train_timesteps: int = 1000) -> tuple[int, int]:
@@ -132,7 +137,10 @@ def sample_variance(x: torch.Tensor) -> torch.Tensor:
 
 def reference_variance(alphas_cumprod: torch.Tensor, data_var: float | None = None) -> torch.Tensor:
     """E[var_hat(x_tau)] for every tau: 1 - alpha_bar_tau (Algorithm 3) or, with Var_data given,
-    (1 - alpha_bar_tau) + alpha_bar_tau Var_data (docs/time_shift.md "Data-aware statistic").
+    (1 - alpha_bar_tau) + alpha_bar_tau Var_data = 1 - alpha_bar_tau (1 - Var_data)
+    (docs/time_shift.md "Data-aware statistic"). alpha_bar falls with tau, so the reference rises
+    with tau for Var_data < 1 and falls with tau for Var_data > 1 (constant at Var_data = 1, refused
+    by ``check_params``); ``select_shift`` is a nearest-value search and works either way.
     alphas_cumprod: (T,). Returns (T,) float64."""
     ab = alphas_cumprod.double()
     return 1 - ab if data_var is None else (1 - ab) + ab * float(data_var)
@@ -247,3 +255,8 @@ def sample_time_shift(
         if on_step is not None:
             on_step(1)
     return x, trace
+
+
+# -- deprecated import path (one release): the diffusers face moved to gensample.schedulers.time_shift (gensample._moved)
+__getattr__ = _moved.moved(__name__, "gensample.schedulers.time_shift", (
+    "TimeShiftScheduler", "TimeShiftSchedulerOutput", "make_time_shift_scheduler", "estimate_data_var"))

@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..core.ddim import q_sample
 from ..core.schedule import alphas_cumprod_from_config, make_betas
 from ..samplers.disa import HeadDDPM, ddpm_head_step, head_variance
+from ._config import SourceValuesWin
 
 
 # -- diffusers face: a scheduler for the head ----------------------------------------------------
@@ -28,7 +29,7 @@ class DiSAHeadSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
+class DiSAHeadScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
     """MAR's respaced ancestral DDPM for a per-token head (docs/disa.md, head sampler), as a diffusers scheduler.
 
     DiSA calls ``set_timesteps(S(k))`` once per AR iteration; tables are cached per step count.
@@ -37,6 +38,9 @@ class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
     ``generator``; ``disa_temperature`` scales that noise only. Differs from DDPMScheduler in the
     timestep spacing (running float sum, banker's rounding), the clipped-log posterior variance
     and the temperature, so MAR parity needs this class (docs/disa.md, head sampler).
+    ``from_config``: the source's value wins for every key shared with DDPM (beta_schedule,
+    variance_type, ...), also where the source left it at its own default; flow-matching configs
+    are refused (``SourceValuesWin``).
     """
 
     _compatibles = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
@@ -63,6 +67,7 @@ class DiSAHeadScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
         self._table = None
         self._step_index = None
+        self._mark_shared_keys_explicit()
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         self._table = self.ddpm.table(num_inference_steps)

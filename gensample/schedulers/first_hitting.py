@@ -20,6 +20,7 @@ from ..core.categorical import Generators, uniform
 from ..samplers.first_hitting import (METHODS, MaskedDiffusionConfig, ancestral_step, ancestral_times, check_logits,
                                       fhs_reveal, fill_masks_argmax, final_argmax_step, mask_alpha, next_hitting_time,
                                       time_input)
+from ._config import refuse_flow_config
 
 
 # -- diffusers scheduler ----------------------------------------------------------------------
@@ -62,6 +63,14 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self._times = None
         self._step_index = None
         self.init_noise_sigma = 1.0
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``; a flow-matching config is refused (``refuse_flow_config``):
+        it would silently give a masked scheduler with every default."""
+        if isinstance(config, dict):
+            refuse_flow_config(config, cls.__name__)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _make_cfg(self, steps):
         c = self.config

@@ -4,22 +4,50 @@ A ``SchedulerMixin, ConfigMixin`` shell: the parameters (``FKCConfig``, ``DEFAUL
 step functions (``eps_and_x0``, ``ddim_move``, ``weight_rate``, ``node_coefficients``,
 ``zero_snr_move``, ...) and the ``sample_fkc`` loop live in ``gensample.samplers.fkc``; this module
 only calls them (docs/fkc.md "Where it lives").
+
+Where the scheduler can and cannot go (a stock pipeline, flow-matching configs, step keywords):
+
+- FKC is a weighted particle method: each step returns a log-weight increment that must be summed
+  and used to resample (paper Sec. 4). A stock pipeline (``DDPMPipeline``, ``DDIMPipeline``,
+  ``StableDiffusionPipeline``, a modular pipeline, ...) keeps only ``prev_sample``. With a
+  non-trivial target (``FKCConfig.is_trivial`` is False: more than one non-zero exponent, or one
+  that is not 1) ``step`` therefore raises at
+  the first step when it is called from such a pipeline, naming the fix: ``FKCPipeline``
+  (``FKCPipeline.from_pipe(pipe)``) or ``gensample run --sampler fkc``. A pipeline of your own
+  that does sum ``log_weight_increment`` and resamples steps inside
+  ``with scheduler.collecting_log_weights():``; a plain loop of your own (no pipeline object on
+  the call stack) is never refused. With ``fkc_betas=[1.0]`` every increment is exactly zero, the
+  step is DDIM(eta) on the model's own law, and a stock pipeline only gets a one-time warning.
+- ``step`` takes the stock pipelines' keywords (``eta``, ``use_clipped_model_output``,
+  ``generator``, ``variance_noise``, ``return_dict``) with DDIMScheduler's meaning, so that the
+  trivial target runs in ``DDIMPipeline`` / ``DDPMPipeline`` / SD as DDIM / DDPM does. FKC
+  never clips or thresholds x0 (that would change the SDE the weights correct), so it matches the
+  stock schedulers with ``clip_sample=False``; ``previous_timestep`` is DDPMScheduler's.
+- Flow-matching configs (``FlowMatchEulerDiscreteScheduler`` and friends, ``use_flow_sigmas``,
+  ``prediction_type="flow_prediction"``) are refused by ``from_config`` / ``from_pretrained``:
+  the scheduler would otherwise silently run on a default DDPM betas table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..core import smc
+from ._config import refuse_flow_config
 from ..core.ddim import SPACINGS, q_sample
 from ..core.param import PREDICTION_TYPES
 from ..core.schedule import alphas_cumprod_from_config
@@ -43,6 +71,21 @@ class FKCSchedulerOutput(BaseOutput):
 
 SCHEDULER_QUADRATURES = ("euler", "logsnr")  # rules that need only the current step
 
+def _pipeline_on_stack(frame, max_frames: int = 64):
+    """The nearest diffusers pipeline object (``DiffusionPipeline`` or a modular pipeline / block)
+    that is running a method on the call stack above ``frame``, or None."""
+    for _ in range(max_frames):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            obj = frame.f_locals.get("self")
+            if obj is not None and (isinstance(obj, DiffusionPipeline)
+                                    or type(obj).__module__.startswith("diffusers.modular_pipelines")):
+                return obj
+        frame = frame.f_back
+    return None
+
 
 class FKCScheduler(SchedulerMixin, ConfigMixin):
     """FKC move + weight step as a diffusers scheduler (docs/fkc.md "Where it lives").
@@ -55,8 +98,21 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
     ``log_weight_increment``; ``return_dict=False`` gives diffusers' (prev_sample,
     pred_original_sample). Zero-terminal-SNR schedules start with ``zero_snr_move``. Resampling
     is ``resample(...)`` (within groups of ``group_size``). Initial noise must be multiplied by
-    ``init_noise_sigma`` = 1 / sqrt(B). Loads any DDPM/DDIM config (``from_config``); the noise
-    is drawn on the generator's device (CPU or CUDA) and moved to the sample's.
+    ``init_noise_sigma`` = 1 / sqrt(B). Loads any DDPM/DDIM config (``from_config``; flow-matching
+    configs are refused); the noise is drawn on the generator's device (CPU or CUDA) and moved to
+    the sample's.
+
+    The increments are the point of the method: called from a stock diffusers pipeline, which
+    discards them, ``step`` raises for a non-trivial target (module docstring; use
+    ``gensample.pipelines.fkc.FKCPipeline`` or ``gensample run --sampler fkc``). Your own loop::
+
+        sched.set_timesteps(50)
+        x = torch.randn(N, C, H, W, generator=g) * sched.init_noise_sigma
+        log_w = torch.zeros(N, dtype=torch.float64)
+        for t in sched.timesteps:
+            out = sched.step([unet(x, t, c).sample for c in conds], t, x, generator=g)
+            x, log_w = out.prev_sample, log_w + out.log_weight_increment
+            # resample within groups when the ESS drops: sched.resample([x], log_w.reshape(G, K), g)
     """
 
     _compatibles = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
@@ -105,6 +161,51 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy().astype(np.int64))
         self._ab64 = ab
+        self._collecting = 0  # > 0 inside collecting_log_weights()
+        self._warned_trivial = False
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """ConfigMixin.from_config, refusing flow-matching configs (``refuse_flow_config``): FKC on
+        flow-matching models (SD3, Flux) is not supported yet."""
+        refuse_flow_config(config, cls.__name__)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @contextlib.contextmanager
+    def collecting_log_weights(self):
+        """Declare that the code stepping this scheduler sums ``log_weight_increment`` and resamples:
+        inside this block ``step`` is allowed from a pipeline of your own (module docstring)."""
+        self._collecting += 1
+        try:
+            yield self
+        finally:
+            self._collecting -= 1
+
+    def _check_weights_collected(self) -> None:
+        """Raise when a stock pipeline steps a non-trivial target (its increments would be lost);
+        warn once when the target is trivial (all increments are exactly zero)."""
+        if self._collecting:
+            return
+        pipe = _pipeline_on_stack(sys._getframe(2))
+        if pipe is None:
+            return
+        name = type(pipe).__name__
+        betas = [float(b) for b in self.fkc.betas]
+        if self.fkc.is_trivial:
+            if not self._warned_trivial:
+                self._warned_trivial = True
+                warnings.warn(f"FKCScheduler(fkc_betas={betas}) in {name}: the target is the model's own law, every FK "
+                              f"log-weight increment is zero and nothing is reweighted; this samples as DDIM(eta) does. "
+                              f"For an FKC target use gensample.pipelines.fkc.FKCPipeline.", UserWarning, stacklevel=3)
+            return
+        raise ValueError(
+            f"FKCScheduler(fkc_betas={betas}) is being stepped by {name}, which keeps only prev_sample: the FK "
+            f"log-weight increments are thrown away, no particle is resampled and the start noise is not scaled "
+            f"by init_noise_sigma, so the output would not follow the FKC target. Use "
+            f"gensample.pipelines.fkc.FKCPipeline (e.g. FKCPipeline.from_pipe(pipe)(..., target='anneal', beta=2.0)) "
+            f"or `gensample run --sampler fkc`; a pipeline of your own that sums out.log_weight_increment and "
+            f"resamples can step inside `with scheduler.collecting_log_weights():`. fkc_betas=[1.0] is plain "
+            f"DDIM(eta) sampling.")
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
@@ -122,6 +223,15 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(ts)
         self.timesteps = ts.to(device)
 
+    def previous_timestep(self, timestep) -> torch.Tensor:
+        """The grid time the step from ``timestep`` goes to (-1 after the last one), as DDPMScheduler's."""
+        ts = self.timesteps.cpu().tolist()
+        t = int(timestep)
+        if t not in ts:
+            raise ValueError(f"timestep {t} is not in the current schedule (set_timesteps)")
+        i = ts.index(t)
+        return torch.tensor(ts[i + 1] if i + 1 < len(ts) else -1)
+
     def _next_alpha_bar(self, timestep: int) -> float:
         ts = self.timesteps.cpu().tolist()
         if timestep not in ts:
@@ -129,10 +239,40 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
         i = ts.index(timestep)
         return float(self._ab64[ts[i + 1]]) if i + 1 < len(ts) else self.final_alpha_cumprod
 
-    def step(self, model_output, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True):
-        """One FKC step. model_output: eps-like (N, ...) or M expert outputs ([M] list or (M, N, ...))."""
+    def step(
+        self,
+        model_output,
+        timestep,
+        sample: torch.Tensor,
+        eta: float | None = None,
+        use_clipped_model_output: bool = False,
+        generator=None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        """One FKC step: the DDIM(eta) move on eps_eff = sum_i beta_i eps_i (Song et al. 2021, eq. 12)
+        and the FK log-weight increment of the step (paper Sec. 3; docs/fkc.md "Weight rules").
+
+        model_output: one raw model output (N, ...) or M expert outputs ([M] list or (M, N, ...)),
+        in the config's prediction_type. The keywords are DDIMScheduler.step's: ``eta`` (None: the
+        config's ``fkc_eta``; the FK weights do not depend on it), ``use_clipped_model_output``
+        (accepted; FKC never clips x0, so re-deriving eps from it changes nothing, as in
+        DDIMScheduler with clip_sample=False), ``generator`` / ``variance_noise`` (the move's
+        noise; not both), ``return_dict`` (False: diffusers' (prev_sample, pred_original_sample),
+        without the increment). Raises when a stock pipeline steps a non-trivial target (module
+        docstring)."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(...) before step(...)")
+        if not self.fkc.is_trivial or not self._warned_trivial:
+            self._check_weights_collected()
+        eta = self.fkc.eta if eta is None else eta
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0 (None: fkc_eta = {self.fkc.eta}), got {eta!r}")
+        eta = float(eta)
+        if variance_noise is not None and generator is not None:
+            raise ValueError("pass either generator or variance_noise to step(), not both")
+        if variance_noise is not None and tuple(variance_noise.shape) != tuple(sample.shape):
+            raise ValueError(f"variance_noise must have the sample's shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}")
         t = int(timestep)
         if isinstance(model_output, (list, tuple)):
             outs = torch.stack(list(model_output))
@@ -155,16 +295,18 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
             inc = coef * weight_rate(eps, self.fkc.betas).cpu()
         eps_eff = combine_eps(eps, self.fkc.betas)
         noise = None
-        if self.fkc.eta > 0:  # drawn on the generator's device (CPU or CUDA), then moved
+        if eta > 0 and variance_noise is not None:
+            noise = variance_noise.to(device=sample.device, dtype=sample.dtype)
+        elif eta > 0:  # drawn on the generator's device (CPU or CUDA), then moved
             gen = generator[0] if isinstance(generator, list) else generator
             dev = gen.device if gen is not None else sample.device
             noise = randn_tensor(sample.shape, generator=generator, device=dev, dtype=sample.dtype).to(sample.device)
         x0 = combine_x0(x0s, sample, self.fkc.betas, ab_t)
         if direct:
-            prev = zero_snr_move(sample, x0s, self.fkc.betas, ab_s, self.fkc.eta, noise)
+            prev = zero_snr_move(sample, x0s, self.fkc.betas, ab_s, eta, noise)
             x0 = x0s.mean(0) if len(self.fkc.betas) == 1 else (_betas_like(self.fkc.betas, x0s) * x0s).sum(0) / self.fkc.total_beta
         else:
-            prev = ddim_move(sample, eps_eff, ab_t, ab_s, self.fkc.eta, noise, x0)
+            prev = ddim_move(sample, eps_eff, ab_t, ab_s, eta, noise, x0)
         x0 = x0.to(sample.dtype)
         if not return_dict:
             return (prev, x0)

@@ -9,6 +9,7 @@ scheduler, its factory ``make_time_shift_scheduler`` on a model's training sched
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ._config import SourceValuesWin
 from ..core.ddim import ddim_sigma, ddim_update, eps_from_x0, q_sample, timestep_grid, v_from_eps
 from ..core.param import PREDICTION_TYPES, to_eps
 from ..samplers.time_shift import (DEFAULT_VARIANT, check_params, check_window_stride, default_window_cutoff, dynamic_threshold,
@@ -39,16 +41,19 @@ class TimeShiftSchedulerOutput(BaseOutput):
     target_timesteps: torch.Tensor | None = None
 
 
-class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
+class TimeShiftScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
     """DDIM (eta = 0) / DDPM-like (eta = 1) with per-sample shifted time steps (arXiv 2305.15583).
 
     Keeps the DDIMScheduler config keys, grid and alpha_bar tables (an internal DDIMScheduler
     builds them), plus ``window_size`` / ``cutoff`` (None: per-step defaults, fixed at
     ``set_timesteps``), ``variant`` ("paper" | "reference_pnm"), ``eta`` (used when ``step`` is
     not given one), ``enabled`` and ``data_var`` (None: the paper's statistic; a number in
-    [0, 1): the data-aware one). ``window_size < 2``, ``cutoff >= timesteps[0]`` or
+    >= 0, != 1: the data-aware one). ``window_size < 2``, ``cutoff >= timesteps[0]`` or
     ``enabled=False`` give DDIM exactly. ``clip_sample`` defaults to False (SD latents must not
-    be clamped); ``from_config`` takes it from the source config when it has the key.
+    be clamped). ``from_config``: for every key shared with DDIM/DDPM the source's value wins,
+    also where the source left it at its own default (``SourceValuesWin``: DDIMScheduler()'s
+    ``clip_sample=True`` stays True; a source without the key gets ours); flow-matching configs
+    are refused with a ValueError.
 
     The paper variant changes the time the *model* is called with, which a stock pipeline cannot
     know. ``model_timesteps(sample, t)`` -> LongTensor[B] gives that time (Algorithm 3, a pure
@@ -62,6 +67,18 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["TimeShiftScheduler"]
     order = 1
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """``SourceValuesWin.from_config``; a DDPM config whose ``variance_type`` is not the posterior
+        variance (fixed_small) gets a warning: the eta = 1 step (TS-DDPM) always draws with the
+        posterior variance of DDIM(eta = 1), never beta_t (fixed_large) or a learned one."""
+        vt = config.get("variance_type") if isinstance(config, dict) else None
+        if vt not in (None, "fixed_small", "fixed_small_log"):
+            warnings.warn(f"{cls.__name__}.from_config: the source's variance_type={vt!r} is not used; the eta = 1 "
+                          f"step draws with the DDPM posterior variance (fixed_small), as DDIM(eta = 1) does",
+                          UserWarning, stacklevel=2)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config
     def __init__(
@@ -114,6 +131,7 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         # alpha_bar with the final value appended at index T (float32) and the reference variance
         self._ab_table = torch.cat([self.alphas_cumprod, self.final_alpha_cumprod.reshape(1).to(self.alphas_cumprod.dtype)])
         self._reference = reference_variance(self.alphas_cumprod, data_var)
+        self._mark_shared_keys_explicit()
 
     # -- grid --------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: list | None = None):
@@ -232,6 +250,10 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         time. ``return_dict=False`` gives diffusers' ``(prev_sample, pred_original_sample)``; the
         model / target times are in the output dataclass."""
         self._check_ready()
+        if isinstance(eta, torch.Generator):  # DDPMScheduler.step(model_output, t, sample, generator) positionally
+            if generator is not None:
+                raise TypeError("step() got a torch.Generator as eta and another as generator: pass generator= once")
+            eta, generator = None, eta
         eta = self.config.eta if eta is None else eta
         check_params(None, None, self.config.variant, eta)
         if model_output.shape != sample.shape:
@@ -291,6 +313,14 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         t = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1)
         a = ab[t].reshape((-1,) + (1,) * (sample.ndim - 1))
         return v_from_eps(sample, noise, a)
+
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """sigma^2 / eta^2 of a DDIM step from ``timestep`` to ``prev_timestep`` (Song et al. 2021,
+        eq. 16; ``core.ddim.ddim_sigma`` at eta = 1), alpha_bar of a negative ``prev_timestep`` being
+        the final value: DDIMScheduler's helper of the same name, kept for code that calls it."""
+        ab_t = self.alphas_cumprod[int(timestep)]
+        ab_s = self.alphas_cumprod[int(prev_timestep)] if int(prev_timestep) >= 0 else self.final_alpha_cumprod
+        return ddim_sigma(ab_t, ab_s, 1.0) ** 2
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
