@@ -3,6 +3,7 @@ oracle (a quadratic reward tilts a mixture into a mixture) and the digits claim 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -271,6 +272,19 @@ def test_cli_usage_errors_exit_2(tmp_path, extra, flag):
                  "-o", tmp_path / "o"])
     assert r.exit_code == 2, r.output
     assert flag in r.output and "Traceback" not in r.output
+
+
+def test_bare_demo_steers_digits_to_three_and_records_the_reward(tmp_path):
+    """`gensample run --sampler fk-steer` alone (the demo: digits-ddpm, reward digits-classifier:3) runs;
+    a reward that does not take the model's samples is refused before sampling, naming both."""
+    r = _invoke(["run", "--sampler", "fk-steer", "--steps", "5", "--no-progress", "-o", tmp_path / "o"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert rec["config"]["reward"] == "digits-classifier:3" and rec["config"]["model"] == "digits-ddpm"
+    r = _invoke(["run", "--sampler", "fk-steer", "--model", "gmm2d", "--steps", "3", "-n", "4", "--particles", "4",
+                 "-o", tmp_path / "g"])
+    assert r.exit_code == 2 and "does not fit model 'gmm2d'" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "g" / "run.json").exists()
 
 
 def test_fkc_still_accepts_its_own_final(tmp_path):

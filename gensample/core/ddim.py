@@ -170,3 +170,11 @@ def timestep_grid(num_train_timesteps: int, steps: int, spacing: str = "leading"
     else:
         ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
     return torch.from_numpy(ts.copy())
+
+
+def alpha_bar_pairs(alphas_cumprod: torch.Tensor, timesteps, final_alpha_bar: float = 1.0):
+    """(alpha_bar at each grid time, alpha_bar at the next one; ``final_alpha_bar`` after the last),
+    float64 (S,) each: the two ends of every step of an SMC loop on the grid."""
+    ab = alphas_cumprod.double().cpu()
+    ts = torch.as_tensor(timesteps).long().cpu()
+    return ab[ts], torch.cat([ab[ts[1:]], torch.tensor([final_alpha_bar], dtype=torch.float64)])

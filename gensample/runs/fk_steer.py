@@ -24,6 +24,7 @@ from .fkc import _expert_fn
 NAME = "fk-steer"
 _RESAMPLE_SEED_INDEX = 2**31 - 7  # per-group resampling stream, apart from the particles' own seeds
 _PER_GROUP = ("best", "one_per_group")  # finals with one output sample per group of K particles
+DEMO_REWARD = "digits-classifier:3"  # the bare demo: digits-ddpm steered to class 3
 
 
 def config_from_options(opts: dict) -> FKSteerConfig:
@@ -52,7 +53,15 @@ def _validate(opts: dict, model) -> None:
     label = opts.get("class_label")
     if label is not None and not getattr(model, "num_classes", 0):
         raise ValueError(f"--class-label {label}: model {model.name!r} is unconditional")
-    _reward(opts)
+    reward = _reward(opts)
+    try:  # the reward must take this model's samples: one probe row of the event shape, before any sampling
+        r = reward(torch.zeros((1, *model.event_shape)))
+    except Exception as err:  # a user's module may raise anything
+        raise ValueError(f"--reward {opts.get('reward')!r} does not fit model {model.name!r} (samples of shape "
+                         f"{tuple(model.event_shape)}): {err}") from None
+    if not isinstance(r, torch.Tensor) or r.shape != (1,):
+        raise ValueError(f"--reward {opts.get('reward')!r} must return a (N,) tensor, one reward per sample; got "
+                         f"{type(r).__name__} {tuple(getattr(r, 'shape', ()))} for 1 sample")
 
 
 def _group_hint(opts: dict, group: int) -> str:
@@ -141,8 +150,8 @@ register(
         default_model="digits-ddpm",
         default_steps=50,
         options=(
-            Option("reward", str, None, "reward: digits-classifier:C | quadratic:c=C,s=S | module:function (importable; "
-                   "fn(x0_hat, prompts=None) -> (N,) tensor)"),
+            Option("reward", str, DEMO_REWARD, "reward: digits-classifier:C | quadratic:c=C,s=S | module:function "
+                   "(importable; fn(x0_hat, prompts=None) -> (N,) tensor); the default steers the digits demo to 3"),
             Option("lambda", float, DEFAULTS["lam"], "tilt: target p(x) exp(lambda r(x))", min=0.0),
             Option("potential", POTENTIALS, DEFAULTS["potential"], "potential: diff (exact, telescoping) | max | sum | "
                    "instantaneous (not the tilted target; docs/fk_steering.md)"),

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..core import smc
-from ..core.ddim import ddim_sigma, ddim_update
+from ..core.ddim import alpha_bar_pairs, ddim_sigma, ddim_update
 from ..core.denoiser import check_finite
 from ..core.noise import normal, normal_rows
 
@@ -146,13 +146,6 @@ class FKSteerResult:
     ess: torch.Tensor  # (G, S + 1) float64 ESS before each resampling decision (last column: the clean end)
     resampled: torch.Tensor  # (G, S + 1) bool
     group: torch.Tensor  # (rows,) int64 group of each output row
-
-
-def alpha_bar_pairs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha_bar: float = 1.0):
-    """(alpha_bar_t, alpha_bar_s) per step, float64 (S,): the grid's value and the next one's."""
-    ab = alphas_cumprod.double().cpu()
-    ts = torch.as_tensor(timesteps).long().cpu()
-    return ab[ts], torch.cat([ab[ts[1:]], torch.tensor([final_alpha_bar], dtype=torch.float64)])
 
 
 def sample_fk_steer(

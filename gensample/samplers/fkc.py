@@ -42,7 +42,8 @@ import torch
 
 from .. import _moved
 from ..core import smc
-from ..core.ddim import ddim_sigma, ddim_update, eps_from_v, eps_from_x0, timestep_grid, x0_from_eps, x0_from_v
+from ..core.ddim import (alpha_bar_pairs, ddim_sigma, ddim_update, eps_from_v, eps_from_x0, timestep_grid, x0_from_eps,
+                         x0_from_v)
 from ..core.denoiser import check_finite
 from ..core.noise import normal, normal_rows
 from ..core.param import PREDICTION_TYPES
@@ -323,15 +324,6 @@ def zero_snr_move(x_t: torch.Tensor, x0_experts: torch.Tensor, betas: Sequence[f
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
     """Descending int64 timesteps, diffusers' leading | trailing | linspace spacing (``core.ddim.timestep_grid``)."""
     return timestep_grid(num_train_timesteps, steps, spacing, steps_offset)
-
-
-def alpha_bar_pairs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha_bar: float = 1.0):
-    """(alpha_bar at each timestep, alpha_bar at the next one; final_alpha_bar after the last). float64."""
-    ab = alphas_cumprod.double().cpu()
-    ts = timesteps.long().cpu()
-    ab_t = ab[ts]
-    ab_s = torch.cat([ab[ts[1:]], torch.tensor([final_alpha_bar], dtype=torch.float64)])
-    return ab_t, ab_s
 
 
 # ---------------------------------------------------------------------------------------------
