@@ -901,7 +901,8 @@ def launch_local(num_processes: int, sampler=None, model=None, config=None, **op
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_processes),
                        LOCAL_WORLD_SIZE=str(num_processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+            if not env.get("OMP_NUM_THREADS", "").strip():  # unset or empty ("OMP_NUM_THREADS=" breaks the children)
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
             cmd = [sys.executable, "-c", _CHILD_CODE, str(tmp_path), str(rank)]
             procs.append(subprocess.Popen(cmd, env=env))
         failed: list[int] = []
