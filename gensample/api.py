@@ -505,7 +505,7 @@ class LogProgress:
             self.last_mark = mark
 
     def _line(self, now) -> None:
-        self.stream.write(f"{self.desc}: {100 * self.done / self.total:.0f}% ({self.done}/{self.total} steps, "
+        self.stream.write(f"{self.desc}: {100 * self.done / self.total:.0f}% ({int(self.done + 1e-6)}/{self.total} steps, "
                           f"{now - self.t0:.1f} s)\n")
         self.stream.flush()
         self.last_t, self.printed, self.printed_done = now, True, self.done
