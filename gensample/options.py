@@ -523,9 +523,14 @@ def shipped_is_current() -> bool:
     return data is not None and data.get("key") == source_key(data.get("deps", []))
 
 
-def _cache_file() -> Path:
+def user_cache_dir() -> Path:
+    """gensample's folder in the user cache ($XDG_CACHE_HOME or ~/.cache): the manifest and `list` caches."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gensample" / "options-manifest.json"
+    return Path(base) / "gensample"
+
+
+def _cache_file() -> Path:
+    return user_cache_dir() / "options-manifest.json"
 
 
 _MANIFEST: Manifest | None = None

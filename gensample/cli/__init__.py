@@ -21,10 +21,8 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import os
 import pkgutil
 import signal
-import sys
 from pathlib import Path
 
 import click
@@ -336,8 +334,9 @@ def _listing_key() -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gensample"
+    from ..options import user_cache_dir
+
+    return user_cache_dir()
 
 
 def listing() -> dict:

@@ -158,3 +158,30 @@ def scatter_over_density_png(x: np.ndarray, log_density, title: str = "", size: 
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def band_plot_png(y: np.ndarray, *, xlabel: str, ylabel: str, title: str, band_label: str,
+                  legend_loc: str = "lower left", ylim=None) -> bytes:
+    """PNG of per-step traces ``y`` (rows, steps): their range as a band and their median as a
+    line (FKC's ESS, FK steering's rewards); write it with ``io.atomic_write_bytes``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(y, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    steps = np.arange(y.shape[1])
+    ax.fill_between(steps, y.min(0), y.max(0), alpha=0.25, label=band_label)
+    ax.plot(steps, np.median(y, 0), label="median")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.legend(loc=legend_loc, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

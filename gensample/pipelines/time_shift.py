@@ -48,7 +48,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..samplers.time_shift import DEFAULT_VARIANT
-from ..schedulers._config import refuse_flow_config
+from ..schedulers._config import calling_pipeline, refuse_flow_config
 from ..schedulers.time_shift import TimeShiftScheduler
 from ._images import to_output_type
 
@@ -72,20 +72,6 @@ def latent_channels(unet) -> Optional[int]:
         return None
 
 
-def calling_pipeline(depth: int = 1) -> Optional[DiffusionPipeline]:
-    """The innermost ``DiffusionPipeline`` whose method is on the current thread's call stack
-    (the frame's first argument ``self``), or None. ``depth``: frames to skip (this one = 0)."""
-    frame = sys._getframe(depth)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, DiffusionPipeline):
-                return obj
-        frame = frame.f_back
-    return None
-
-
 class _TimeShiftHook:
     """The one forward pre-hook per UNet: timestep -> ``pipe.scheduler.model_timesteps(latents, t)``
     for the calling pipeline ``pipe`` when it enabled Time-Shift on this UNet, else unchanged.
@@ -100,7 +86,7 @@ class _TimeShiftHook:
         return [r() for r in self.users.values()]
 
     def __call__(self, module, args, kwargs):
-        pipe = calling_pipeline(2)
+        pipe = calling_pipeline(sys._getframe(1))  # from torch's module call that ran this hook outwards
         state = getattr(pipe, "_ts_state", None) if pipe is not None else None
         if state is None or state.get("unet") is not module or getattr(pipe, "unet", None) is not module:
             return None  # not a Time-Shift pipeline's call (or its UNet was replaced): unchanged

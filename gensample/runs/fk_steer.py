@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ..core import smc
+from ..eval.images import band_plot_png
+from ..io import atomic_write_bytes
 from ..rewards import resolve_reward
 from ..samplers.fk_steer import DEFAULTS, FINALS, POTENTIALS, FKSteerConfig, sample_fk_steer
 from ..samplers.fkc import spaced_timesteps
@@ -118,27 +120,13 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
 
 
 def write_reward_plot(out_dir, arrays: dict, model) -> None:
-    """rewards.png: r(x0_hat) per step (median and range over the output rows' paths). matplotlib
-    is imported on first use only."""
+    """rewards.png: r(x0_hat) per step (median and range over the output rows' paths; ``band_plot_png``)."""
     if "rewards" not in arrays or np.asarray(arrays["rewards"]).size == 0:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r = np.asarray(arrays["rewards"], dtype=np.float64)  # (n, S + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    steps = np.arange(r.shape[1])
-    ax.fill_between(steps, r.min(0), r.max(0), alpha=0.25, label="range over samples")
-    ax.plot(steps, np.median(r, 0), label="median")
-    ax.set_xlabel("sampling step (noise -> data; last: r(x0))")
-    ax.set_ylabel("reward of x0_hat")
-    ax.set_title("FK steering: reward along the kept paths")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(Path(out_dir) / "rewards.png")
-    plt.close(fig)
+    png = band_plot_png(arrays["rewards"], xlabel="sampling step (noise -> data; last: r(x0))",  # (n, S + 1)
+                        ylabel="reward of x0_hat", title="FK steering: reward along the kept paths",
+                        band_label="range over samples", legend_loc="lower right")
+    atomic_write_bytes(Path(out_dir) / "rewards.png", png)
 
 
 register(

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ..core import smc
+from ..eval.images import band_plot_png
+from ..io import atomic_write_bytes
 from ..samplers.fkc import (
     DEFAULTS,
     FINALS,
@@ -318,31 +320,16 @@ def _first_step(proposal, model, steps: int, ctx: RunContext):
 
 
 def write_ess_plot(out_dir, arrays: dict, model) -> None:
-    """ess.png: ESS / K over the sampling steps (median and range over groups). matplotlib is
-    imported here, on first use, so that `gensample run` of other samplers does not load it."""
+    """ess.png: ESS over the sampling steps (median and range over groups; ``band_plot_png``)."""
     if "ess" not in arrays or arrays["ess"].size == 0:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ess = np.asarray(arrays["ess"], dtype=np.float64)  # (n, S), rows of a group repeat its trace
     uniq = np.unique(ess, axis=0)
     k_max = max(float(uniq.max()), 1.0)
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    steps = np.arange(uniq.shape[1])
-    ax.fill_between(steps, uniq.min(0), uniq.max(0), alpha=0.25, label="range over groups")
-    ax.plot(steps, np.median(uniq, 0), label="median")
-    ax.set_xlabel("sampling step (noise -> data)")
-    ax.set_ylabel("ESS (before resampling)")
-    ax.set_ylim(0, k_max * 1.05)
-    ax.set_title(f"FKC effective sample size, {uniq.shape[0]} group(s)")
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "ess.png"
-    fig.savefig(path)
-    plt.close(fig)
+    png = band_plot_png(uniq, xlabel="sampling step (noise -> data)", ylabel="ESS (before resampling)",
+                        title=f"FKC effective sample size, {uniq.shape[0]} group(s)", band_label="range over groups",
+                        ylim=(0, k_max * 1.05))
+    atomic_write_bytes(Path(out_dir) / "ess.png", png)
 
 
 register(

@@ -1,5 +1,6 @@
 """Config hygiene shared by the DDPM-family scheduler faces (TimeShift, FKC, DiSA head, masked
-diffusion): flow-matching configs are refused, and keys shared with DDIM/DDPM keep the source's value.
+diffusion): flow-matching configs are refused, and keys shared with DDIM/DDPM keep the source's value;
+``calling_pipeline`` tells a face which diffusers pipeline is running it.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
 
 # Keys that mark a flow-matching config (x_sigma = (1 - sigma) x0 + sigma eps, no betas table):
@@ -87,3 +88,21 @@ class SourceValuesWin:
             shared = self._shared_keys()
             self._internal_dict = FrozenDict({**self._internal_dict,
                                               "_use_default_values": [k for k in defaulted if k not in shared]})
+
+
+def calling_pipeline(frame, modular: bool = False, max_frames: int | None = None):
+    """The innermost diffusers pipeline running a method on the call stack from ``frame`` outwards
+    (a frame whose first argument ``self`` is a ``DiffusionPipeline``; with ``modular`` also a
+    modular pipeline or block), or None. Per thread, so concurrent calls are told apart; a handful
+    of frame reads, no model work. ``max_frames``: stop after that many frames (None: the whole stack)."""
+    seen = 0
+    while frame is not None and (max_frames is None or seen < max_frames):
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            obj = frame.f_locals.get("self")
+            if obj is not None and (isinstance(obj, DiffusionPipeline) or
+                                    (modular and type(obj).__module__.startswith("diffusers.modular_pipelines"))):
+                return obj
+        frame = frame.f_back
+        seen += 1
+    return None

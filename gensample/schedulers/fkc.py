@@ -40,14 +40,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..core import smc
-from ._config import refuse_flow_config
+from ._config import calling_pipeline, refuse_flow_config
 from ..core.ddim import SPACINGS, q_sample
 from ..core.param import PREDICTION_TYPES
 from ..core.schedule import alphas_cumprod_from_config
@@ -70,21 +69,6 @@ class FKCSchedulerOutput(BaseOutput):
 
 
 SCHEDULER_QUADRATURES = ("euler", "logsnr")  # rules that need only the current step
-
-def _pipeline_on_stack(frame, max_frames: int = 64):
-    """The nearest diffusers pipeline object (``DiffusionPipeline`` or a modular pipeline / block)
-    that is running a method on the call stack above ``frame``, or None."""
-    for _ in range(max_frames):
-        if frame is None:
-            return None
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            obj = frame.f_locals.get("self")
-            if obj is not None and (isinstance(obj, DiffusionPipeline)
-                                    or type(obj).__module__.startswith("diffusers.modular_pipelines")):
-                return obj
-        frame = frame.f_back
-    return None
 
 
 class FKCScheduler(SchedulerMixin, ConfigMixin):
@@ -186,7 +170,7 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
         warn once when the target is trivial (all increments are exactly zero)."""
         if self._collecting:
             return
-        pipe = _pipeline_on_stack(sys._getframe(2))
+        pipe = calling_pipeline(sys._getframe(2), modular=True, max_frames=64)
         if pipe is None:
             return
         name = type(pipe).__name__
