@@ -119,31 +119,50 @@ class LoadedModel:
 
     # -- text conditioning ---------------------------------------------------------------------
     def _text_device(self) -> torch.device:
-        enc = self.extras.get("text_encoder")
-        try:
-            return next(enc.parameters()).device
-        except (AttributeError, StopIteration):
-            return torch.device("cpu")
+        return self.prompt_encoder().device if self.text_conditional else torch.device("cpu")
 
-    def encode_prompt(self, prompts, device) -> dict:
-        """{"encoder_hidden_states": (len(prompts), L, D)} on ``device``: the CLIP text
-        encoder's last hidden state, as Stable Diffusion conditions its UNet. Each distinct prompt
-        is encoded once per (device, encoder dtype) and cached."""
-        from .text import encode_prompts, normalize_prompts
+    def prompt_encoder(self):
+        """The text conditioning of this model: ``extras["prompt_encoder"]`` (a family loader's, e.g.
+        SDXL's two encoders), else a ``ClipPromptEncoder`` on ``extras["text_encoder"]`` /
+        ``extras["tokenizer"]`` (Stable Diffusion 1.x / 2.x). See ``models.text.PromptEncoder``."""
+        from .text import ClipPromptEncoder
 
         if not self.text_conditional:
             raise ValueError(f"model {self.name!r} is not a text-to-image model; prompts are not allowed")
-        prompts = normalize_prompts(prompts)
+        pe = self.extras.get("prompt_encoder")
+        if pe is not None:
+            return pe
         enc, tok = self.extras.get("text_encoder"), self.extras.get("tokenizer")
         if enc is None or tok is None:
             raise ValueError(f"model {self.name!r} has no text encoder / tokenizer to encode prompts")
-        enc_dev = self._text_device()
-        enc_dtype = next(enc.parameters()).dtype
-        missing = [p for p in dict.fromkeys(prompts) if (p, str(enc_dev), enc_dtype) not in self._prompt_cache]
-        for p in missing:  # one prompt per call: a sample's embedding never depends on the other prompts
-            self._prompt_cache[(p, str(enc_dev), enc_dtype)] = encode_prompts(tok, enc, [p], enc_dev)[0]  # (L, D)
-        rows = [self._prompt_cache[(p, str(enc_dev), enc_dtype)] for p in prompts]
-        return {"encoder_hidden_states": torch.stack(rows).to(device)}
+        return ClipPromptEncoder(tok, enc)
+
+    def _encoded(self, key: tuple, make) -> dict:
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = make()
+        return self._prompt_cache[key]
+
+    def encode_prompt(self, prompts, device) -> dict:
+        """The UNet's text keyword arguments for ``prompts`` on ``device``, one row per prompt: for
+        Stable Diffusion ``{"encoder_hidden_states": (P, L, D)}``, the CLIP text encoder's last
+        hidden state; other families add their own keys (``PromptEncoder``). Each distinct prompt is
+        encoded once per encoder state (``PromptEncoder.cache_key``) and cached."""
+        from .text import normalize_prompts
+
+        prompts = normalize_prompts(prompts)
+        pe = self.prompt_encoder()
+        state = pe.cache_key()
+        rows = [self._encoded(("p", p, state), lambda p=p: pe.encode([p])) for p in prompts]
+        # one prompt per call: a sample's embedding never depends on the other prompts
+        return {k: torch.cat([r[k] for r in rows]).to(device) for k in rows[0]}
+
+    def negative_cond(self, device) -> dict:
+        """CFG's unconditional branch (batch 1): the negative prompt, default "" (a family may
+        define it otherwise, e.g. SDXL's zero embeddings for an empty negative prompt)."""
+        pe = self.prompt_encoder()
+        neg = self.negative_prompt
+        row = self._encoded(("n", neg, pe.cache_key()), lambda: pe.encode_negative(neg))
+        return {k: v.to(device) for k, v in row.items()}
 
     def configure_run(self, cfg: dict) -> None:
         """Take the run options that concern the model: prompt / negative_prompt (text models
@@ -175,15 +194,15 @@ class LoadedModel:
 
     def text_record(self) -> dict:
         """What run.json says about the text conditioning of this run."""
-        from .text import EMPTY_PROMPT_NOTE, token_usage
+        from .text import EMPTY_PROMPT_NOTE
 
         rec = {"prompts": self.run_prompts, "prompt_given": bool(self.prompts),
                "negative_prompt": self.negative_prompt or "", "guidance_rescale": self.guidance_rescale,
                "prompt_of_sample": "prompts[i % len(prompts)]"}
         if not self.prompts:
             rec["note"] = EMPTY_PROMPT_NOTE
-        if self.extras.get("tokenizer") is not None:  # what the text encoder saw of each prompt
-            rec["tokens"] = token_usage(self.extras["tokenizer"], self.run_prompts, self.extras.get("text_encoder"))
+        if self.text_conditional:  # what the text encoder(s) saw of each prompt
+            rec["tokens"] = self.prompt_encoder().token_usage(self.run_prompts)
         return rec
 
     def prepare_batch(self, indices) -> None:
@@ -210,7 +229,7 @@ class LoadedModel:
         null = default = None
         if self.text_conditional:
             dev = self._text_device()
-            null = self.encode_prompt([self.negative_prompt or ""], dev)  # CFG's unconditional branch
+            null = self.negative_cond(dev)  # CFG's unconditional branch
             default = self.encode_prompt([""], dev)  # cond=None: the empty prompt
         elif self.num_classes and self.null_class is not None:
             null = {"class_labels": torch.tensor([self.null_class])}
@@ -360,6 +379,51 @@ def _ensure_registered() -> None:
     from .. import zoo  # noqa: F401  (zoo modules register prefixes and names on import)
 
     zoo.discover()
+
+
+# -- model families ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """A pipeline family with its own loader module (SDXL, SD3, Flux, ...).
+
+    detect(class_name, comps) -> bool: claims a pipeline (``model_index.json``'s ``_class_name`` or
+        the object's class, and component name -> [library, class]); checked before the generic
+        refusals of ``check_pipeline_kind``, so a claimed pipeline is never refused by name.
+    load_folder(folder, index, comps, name, spec, variant) -> LoadedModel: a local diffusers folder.
+    from_pipeline(pipe, parts, comps, spec) -> (LoadedModel, used components): an in-memory
+        pipeline (``from_object``), used as it is; may be None (then in-memory use is refused).
+    """
+
+    name: str
+    detect: Callable[[str, dict], bool]
+    load_folder: Callable[..., "LoadedModel"]
+    from_pipeline: Callable[..., tuple] | None = None
+
+
+_FAMILIES: dict[str, Family] = {}
+# family loader modules, imported when a folder or pipeline is resolved (no import cost otherwise)
+FAMILY_MODULES = ("gensample.models.sdxl", "gensample.models.flow_pipelines")
+
+
+def register_family(family: Family) -> None:
+    _FAMILIES[family.name] = family
+
+
+def family_of(class_name, comps: dict) -> Family | None:
+    """The registered family that claims this pipeline, or None (SD 1.x / 2.x and DDPM-style UNets
+    are the generic path of this module)."""
+    import importlib
+
+    for mod in FAMILY_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise
+    for fam in _FAMILIES.values():
+        if fam.detect(str(class_name or ""), comps):
+            return fam
+    return None
 
 
 # -- diffusers folders and hub ids ------------------------------------------------------------
@@ -600,6 +664,9 @@ def load_pipeline_folder(folder: Path, name: str, spec: str | None = None, varia
     if index_file.exists():
         index = _read_json(index_file, spec)
         comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1]}
+        fam = family_of(index.get("_class_name"), comps)
+        if fam is not None:
+            return fam.load_folder(folder, index, comps, name, spec, variant)
         check_pipeline_kind(index.get("_class_name"), comps, spec)
         _check_text_pair(comps, spec)
         unet = _load_component(folder, "unet", comps["unet"], UNET_CLASSES, spec, variant)
@@ -786,6 +853,13 @@ def from_object(obj, spec: str | None = None) -> LoadedModel:
     if _is_pipeline(obj):
         parts = {k: v for k, v in obj.components.items() if v is not None}
         comps = {k: [type(v).__module__.split(".")[0], type(v).__name__] for k, v in parts.items()}
+        fam = family_of(cls, comps)
+        if fam is not None and fam.from_pipeline is None:
+            raise ValueError(f"--model {spec}: in-memory {fam.name} pipelines are not supported yet; save it with "
+                             f"save_pretrained and pass the folder")
+        if fam is not None:
+            family_model, used = fam.from_pipeline(obj, parts, comps, spec)
+            return _with_origin(family_model, obj, used, cls, label)
         check_pipeline_kind(cls, comps, spec)
         _check_text_pair(comps, spec)
         _check_class("unet", comps["unet"][1], UNET_CLASSES, spec)
@@ -816,9 +890,14 @@ def from_object(obj, spec: str | None = None) -> LoadedModel:
     else:
         raise TypeError(f"model must be a model spec string (zoo name, prefix:FILE, folder or hub id) or an in-memory "
                         f"model: {ACCEPTED_OBJECTS}; got {short_repr(obj)}")
-    first = _first_param(unet)
-    if first is None:
+    if _first_param(unet) is None:
         raise ValueError(f"--model {spec}: the UNet has no parameters")
+    return _with_origin(_assemble(label, unet, sched, vae, enc, tok, spec), obj, used, cls, label)
+
+
+def _with_origin(model: LoadedModel, obj, used: dict, cls: str, label) -> LoadedModel:
+    """Name ``model`` by the in-memory object's fingerprint and record its ``origin`` (from_object)."""
+    first = next((p for v in used.values() if isinstance(v, torch.nn.Module) for p in v.parameters()), None)
     modules = {k: v for k, v in used.items() if isinstance(v, torch.nn.Module)}
     adapters = {k: rec for k, v in modules.items() if any((rec := adapter_record(v)).values())}
     fused = sorted(str(x) for x in (getattr(obj, "_merged_adapters", None) or ()))  # the pipeline's fuse_lora record
@@ -832,15 +911,14 @@ def from_object(obj, spec: str | None = None) -> LoadedModel:
         "class": f"{type(obj).__module__}.{type(obj).__qualname__}",
         "_name_or_path": label,
         "components": {k: f"{type(v).__module__}.{type(v).__qualname__}" for k, v in used.items()},
-        "dtype": str(first.dtype).replace("torch.", ""),
-        "device": str(first.device),
+        "dtype": None if first is None else str(first.dtype).replace("torch.", ""),
+        "device": None if first is None else str(first.device),
         "adapters": adapters,
         "fused_loras": fused,
         "fingerprint": digest,
         "fingerprint_covers": "component configs, adapter names and 64 evenly spaced entries of every weight tensor",
     }
-    name = f"{label} (in-memory {cls}, fingerprint {digest[:12]})" if label else f"in-memory {cls} (fingerprint {digest[:12]})"
-    model = _assemble(name, unet, sched, vae, enc, tok, spec)
+    model.name = f"{label} (in-memory {cls}, fingerprint {digest[:12]})" if label else f"in-memory {cls} (fingerprint {digest[:12]})"
     model.origin = origin
     return model
 

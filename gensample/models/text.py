@@ -75,3 +75,68 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device) -> "
         out = text_encoder(ids, attention_mask=mask)
     hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
     return hidden  # (P, L, D)
+
+
+class PromptEncoder:
+    """How a text-to-image family turns prompts into its denoiser's keyword arguments.
+
+    A family loader puts one in ``LoadedModel.extras["prompt_encoder"]``; ``LoadedModel`` calls
+    only these methods, so samplers never see which family they run. Subclasses implement
+    ``encode``; the rest have defaults.
+
+    - ``encode(prompts) -> dict``: a *flat* dict of tensors with one row per prompt (dim 0), on the
+      encoders' device, e.g. ``{"encoder_hidden_states": (P, L, D)}``. Flat so that the sampler can
+      repeat rows (``Denoiser``) and concatenate the CFG branches (``concat_cond``).
+    - ``encode_negative(prompt or None) -> dict``: one row, CFG's unconditional branch (default: the
+      prompt, or "" when None, encoded like any other).
+    - ``cache_key()``: changes whenever ``encode`` would return something else for the same prompt
+      (encoder device / dtype, a resolution the conditioning depends on).
+    - ``device``: where ``encode`` runs. ``token_usage(prompts)``: what run.json records.
+    """
+
+    def encode(self, prompts: Sequence[str]) -> dict:
+        raise NotImplementedError
+
+    def encode_negative(self, prompt: str | None) -> dict:
+        return self.encode(["" if prompt is None else prompt])
+
+    def cache_key(self) -> tuple:
+        return (str(self.device),)
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    def token_usage(self, prompts: Sequence[str]) -> dict:
+        return {}
+
+
+class ClipPromptEncoder(PromptEncoder):
+    """Stable Diffusion 1.x / 2.x: one CLIP tokenizer + text encoder, ``encoder_hidden_states`` (sec. 3.3)."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    @property
+    def device(self):
+        import torch
+
+        try:
+            return next(self.text_encoder.parameters()).device
+        except (AttributeError, StopIteration):
+            return torch.device("cpu")
+
+    def cache_key(self) -> tuple:
+        try:
+            dtype = next(self.text_encoder.parameters()).dtype
+        except (AttributeError, StopIteration):
+            dtype = None
+        return (str(self.device), str(dtype))
+
+    def encode(self, prompts: Sequence[str]) -> dict:
+        return {"encoder_hidden_states": encode_prompts(self.tokenizer, self.text_encoder, list(prompts), self.device)}
+
+    def token_usage(self, prompts: Sequence[str]) -> dict:
+        return token_usage(self.tokenizer, prompts, self.text_encoder)
