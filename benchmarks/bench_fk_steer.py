@@ -1,7 +1,10 @@
-"""FK steering: the Gaussian-mixture oracle table and digits-ddpm steered to a class vs best-of-K
+"""FK steering: the Gaussian-mixture oracle tables and digits-ddpm steered to a class vs best-of-K
 (docs/fk_steering.md "Measured").
 
     python benchmarks/bench_fk_steer.py --out benchmarks/results/fk_steer.json
+    python benchmarks/bench_fk_steer.py --part equal-nfe --out benchmarks/results/fk_steer_equal_nfe.json
+    python benchmarks/bench_fk_steer.py --part equal-time --out benchmarks/results/fk_steer_equal_time.json
+    python benchmarks/bench_fk_steer.py --part anneal --out benchmarks/results/fk_steer_anneal.json
 
 1. Oracle: prior 0.8 N((-2, 0), 0.25 I) + 0.2 N((2, 0), 0.25 I), reward -||x - (1, 0)||^2 / (2 * 1.5^2),
    lambda = 1. The tilted law's mass of {x_1 > 0} is known in closed form; each potential and
@@ -12,6 +15,16 @@
    (the `ddpm` sampler), 16 groups each: equal NFE (K model rows per step per group). Class-3 rate,
    mean reward, diversity (mean pairwise L2 distance of the outputs, distinct outputs), wall time
    including every reward call. Plus the issue's command (K = 8, -n 64) against best-of-8.
+3. --part equal-nfe (deterministic, no clock): K = 4, 8, 16, 16 groups, 50 steps: fk-steer (resample,
+   best) vs best-of-K at equal NFE (K model rows per step per group), with digits-FID of each set
+   against the real class-3 digits (train + test: what the tilted law approaches) and against the
+   whole test split, the reward calls, class-3 rate, mean reward and diversity.
+4. --part equal-time (wall clock; run it on an idle machine): for each K, fk-steer (best) is timed
+   with its reward calls; best-of-M then gets the same wall time per output sample, M calibrated
+   from a timed best-of-K run (M = wall_fk / wall per DDPM sample incl. its reward). Both rows
+   carry the wall time, the reward seconds and the same quality columns as 3.
+5. --part anneal: the composition oracle, FKC's annealed target p^beta times exp(lambda r), beta = 2,
+   lambda = 1, 16384 particles, 250 steps, K = 1 .. 256; exact mass by 1-D quadrature.
 """
 
 from __future__ import annotations
@@ -39,7 +52,11 @@ from gensample.samplers.fk_steer import POTENTIALS, FKSteerConfig, sample_fk_ste
 from gensample.samplers.fkc import spaced_timesteps  # noqa: E402
 
 OUT_FILE = "fk_steer.json"
-RESULT_FIELDS = {OUT_FILE: ["oracle", "digits", "issue_command"]}
+NFE_FILE = "fk_steer_equal_nfe.json"
+TIME_FILE = "fk_steer_equal_time.json"
+ANNEAL_FILE = "fk_steer_anneal.json"
+RESULT_FIELDS = {OUT_FILE: ["oracle", "digits", "issue_command"], NFE_FILE: ["equal_nfe"], TIME_FILE: ["equal_time"],
+                 ANNEAL_FILE: ["anneal"]}
 
 PRIOR = dict(weights=[0.8, 0.2], means=[[-2.0, 0.0], [2.0, 0.0]], stds=[0.5, 0.5])
 CENTER, SCALE, LAM = [1.0, 0.0], 1.5, 1.0
@@ -132,22 +149,150 @@ def digits(groups: int, steps: int) -> list:
     return rows
 
 
+def _class3_fid(x: np.ndarray) -> float:
+    """Frechet distance of the classifier features of x to those of every real class-3 digit (train + test)."""
+    from gensample.eval.digits import features
+    from gensample.eval.digits_data import real_digits
+    from gensample.eval.fid import frechet_distance
+
+    real = np.concatenate([xs[ys == 3] for xs, ys in (real_digits("train"), real_digits("test"))])
+    fa, fb = features(x), features(real)
+    return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+
+
+def _quality(x: np.ndarray) -> dict:
+    from gensample.eval.digits import digits_fid
+
+    r = DigitsClassifierReward(3)(torch.from_numpy(x)).numpy()
+    div, uniq = _diversity(x)
+    return {"n": len(x), "class3_rate": float((classify(x) == 3).mean()), "mean_reward": float(r.mean()),
+            "pairwise_l2": div, "distinct": uniq, "fid_class3": _class3_fid(x), "fid_test": digits_fid(x)}
+
+
+def _fk_run(K: int, groups: int, steps: int, final: str, seed: int = 0):
+    n = groups * (1 if final == "best" else K)
+    t0 = time.perf_counter()
+    res = api.run(sampler="fk-steer", model="digits-ddpm", reward="digits-classifier:3", particles=K, num_samples=n,
+                  steps=steps, final=final, seed=seed, progress=False, device="cpu")
+    return res, time.perf_counter() - t0
+
+
+def _best_of_run(M: int, groups: int, steps: int, seed: int = 0):
+    """best-of-M: groups * M DDPM samples, the highest reward of each M (the verifier's calls timed too)."""
+    reward = DigitsClassifierReward(3)
+    t0 = time.perf_counter()
+    x = api.run(sampler="ddpm", model="digits-ddpm", num_samples=groups * M, steps=steps, seed=seed, progress=False,
+                device="cpu").samples["x"]
+    t1 = time.perf_counter()
+    r = reward(torch.from_numpy(x)).reshape(groups, M)
+    pick = (r.argmax(1) + M * torch.arange(groups)).numpy()
+    t2 = time.perf_counter()
+    return x[pick], t2 - t0, t2 - t1
+
+
+def equal_nfe(ks, groups: int, steps: int) -> list:
+    """fk-steer vs best-of-K at equal NFE (deterministic: no clock in the result)."""
+    rows = []
+    print("\nequal NFE | method | K | class-3 | mean log p(3|x) | pairwise L2 | distinct | FID class 3 | FID test | reward evals / output |")
+    for K in ks:
+        for final in ("resample", "best"):
+            res, _ = _fk_run(K, groups, steps, final)
+            # reward evaluations (images scored) per output sample: every particle is scored at S + 1 steps
+            per_out = (steps + 1) * (K if final == "best" else 1)
+            rows.append({"method": f"fk-steer ({final})", "K": K, "groups": groups, "steps": steps,
+                         "nfe_rows_per_group_step": K, "reward_evals_per_output": per_out, **_quality(res.samples["x"])})
+        x, _, _ = _best_of_run(K, groups, steps)
+        rows.append({"method": f"best-of-{K}", "K": K, "groups": groups, "steps": steps, "nfe_rows_per_group_step": K,
+                     "reward_evals_per_output": K, **_quality(x)})
+        for row in rows[-3:]:
+            print(f"| {row['method']} | {K} | {row['class3_rate']:.3f} | {row['mean_reward']:.3f} | {row['pairwise_l2']:.2f} | "
+                  f"{row['distinct']}/{row['n']} | {row['fid_class3']:.2f} | {row['fid_test']:.2f} | {row['reward_evals_per_output']} |")
+    return rows
+
+
+def equal_time(ks, groups: int, steps: int) -> list:
+    """fk-steer (best) vs best-of-M with M chosen for equal wall time per output sample, reward time included."""
+    _fk_run(min(ks), 1, 2, "best")  # warm-up: imports, model load and first-call costs stay out of the clock
+    _best_of_run(1, 1, 2)
+    rows = []
+    print("\nequal wall time | method | K or M | wall s | reward s | class-3 | mean log p(3|x) | FID class 3 | pairwise L2 |")
+    for K in ks:
+        res, wall_fk = _fk_run(K, groups, steps, "best")
+        _, wall_cal, _ = _best_of_run(K, groups, steps)  # calibration: wall per DDPM sample with its reward
+        per_sample = wall_cal / (groups * K)
+        M = max(1, int(round(wall_fk / groups / per_sample)))
+        x, wall_bo, reward_bo = _best_of_run(M, groups, steps)
+        st = res.record["stats"]
+        for name, xs, wall, rsec, extra in ((f"fk-steer (best), K={K}", res.samples["x"], wall_fk, st["reward_seconds"], {"K": K}),
+                                            (f"best-of-{M}", x, wall_bo, reward_bo, {"M": M, "calibration_wall_s": wall_cal})):
+            rows.append({"method": name, "groups": groups, "steps": steps, "wall_s": wall, "reward_s": rsec, **extra,
+                         **_quality(xs)})
+            q = rows[-1]
+            print(f"| {name} | {K if 'K' in extra else M} | {wall:.2f} | {rsec:.2f} | {q['class3_rate']:.3f} | "
+                  f"{q['mean_reward']:.3f} | {q['fid_class3']:.2f} | {q['pairwise_l2']:.2f} |")
+    return rows
+
+
+def anneal_oracle(particles: int, steps: int, ks=(1, 4, 16, 64, 256), beta: float = 2.0, lam: float = 1.0) -> dict:
+    """FKC anneal target x reward on the mixture: mass of {x_1 > 0} vs the exact 1-D quadrature."""
+    from gensample.samplers.fkc import FKCConfig
+
+    ab = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG)
+    mix = GaussianMixture(**PRIOR)
+
+    def model_fn(x, t):
+        a = ab[int(t)].double()
+        eps = mix.eps(x.double(), a)
+        return eps, x0_from_eps(x.double(), eps, a)
+
+    grid = torch.linspace(-12, 12, 240001, dtype=torch.float64)
+    q = sum(w * torch.exp(-(grid - m[0]) ** 2 / (2 * sd**2)) / sd for w, m, sd in zip(PRIOR["weights"], PRIOR["means"], PRIOR["stds"]))
+    dens = q**beta * torch.exp(-lam * (grid - CENTER[0]) ** 2 / (2 * SCALE**2))
+    truth = float(torch.trapezoid(dens * (grid > 0), grid) / torch.trapezoid(dens, grid))
+    rows = []
+    print(f"\nanneal beta={beta} x exp({lam} r): exact mass {truth:.4f}\n| K | mass | SE | error / SE |\n|---|---|---|---|")
+    for K in ks:
+        G = particles // K
+        gen = torch.Generator().manual_seed(0)
+        x_T = torch.randn(G * K, 2, generator=gen, dtype=torch.float64)
+        res = sample_fk_steer(model_fn, QuadraticReward(CENTER, SCALE), x_T, FKSteerConfig(lam=lam, final="weighted"), ab,
+                              spaced_timesteps(1000, steps), group_size=K, noise_generators=gen, resample_generators=gen,
+                              target=FKCConfig(betas=(beta,)))
+        per = (res.weights * (res.x[:, 0] > 0).double()).reshape(G, K).sum(1)
+        m, se = per.mean().item(), (per.std() / math.sqrt(G)).item()
+        rows.append({"K": K, "mass": m, "se": se})
+        print(f"| {K} | {m:.4f} | {se:.4f} | {(m - truth) / se:+.1f} |")
+    return {"beta": beta, "lambda": lam, "exact_mass": truth, "particles": particles, "steps": steps, "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("all", "equal-nfe", "equal-time", "anneal"), default="all",
+                    help="all: the oracle table, digits and the issue command (fk_steer.json); the others one study each")
     ap.add_argument("--particles", type=int, default=32768, help="oracle particles per (potential, K)")
     ap.add_argument("--oracle-steps", type=int, default=250)
     ap.add_argument("--groups", type=int, default=16, help="digits: groups per method")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--ks", default="4,8,16", help="digits: particle counts K (comma-separated)")
     ap.add_argument("--out", default=None, help="write the result here through _provenance.write_result")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    result = {"oracle": oracle(args.particles, args.oracle_steps), "digits": digits(args.groups, args.steps)}
-    fk, bo = steer(8, 8, 50, "resample"), best_of(8, 8, 50)
-    print(f"\nissue command (K = 8, -n 64, 50 steps): fk-steer class-3 rate {fk['class3_rate']:.3f} vs best-of-8 "
-          f"{bo['class3_rate']:.3f}")
-    result["issue_command"] = {"fk_steer": fk, "best_of_8": bo}
+    ks = [int(k) for k in args.ks.split(",")]
+    models = ["digits-ddpm", "digits-classifier"]
+    if args.part == "equal-nfe":
+        result = {"equal_nfe": equal_nfe(ks, args.groups, args.steps)}
+    elif args.part == "equal-time":
+        result = {"equal_time": equal_time(ks, args.groups, args.steps)}
+    elif args.part == "anneal":
+        result, models = {"anneal": anneal_oracle(args.particles, args.oracle_steps)}, []
+    else:
+        result = {"oracle": oracle(args.particles, args.oracle_steps), "digits": digits(args.groups, args.steps)}
+        fk, bo = steer(8, 8, 50, "resample"), best_of(8, 8, 50)
+        print(f"\nissue command (K = 8, -n 64, 50 steps): fk-steer class-3 rate {fk['class3_rate']:.3f} vs best-of-8 "
+              f"{bo['class3_rate']:.3f}")
+        result["issue_command"] = {"fk_steer": fk, "best_of_8": bo}
     if args.out:
-        write_result(args.out, result, models=["digits-ddpm", "digits-classifier"])
+        write_result(args.out, result, models=models)
     return 0
 
 

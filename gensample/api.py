@@ -288,6 +288,7 @@ def prepare_model(cfg: dict, device: torch.device, cast: bool = True, loaded=Non
     if model.kind not in spec.model_kinds:
         raise ValueError(f"sampler {spec.name!r} needs a model of kind {list(spec.model_kinds)}; "
                          f"{cfg['model']!r} is {model.kind!r}")
+    model = _flow_form(cfg, model, spec)
     if model.kind == "diffusion" and cfg.get("steps") is not None and cfg["steps"] > model.num_train_timesteps:
         raise ValueError(f"--steps must be <= the training schedule's {model.num_train_timesteps} timesteps, got {cfg['steps']}")
     if cfg.get("class_label") is not None and not model.num_classes:
@@ -318,6 +319,26 @@ def prepare_model(cfg: dict, device: torch.device, cast: bool = True, loaded=Non
     if cfg.get("compile") and isinstance(model.unet, torch.nn.Module):
         model.unet = torch.compile(model.unet)
     return model, dtype
+
+
+def _flow_form(cfg: dict, model, spec):
+    """--flow / --flow-shift (the flow form of an analytic mixture, ``models.gmm.as_flow_model``),
+    then the flow refusals: a sampler that does not run on flow-matching models, and the One More
+    Step start (docs/flow_matching.md "What does not apply")."""
+    if cfg.get("flow"):
+        from .models.gmm import as_flow_model
+
+        model = as_flow_model(model, 1.0 if cfg.get("flow_shift") is None else float(cfg["flow_shift"]))
+    elif cfg.get("flow_shift") is not None:
+        raise ValueError("--flow-shift applies with --flow only")
+    if getattr(model, "prediction_type", None) == "flow":
+        reason = registry.flow_refusal(spec)
+        if reason is not None:
+            raise ValueError(f"sampler {spec.name!r} does not run on the flow-matching model {model.name!r}: {reason}")
+        if cfg.get("oms_module") is not None:
+            raise ValueError(f"--oms-module does not apply to the flow-matching model {model.name!r}: "
+                             f"{registry.FLOW_REFUSALS['oms']}")
+    return model
 
 
 @contextlib.contextmanager

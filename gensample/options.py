@@ -298,6 +298,11 @@ def resolve_options(sampler: str, config: str | None = None, *, _catalog=None, *
     known_elsewhere = catalog.all_options()
     unknown = [k for k in merged if k not in COMMON_KEYS and k not in allowed_specific and k != "num_processes"]
     for k in unknown:
+        if k in ("flow", "flow_shift") and k in known_elsewhere:  # the flow form of a mixture (docs/flow_matching.md)
+            specs = getattr(catalog, "SAMPLERS", None) or getattr(catalog, "samplers", {})
+            takers = sorted(n for n, sp in specs.items() if any(o.key == "flow" for o in sp.options))
+            raise ValueError(f"option {known_elsewhere[k].flag}: sampler {sampler!r} does not run on flow-matching models "
+                             f"(docs/flow_matching.md); the samplers that do: {takers}")
         if k in known_elsewhere:
             raise ValueError(f"option {known_elsewhere[k].flag} does not apply to sampler {sampler!r}; "
                              f"its options: {sorted(o.flag for o in spec.options) or 'none'}")

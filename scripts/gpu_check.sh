@@ -9,7 +9,9 @@
 #
 # Env: DEVICE (cuda), DTYPE (fp32|fp16|bf16), N (samples per sampler), COMPILE (1 = --compile),
 # OUT (output root; default a temp dir), SKIP_TESTS (1 = skip pytest -m gpu),
-# ONLY ("ddim fkc": just these samplers), BENCH (1 = also the MAR-B DiSA and MDLM FHS speed benchmarks).
+# ONLY ("ddim fkc": just these samplers), BENCH (1 = also the MAR-B DiSA and MDLM FHS speed benchmarks),
+# SDXL (0 = skip the SDXL run), SDXL_MODEL (an SDXL folder or hub id, e.g. a local copy of
+# stabilityai/stable-diffusion-xl-base-1.0; default: SDXL base's UNet config with random weights).
 # DEVICE=cpu DTYPE=fp32 SKIP_TESTS=1 gives a CPU dry run of the same loop.
 # Exit status: non-zero if any sampler or test failed.
 set -uo pipefail
@@ -71,6 +73,39 @@ echo "outputs and logs: $OUT"
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
     python -m pytest -q -m gpu tests/test_gpu.py || failed=$((failed + 1))
+fi
+
+# SDXL at SDXL_DTYPE (default fp16): the UNet and text encoders in half precision, the VAE decode
+# in float32 (force_upcast; SDXL's VAE overflows in fp16). A real model (SDXL_MODEL) should give
+# images; the random-weight one checks shapes, dtypes and finiteness. Then the SDXL gpu tests.
+if [[ "${SDXL:-1}" != 0 && "$DEVICE" == cuda* ]]; then
+    SDXL_DTYPE=${SDXL_DTYPE:-fp16}
+    model=${SDXL_MODEL:-}
+    if [[ -z "$model" ]]; then
+        model="$OUT/sdxl-random"
+        python -c "import sys; sys.path.insert(0, 'tests'); from sdxl_models import real_size_sdxl_pipeline; \
+real_size_sdxl_pipeline('$OUT').save_pretrained('$model')" || failed=$((failed + 1))
+    fi
+    for args in "--sampler ddim" "--sampler ts-ddim" "--sampler fkc --particles 2 --fkc-target cfg"; do
+        name="sdxl-${args//[^a-z-]/_}"
+        t0=$(date +%s.%N)
+        # shellcheck disable=SC2086
+        python -m gensample run $args --model "$model" --prompt "a photo of a cat on a red sofa" \
+            --negative-prompt "blurry" --guidance-scale 5 --steps 20 -n 2 --device "$DEVICE" --dtype "$SDXL_DTYPE" \
+            -o "$OUT/$name" --overwrite >"$OUT/$name.log" 2>&1
+        rc=$?
+        total=$(python -c "print(f'{$(date +%s.%N) - $t0:.2f}')")
+        if [[ $rc -eq 0 ]] && python -c "import numpy as np, sys; z = np.load('$OUT/$name/samples.npz'); \
+sys.exit(0 if z['images'].dtype == np.float32 and np.isfinite(z['images']).all() else 1)"; then
+            printf '%-16s %-6s %10s  %s\n' "$name" ok "$total" "$model $SDXL_DTYPE"
+        else
+            failed=$((failed + 1))
+            printf '%-16s %-6s %10s  %s\n' "$name" FAIL "$total" "exit $rc: $(tail -n 1 "$OUT/$name.log")"
+        fi
+    done
+    if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+        python -m pytest -q -m gpu tests/test_sdxl.py || failed=$((failed + 1))
+    fi
 fi
 
 # The papers' speed claims at their real shapes (random weights; speed does not depend on them).

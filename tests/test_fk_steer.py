@@ -266,7 +266,11 @@ def test_module_function_reward(tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra,flag", [([], "--reward"), (["--reward", "quadratic"], "quadratic"),
                                         (["--reward", "quadratic:c=0", "--lambda", "-1"], "--lambda"),
                                         (["--reward", "quadratic:c=0", "--potential", "mean"], "--potential"),
-                                        (["--reward", "quadratic:c=0", "--guidance-scale", "3"], "--guidance-scale")])
+                                        (["--reward", "quadratic:c=0", "--guidance-scale", "3"], "--fkc-target cfg"),
+                                        (["--reward", "quadratic:c=0", "--beta", "2"], "--beta"),
+                                        (["--reward", "quadratic:c=0", "--eta", "0"], "--eta"),
+                                        (["--reward", "quadratic:c=0", "--reward-every", "0"], "--reward-every"),
+                                        (["--reward", "quadratic:c=0", "--window", "3"], "--window")])
 def test_cli_usage_errors_exit_2(tmp_path, extra, flag):
     r = _invoke(["run", "--sampler", "fk-steer", "--model", "gmm2d", "--steps", "3", "-n", "4", "--particles", "4", *extra,
                  "-o", tmp_path / "o"])
@@ -331,3 +335,196 @@ def test_digits_issue_command(tmp_path):
     r = _invoke(["run", "--sampler", "ddpm", "--model", "digits-ddpm", "--steps", "50", "-n", "64", "--no-progress", "-o", tmp_path / "d"])
     assert r.exit_code == 0, r.output
     assert _class_rate(tmp_path / "fk") > _class_rate(tmp_path / "d", groups=8, reward=DigitsClassifierReward(3))
+
+
+# -- 5. composition with FKC targets: one loop, the sum of FKC's increment and the reward potential ----
+def _tempered_tilted_right_mass(beta, lam, c=CENTER, s=SCALE):
+    """Mass of {x_1 > 0} under p(x)^beta exp(lambda r(x)) / Z, exactly, by 1-D quadrature: every mean
+    of PRIOR has x_2 = 0 and the components share one isotropic std, so p(x) = N(x_2; 0, v) q(x_1) and
+    the x_1-marginal of the target is q(x_1)^beta exp(-lambda (x_1 - c_1)^2 / (2 s^2)) (up to Z)."""
+    x = torch.linspace(-12, 12, 240001, dtype=torch.float64)
+    q = sum(w * torch.exp(-(x - m[0]) ** 2 / (2 * sd**2)) / (sd * math.sqrt(2 * math.pi))
+            for w, m, sd in zip(PRIOR["weights"], PRIOR["means"], PRIOR["stds"]))
+    dens = q**beta * torch.exp(-lam * (x - c[0]) ** 2 / (2 * s**2))
+    return float(torch.trapezoid(dens * (x > 0), x) / torch.trapezoid(dens, x))
+
+
+def test_tempered_tilted_mass_matches_the_separated_mode_mixture():
+    """The quadrature agrees with the closed form of a tempered mixture of far-apart modes (p^beta ~
+    sum pi_k^beta N(mu_k, v / beta) up to a common factor) tilted by the Gaussian reward (a mixture,
+    ``tilted_mixture``); the modes here are 8 stds apart, the 1e-3 covers the overlap neglected."""
+    for beta in (0.5, 2.0):
+        pi = torch.tensor(PRIOR["weights"], dtype=torch.float64) ** beta
+        w, mu, sd = tilted_mixture(pi / pi.sum(), PRIOR["means"], [0.5 / math.sqrt(beta)] * 2, CENTER, SCALE, 1.0)
+        closed = float((w * 0.5 * (1 + torch.erf(mu[:, 0] / (sd * math.sqrt(2))))).sum())
+        assert abs(closed - _tempered_tilted_right_mass(beta, 1.0)) < 1e-3, (beta, closed)
+
+
+def _anneal_oracle_run(K, beta, lam=1.0, particles=4096, steps=100, seed=0):
+    from gensample.samplers.fkc import FKCConfig
+
+    G = particles // K
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(G * K, 2, generator=gen, dtype=torch.float64)
+    res = sample_fk_steer(_toy_model(), QuadraticReward(CENTER, SCALE), x_T, FKSteerConfig(lam=lam, final="weighted"), AB,
+                          spaced_timesteps(1000, steps), group_size=K, noise_generators=gen, resample_generators=gen,
+                          target=FKCConfig(betas=(beta,)))
+    per_group = (res.weights * (res.x[:, 0] > 0).double()).reshape(G, K).sum(1)
+    return per_group.mean().item(), (per_group.std() / math.sqrt(G)).item()
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_anneal_target_times_reward_oracle(beta):
+    """p^beta exp(lambda r): beta = 2 moves the right mode's mass from 0.2 to 0.059, the reward back to
+    0.252; beta = 0.5 to 0.334, the reward to 0.684. The loop adds FKC's increment and the reward
+    potential; K = 64 must land within 4 SE of the exact mass (SE from the spread over the 64
+    independent groups; +1e-3 for the chain's discretisation), and K = 1 (no reweighting: the
+    tempered move alone) must not."""
+    truth = _tempered_tilted_right_mass(beta, 1.0)
+    mean, se = _anneal_oracle_run(64, beta)
+    assert abs(mean - truth) <= 4 * se + 1e-3, (beta, mean, truth, se)
+    mean1, se1 = _anneal_oracle_run(1, beta)
+    assert abs(mean1 - truth) > 4 * se1 + 1e-3, (beta, mean1, truth, se1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("K", [1, 4, 16, 64, 256])
+def test_anneal_target_times_reward_convergence_table(K):
+    """beta = 2, lambda = 1, 16384 particles, 250 steps: K = 1 and 4 outside 4 SE, 16 .. 256 inside."""
+    truth = _tempered_tilted_right_mass(2.0, 1.0)
+    mean, se = _anneal_oracle_run(K, 2.0, particles=16384, steps=250)
+    if K >= 16:
+        assert abs(mean - truth) <= 4 * se + 1e-3, (K, mean, truth, se)
+    else:
+        assert abs(mean - truth) > 4 * se, (K, mean, truth, se)
+
+
+def test_lambda_zero_over_an_fkc_target_is_fkc_bit_for_bit():
+    """With lambda = 0 the reward potential vanishes and the loop is FKC's own (same increments, ESS,
+    resampling, move): sample_fkc with resample='every' gives the same particles and weights."""
+    from gensample.samplers.fkc import FKCConfig, sample_fkc
+
+    mix = GaussianMixture(**PRIOR)
+
+    def experts(x, t):  # (2, N, 2): a product of the mixture with itself, betas (1.5, 0.5)
+        ab = AB[int(t)].double()
+        eps = mix.eps(x.double(), ab)
+        x0 = x0_from_eps(x.double(), eps, ab)
+        return torch.stack([eps, 0.9 * eps]), torch.stack([x0, x0])
+
+    def run(fn):
+        gen = torch.Generator().manual_seed(4)
+        x_T = torch.randn(32, 2, generator=gen, dtype=torch.float64)
+        return fn(x_T, gen, torch.Generator().manual_seed(9))
+
+    target = FKCConfig(betas=(1.5, 0.5), resample="every", final="weighted")
+    ts = spaced_timesteps(1000, 15)
+    a = run(lambda x_T, g, rg: sample_fkc(experts, x_T, target, AB, ts, group_size=8, noise_generators=g, resample_generators=rg))
+    b = run(lambda x_T, g, rg: sample_fk_steer(experts, QuadraticReward(CENTER, SCALE), x_T, FKSteerConfig(lam=0.0, final="weighted"),
+                                               AB, ts, group_size=8, noise_generators=g, resample_generators=rg, target=target))
+    assert torch.equal(a.x, b.x) and torch.equal(a.weights, b.weights)
+    assert b.resampled[:, :-1].any()  # the FKC weights are active: the identity is not a trivial one
+
+
+def test_reward_every_holds_the_reward_and_keeps_diff_exact():
+    """--reward-every 4 over 10 steps scores at k = 0, 4, 8 and the clean end (4 calls); in between a
+    path keeps its last reward (log G = 0 for diff), so without resampling the final log-weights are
+    lambda r(x0) exactly."""
+    calls = []
+
+    def reward(x0):
+        calls.append(x0.shape[0])
+        return QuadraticReward(CENTER, SCALE)(x0)
+
+    gen = torch.Generator().manual_seed(5)
+    x_T = torch.randn(12, 2, generator=gen, dtype=torch.float64)
+    cfg = FKSteerConfig(lam=2.0, reward_every=4, ess_threshold=0.0, final="weighted")
+    res = sample_fk_steer(_toy_model(), reward, x_T, cfg, AB, spaced_timesteps(1000, 10), group_size=4,
+                          noise_generators=gen, resample_generators=gen)
+    assert len(calls) == 4 and res.reward_calls == 4 and res.reward_seconds > 0
+    r = res.rewards
+    for k in (1, 2, 3, 5, 6, 7, 9):
+        assert torch.equal(r[:, k], r[:, k - 1])
+    assert not torch.equal(r[:, 4], r[:, 3])
+    lw = 2.0 * r[:, -1].reshape(3, 4)
+    torch.testing.assert_close(res.log_w, lw - lw.max(1, keepdim=True).values, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="reward_every"):
+        FKSteerConfig(reward_every=0)
+
+
+def test_run_json_reports_reward_cost_and_the_target(tmp_path):
+    """run.json: reward calls (S + 1 per batch, or fewer with --reward-every) and seconds, apart from
+    the wall time; the FKC target and betas used."""
+    out = tmp_path / "o"
+    r = _invoke(["run", "--sampler", "fk-steer", "--model", "gmm2d", "--reward", "quadratic:c=1;0,s=1.5", "--particles", "4",
+                 "-n", "8", "--steps", "9", "--reward-every", "3", "--fkc-target", "anneal", "--beta", "2", "--no-progress",
+                 "-o", out])
+    assert r.exit_code == 0, r.output
+    stats = json.loads((out / "run.json").read_text())["stats"]
+    assert stats["reward_calls"] == 4 and 0 < stats["reward_seconds"]
+    assert stats["fk_steer"]["target"] == "anneal" and stats["fk_steer"]["betas"] == [2.0]
+
+
+def test_python_api_takes_a_reward_callable(tmp_path):
+    """gensample.run(sampler="fk-steer", reward=fn): the callable is used as is; run.json names it
+    (callable:module.qualname), so the same call in the same folder resumes instead of clashing."""
+    import gensample
+
+    seen = []
+
+    def first_coordinate(x0_hat, prompts=None):
+        seen.append(prompts)
+        return x0_hat.flatten(1)[:, 0].double()
+
+    kw = dict(sampler="fk-steer", model="gmm2d", reward=first_coordinate, particles=4, num_samples=8, steps=6,
+              final="weighted", progress=False, output=str(tmp_path / "o"))
+    res = gensample.run(**kw)
+    assert seen and all(p is None for p in seen)
+    np.testing.assert_allclose(res.samples["rewards"][:, -1], res.samples["x"][:, 0], rtol=1e-5, atol=1e-6)
+    name = f"callable:{__name__}.test_python_api_takes_a_reward_callable.<locals>.first_coordinate"
+    assert str(res.record["config"]["reward"]) == name
+    rec = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert rec["config"]["reward"] == rec["stats"]["fk_steer"]["reward"] == name
+    again = gensample.run(**kw)  # complete already: same configuration, nothing redrawn
+    assert np.array_equal(again.samples["x"], res.samples["x"])
+
+
+# -- 6. proposals: FKC's parts (docs/compose.md); lambda = 0 leaves each part's own result bit for bit ----
+KW_D = dict(num_samples=8, steps=12, progress=False, model="digits-ddpm")
+
+
+def test_fk_steer_lambda_zero_over_proposals_is_the_proposal_bit_for_bit():
+    import gensample
+
+    a = gensample.run(sampler="fk-steer", **{"lambda": 0.0}, particles=4, proposal="ddpm", **KW_D)
+    assert np.array_equal(a.x, gensample.run(sampler="ddpm", **KW_D).x)
+    b = gensample.run(sampler="fk-steer", **{"lambda": 0.0}, particles=4, time_shift=True, window=10, **KW_D)
+    ts = gensample.run(sampler="ts-ddim", eta=1.0, window=10, **KW_D).x
+    assert np.array_equal(b.x, ts)
+    assert not np.allclose(ts, gensample.run(sampler="ddim", eta=1.0, **KW_D).x, atol=1e-3)  # the shift is active
+    oms = dict(KW_D, model="digits-flawed", oms_module="default", reward="quadratic:c=0")
+    c = gensample.run(sampler="fk-steer", **{"lambda": 0.0}, particles=4, proposal="ddpm", **oms)
+    d = gensample.run(sampler="ddpm", **{k: v for k, v in oms.items() if k != "reward"})
+    assert np.array_equal(c.x, d.x)
+    assert c.record["stats"]["oms"]["t0"] == d.record["stats"]["oms"]["t0"] > 0  # the OMS start ran
+
+
+@pytest.mark.slow
+def test_bench_equal_cost_parts_run_at_tiny_size(tmp_path, monkeypatch):
+    """benchmarks/bench_fk_steer.py --part equal-nfe / equal-time at a tiny size: the rows carry the
+    quality columns, and at equal wall time best-of-M gets M >= 1 samples per output (the timing
+    itself is not checked: the machine may be loaded)."""
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    import bench_fk_steer
+
+    out = tmp_path / "t.json"
+    assert bench_fk_steer.main(["--part", "equal-time", "--ks", "2", "--groups", "2", "--steps", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["equal_time"]
+    assert [("K" in r, "M" in r) for r in rows] == [(True, False), (False, True)] and rows[1]["M"] >= 1
+    for key in ("class3_rate", "mean_reward", "pairwise_l2", "fid_class3", "wall_s", "reward_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    rows = bench_fk_steer.equal_nfe([2], 2, 2)
+    assert [r["method"] for r in rows] == ["fk-steer (resample)", "fk-steer (best)", "best-of-2"]

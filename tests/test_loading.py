@@ -110,9 +110,8 @@ PIXART_INDEX = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers
 
 
 @pytest.mark.parametrize("index,reason,not_said", [
-    (SD3_INDEX, r"StableDiffusion3Pipeline \(scheduler FlowMatchEulerDiscreteScheduler\) is a flow-matching transformer", "SDXL"),
-    (FLUX_INDEX, r"FluxPipeline \(scheduler FlowMatchEulerDiscreteScheduler\) is a flow-matching transformer", "SDXL"),
-    (SDXL_INDEX, r"StableDiffusionXLPipeline is an SDXL pipeline \(two text encoders.*SDXL is not supported yet", "flow"),
+    ({**SD3_INDEX, "_class_name": "StableDiffusion3Img2ImgPipeline"}, r"StableDiffusion3Img2ImgPipeline .*is a flow-matching transformer pipeline that is not supported yet", "SDXL"),
+    ({**FLUX_INDEX, "_class_name": "FluxFillPipeline"}, r"FluxFillPipeline .*is a flow-matching transformer pipeline that is not supported yet", "SDXL"),
     (REFINER_INDEX, r"StableDiffusionXLImg2ImgPipeline is an SDXL refiner / image-to-image pipeline", "flow"),
     (PIXART_INDEX, r"PixArtAlphaPipeline has a transformer denoiser \(PixArtTransformer2DModel\)", "SDXL"),
 ])

@@ -229,3 +229,42 @@ def masked_argmax(logits: torch.Tensor, exclude: Sequence[int] = ()) -> torch.Te
     lw = logits.clone()
     lw[..., ids] = float("-inf")
     return lw.argmax(-1)
+
+
+def filter_top_k_top_p(log_p: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Restrict float64 log-probs to the top-k tokens, then to the top-p nucleus, and renormalise.
+
+    log_p: (..., K) float64 normalised log-probabilities (-inf = excluded). top-k keeps every token whose
+    log-prob is >= the k-th largest (ties kept); top-p keeps token i (in descending order) while the mass of the
+    tokens before it, under the top-k law renormalised, is <= top_p (so the most likely token always stays): the rule of diffusers'
+    BlockRefinementScheduler and of Holtzman et al. 2020 (nucleus sampling, sec. 3.1). ``None``, top_k <= 0 or
+    top_k >= K, and top_p >= 1 are no-ops. Returns a new (..., K) float64 tensor, renormalised.
+    """
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise TypeError(f"top_k must be an int or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    out = log_p.double()
+    K = out.shape[-1]
+    changed = False
+    if top_k is not None and 0 < top_k < K:
+        kth = out.topk(top_k, dim=-1).values[..., -1:]  # (..., 1)
+        out = torch.log_softmax(out.masked_fill(out < kth, float("-inf")), -1)  # top-p acts on the top-k law
+        changed = True
+    if top_p is not None and top_p < 1.0:
+        srt, idx = out.sort(-1, descending=True)  # (..., K)
+        before = torch.cumsum(srt.exp(), -1) - srt.exp()  # mass strictly before each sorted token
+        drop_sorted = before > float(top_p)
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+        changed = True
+    return torch.log_softmax(out, -1) if changed else out
+
+
+def sampling_log_probs(logits: torch.Tensor, *, exclude: Sequence[int] = (), temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """float64 log-probs of the law a token is drawn from: log_softmax(logits / T) (``exclude`` at -inf), then
+    top-k, then top-p (``filter_top_k_top_p``). Upcasts before the softmax; pass only the rows you draw.
+    logits: (..., K) any float dtype. Returns (..., K) float64."""
+    return filter_top_k_top_p(masked_log_softmax(logits, exclude, temperature), top_k, top_p)

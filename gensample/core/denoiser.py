@@ -15,8 +15,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .flow import eps_x0_from_velocity, twin_to_flow
 from .param import PREDICTION_TYPES, cfg_combine, rescale_cfg, to_eps
-from .schedule import alpha_bar_at
+from .schedule import FlowSchedule, Schedule, alpha_bar_at
+
+FLOW = "flow"  # a flow-matching model: the network returns v = eps - x0 at x_sigma (core.flow)
 
 Cond = Mapping[str, Any] | None
 
@@ -59,7 +62,13 @@ class Denoiser:
         object with ``.sample`` (or a tuple / tensor), or a plain callable ``f(x, t, cond)``
         (set ``plain_callable=True``).
     alphas_cumprod: (T,) training schedule, needed for non-epsilon prediction types.
-    prediction_type: "epsilon" | "sample" | "v_prediction".
+    prediction_type: "epsilon" | "sample" | "v_prediction", or "flow": a flow-matching model
+        (velocity v = eps - x0 on x_sigma = (1 - sigma) x0 + sigma eps, timestep sigma * T). A flow
+        Denoiser works on the model's VP twin (``core.flow``): it takes x_VP = x_sigma / c(sigma),
+        calls the network at x_sigma = c(sigma) x_VP and returns eps = x_sigma + (1 - sigma) v, so
+        every sampler's DDIM/DDPM math runs unchanged with alpha_bar = ``alpha_bar(t)``.
+    schedule: a ``core.schedule.Schedule`` (alpha_bar at a model time); default: the VP table
+        ``alphas_cumprod``, or for "flow" a ``FlowSchedule`` whose T is the table's length.
     null_cond: the unconditional input of CFG (the null class, or the negative / empty prompt's
         ``encoder_hidden_states`` of a text-to-image model), batch 1 or B.
     default_cond: used when a call passes ``cond=None`` (a text model needs encoder_hidden_states
@@ -80,13 +89,20 @@ class Denoiser:
         default_cond: Cond = None,
         guidance_rescale: float = 0.0,
         name: str | None = None,
+        schedule: Schedule | None = None,
     ):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        if prediction_type != "epsilon" and alphas_cumprod is None:
-            raise ValueError("alphas_cumprod is required for prediction_type other than 'epsilon'")
+        if prediction_type not in PREDICTION_TYPES + (FLOW,):
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES + (FLOW,)}, got {prediction_type!r}")
+        if prediction_type != "epsilon" and alphas_cumprod is None and schedule is None:
+            raise ValueError("alphas_cumprod (or schedule) is required for prediction_type other than 'epsilon'")
+        if prediction_type == FLOW and schedule is None:
+            n = 1000 if alphas_cumprod is None else int(alphas_cumprod.numel())
+            schedule = FlowSchedule({"num_train_timesteps": n})
+        if prediction_type == FLOW and schedule.kind != FLOW:
+            raise ValueError(f"prediction_type 'flow' needs a flow schedule, got a {schedule.kind!r} one")
         self.model = model
         self.alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.double()
+        self.schedule = schedule
         self.prediction_type = prediction_type
         if plain_callable is None:
             plain_callable = not isinstance(model, torch.nn.Module)
@@ -109,7 +125,17 @@ class Denoiser:
         except (AttributeError, StopIteration, TypeError):
             return None
 
+    @property
+    def is_flow(self) -> bool:
+        return self.prediction_type == FLOW
+
+    def sigma(self, t) -> torch.Tensor:
+        """The flow sigma of model time(s) t (flow Denoisers only); float64."""
+        return self.schedule.sigma_of(torch.as_tensor(t).detach().cpu()).to(t.device if isinstance(t, torch.Tensor) else "cpu")
+
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule is not None and (self.is_flow or self.alphas_cumprod is None):
+            return self.schedule.alpha_bar(torch.as_tensor(t).detach().cpu()).to(t.device if isinstance(t, torch.Tensor) else "cpu")
         if self.alphas_cumprod is None:
             raise ValueError("this Denoiser has no alphas_cumprod")
         return alpha_bar_at(self.alphas_cumprod.to(t.device if isinstance(t, torch.Tensor) else "cpu"), t)
@@ -157,13 +183,74 @@ class Denoiser:
             name = f"model {self.name!r}" if self.name else "the model"
             raise ModelCallError(f"{name} failed when called as {who}({args}): {err.__class__.__name__}: {err}") from err
 
-    def __call__(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
-        """eps_hat at x_t (B, ...) and time t (scalar or (B,) tensor)."""
+    def raw_twin(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
+        """The network's own output at the sampler's state x_t: ``_raw`` for a VP model; for a flow
+        model x_t is the twin state x_VP, the network is called at x_sigma = c(sigma) x_VP and the
+        velocity v is returned (``eps_x0`` and ``samplers.fkc.eps_and_x0(..., "flow")`` turn it into (eps, x0) on the twin)."""
         t = torch.as_tensor(t, device=x_t.device)
+        if not self.is_flow:
+            return self._raw(x_t, t, cond)
+        return self._raw(twin_to_flow(x_t, self.sigma(t)), t, cond)
+
+    def _flow_eps(self, v_hat: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """eps = x_sigma + (1 - sigma) v at the twin state x_t (float64 math, x_t's dtype)."""
+        sigma = self.sigma(t)
+        return eps_x0_from_velocity(v_hat, twin_to_flow(x_t, sigma), sigma)[0].to(x_t.dtype)
+
+    def __call__(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
+        """eps_hat at x_t (B, ...) and time t (scalar or (B,) tensor). Flow models: x_t is the VP
+        twin's state and t the model time sigma * T."""
+        t = torch.as_tensor(t, device=x_t.device)
+        if self.is_flow:
+            return self._flow_eps(self.raw_twin(x_t, t, cond).to(x_t.dtype), x_t, t)
         out = self._raw(x_t, t, cond).to(x_t.dtype)
         if self.prediction_type == "epsilon":
             return out
         return to_eps(out, x_t, self.alpha_bar(t.double()), self.prediction_type)
+
+    def eps_x0(self, x_t: torch.Tensor, t, cond: Cond = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) at x_t, each formed where the model's parameterisation gives it directly
+        (flow: x_sigma + (1 - sigma) v and x_sigma - sigma v on the twin; v-prediction: sqrt(ab) v +
+        sqrt(1 - ab) x and sqrt(ab) x - sqrt(1 - ab) v; sample: the output), so both stay finite at
+        alpha_bar = 0 (the twin's sigma = 1) for those models; eps models divide by sqrt(alpha_bar).
+        Differentiable in x_t (x_t's dtype out)."""
+        from .ddim import x0_from_eps
+        from .param import x0_to_eps
+
+        t = torch.as_tensor(t, device=x_t.device)
+        out = self.raw_twin(x_t, t, cond).to(x_t.dtype)
+        if self.is_flow:
+            sigma = self.sigma(t)
+            eps, x0 = eps_x0_from_velocity(out, twin_to_flow(x_t, sigma), sigma)
+            return eps.to(x_t.dtype), x0.to(x_t.dtype)
+        ab = self.alpha_bar(t.double())
+        if self.prediction_type == "sample":
+            return x0_to_eps(out, x_t, ab), out
+        eps = out if self.prediction_type == "epsilon" else to_eps(out, x_t, ab, self.prediction_type)
+        if self.prediction_type == "v_prediction":
+            from .param import v_to_x0
+
+            return eps, v_to_x0(out, x_t, ab)
+        abx = ab.reshape(-1, *([1] * (x_t.ndim - 1))) if ab.ndim else ab
+        return eps, x0_from_eps(x_t.double(), eps.double(), abx.to(x_t.device)).to(x_t.dtype)
+
+    def velocity(self, x_flow: torch.Tensor, t, cond: Cond, guidance_scale: float = 1.0, uncond: Cond = None) -> torch.Tensor:
+        """A flow model's own guided output at the flow state x_flow (not the twin): v_u + w (v_c - v_u)
+        in one batched call (w == 1: the conditional only), as diffusers' SD3 / Flux pipelines combine
+        it; what FlowMatchEulerDiscreteScheduler.step takes. Flow Denoisers only."""
+        if not self.is_flow:
+            raise ValueError(f"velocity() needs a flow model (prediction_type 'flow'), got {self.prediction_type!r}")
+        t = torch.as_tensor(t, device=x_flow.device)
+        if guidance_scale == 1.0 or cond is None:
+            return self._raw(x_flow, t, cond).to(x_flow.dtype)
+        uncond = self.null_cond if uncond is None else uncond
+        if uncond is None:
+            raise ValueError("guidance_scale != 1 needs an unconditional input (the model has no null condition)")
+        n = x_flow.shape[0]
+        t2 = torch.cat([t, t]) if t.ndim == 1 else t
+        out = self._raw(torch.cat([x_flow, x_flow]), t2, concat_cond(cond, uncond, n, n)).to(x_flow.dtype)
+        out_c, out_u = out[:n], out[n:]
+        return rescale_cfg(cfg_combine(out_u, out_c, guidance_scale), out_c, self.guidance_rescale)
 
     def guided(self, x_t: torch.Tensor, t, cond: Cond, guidance_scale: float, uncond: Cond = None,
                guidance_rescale: float | None = None) -> torch.Tensor:
@@ -187,9 +274,11 @@ class Denoiser:
             eps = self(torch.cat([x_t, x_t]), t2, both)
             eps_c, eps_u = eps[:n], eps[n:]
             return cfg_combine(eps_u, eps_c, guidance_scale)
-        out = self._raw(torch.cat([x_t, x_t]), t2, both).to(x_t.dtype)
+        out = self.raw_twin(torch.cat([x_t, x_t]), t2, both).to(x_t.dtype)
         out_c, out_u = out[:n], out[n:]
         out = rescale_cfg(cfg_combine(out_u, out_c, guidance_scale), out_c, phi)
+        if self.is_flow:
+            return self._flow_eps(out, x_t, t)
         if self.prediction_type == "epsilon":
             return out
         return to_eps(out, x_t, self.alpha_bar(t.double()), self.prediction_type)

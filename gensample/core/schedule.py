@@ -10,6 +10,10 @@ Pure torch; no diffusers import. Conventions follow diffusers' scheduler configs
 | ``alphas_cumprod`` | alpha_bar_t = prod_{s<=t}(1-beta_s)  |
 | ``sigma``          | sqrt(1 - alpha_bar)                  |
 | ``log_snr``        | lambda = log(alpha_bar / (1-alpha_bar)) |
+
+Continuous schedules (``Schedule``, ``VPSchedule``, ``FlowSchedule``, ``schedule_for``): methods see a
+grid of model times with float64 alpha_bars, whether the model is a VP table or a flow-matching model
+seen through its VP twin (``core.flow``; docs/flow_matching.md "The schedule in core").
 """
 
 from __future__ import annotations
@@ -130,3 +134,160 @@ def expand_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if v.ndim == 0:
         return v
     return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+
+
+# -- continuous schedules: one interface for VP tables and flows -------------------------------
+class Schedule:
+    """A noise schedule as methods see it: alpha_bar at a *model time* (the time the network is
+    called with), the inference grid of N steps, and the model time of a noise level. Two
+    implementations: ``VPSchedule`` (a betas table, integer training timesteps t in [0, T-1],
+    fractional t by log-linear interpolation) and ``FlowSchedule`` (a flow-matching model seen
+    through its VP twin: model time t = sigma * T, alpha_bar = (1 - sigma)^2 / ((1 - sigma)^2 +
+    sigma^2); ``core.flow``). Samplers obtain one from ``schedule_for`` and never branch on which.
+
+    num_train_timesteps: T. ``fraction(t)`` = t / T in [0, 1] (1 = the noise end) for windows
+    stated as fractions of the path.
+    """
+
+    kind = "vp"
+    num_train_timesteps: int = 1000
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        """alpha_bar at model time(s) t (scalar or (B,)); float64, shape of t."""
+        raise NotImplementedError
+
+    def grid(self, steps: int) -> torch.Tensor:
+        """(steps,) descending model times of an N-step run (the pipeline's own grid)."""
+        raise NotImplementedError
+
+    def final_alpha_bar(self) -> float:
+        """alpha_bar after the last grid step (1: the clean end)."""
+        return 1.0
+
+    def alpha_bar_pairs(self, timesteps, final_alpha_bar: float | None = None):
+        """(alpha_bar at each grid time, at the next one; the final value after the last), float64 (S,) each."""
+        ts = torch.as_tensor(timesteps).cpu()
+        ab_t = self.alpha_bar(ts).double().reshape(-1)
+        last = self.final_alpha_bar() if final_alpha_bar is None else float(final_alpha_bar)
+        return ab_t, torch.cat([ab_t[1:], torch.tensor([last], dtype=torch.float64)])
+
+    def time_of_alpha_bar(self, alpha_bar) -> torch.Tensor:
+        """The (fractional) model time whose alpha_bar is the given value; float64."""
+        raise NotImplementedError
+
+    def fraction(self, t) -> float:
+        return float(t) / self.num_train_timesteps
+
+
+class VPSchedule(Schedule):
+    """A VP betas table (``alphas_cumprod_from_config``) with diffusers' DDIM grid rules
+    (``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``). Integer times index the table
+    exactly (bit-equal to ``alphas_cumprod[t]``); fractional ones interpolate (``alpha_bar_at``)."""
+
+    kind = "vp"
+
+    def __init__(self, alphas_cumprod: torch.Tensor, config: Mapping[str, Any] | None = None):
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.config = dict(config or {})
+        self.num_train_timesteps = int(self.alphas_cumprod.numel())
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "VPSchedule":
+        return cls(alphas_cumprod_from_config(config), config)
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        table = self.alphas_cumprod.to(t.device)
+        if not t.is_floating_point() or bool((t == t.round()).all() and (t >= 0).all()):
+            return table[t.long().clamp(max=self.num_train_timesteps - 1)]
+        return alpha_bar_at(table, t)
+
+    def grid(self, steps: int) -> torch.Tensor:
+        from .ddim import timestep_grid
+
+        get = self.config.get
+        return timestep_grid(self.num_train_timesteps, int(steps), get("timestep_spacing", "leading"),
+                             int(get("steps_offset", 0)))
+
+    def final_alpha_bar(self) -> float:
+        return 1.0 if self.config.get("set_alpha_to_one", True) else float(self.alphas_cumprod[0])
+
+    def time_of_alpha_bar(self, alpha_bar) -> torch.Tensor:
+        return timestep_from_log_snr(self.alphas_cumprod, log_snr(torch.as_tensor(alpha_bar, dtype=torch.float64)))
+
+
+class FlowSchedule(Schedule):
+    """A flow-matching model's schedule through its VP twin (``core.flow``): model time t = sigma T
+    (T = ``num_train_timesteps``), alpha_bar(t) = twin_alpha_bar(t / T); the grid is
+    FlowMatchEulerDiscreteScheduler's (``flow_sigmas`` with the run's ``mu`` and optional base
+    ``sigmas`` callable steps -> list, as Flux pipelines pass). Grid times are float32, as the
+    stock scheduler's; ``sigma_of`` maps a grid time back to its float32 sigma exactly."""
+
+    kind = "flow"
+
+    def __init__(self, config: Mapping[str, Any], mu: float | None = None, base_sigmas=None):
+        self.config = dict(config)
+        self.mu = mu
+        self.base_sigmas = base_sigmas
+        self.num_train_timesteps = int(self.config.get("num_train_timesteps", 1000))
+        self._sigma_of: dict[float, float] = {}
+
+    def sigmas(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas (N + 1,), timesteps (N,)) float32, ``core.flow.flow_sigmas``."""
+        from .flow import flow_sigmas
+
+        base = self.base_sigmas(int(steps)) if callable(self.base_sigmas) else None
+        sig, ts = flow_sigmas(self.config, int(steps), self.mu, base)
+        self._sigma_of.update({float(t): float(s) for t, s in zip(ts.tolist(), sig[:-1].tolist())})
+        return sig, ts
+
+    def grid(self, steps: int) -> torch.Tensor:
+        return self.sigmas(steps)[1]
+
+    def sigma_of(self, t) -> torch.Tensor:
+        """sigma of model time(s) t: the grid's own float32 sigma for a grid time, else t / T. float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        flat = [self._sigma_of.get(float(v), float(v) / self.num_train_timesteps) for v in t.reshape(-1).tolist()]
+        return torch.tensor(flat, dtype=torch.float64, device=t.device).reshape(t.shape)
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        from .flow import twin_alpha_bar
+
+        return twin_alpha_bar(self.sigma_of(t))
+
+    def time_of_alpha_bar(self, alpha_bar) -> torch.Tensor:
+        from .flow import sigma_of_alpha_bar
+
+        return sigma_of_alpha_bar(torch.as_tensor(alpha_bar, dtype=torch.float64)) * self.num_train_timesteps
+
+    def fraction(self, t) -> float:
+        return float(self.sigma_of(t))
+
+
+def schedule_for(config: Mapping[str, Any], prediction_type: str = "epsilon", mu: float | None = None,
+                 base_sigmas=None) -> Schedule:
+    """The one place a sampler gets its schedule: ``FlowSchedule`` for a flow model
+    (prediction_type "flow", or a FlowMatch scheduler config), else ``VPSchedule`` of the betas table."""
+    from .flow import is_flow_config
+
+    if prediction_type == "flow" or is_flow_config(config):
+        return FlowSchedule(config, mu, base_sigmas)
+    return VPSchedule.from_config(config)
+
+
+def model_schedule(model, event_shape=None) -> Schedule:
+    """``schedule_for`` of a LoadedModel: its scheduler config and prediction type, and for a flow
+    model the run resolution's dynamic-shift mu (``extras["sigma_mu"](event_shape)``) and optional
+    base sigmas (``extras["flow_base_sigmas"](steps)``; Flux pipelines pass linspace(1, 1/N, N))."""
+    extras = getattr(model, "extras", {}) or {}
+    mu = None
+    if model.prediction_type == "flow" and callable(extras.get("sigma_mu")):
+        mu = extras["sigma_mu"](tuple(event_shape if event_shape is not None else model.event_shape))
+    return schedule_for(model.scheduler_config, model.prediction_type, mu, extras.get("flow_base_sigmas"))
+
+
+def as_schedule(schedule_or_table) -> Schedule:
+    """A Schedule as is; a VP alpha_bar table (T,) wrapped in a ``VPSchedule`` (the old sampler API)."""
+    if isinstance(schedule_or_table, Schedule):
+        return schedule_or_table
+    return VPSchedule(torch.as_tensor(schedule_or_table))

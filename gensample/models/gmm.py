@@ -244,6 +244,29 @@ class GaussianMixture:
         ab = torch.as_tensor(alpha_bar, dtype=torch.float64, device=x.device)
         return -expand_to((1 - ab).sqrt(), x) * self.score(x, ab, labels)
 
+    def velocity(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
+        """Exact flow velocity v = E[eps - x0 | x_sigma] on x_sigma = (1 - sigma) x0 + sigma eps
+        (docs/flow_matching.md "The exact oracle"), float64, shape of x; sigma scalar or (B,) in [0, 1].
+
+        Given component k, (x0, x_sigma) is jointly Gaussian with Var(x_sigma) = V_k = (1 - sigma)^2
+        s_k^2 + sigma^2, Cov(x0, x_sigma) = (1 - sigma) s_k^2, Cov(eps, x_sigma) = sigma (per
+        coordinate), so with r_k = x - (1 - sigma) mu_k:
+        E[eps - x0 | x, k] = (sigma - (1 - sigma) s_k^2) r_k / V_k - mu_k, finite for every sigma
+        in [0, 1]. The component posterior is that of the VP twin (x / c, alpha_bar(sigma)): the
+        common factor c does not change the responsibilities."""
+        from ..core.flow import twin_alpha_bar, twin_scale
+
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1)  # (B|1, 1)
+        flat = x.double().reshape(x.shape[0], -1)  # (B, D)
+        _, _, _, logits = self._comp_terms(flat / twin_scale(s), twin_alpha_bar(s).reshape(-1), labels)
+        r = torch.softmax(logits, 1)  # (B, K)
+        V = (1 - s) ** 2 * self.stds[None] ** 2 + s**2  # (B|1, K)
+        gain = r * (s - (1 - s) * self.stds[None] ** 2) / V  # (B, K)
+        mu = self.means.reshape(self.means.shape[0], -1)  # (K, D)
+        # sum_k r_k [g_k (x - (1 - sigma) mu_k) - mu_k], g_k = gain_k / r_k
+        v = gain.sum(1, keepdim=True) * flat - (1 - s) * (gain @ mu) - r @ mu  # (B, D)
+        return v.reshape(x.shape)
+
     def mean(self, label=None) -> torch.Tensor:
         mix = self.conditional(label)
         return (mix.weights.reshape(-1, *([1] * len(self.event_shape))) * mix.means).sum(0)
@@ -312,6 +335,50 @@ class GMMUNet(torch.nn.Module):
         if m.labels is not None:
             m.labels = m.labels.to(dev)
         return self
+
+
+class GMMFlowNet(GMMUNet):
+    """Exact flow-matching velocity with the diffusers transformer call signature:
+    ``model(sample, timestep, class_labels=None).sample`` = E[eps - x0 | x_sigma] at
+    sigma = timestep / num_train_timesteps (the flow contract's units, docs/flow_matching.md)."""
+
+    def __init__(self, mixture: GaussianMixture, num_train_timesteps: int = 1000):
+        super().__init__(mixture, torch.ones(int(num_train_timesteps), dtype=torch.float64))
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    def forward(self, sample, timestep, class_labels=None, return_dict: bool = True, **unused):
+        t = torch.as_tensor(timestep, device=sample.device).double()
+        if t.ndim == 0:
+            t = t.expand(sample.shape[0])
+        v = self.mixture.velocity(sample.double(), t / self.num_train_timesteps, class_labels).to(sample.dtype)
+        return MixtureOutput(v) if return_dict else (v,)
+
+
+def flow_scheduler_config(shift: float = 1.0, num_train_timesteps: int = 1000) -> dict:
+    """A FlowMatchEulerDiscreteScheduler config (as saved by diffusers) with static ``shift``."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"flow_shift must be a finite number > 0, got {shift!r}")
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": int(num_train_timesteps),
+            "shift": float(shift), "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+            "base_image_seq_len": 256, "max_image_seq_len": 4096, "invert_sigmas": False, "shift_terminal": None,
+            "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+            "time_shift_type": "exponential", "stochastic_sampling": False}
+
+
+def as_flow_model(model, shift: float = 1.0):
+    """The flow-matching form of an analytic mixture model (``--flow``, ``--flow-shift S``): a
+    LoadedModel with prediction_type "flow", the exact velocity network (``GMMFlowNet``) and a
+    FlowMatch config with static shift S; everything else (classes, event shape) as ``model``.
+    ValueError for a model without an exact mixture (``extras["mixture"]``)."""
+    from dataclasses import replace
+
+    mixture = (getattr(model, "extras", None) or {}).get("mixture")
+    if not isinstance(mixture, GaussianMixture):
+        raise ValueError(f"--flow needs an analytic mixture model (gmm2d, gmm-digits, gmm:FILE.json), "
+                         f"got {getattr(model, 'name', model)!r}")
+    cfg = flow_scheduler_config(shift)
+    return replace(model, name=f"{model.name}[flow, shift {float(shift):g}]", unet=GMMFlowNet(mixture, cfg["num_train_timesteps"]),
+                   scheduler_config=cfg, prediction_type="flow", extras=dict(model.extras))
 
 
 def from_arrays(weights: Sequence[float], means, stds, labels=None) -> GaussianMixture:

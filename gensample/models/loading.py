@@ -202,7 +202,9 @@ class LoadedModel:
         if not self.prompts:
             rec["note"] = EMPTY_PROMPT_NOTE
         if self.text_conditional:  # what the text encoder(s) saw of each prompt
-            rec["tokens"] = self.prompt_encoder().token_usage(self.run_prompts)
+            pe = self.prompt_encoder()
+            rec["tokens"] = pe.token_usage(self.run_prompts)
+            rec.update(getattr(pe, "run_record", dict)())  # a family's own conditioning (SDXL sizes)
         return rec
 
     def prepare_batch(self, indices) -> None:
@@ -402,7 +404,8 @@ class Family:
 
 _FAMILIES: dict[str, Family] = {}
 # family loader modules, imported when a folder or pipeline is resolved (no import cost otherwise)
-FAMILY_MODULES = ("gensample.models.sdxl", "gensample.models.flow_pipelines")
+FAMILY_MODULES = ("gensample.models.sdxl", "gensample.models.flow_pipelines", "gensample.models.llada",
+                  "gensample.models.dream", "gensample.models.diffusion_gemma")
 
 
 def register_family(family: Family) -> None:
@@ -452,9 +455,10 @@ def _read_json(path: Path, spec: str) -> dict:
     return data
 
 
-FLOW_MATCHING_NOTE = ("flow-matching transformer models (SD3, Flux, ...) are not supported yet: their denoiser "
-                      "is a transformer trained on a flow-matching schedule, not a UNet on a VP (DDPM) schedule; "
-                      "flow-matching support is planned in a later release")
+FLOW_MATCHING_NOTE = ("the flow-matching pipelines gensample samples are StableDiffusion3Pipeline (SD3 / SD3.5) and "
+                      "FluxPipeline (Flux-dev / schnell) text-to-image folders or objects (docs/flow_matching.md)")
+# flow-matching pipeline classes that take an image (img2img, inpainting, fill, control, reference)
+FLOW_IMAGE_TAGS = ("Img2Img", "Inpaint", "Fill", "Kontext", "Redux", "Control", "Prior")
 
 
 def check_pipeline_kind(class_name, comps: dict, spec: str) -> None:
@@ -463,25 +467,31 @@ def check_pipeline_kind(class_name, comps: dict, spec: str) -> None:
     class_name: the pipeline class (``model_index.json``'s ``_class_name``, or the object's class);
     comps: component name -> [library, class] of the present components. Order of the checks:
     a flow-matching scheduler or an SD3/Flux class (flow-matching transformer), another
-    transformer denoiser, SDXL refiners / img2img / inpainting (by name), SDXL (a second text
-    encoder), inpainting pipelines (image + mask inputs), then the UNet that every sampler needs."""
+    transformer denoiser, SDXL refiners / img2img / inpainting (by name), other SDXL-style pipelines
+    (a second text encoder) that the SDXL family (``models/sdxl.py``, checked before this) does not
+    claim, inpainting pipelines (image + mask inputs), then the UNet that every sampler needs."""
     cls = str(class_name or "this pipeline")
     sched = (comps.get("scheduler") or [None, ""])[1] or ""
     if sched.startswith("FlowMatch") or cls.startswith(("StableDiffusion3", "Flux")):
+        # the supported ones (families "sd3", "flux" of models/flow_pipelines.py) never reach here
+        tag = next((t for t in FLOW_IMAGE_TAGS if t in cls), None)
+        why = (f"it conditions on a given image ({tag}), and gensample's samplers draw from noise given a prompt"
+               if tag else "this pipeline family has no gensample loader")
         raise ValueError(f"--model {spec}: {cls} (scheduler {sched or 'unknown'}) is a flow-matching transformer "
-                         f"pipeline; {FLOW_MATCHING_NOTE}")
+                         f"pipeline that is not supported yet: {why}; {FLOW_MATCHING_NOTE}")
     if "transformer" in comps and "unet" not in comps:
         raise ValueError(f"--model {spec}: {cls} has a transformer denoiser ({comps['transformer'][1]}) instead of a "
                          f"UNet; transformer-based pipelines are not supported yet (gensample samples UNet-based "
                          f"diffusion pipelines: Stable Diffusion 1.x / 2.x, DDPM-style UNets)")
     is_xl = cls.startswith("StableDiffusionXL") or "text_encoder_2" in comps
-    if is_xl and any(tag in cls for tag in ("Img2Img", "Inpaint", "Refiner")):
+    if is_xl and any(tag in cls for tag in ("Img2Img", "Inpaint", "Refiner", "InstructPix2Pix")):
         raise ValueError(f"--model {spec}: {cls} is an SDXL refiner / image-to-image pipeline (it denoises a given "
-                         f"image with its second text encoder); SDXL is not supported yet, and gensample's samplers "
-                         f"start from noise, not from an image")
-    if is_xl:
-        raise ValueError(f"--model {spec}: {cls} is an SDXL pipeline (two text encoders, pooled text embeddings and "
-                         f"size conditioning); SDXL is not supported yet; use a Stable Diffusion 1.x / 2.x pipeline")
+                         f"image{', inside a mask' if 'Inpaint' in cls else ''}); these are not supported yet: gensample's "
+                         f"samplers start from noise (use the SDXL base pipeline, StableDiffusionXLPipeline)")
+    if is_xl:  # not claimed by the SDXL family (gensample.models.sdxl): e.g. ControlNet / adapter pipelines
+        raise ValueError(f"--model {spec}: {cls} is an SDXL-style pipeline (a second text encoder) that gensample's SDXL "
+                         f"loader does not take: it samples StableDiffusionXLPipeline folders (a UNet2DConditionModel "
+                         f"with two CLIP text encoders); {cls} is not supported yet")
     if "Inpaint" in cls:
         raise ValueError(f"--model {spec}: {cls} is an inpainting pipeline (its UNet takes the image and mask as "
                          f"extra input channels); gensample's samplers need a text-to-image or unconditional UNet")
@@ -679,6 +689,10 @@ def load_pipeline_folder(folder: Path, name: str, spec: str | None = None, varia
     elif (folder / "config.json").exists():
         cfg = _read_json(folder / "config.json", spec)
         cls = cfg.get("_class_name")
+        archs = cfg.get("architectures") or []
+        fam = family_of(archs[0], {}) if cls is None and archs else None  # a bare transformers model (LLaDA, ...)
+        if fam is not None:
+            return fam.load_folder(folder, cfg, {}, name, spec, variant)
         if cls not in UNET_CLASSES:
             raise _layout_error(spec, folder, f" (its config.json describes a {cls!r}, not a UNet)")
         unet = _load_component(folder, "unet", ["diffusers", cls], UNET_CLASSES, spec, variant)
@@ -823,7 +837,7 @@ def weights_fingerprint(modules: dict) -> str:
             if flat.numel() == 0:
                 continue
             k = min(_FINGERPRINT_ENTRIES, flat.numel())
-            idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).round().long()
+            idx = torch.linspace(0, flat.numel() - 1, k, dtype=torch.float64, device=flat.device).round().long()
             v = flat[idx]
             picks.append((v.real if v.is_complex() else v).to(torch.float64))
         if picks:
@@ -883,10 +897,15 @@ def from_object(obj, spec: str | None = None) -> LoadedModel:
         sched = dict(DEFAULT_SCHEDULER_CONFIG)
         used = {"unet": obj}
     elif isinstance(obj, torch.nn.Module) and "Transformer" in cls:
-        flow = cls.startswith(("SD3", "Flux", "StableDiffusion3"))
-        raise ValueError(f"--model {spec}: a {cls} is a transformer denoiser; "
-                         + (FLOW_MATCHING_NOTE if flow else "transformer-based models are not supported yet")
-                         + "; pass a UNet-based pipeline")
+        flow = {"SD3": "StableDiffusion3Pipeline", "Flux": "FluxPipeline"}
+        whole = next((p for prefix, p in flow.items() if cls.startswith(prefix)), None)
+        if whole is not None:
+            raise ValueError(f"--model {spec}: a bare {cls} is only the denoiser of a flow-matching pipeline; "
+                             f"flow-matching transformer models are not supported yet without their pipeline (text "
+                             f"encoders, VAE, scheduler): pass the whole {whole} (model=pipe) or its save_pretrained "
+                             f"folder")
+        raise ValueError(f"--model {spec}: a {cls} is a transformer denoiser; transformer-based models are not "
+                         f"supported yet; pass a UNet-based pipeline, or a flow-matching one ({FLOW_MATCHING_NOTE})")
     else:
         raise TypeError(f"model must be a model spec string (zoo name, prefix:FILE, folder or hub id) or an in-memory "
                         f"model: {ACCEPTED_OBJECTS}; got {short_repr(obj)}")

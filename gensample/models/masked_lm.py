@@ -256,3 +256,103 @@ def load_hf_masked_lm(path: str, length: int = 64, trust_remote_code: bool = Fal
     return masked_lm_model(name, net, mask_token_id=tok.mask_token_id, length=default_len,
                            tokenizer=_HFTokenizer(tok), exclude_ids=special, max_length=max_len,
                            time_conditioning=timed)
+
+
+# -- diffusion LMs with a transformers tokenizer (LLaDA, Dream, DiffusionGemma) -------------------------------
+class DLMTokenizer:
+    """A transformers tokenizer as the block sampler needs it.
+
+    ``encode(text)``: ids without special tokens (pieces of an ``--infill`` template); ``encode_prompt(text,
+    chat)``: the prompt as the model expects it: the chat template with a generation prompt when ``chat`` is
+    true and the tokenizer has one, else the text with the tokenizer's own special tokens (BOS);
+    ``decode(ids)``: text of ids, mask and padding ids dropped; ``eos_ids``: ids that end a generation."""
+
+    def __init__(self, tok, mask_token_id: int, eos_ids=(), pad_token_id: int | None = None):
+        self.tok = tok
+        self.mask_token_id = int(mask_token_id)
+        self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
+        ids = []
+        for i in [tok.eos_token_id, *eos_ids]:
+            ids.extend(i if isinstance(i, (list, tuple)) else [i])
+        self.eos_ids = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    def __len__(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str, chat: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+        if chat and self.has_chat_template:
+            out = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=True)
+            ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+            return [int(i) for i in ids]
+        return [int(i) for i in self.tok(text)["input_ids"]]
+
+    def decode(self, ids) -> str:
+        drop = {self.mask_token_id, self.pad_token_id}
+        return self.tok.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+
+    def decode_until_eos(self, ids) -> str:
+        """Text of ids up to (not including) the first EOS id."""
+        out = []
+        for i in (int(j) for j in ids):
+            if i in self.eos_ids:
+                break
+            out.append(i)
+        return self.decode(out)
+
+
+def load_local_tokenizer(folder: str | Path, spec: str):
+    """The transformers tokenizer of a local folder, without running the folder's own code: AutoTokenizer;
+    for a folder whose tokenizer class is remote code (Dream's DreamTokenizer), the generic fast
+    tokenizer from tokenizer.json or Qwen2's BPE tokenizer from vocab.json + merges.txt."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(folder)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json, whose custom fields it warns about
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        first = err
+    finally:
+        hf_logging.set_verbosity(level)
+    try:
+        if (folder / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            from transformers import Qwen2Tokenizer
+
+            return Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model {spec}: cannot load the tokenizer in {folder} ({err})") from err
+    raise ValueError(f"--model {spec}: cannot load the tokenizer in {folder} ({first})")
+
+
+def dlm_model(name: str, network: nn.Module, tok: DLMTokenizer, *, family: str, logits_size: int,
+              max_length: int | None, network_cached: nn.Module | None = None, **extras) -> LoadedModel:
+    """LoadedModel of kind "masked_lm" for a diffusion LM with a transformers tokenizer.
+
+    Extras besides ``masked_lm_model``'s: ``family`` ("llada", "dream", "diffusion_gemma"),
+    ``eos_token_ids``, ``pad_token_id``, ``network_cached`` (a network taking ``block=(start, end)``:
+    LLaDA/Dream's opt-in prefix cache, DiffusionGemma's encoder cache) and ``block_sampler`` (True).
+    Ids the tokenizer never produces (``len(tokenizer)`` up to the logits size) are excluded from draws."""
+    vocab = len(tok)
+    exclude = tuple(i for i in range(vocab, int(logits_size)) if i != tok.mask_token_id)
+    return masked_lm_model(name, network, mask_token_id=tok.mask_token_id, length=min(64, max_length or 64),
+                           tokenizer=tok, exclude_ids=exclude, max_length=max_length, family=family,
+                           eos_token_ids=tok.eos_ids, pad_token_id=tok.pad_token_id,
+                           network_cached=network_cached, block_sampler=True, **extras)

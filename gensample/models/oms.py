@@ -316,8 +316,9 @@ def _resolve_pointer(root: Path, folder: Path) -> tuple[str, dict]:
     cfg_file = folder / "config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     if "SDXL" in str(cfg.get("_class_name", "")):
-        raise ValueError(f"{cfg_file}: dual SDXL text encoders (OMS-L) are not supported; OMS-B modules "
-                         f"(one CLIP text encoder) are")
+        raise ValueError(f"{cfg_file}: dual SDXL text encoders (OMS-L) are not read from the release; on an SDXL "
+                         f"model pass --oms-text-encoder base (psi then attends to the base's two encoders' "
+                         f"penultimate states); OMS-B modules (one CLIP text encoder) load their own")
     target = cfg.get("_name_or_path")
     own = [p for p in folder.iterdir() if p.name != "config.json"] if folder.is_dir() else []
     if own or not target:

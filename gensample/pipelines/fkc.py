@@ -7,19 +7,27 @@ Thin: it builds the experts' conditioning and one batched expert call, then runs
   class): experts are class labels.
 - ``UNet2DConditionModel`` + ``CLIPTextModel`` + tokenizer (+ ``AutoencoderKL``), Stable
   Diffusion style: experts are prompts (or ``prompt_embeds``).
+- SDXL (``addition_embed_type="text_time"``): the SDXL pipeline's two text encoders and
+  tokenizers (``text_encoder_2`` / ``tokenizer_2``, ``FKCPipeline.from_pipe(sdxl_pipe)``); each
+  expert is a prompt's flat conditioning (hidden states, pooled embedding, size/crop time ids),
+  encoded by diffusers' own ``StableDiffusionXLPipeline.encode_prompt`` (``_sdxl.py``), with the
+  pipeline's ``force_zeros_for_empty_prompt`` rule for a missing negative prompt and its
+  micro-conditioning arguments (``original_size``, ``crops_coords_top_left``, ``target_size`` and
+  the negative ones).
 
-Denoisers (checked at construction, ``check_denoiser``): a ``UNet2DModel`` or a Stable Diffusion
-1.x / 2.x ``UNet2DConditionModel`` (text cross-attention and nothing else). SDXL UNets
-(``addition_embed_type="text_time"``: pooled embeddings and size/crop ids from two text encoders),
-other added or class conditioning, extra input channels (inpainting, depth, upscaling) and
-transformer denoisers (SD3, Flux: flow matching; DiT, PixArt) are refused with the reason.
+Denoiser checks at construction (``check_denoiser``) accept a ``UNet2DModel``, a Stable Diffusion
+1.x / 2.x ``UNet2DConditionModel`` (text cross-attention and nothing else) and an SDXL UNet whose
+text encoders fit it (hidden sizes add up to ``cross_attention_dim``, the pooled projection plus
+the six time ids to the added embedding). Other added or class conditioning, extra input channels
+(inpainting, depth, upscaling) and transformer denoisers (SD3, Flux: flow matching; DiT, PixArt)
+are refused with the reason.
 
 The scheduler is always an ``FKCScheduler`` (another DDPM-family scheduler is converted with
 ``from_config``; a flow-matching one is refused). Its ``fkc_*`` config fields do not set the
 target: the call's ``target`` / ``beta`` / ``guidance_scale`` / ``expert_betas`` do. The loop
 sums the log-weights and resamples itself (``sample_fkc``), which a stock diffusers pipeline does
 not: ``FKCScheduler`` placed in one refuses a non-trivial target (gensample.schedulers.fkc).
-``FKCPipeline.from_pipe(pipe)`` reuses a loaded SD 1.x/2.x, DDPM or DDIM pipeline's modules.
+``FKCPipeline.from_pipe(pipe)`` reuses a loaded SD 1.x/2.x, SDXL, DDPM or DDIM pipeline's modules.
 
 Targets: ``"cfg"`` p(x|c)^w p(x|neg)^(1-w) per group (w = guidance_scale, diffusers convention);
 ``"product"`` prod_i p(x|c_i)^beta_i over ``experts`` (one group); ``"anneal"`` p(x|c)^beta.
@@ -39,7 +47,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..samplers.fkc import DEFAULTS, FINALS, TARGET_BETA, FKCConfig, TARGETS, eps_and_x0, sample_fkc
 from ..schedulers.fkc import FKCScheduler
-from ._images import to_output_type
+from . import _sdxl
+from ._images import decode_latents, to_output_type
 
 PIPELINE_TARGETS = TARGETS
 
@@ -55,13 +64,19 @@ class FKCPipelineOutput(BaseOutput):
 
 SUPPORTED_DENOISERS = ("UNet2DModel (unconditional, or class-conditional through num_class_embeds with the last "
                        "embedding as the null class)",
-                       "UNet2DConditionModel with text cross-attention only (Stable Diffusion 1.x / 2.x)")
+                       "UNet2DConditionModel with text cross-attention only (Stable Diffusion 1.x / 2.x)",
+                       "UNet2DConditionModel with addition_embed_type='text_time' and two CLIP text encoders (SDXL)")
+# StableDiffusionXLPipeline's call arguments that only an SDXL UNet takes
+SDXL_ARGUMENTS = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+                  "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                  "negative_crops_coords_top_left", "negative_target_size")
 
 
-def check_denoiser(unet, text_encoder=None, vae=None) -> None:
+def check_denoiser(unet, text_encoder=None, vae=None, text_encoder_2=None) -> None:
     """Raise a ValueError naming the reason and ``SUPPORTED_DENOISERS`` when ``unet`` cannot be
-    driven by FKCPipeline's expert calls (``unet(x, t, encoder_hidden_states=...)`` or
-    ``unet(x, t, class_labels=...)``), or when the text encoder / VAE do not fit it."""
+    driven by FKCPipeline's expert calls (``unet(x, t, encoder_hidden_states=...)``, SDXL's
+    ``added_cond_kwargs`` of pooled text and time ids, or ``unet(x, t, class_labels=...)``), or when
+    the text encoder(s) / VAE do not fit it."""
     supported = "FKCPipeline supports: " + "; ".join(SUPPORTED_DENOISERS)
     unet = getattr(unet, "_orig_mod", unet)  # a torch.compile'd UNet is checked as the module it wraps
     name = type(unet).__name__
@@ -83,11 +98,7 @@ def check_denoiser(unet, text_encoder=None, vae=None) -> None:
                          f"FKCPipeline does not build. {supported}.")
     if isinstance(unet, UNet2DConditionModel):
         added = cfg.get("addition_embed_type")
-        if added == "text_time":
-            raise ValueError(f"unet: {name} has addition_embed_type='text_time' (an SDXL UNet: it needs pooled text "
-                             f"embeddings and size/crop time ids from two text encoders), which FKCPipeline does not "
-                             f"build. {supported}.")
-        if added is not None:
+        if added is not None and added != "text_time":
             raise ValueError(f"unet: {name} has addition_embed_type={added!r}, an added conditioning FKCPipeline does "
                              f"not build. {supported}.")
         if cfg.get("num_class_embeds") is not None:
@@ -96,6 +107,9 @@ def check_denoiser(unet, text_encoder=None, vae=None) -> None:
         if cfg.get("encoder_hid_dim_type") not in (None, "text_proj"):
             raise ValueError(f"unet: {name} has encoder_hid_dim_type={cfg.encoder_hid_dim_type!r} (image "
                              f"conditioning), which FKCPipeline does not build. {supported}.")
+        if added == "text_time":  # SDXL: two encoders, concatenated hidden states + pooled projection
+            _sdxl.check_text_encoders(unet, text_encoder, text_encoder_2)
+            text_encoder = None
         text_dim = cfg.get("encoder_hid_dim") or cfg.get("cross_attention_dim")
         hidden = getattr(getattr(text_encoder, "config", None), "hidden_size", None)
         if isinstance(text_dim, int) and isinstance(hidden, int) and hidden != text_dim:
@@ -107,23 +121,33 @@ def check_denoiser(unet, text_encoder=None, vae=None) -> None:
 
 
 class FKCPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: Union[UNet2DModel, UNet2DConditionModel], scheduler: SchedulerMixin,
-                 vae: Optional[Union[AutoencoderKL, AutoencoderTiny]] = None, text_encoder=None, tokenizer=None):
-        # the annotations let DiffusionPipeline.from_pipe hand over a loaded pipeline's UNet and VAE
+                 vae: Optional[Union[AutoencoderKL, AutoencoderTiny]] = None, text_encoder=None, tokenizer=None,
+                 text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = True):
+        """``text_encoder_2`` / ``tokenizer_2`` / ``force_zeros_for_empty_prompt``: SDXL's second
+        encoder and its rule for a missing negative prompt (zero embeddings, as
+        StableDiffusionXLPipeline; ``from_pipe`` carries the SDXL pipeline's value over). The
+        annotations let DiffusionPipeline.from_pipe hand over a loaded pipeline's UNet and VAE."""
         super().__init__()
-        check_denoiser(unet, text_encoder, vae)
+        check_denoiser(unet, text_encoder, vae, text_encoder_2)
         if not isinstance(scheduler, FKCScheduler):
             scheduler = FKCScheduler.from_config(scheduler.config)
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.register_to_config(force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
 
     # -- conditioning ------------------------------------------------------------------------
     @property
     def is_text_conditional(self) -> bool:
         return self.unet.config.get("cross_attention_dim") is not None  # UNet2DConditionModel
+
+    @property
+    def is_sdxl(self) -> bool:
+        return _sdxl.is_sdxl_unet(self.unet)
 
     def encode_prompt(self, prompts: List[str], device) -> torch.Tensor:
         """CLIP text embeddings (n, L, D) for a list of prompts."""
@@ -133,31 +157,60 @@ class FKCPipeline(DiffusionPipeline):
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(device))[0]
 
+    def _text_conditioning(self, prompts, negative, do_cfg: bool, device, prompt_embeds=None,
+                           negative_prompt_embeds=None, sdxl_kwargs=None):
+        """(cond, uncond) flat dicts with one row per prompt (uncond None unless ``do_cfg``):
+        ``{"encoder_hidden_states"}`` for SD 1.x / 2.x, plus ``text_embeds`` / ``time_ids`` for SDXL
+        (``_sdxl.encode``, diffusers' own encoding)."""
+        if self.is_sdxl:
+            kw = dict(sdxl_kwargs or {})
+            if prompt_embeds is None and self.text_encoder_2 is None:
+                raise ValueError("prompts on an SDXL UNet need text_encoder_2 and tokenizer_2 (FKCPipeline.from_pipe("
+                                 "sdxl_pipe) carries them over); or pass prompt_embeds and pooled_prompt_embeds")
+            return _sdxl.encode(self, prompts, negative, do_cfg=do_cfg, device=device, prompt_embeds=prompt_embeds,
+                                negative_prompt_embeds=negative_prompt_embeds, **kw)
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(list(prompts), device)
+        cond, uncond = {"encoder_hidden_states": prompt_embeds}, None
+        if do_cfg:
+            if negative_prompt_embeds is None:
+                G = prompt_embeds.shape[0]
+                neg = negative if negative is not None else ""
+                neg = [neg] * G if isinstance(neg, str) else list(neg)
+                if len(neg) != G:
+                    raise ValueError(f"negative_prompt must be a string or a list of {G}, got {len(neg)}")
+                negative_prompt_embeds = self.encode_prompt(neg, device)
+            uncond = {"encoder_hidden_states": negative_prompt_embeds}
+        return cond, uncond
+
     def _groups_and_experts(self, target, prompt, negative_prompt, class_labels, experts, prompt_embeds,
-                            negative_prompt_embeds, device):
-        """List over groups of M conditionings (text: (L, D) tensors; class: ints)."""
+                            negative_prompt_embeds, device, sdxl_kwargs=None):
+        """List over groups of M conditionings (text: flat dicts of rows without batch dim; class: ints)."""
         text = self.is_text_conditional
         if target == "product":
             if experts is None or len(experts) < 2:
                 raise ValueError("target='product' needs experts=[c1, c2, ...] (prompts or class labels), at least two")
-            conds = self.encode_prompt(list(experts), device) if text else [int(c) for c in experts]
-            return [list(conds)]
+            if not text:
+                return [[int(c) for c in experts]]
+            per_prompt = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+            given = sorted(k for k in per_prompt if (sdxl_kwargs or {}).get(k) is not None)
+            if given:
+                raise ValueError(f"target='product' encodes its experts from the prompts in experts=[...]; {given} "
+                                 f"do not apply to it")
+            kw = {k: v for k, v in (sdxl_kwargs or {}).items() if k not in per_prompt}
+            cond, _ = self._text_conditioning(list(experts), None, False, device, sdxl_kwargs=kw)
+            return [[_sdxl.rows(cond, i) for i in range(len(experts))]]
         if text:
             if prompt_embeds is None:
                 if prompt is None:
                     raise ValueError(f"target={target!r} needs prompt (str or list) or prompt_embeds")
                 prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-                prompt_embeds = self.encode_prompt(prompt, device)
-            G = prompt_embeds.shape[0]
+            cond, uncond = self._text_conditioning(prompt, negative_prompt, target == "cfg", device, prompt_embeds,
+                                                   negative_prompt_embeds, sdxl_kwargs)
+            G = cond["encoder_hidden_states"].shape[0]
             if target == "anneal":
-                return [[prompt_embeds[g]] for g in range(G)]
-            if negative_prompt_embeds is None:
-                neg = negative_prompt if negative_prompt is not None else ""
-                neg = [neg] * G if isinstance(neg, str) else list(neg)
-                if len(neg) != G:
-                    raise ValueError(f"negative_prompt must be a string or a list of {G}, got {len(neg)}")
-                negative_prompt_embeds = self.encode_prompt(neg, device)
-            return [[prompt_embeds[g], negative_prompt_embeds[g]] for g in range(G)]
+                return [[_sdxl.rows(cond, g)] for g in range(G)]
+            return [[_sdxl.rows(cond, g), _sdxl.rows(uncond, g)] for g in range(G)]
         n_embeds = int(self.unet.config.get("num_class_embeds") or 0)
         null = n_embeds - 1 if n_embeds else None
         if class_labels is None:
@@ -203,7 +256,22 @@ class FKCPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (diffusers signature)
+        **sdxl_kwargs,
     ):
+        """Sample ``num_particles`` particles per group (prompt / class label) from the target.
+
+        ``sdxl_kwargs`` (SDXL UNets only, StableDiffusionXLPipeline's meaning): ``prompt_2``,
+        ``negative_prompt_2``, ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds``,
+        ``original_size``, ``crops_coords_top_left``, ``target_size``, ``negative_original_size``,
+        ``negative_crops_coords_top_left``, ``negative_target_size``; the time ids use the pixel
+        ``height`` / ``width`` (default: the UNet's sample size times the VAE factor)."""
+        bad = sorted(set(sdxl_kwargs) - set(SDXL_ARGUMENTS))
+        if bad:
+            raise TypeError(f"FKCPipeline.__call__ got unexpected keyword argument(s) {bad}; SDXL arguments are "
+                            f"{list(SDXL_ARGUMENTS)}")
+        if sdxl_kwargs and not self.is_sdxl:
+            raise ValueError(f"{sorted(sdxl_kwargs)} are SDXL arguments; this pipeline's UNet is not an SDXL UNet "
+                             f"(addition_embed_type='text_time')")
         if target not in PIPELINE_TARGETS:
             raise ValueError(f"target must be one of {PIPELINE_TARGETS}, got {target!r}")
         if final not in FINALS:
@@ -214,8 +282,10 @@ class FKCPipeline(DiffusionPipeline):
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {name!r}")
         device = self._execution_device
+        if self.is_sdxl:
+            sdxl_kwargs.update(height=height, width=width)
         groups = self._groups_and_experts(target, prompt, negative_prompt, class_labels, experts, prompt_embeds,
-                                          negative_prompt_embeds, device)
+                                          negative_prompt_embeds, device, sdxl_kwargs)
         M = len(groups[0])
         if target == "cfg":
             betas = (float(guidance_scale), 1.0 - float(guidance_scale))
@@ -232,10 +302,11 @@ class FKCPipeline(DiffusionPipeline):
 
         # expert conditioning for the (M * N) rows of one batched call: expert-major
         text = self.is_text_conditional
-        if text:
-            emb = torch.stack([torch.stack([groups[g][i] for g in range(G)]) for i in range(M)])  # (M, G, L, D)
-            emb = emb.repeat_interleave(K, dim=1).reshape(M * N, *emb.shape[2:])  # (M*N, L, D)
-            cond = {"encoder_hidden_states": emb.to(device=device, dtype=self.unet.dtype)}
+        if text:  # per key: (M, G, ...) -> K particles per group -> (M*N, ...)
+            per_expert = [_sdxl.stack_rows([groups[g][i] for g in range(G)]) for i in range(M)]
+            cond = {k: torch.cat([e[k].repeat_interleave(K, dim=0) for e in per_expert]).to(device=device,
+                                                                                          dtype=self.unet.dtype)
+                    for k in per_expert[0]}
         elif groups[0][0] is None:
             cond = {}
         else:
@@ -250,7 +321,7 @@ class FKCPipeline(DiffusionPipeline):
 
         def expert_eps(x, t):
             xs = x.repeat(M, *([1] * (x.ndim - 1))).to(self.unet.dtype)  # (M*N, C, H, W)
-            out = self.unet(xs, t.to(device), return_dict=False, **cond)[0].float()
+            out = self.unet(xs, t.to(device), return_dict=False, **_sdxl.unet_kwargs(cond))[0].float()
             if out.shape[1] == 2 * x.shape[1]:
                 out = out[:, : x.shape[1]]
             eps, x0 = eps_and_x0(out, xs.float(), ab[int(t)], pred_type)  # x0 from the raw output (zero SNR)
@@ -293,7 +364,7 @@ class FKCPipeline(DiffusionPipeline):
             images = x
         else:
             if self.vae is not None:
-                x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0].float()
+                x = decode_latents(self.vae, x)
             images = (x / 2 + 0.5).clamp(0, 1)
             images = to_output_type(self, images, output_type)
         self.maybe_free_model_hooks()

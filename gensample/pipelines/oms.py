@@ -15,7 +15,10 @@ CVPR 2024, arXiv 2311.15744; docs/oms.md "Python").
   ``oms_prompt`` / ``oms_negative_prompt`` strings encoded with ``oms_text_encoder``
   (last_hidden_state, padded to the tokenizer's max length; without one, the base pipeline's
   ``text_encoder`` / ``tokenizer``, as the reference pipeline does), or ``oms_class_labels`` for
-  class-conditional modules. The OMS negative defaults to the empty prompt / null class.
+  class-conditional modules. The OMS negative defaults to the empty prompt / null class. Text
+  features whose width differs from the module's ``cross_attention_dim`` are refused with both
+  widths (an SDXL base's first encoder, CLIP-L, does not fit a module trained on OpenCLIP ViT-H:
+  give the module's own encoder, as ``from_release`` does for h1t/oms_b_openclip_xl).
 - Randomness: x_T' and z are drawn on the generator's device (CPU or CUDA generators), then moved.
 
 Fixed relative to the reference code (docs/oms.md "Not reproduced from the reference code"):
@@ -94,20 +97,37 @@ class OMSPipeline(DiffusionPipeline):
             if labels.numel() != total:
                 raise ValueError(f"oms_class_labels must have 1 or {total} entries, got {labels.numel()}")
             return {"class_labels": labels}, {"class_labels": torch.full_like(labels, self.oms_module.null_class)}
+        given = oms_prompt_embeds is not None
         if oms_prompt_embeds is None:
             if oms_prompt is None:
                 raise ValueError("give oms_prompt, oms_prompt_embeds or oms_class_labels (or a prompt for the base)")
             oms_prompt_embeds = self.encode_oms_prompt(oms_prompt, device)
+        self._check_width(oms_prompt_embeds, "oms_prompt_embeds", encoded=not given)
         cond = self._per_image(oms_prompt_embeds.to(device), n_prompts, per_prompt, "oms_prompt_embeds")
         uncond = None
         if need_uncond:
+            neg_given = oms_negative_embeds is not None
             if oms_negative_embeds is None:
                 neg = oms_negative_prompt if oms_negative_prompt is not None else ""
                 neg = [neg] * n_prompts if isinstance(neg, str) else neg
                 oms_negative_embeds = self.encode_oms_prompt(neg, device)
+            self._check_width(oms_negative_embeds, "oms_negative_embeds", encoded=not neg_given)
             uncond = {"encoder_hidden_states": self._per_image(oms_negative_embeds.to(device), n_prompts, per_prompt,
                                                                "oms_negative_embeds")}
         return {"encoder_hidden_states": cond}, uncond
+
+    def _check_width(self, embeds: torch.Tensor, name: str, encoded: bool) -> None:
+        """The OMS module's cross-attention width must match the text features it is given: e.g. an
+        SDXL base pipeline's first encoder (CLIP-L, 768) does not fit a module trained on OpenCLIP
+        ViT-H (1024), so an OMS folder without its own text encoder cannot fall back to it."""
+        width = self.oms_module.config.get("cross_attention_dim")
+        if isinstance(width, int) and embeds.shape[-1] != width:
+            enc, _ = self._text_parts()
+            source = ("the given embeddings" if not encoded else "the OMS text encoder" if self.oms_text_encoder is not None
+                      else f"the base pipeline's text_encoder, {type(enc).__name__}")
+            raise ValueError(f"{name}: width {embeds.shape[-1]} (from {source}) does not match the OMS module's "
+                             f"cross_attention_dim {width}; pass oms_text_encoder / oms_tokenizer of the module's "
+                             f"own text encoder (OMSPipeline.from_release loads them) or {name} of width {width}")
 
     @staticmethod
     def _per_image(embeds: torch.Tensor, n_prompts: int, per_prompt: int, name: str) -> torch.Tensor:

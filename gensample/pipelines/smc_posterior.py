@@ -1,34 +1,68 @@
 """`SMCPosteriorPipeline`: the `smc-post` particle sampler (docs/smc_posterior.md) as a diffusers pipeline.
 
-Pixel models only (``UNet2DModel``, no VAE). Thin: the math lives in
-`gensample.samplers.smc_posterior.sample_smc_posterior`.
+Pixel models (``UNet2DModel``, no VAE) and latent ones (``vae`` + ``UNet2DConditionModel``: Stable
+Diffusion components, or SDXL's through ``SMCPosteriorPipeline.from_pipe(sdxl_pipe)``): the particles
+move in latent space, the twist and the final likelihood read the decoded image D(z0_hat)
+(docs/smc_posterior.md). Text conditioning is the prompt (default the null prompt ""), encoded
+as in `gensample.pipelines.stsl` (SDXL: diffusers' own encoding, ``_sdxl.py``). Thin: the math lives
+in `gensample.samplers.smc_posterior.sample_smc_posterior`.
 """
 
 from typing import List, Optional, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DConditionModel, UNet2DModel
 
 from ..core.denoiser import Denoiser
 from ..core.schedule import alphas_cumprod_from_config
 from ..samplers.operators import LinearOperator
 from ..samplers.smc_posterior import SMCPosteriorConfig, SMCPosteriorResult, draw_blocks, sample_smc_posterior
+from ..samplers.stsl import Codec
+from . import _sdxl
 from ._images import to_output_type
 
 
 class SMCPosteriorPipeline(DiffusionPipeline):
-    """Posterior sampling for y = A x + sigma_y n with a pixel diffusion prior, corrected by SMC.
+    """Posterior sampling for y = A x + sigma_y n with a pixel or latent diffusion prior, corrected by SMC.
 
-    Components: ``unet`` (a ``UNet2DModel``; eps / v / x0 prediction per ``scheduler.config``) and
-    ``scheduler`` (any VP scheduler config; the DDIM timestep grid is built from it).
+    Components: ``unet`` (eps / v / x0 prediction per ``scheduler.config``), ``scheduler`` (any VP
+    scheduler config; the DDIM timestep grid is built from it); for latent models ``vae``, and for a
+    text-conditional UNet ``text_encoder`` / ``tokenizer`` (+ ``text_encoder_2`` / ``tokenizer_2``
+    for SDXL) to encode ``prompt``.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, unet: Union[UNet2DModel, UNet2DConditionModel], scheduler: SchedulerMixin,
+                 vae: Optional[AutoencoderKL] = None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                 tokenizer_2=None, force_zeros_for_empty_prompt: bool = True):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        if _sdxl.is_sdxl_unet(unet):
+            _sdxl.check_text_encoders(unet, text_encoder, text_encoder_2)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.register_to_config(force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
         self.last_result: Optional[SMCPosteriorResult] = None
+
+    def _condition(self, prompt: str, prompt_embeds, pooled_prompt_embeds, device) -> Optional[dict]:
+        """One row of the UNet's text conditioning (flat; SDXL: hidden states, pooled, time ids), or None."""
+        if _sdxl.is_sdxl_unet(self.unet):
+            if prompt_embeds is None and (self.text_encoder_2 is None or self.tokenizer_2 is None):
+                raise ValueError("an SDXL UNet needs text_encoder_2 and tokenizer_2 to encode prompt (SMCPosteriorPipeline."
+                                 "from_pipe(sdxl_pipe) carries them over); or pass prompt_embeds and pooled_prompt_embeds")
+            cond, _ = _sdxl.encode(self, None if prompt_embeds is not None else [prompt], do_cfg=False, device=device,
+                                   prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+            return cond
+        if not isinstance(self.unet, UNet2DConditionModel):
+            return None
+        if prompt_embeds is None:
+            if self.tokenizer is None or self.text_encoder is None:
+                raise ValueError("this pipeline has no tokenizer/text_encoder: pass prompt_embeds for a text-conditional UNet")
+            from ..models.text import encode_prompts
+
+            prompt_embeds = encode_prompts(self.tokenizer, self.text_encoder, [prompt], device)
+        return {"encoder_hidden_states": prompt_embeds}
 
     @torch.no_grad()
     def __call__(
@@ -39,6 +73,9 @@ class SMCPosteriorPipeline(DiffusionPipeline):
         num_particles: int = 16,
         num_inference_steps: int = 50,
         batch_size: int = 1,
+        prompt: str = "",
+        prompt_embeds: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -49,7 +86,9 @@ class SMCPosteriorPipeline(DiffusionPipeline):
         particle (``final="weighted"``; weights in ``self.last_result.weights``). smc_kwargs:
         `SMCPosteriorConfig` fields (ess_threshold, scheme, final, prior_var, guidance_weight).
         generator: one torch.Generator (particle and resampling generators are seeded from it, on its
-        device) or a list of ``batch_size`` generators (one per system)."""
+        device) or a list of ``batch_size`` generators (one per system).
+        prompt / prompt_embeds (+ pooled_prompt_embeds for SDXL): the prior's text conditioning on a
+        text-conditional UNet (default the null prompt ""); no classifier-free guidance."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be one of ['pil', 'np', 'pt'], got {output_type!r}")
         if not isinstance(operator, LinearOperator):
@@ -74,7 +113,11 @@ class SMCPosteriorPipeline(DiffusionPipeline):
         sched = DDIMScheduler.from_config(self.scheduler.config, prediction_type="epsilon")
         sched.set_timesteps(num_inference_steps, device=device)
         ac = alphas_cumprod_from_config(self.scheduler.config)
-        denoiser = Denoiser(self.unet, ac, self.scheduler.config.get("prediction_type", "epsilon"), plain_callable=False)
+        network = _sdxl.adapter(self.unet) if _sdxl.is_sdxl_unet(self.unet) else self.unet
+        denoiser = Denoiser(network, ac, self.scheduler.config.get("prediction_type", "epsilon"), plain_callable=False)
+        row = self._condition(prompt, prompt_embeds, pooled_prompt_embeds, device)
+        cond = None if row is None else {k: v.to(device)[:1].expand(batch_size * K, *v.shape[1:]) for k, v in row.items()}
+        codec = Codec(self.vae) if self.vae is not None else None
         c = self.unet.config
         size = c.sample_size if isinstance(c.sample_size, int) else tuple(c.sample_size)[0]
         shape = (c.in_channels, size, size)
@@ -83,7 +126,8 @@ class SMCPosteriorPipeline(DiffusionPipeline):
         bar = self.progress_bar(total=num_inference_steps)
         res = sample_smc_posterior(denoiser, operator, y, x_T, cfg, alphas_cumprod=ac, timesteps=sched.timesteps,
                                    final_alpha_bar=float(sched.final_alpha_cumprod), noise_generators=gens,
-                                   resample_generators=rgens, on_step=lambda n: bar.update(n), sampler="SMCPosteriorPipeline")
+                                   resample_generators=rgens, cond=cond, on_step=lambda n: bar.update(n),
+                                   sampler="SMCPosteriorPipeline", codec=codec)
         bar.close()
         res.stats.update(nfe=denoiser.calls, model_rows=denoiser.rows)
         self.last_result = res

@@ -4,7 +4,10 @@ Pixel models (``UNet2DModel``, no VAE) and latent models (``vae`` + ``UNet2DMode
 ``UNet2DConditionModel``, e.g. Stable Diffusion components) share the loop in
 `gensample.samplers.stsl.sample_inverse` (docs/stsl.md). Text conditioning is the null prompt ""
 unless ``prompt`` / ``prompt_embeds`` are given; classifier-free guidance is refused (see
-``guidance_scale``). Thin: no math here.
+``guidance_scale``). SDXL (``addition_embed_type="text_time"``, ``STSLPipeline.from_pipe(sdxl_pipe)``):
+the prompt is encoded by diffusers' own SDXL code with both text encoders (``_sdxl.py``: hidden
+states, pooled embedding, size/crop time ids) and the network is called through
+``_sdxl.adapter``; the latents are SDXL's VAE latents. Thin: no math here.
 """
 
 from typing import List, Optional, Union
@@ -17,6 +20,7 @@ from ..core.denoiser import Denoiser
 from ..core.schedule import alphas_cumprod_from_config
 from ..samplers.operators import LinearOperator
 from ..samplers.stsl import Codec, Counters, InverseConfig, draw_normal, init_latent, sample_inverse
+from . import _sdxl
 from ._images import to_output_type
 
 
@@ -26,11 +30,13 @@ class STSLPipeline(DiffusionPipeline):
     Components: ``unet`` (eps / v / x0 prediction, per ``scheduler.config.prediction_type``),
     ``scheduler`` (any VP scheduler config; the loop runs a DDIMScheduler built from it),
     optional ``vae`` (AutoencoderKL; latent path), ``text_encoder`` and ``tokenizer`` (only to
-    encode ``prompt``; pass ``prompt_embeds`` to do without them).
+    encode ``prompt``; pass ``prompt_embeds`` to do without them); for an SDXL UNet also
+    ``text_encoder_2`` and ``tokenizer_2`` (``force_zeros_for_empty_prompt`` is kept for
+    ``from_pipe`` round trips; the posterior samplers use no negative prompt).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
 
     def __init__(
         self,
@@ -39,9 +45,16 @@ class STSLPipeline(DiffusionPipeline):
         vae: Optional[AutoencoderKL] = None,
         text_encoder=None,
         tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = True,
     ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        if _sdxl.is_sdxl_unet(unet):
+            _sdxl.check_text_encoders(unet, text_encoder, text_encoder_2)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.register_to_config(force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
         self.last_counters: Optional[Counters] = None
         self.last_config: Optional[InverseConfig] = None
 
@@ -62,6 +75,7 @@ class STSLPipeline(DiffusionPipeline):
         batch_size: int = 1,
         prompt: str = "",
         prompt_embeds: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
         guidance_scale: float = 1.0,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
@@ -77,6 +91,8 @@ class STSLPipeline(DiffusionPipeline):
         raises ValueError instead of being silently ignored.
         DPS clamps x0_hat to [-1, 1] before A by default (as the CLI's ``--clamp auto`` does for
         images); pass ``clamp_x0=False`` to turn it off.
+        SDXL UNets: ``prompt_embeds`` need ``pooled_prompt_embeds`` (StableDiffusionXLPipeline's
+        meaning); the time ids are those of the UNet's default size (no crop).
         Random draws (initial noise, probes, DDPM noise) use ``generator``'s own device, then move.
         Returns images (``output_type`` "pil" | "np" | "pt"); ``self.last_counters`` holds the NFEs."""
         if output_type not in ("pil", "np", "pt"):
@@ -106,9 +122,18 @@ class STSLPipeline(DiffusionPipeline):
         sched = DDIMScheduler.from_config(self.scheduler.config, prediction_type="epsilon")
         sched.set_timesteps(num_inference_steps, device=device)
         ac = alphas_cumprod_from_config(self.scheduler.config)
-        denoiser = Denoiser(self.unet, ac, self.scheduler.config.get("prediction_type", "epsilon"), plain_callable=False)
+        sdxl = _sdxl.is_sdxl_unet(self.unet)
+        network = _sdxl.adapter(self.unet) if sdxl else self.unet
+        denoiser = Denoiser(network, ac, self.scheduler.config.get("prediction_type", "epsilon"), plain_callable=False)
         cond = None
-        if isinstance(self.unet, UNet2DConditionModel):
+        if sdxl:
+            if prompt_embeds is None and (self.text_encoder_2 is None or self.tokenizer_2 is None):
+                raise ValueError("an SDXL UNet needs text_encoder_2 and tokenizer_2 to encode prompt (STSLPipeline."
+                                 "from_pipe(sdxl_pipe) carries them over); or pass prompt_embeds and pooled_prompt_embeds")
+            rows, _ = _sdxl.encode(self, None if prompt_embeds is not None else [prompt], do_cfg=False, device=device,
+                                   prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+            cond = {k: v.to(device).expand(batch_size, *v.shape[1:]) for k, v in rows.items()}
+        elif isinstance(self.unet, UNet2DConditionModel):
             if prompt_embeds is None:
                 prompt_embeds = self._encode_prompt(prompt, batch_size, device)
             cond = {"encoder_hidden_states": prompt_embeds.to(device).expand(batch_size, *prompt_embeds.shape[1:])}

@@ -9,8 +9,8 @@ x_T and the loop is unchanged.
 from __future__ import annotations
 
 from ..samplers import schedule_flaws
-from ..samplers.baseline import SCHEDULERS, check_steps, epsilon_scale, make_scheduler, scheduler_loop
-from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register
+from ..samplers.baseline import SCHEDULERS, check_steps, epsilon_scale, make_scheduler, scheduler_loop, set_grid
+from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 
 
@@ -23,6 +23,17 @@ def _validate_oms_start(opts: dict, model) -> None:
     check_oms_start(opts, model)
 
 
+def _validate(opts: dict, model) -> None:
+    _validate_oms_start(opts, model)
+    if getattr(model, "prediction_type", None) == "flow":
+        for key in ("offset_noise", "rescale_zero_snr"):
+            if opts.get(key):
+                raise ValueError(f"--{key.replace('_', '-')} does not apply to a flow-matching model: a flow's grid "
+                                 f"starts at sigma = 1 (pure noise, the twin's zero terminal SNR)")
+        if opts.get("eps_scale", 1.0) != 1.0 or opts.get("eps_scale_slope", 0.0) != 0.0:
+            raise ValueError("Epsilon Scaling (--eps-scale, --eps-scale-slope) does not apply to flow-matching models")
+
+
 def _sample_with(name: str):
     def fn(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
         steps = opts["steps"]
@@ -30,14 +41,14 @@ def _sample_with(name: str):
         if name == "ddim" and schedule_flaws.zero_snr_wanted(opts, model):  # --rescale-zero-snr (docs/oms.md)
             return schedule_flaws.sample_zero_snr_ddim(model, opts, seeds, ctx)
         sched = make_scheduler(name, model.scheduler_config)
-        sched.set_timesteps(steps, device=ctx.device)
+        set_grid(sched, steps, ctx.device, model)  # a flow model's own sigma grid (shift, mu)
         den = model.denoiser()
         gens = ctx.generators(seeds)
         extras, stats = {}, {}
         if opts.get("oms_module") is not None:  # One More Step start (docs/compose.md)
             x, extras, stats = oms_start(model, opts, seeds, ctx, sched, gens)
         else:
-            x = schedule_flaws.start_noise(ctx, gens, model.event_shape, opts.get("offset_noise") or 0.0) * sched.init_noise_sigma
+            x = schedule_flaws.start_noise(ctx, gens, model.event_shape, opts.get("offset_noise") or 0.0) * getattr(sched, "init_noise_sigma", 1.0)
         cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
         eta = opts.get("eta") if name == "ddim" else None
         eps_fn = _eps_scaling(opts) if name == "ddim" else None
@@ -75,9 +86,13 @@ for _name in SCHEDULERS:
             options=(Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),
                      Option("eps_scale", float, 1.0, "Epsilon Scaling lambda (b): the update uses eps / (b + k t)", min=1e-6),
                      Option("eps_scale_slope", float, 0.0, "Epsilon Scaling slope k per training timestep t"),
-                     *schedule_flaws.DDIM_FLAW_OPTIONS, *OMS_START_OPTIONS)
+                     *schedule_flaws.DDIM_FLAW_OPTIONS, *OMS_START_OPTIONS, *FLOW_MODEL_OPTIONS)
             if _name == "ddim"
-            else OMS_START_OPTIONS if _name == "ddpm" else (),
-            validate=_validate_oms_start if _name in ("ddim", "ddpm") else None,
+            else (*OMS_START_OPTIONS, *FLOW_MODEL_OPTIONS) if _name == "ddpm"
+            else FLOW_MODEL_OPTIONS if _name == "euler" else (),
+            validate=_validate if _name in ("ddim", "ddpm") else None,
+            flow=_name != "dpm",
+            flow_refusal="DPMSolverMultistepScheduler has no flow-matching grid here; use euler (the model's own "
+                         "FlowMatchEulerDiscreteScheduler), ddim or ddpm (DDIM on the VP twin)" if _name == "dpm" else None,
         )
     )

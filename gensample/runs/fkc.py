@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..core import smc
+from ..core.schedule import model_schedule
 from ..eval.images import band_plot_png
 from ..io import atomic_write_bytes
 from ..samplers.fkc import (
@@ -32,7 +33,7 @@ from ..samplers.fkc import (
     spaced_timesteps,
 )
 from ..samplers.baseline import make_scheduler
-from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
+from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags, time_shift_step
 
@@ -184,6 +185,10 @@ def _validate(opts: dict, model) -> None:
     if model.kind != "diffusion":
         raise ValueError(f"sampler 'fkc' needs a diffusion model, got kind {model.kind!r}")
     check_time_shift_flags(opts)
+    if model.prediction_type == "flow" and ((opts.get("proposal") or "fkc") != "fkc" or opts.get("time_shift")):
+        raise ValueError("fkc on a flow-matching model moves with its own float64 DDIM(eta) on the VP twin (--proposal fkc; "
+                         "eta = 1 is the SDE proposal): --proposal ddim|ddpm and --time-shift are not available on flows "
+                         "(the first flow step starts at sigma = 1, alpha_bar = 0, which only FKC's own move handles)")
     # the proposal's own checks (window / stride, Time-Shift's target and quadrature rules) before sampling
     proposal = make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), cfg, "cpu", warn=False)
     if proposal is not None:
@@ -203,7 +208,7 @@ def _expert_fn(den, model, experts: list, n: int, device, group_prompts: list | 
     x0-prediction models). Text models: group g (K = n / len(group_prompts) rows) is conditioned on
     group_prompts[g] (expert PROMPT), the negative / empty prompt (NEGATIVE) or a literal prompt."""
     M = len(experts)
-    ab = model.alphas_cumprod
+    schedule = model_schedule(model)  # VP table or a flow model's twin (core.schedule)
     if model.text_conditional:
         K = n // len(group_prompts)
         rows = [p for p in group_prompts for _ in range(K)]
@@ -224,11 +229,11 @@ def _expert_fn(den, model, experts: list, n: int, device, group_prompts: list | 
         xs = x.repeat(M, *([1] * (x.ndim - 1)))  # (M * n, ...)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
-            t_in, ab_t = t, ab[int(t)]
+            t_in, ab_t = t, schedule.alpha_bar(t.cpu()).to(x.device)
         else:
-            t_in = t.long().repeat(M)  # (M * n,)
-            ab_t = ab.double().to(x.device)[t_in].reshape(-1, *([1] * (x.ndim - 1)))
-        out = den._raw(xs, t_in, cond).to(x.dtype)
+            t_in = (t if schedule.kind == "flow" else t.long()).repeat(M)  # (M * n,)
+            ab_t = schedule.alpha_bar(t_in.cpu()).double().to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        out = den.raw_twin(xs, t_in, cond).to(x.dtype)  # flows: the velocity at c(sigma) x (core.flow)
         eps, x0 = eps_and_x0(out, xs, ab_t, den.prediction_type)
         return eps.to(x.dtype).reshape(M, *x.shape), x0.to(x.dtype).reshape(M, *x.shape)
 
@@ -255,13 +260,12 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
     cfg, experts = resolve_target(opts, model)
     K = int(opts["particles"])
     steps = int(opts["steps"])
-    sc = model.scheduler_config
     proposal = make_proposal(opts, model, steps, cfg, ctx.device)
-    timesteps = spaced_timesteps(model.num_train_timesteps, steps, sc.get("timestep_spacing", "leading"), int(sc.get("steps_offset", 0)))
+    schedule = model_schedule(model)  # VP table or a flow model's twin: one loop (docs/flow_matching.md)
+    timesteps = schedule.grid(steps)
     if proposal is not None:
         timesteps = proposal.timesteps.cpu()
-    ab = model.alphas_cumprod
-    final_ab = 1.0 if sc.get("set_alpha_to_one", True) else float(ab[0])
+    final_ab = schedule.final_alpha_bar()
     den = model.denoiser()
     if cfg.final == "one_per_group":  # seeds: one per output sample = one group of K particles
         group_seeds = list(seeds)
@@ -288,7 +292,7 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
             x_T = ctx.randn(gens, model.event_shape)
         prompts = [group_prompts[g] for g in chunk] if group_prompts is not None else None
         fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device, prompts)
-        res = sample_fkc(fn, x_T, cfg, ab, timesteps, group_size=K, noise_generators=gens,
+        res = sample_fkc(fn, x_T, cfg, schedule, timesteps, group_size=K, noise_generators=gens,
                          resample_generators=rgens, final_alpha_bar=final_ab,
                          on_step=lambda k, x, lw: ctx.step_done(1.0 / len(chunks)), sampler="fkc", proposal=proposal)
         xs.append(res.x)
@@ -360,7 +364,9 @@ register(
             TIME_SHIFT_OPTION,
             *TS_STEP_OPTIONS,
             *OMS_START_OPTIONS,
+            *FLOW_MODEL_OPTIONS,
         ),
+        flow=True,
         group_size=lambda o: 1 if o.get("final") == "one_per_group" else o["particles"],
         group_hint=_group_hint,
         implied=_implied_target,

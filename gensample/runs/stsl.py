@@ -26,9 +26,9 @@ from ..eval.images import make_grid, png_bytes, to_uint8, with_titles
 from ..eval.restoration import psnr, ssim
 from ..io import atomic_write_bytes, atomic_write_json
 from ..models.posterior import GaussianMixturePosterior, PosteriorUNet
-from ..samplers.baseline import make_scheduler, scheduler_loop
+from ..samplers.baseline import make_scheduler, scheduler_loop, set_grid
 from ..samplers.operators import TASKS, LinearOperator, make_operator
-from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register
+from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register
 from ..samplers.stsl import DATA_LOSSES, INITS, STEP_RULES, TRACE_RULES, Codec, InverseConfig, reconstruct
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags, time_shift_step
@@ -100,7 +100,7 @@ def _ground_truth(opts: dict, model, ctx: RunContext) -> torch.Tensor:
         return model.extras["mixture"].sample(1, gen)
     # a DDIM(50) sample of the model (decoded for latent models)
     sched = make_scheduler("ddim", model.scheduler_config)
-    sched.set_timesteps(50, device=ctx.device)
+    set_grid(sched, 50, ctx.device, model)  # a flow model's own sigma grid (shift, mu)
     den = model.denoiser()
     x = torch.randn((1, *model.event_shape), generator=gen, device=gen.device).to(ctx.device)
     cond = model.cond_for(None, 1, ctx.device)
@@ -210,6 +210,9 @@ def _validate_composed(opts: dict, model) -> None:
     """dps / psld / stsl: the measurement, and the step rule and start they compose with."""
     _validate(opts, model)
     check_time_shift_flags(opts)
+    if getattr(model, "prediction_type", None) == "flow" and opts.get("time_shift"):
+        raise ValueError("--time-shift inside dps / psld is not available on a flow-matching model: the first flow step "
+                         "starts at sigma = 1 (alpha_bar = 0), which only the twin DDIM step with the velocity's x0 takes")
     if opts.get("oms_module") is not None:
         if opts.get("init") not in (None, "gaussian"):
             raise ValueError(f"--oms-module replaces the Gaussian z_T; it excludes --init {opts['init']} "
@@ -304,21 +307,25 @@ register(SamplerSpec(
         Option("glue_weight", float, 0.0, "optional PSLD gluing term weight (latent)", min=0.0),
         Option("reuse_eps", bool, False, "reuse the last inner eps for the DDIM step (saves one UNet call per step)"),
     ),
+    flow_refusal="its second-order Tweedie terms divide by alpha_bar, which is 0 at a flow's first grid point (sigma = 1); "
+                 "use dps, psld or smc-post",
 ))
 register(SamplerSpec(
     name="dps", description="DPS diffusion posterior sampling (Chung et al. 2023), pixel or latent, baseline",
     fn=_sample_fn("dps"), default_model="digits-ddpm", default_steps=25, validate=_validate_composed, write_extra=write_extra,
-    options=_common_options("gaussian", "paper rule 1") + _COMPOSE_OPTIONS + (
+    options=_common_options("gaussian", "paper rule 1") + _COMPOSE_OPTIONS + FLOW_MODEL_OPTIONS + (
         Option("zeta", float, 1.0, "DPS step weight zeta on grad ||y - A x0_hat||", min=0.0),
     ),
+    flow=True,
 ))
 register(SamplerSpec(
     name="psld", description="PSLD latent posterior sampling with the gluing term (Rout et al. 2023), baseline",
     fn=_sample_fn("psld"), default_model="digits-ldm", default_steps=100, validate=_validate_composed, write_extra=write_extra,
-    options=_common_options("gaussian", "paper rule 0") + _COMPOSE_OPTIONS + (
+    options=_common_options("gaussian", "paper rule 0") + _COMPOSE_OPTIONS + FLOW_MODEL_OPTIONS + (
         Option("gamma", float, None, "PSLD gluing weight [default 0.1; auto rule: 0 on pixel models]", min=0.0),
         Option("omega", float, 1.0, "PSLD measurement weight", min=0.0),
     ),
+    flow=True,
 ))
 register(SamplerSpec(
     name="gold", description="exact posterior of a Gaussian-mixture prior (DDPM on its analytic denoiser), oracle",

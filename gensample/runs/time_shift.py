@@ -14,8 +14,8 @@ import warnings
 import torch
 
 from ..samplers.baseline import check_steps
-from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register
-from ..samplers.time_shift import DEFAULT_VARIANT, VARIANTS, sample_time_shift
+from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register
+from ..samplers.time_shift import DEFAULT_VARIANT, VARIANTS, FlowTimeShift, sample_time_shift, sample_variance
 from ..schedulers.time_shift import estimate_data_var, make_time_shift_scheduler
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 
@@ -50,6 +50,9 @@ def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str
     model, ``estimate_data_var``); on a latent model the paper's statistic draws a warning (``warn``:
     False when only validating, so a run warns once)."""
     data_var = parse_data_var(opts.get("data_var"))
+    if getattr(model, "prediction_type", None) == "flow":  # the flow stepper on the model's own sigma grid
+        return flow_ts_scheduler(model, opts, steps, eta, device, data_var), (
+            None if data_var is None else flow_data_var(model, device) if data_var == "auto" else data_var)
     if data_var == "auto":
         g = torch.Generator(device).manual_seed(DATA_VAR_PILOT["seed"])
         pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=device)
@@ -65,6 +68,42 @@ def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str
                       f"so it shifts to the noisiest window edge; pass --data-var auto (or a measured value)",
                       stacklevel=3)
     return sched, data_var
+
+
+def flow_ts_scheduler(model, opts: dict, steps: int, eta: float, device, data_var):
+    """``FlowTimeShift`` on a flow model's grid (shift, mu, base sigmas: ``core.schedule.model_schedule``);
+    --data-var auto runs the pilot of ``flow_data_var``."""
+    from ..core.schedule import model_schedule
+
+    if data_var == "auto":
+        data_var = flow_data_var(model, device)
+        parse_data_var(data_var)
+    sched = FlowTimeShift(model.scheduler_config, window_size=opts.get("window"), cutoff=opts.get("cutoff"), eta=float(eta),
+                          data_var=data_var, variant=opts.get("variant") or DEFAULT_VARIANT)
+    schedule = model_schedule(model)
+    sched.set_timesteps(int(steps), device=device, mu=schedule.mu, base_sigmas=schedule.base_sigmas)
+    return sched
+
+
+_FLOW_DATA_VAR: dict = {}
+
+
+def flow_data_var(model, device) -> float:
+    """Var_data = E[var_hat(x0)] of a flow model, once per model: the mean var_hat of ``DATA_VAR_PILOT``
+    unshifted samples (the twin DDIM, ``FlowTimeShift(enabled=False)``), as ``estimate_data_var`` for VP."""
+    key = id(model)
+    if key not in _FLOW_DATA_VAR:
+        g = torch.Generator(device).manual_seed(DATA_VAR_PILOT["seed"])
+        pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=device)
+        sched = FlowTimeShift(model.scheduler_config, enabled=False)
+        from ..core.schedule import model_schedule
+
+        schedule = model_schedule(model)
+        sched.set_timesteps(DATA_VAR_PILOT["steps"], device=device, mu=schedule.mu, base_sigmas=schedule.base_sigmas)
+        x, _ = sample_time_shift(model.denoiser(), pilot, sched, cond=model.cond_for(None, DATA_VAR_PILOT["n"], device),
+                                 name="ts-data-var")
+        _FLOW_DATA_VAR[key] = float(sample_variance(x).mean())
+    return _FLOW_DATA_VAR[key]
 
 
 def _sample_ts(eta_fixed: float | None):
@@ -124,9 +163,12 @@ def check_time_shift_flags(opts: dict) -> None:
 def _validate(opts: dict, model) -> None:
     if opts.get("oms_module") is not None:
         check_oms_start(opts, model)
+    if getattr(model, "prediction_type", None) == "flow" and (opts.get("variant") or DEFAULT_VARIANT) != "paper":
+        raise ValueError(f"--variant {opts.get('variant')} does not apply to a flow-matching model: only 'paper' "
+                         f"(the reference_pnm rule moves the step's target off the model's own sigma grid)")
 
 
-_TS_OPTIONS = TS_STEP_OPTIONS + OMS_START_OPTIONS
+_TS_OPTIONS = TS_STEP_OPTIONS + OMS_START_OPTIONS + FLOW_MODEL_OPTIONS
 
 register(SamplerSpec(
     name="ts-ddim",
@@ -135,6 +177,7 @@ register(SamplerSpec(
     default_model="digits-ddpm",
     default_steps=10,
     validate=_validate,
+    flow=True,
     options=_TS_OPTIONS + (Option("eta", float, 0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)", min=0.0),),
 ))
 register(SamplerSpec(
@@ -144,5 +187,6 @@ register(SamplerSpec(
     default_model="digits-ddpm",
     default_steps=10,
     validate=_validate,
+    flow=True,
     options=_TS_OPTIONS,
 ))

@@ -4,6 +4,10 @@ DDPM (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021, eq. 12), DPM-Solver++ mul
 (Lu et al. 2022, Alg. 2; DPMSolverMultistepScheduler), Euler (Karras et al. 2022, Alg. 1 without
 churn; EulerDiscreteScheduler). The scheduler is always built with prediction_type="epsilon":
 the Denoiser converts any model parameterisation to eps first (one convention inside).
+Flow-matching models (docs/flow_matching.md): ``euler`` is the model's own
+FlowMatchEulerDiscreteScheduler fed the velocity (the stock SD3 / Flux loop, bit for bit); ``ddim``
+and ``ddpm`` are DDIM(eta) / DDIM(1) on the model's VP twin (``FlowTwinDDIM``), whose eta = 0 step
+is the flow Euler step; ``dpm`` is refused (DPMSolverMultistepScheduler has no flow grid here).
 The `gensample run --sampler ddpm | ddim | dpm | euler` entries (their options, ddim's flaw and
 Epsilon Scaling flags, the One More Step start) are in ``gensample.runs.baseline``.
 """
@@ -14,14 +18,114 @@ import inspect
 
 import torch
 
+from ..core.ddim import ddim_sigma, ddim_update
 from ..core.denoiser import Denoiser, check_finite
+from ..core.flow import eps_x0_from_velocity, is_flow_config, twin_alpha_bar, twin_scale
+from ..core.noise import normal, normal_rows
+from ..core.schedule import FlowSchedule
 from .registry import RunContext
 
 SCHEDULERS = ("ddpm", "ddim", "dpm", "euler")
 
 
+class FlowTwinDDIM:
+    """DDIM(eta) (Song et al. 2021, eq. 12) on the VP twin of a flow model, stepped in flow space.
+
+    The loop state x is x_sigma (flow space) and the step takes the velocity v_hat (the flow
+    model's own output, as FlowMatchEulerDiscreteScheduler.step): eps_hat = x + (1 - sigma) v_hat,
+    x0_hat = x - sigma v_hat (both finite at sigma = 1, where the twin's alpha_bar is 0), the DDIM
+    update on the twin alpha_bars ``core.flow.twin_alpha_bar`` in float64, then x_s = c(sigma_s)
+    x_VP,s. eta = 0 is the flow Euler step x + (sigma_s - sigma_t) v_hat; eta = 1 the DDPM
+    posterior draw of the twin (a marginal-preserving SDE). The grid is the model's own
+    (``FlowSchedule.sigmas``: shift, dynamic mu, ...). ``config`` is the flow scheduler config."""
+
+    init_noise_sigma = 1.0
+    order = 1
+
+    def __init__(self, config: dict, eta: float = 0.0):
+        self.config = dict(config)
+        self.eta = float(eta)
+        self.timesteps = None
+        self.sigmas = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None, mu: float | None = None, base_sigmas=None):
+        sig, ts = FlowSchedule(self.config, mu, base_sigmas).sigmas(int(num_inference_steps))
+        self.sigmas, self.timesteps = sig, ts.to(device) if device is not None else ts
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+    def _index(self, timestep) -> int:
+        hits = (self.timesteps.cpu() == torch.as_tensor(timestep).cpu().float()).nonzero()
+        if hits.numel() == 0:
+            raise ValueError(f"timestep {float(timestep)} is not on the grid; call set_timesteps first")
+        return int(hits[0])
+
+    def step(self, model_output, timestep, sample, eta: float | None = None, generator=None, return_dict: bool = True):
+        from types import SimpleNamespace
+
+        eta = self.eta if eta is None else float(eta)
+        k = self._index(timestep)
+        sigma_t, sigma_s = float(self.sigmas[k]), float(self.sigmas[k + 1])
+        eps_hat, x0_hat = eps_x0_from_velocity(model_output, sample, sigma_t)  # float64
+        ab_t = torch.tensor(twin_alpha_bar(sigma_t), dtype=torch.float64)
+        ab_s = torch.tensor(twin_alpha_bar(sigma_s), dtype=torch.float64)
+        std = ddim_sigma(ab_t, ab_s, eta, clamp=True)
+        noise = None
+        if eta > 0:
+            # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
+            if isinstance(generator, (list, tuple)):
+                noise = normal_rows(generator, tuple(sample.shape[1:]), device=sample.device, dtype=sample.dtype).double()
+            else:
+                noise = normal(tuple(sample.shape), generator, device=sample.device, dtype=sample.dtype).double()
+        x_vp = ddim_update(x0_hat, eps_hat, ab_s, std.to(sample.device), noise, clamp=True)
+        prev = (x_vp * twin_scale(sigma_s)).to(sample.dtype)
+        return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype)) if return_dict else (prev,)
+
+
+class FlowTwinEpsDDIM(FlowTwinDDIM):
+    """DDIM(eta) on the VP twin of a flow model for loops written on the twin (eps in, x_VP state), the
+    face of DDIMScheduler.step that the inverse-problem loops use: x0_hat = (x - sqrt(1 - ab) eps) / sqrt(ab)
+    (Song et al. 2021, eq. 12), or the caller's ``pred_original_sample``, which the first step of a flow
+    needs (alpha_bar = 0 at sigma = 1: eps carries no information about x0 there; the loop passes the
+    x0 of the velocity, ``Denoiser.eps_x0``). float64 math, the sample's dtype out."""
+
+    def step(self, model_output, timestep, sample, eta: float | None = None, generator=None, return_dict: bool = True,
+             pred_original_sample=None):
+        from types import SimpleNamespace
+
+        from ..core.ddim import x0_from_eps
+
+        eta = self.eta if eta is None else float(eta)
+        k = self._index(timestep)
+        ab_t = torch.tensor(twin_alpha_bar(float(self.sigmas[k])), dtype=torch.float64)
+        ab_s = torch.tensor(twin_alpha_bar(float(self.sigmas[k + 1])), dtype=torch.float64)
+        eps_hat = model_output.double()
+        if pred_original_sample is not None:
+            x0_hat = pred_original_sample.double()
+        elif float(ab_t) > 0:
+            x0_hat = x0_from_eps(sample.double(), eps_hat, ab_t.to(sample.device))
+        else:
+            raise ValueError("a step from alpha_bar = 0 (the flow's sigma = 1) needs pred_original_sample: x0 is not a "
+                             "function of eps there (use Denoiser.eps_x0)")
+        std = ddim_sigma(ab_t, ab_s, eta, clamp=True)
+        noise = None
+        if eta > 0:
+            if isinstance(generator, (list, tuple)):
+                noise = normal_rows(generator, tuple(sample.shape[1:]), device=sample.device, dtype=sample.dtype).double()
+            else:
+                noise = normal(tuple(sample.shape), generator, device=sample.device, dtype=sample.dtype).double()
+        prev = ddim_update(x0_hat, eps_hat, ab_s.to(sample.device), std.to(sample.device), noise, clamp=True).to(sample.dtype)
+        x0_out = x0_hat.to(sample.dtype)
+        return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_out) if return_dict else (prev, x0_out)
+
+
 def make_scheduler(name: str, train_config: dict, **overrides):
-    """A stock diffusers scheduler on the model's training schedule, eps parameterisation."""
+    """A stock diffusers scheduler on the model's training schedule, eps parameterisation. A flow
+    model's config (``core.flow.is_flow_config``): euler -> its FlowMatchEulerDiscreteScheduler,
+    ddim / ddpm -> ``FlowTwinDDIM`` with eta 0 / 1; dpm is refused."""
+    if is_flow_config(train_config):
+        return _make_flow_scheduler(name, train_config, **overrides)
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
@@ -32,6 +136,42 @@ def make_scheduler(name: str, train_config: dict, **overrides):
     cfg.update(overrides)
     cls = classes[name]
     return cls.from_config(cfg)
+
+
+def _make_flow_scheduler(name: str, train_config: dict, **overrides):
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
+    cfg = {k: v for k, v in train_config.items() if not k.startswith("_")}
+    cfg.update(overrides)
+    if name == "euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    if name == "dpm":
+        raise ValueError("sampler 'dpm' does not run on flow-matching models here; use euler (the model's own "
+                         "FlowMatchEulerDiscreteScheduler), ddim or ddpm (DDIM on the VP twin)")
+    return FlowTwinDDIM(cfg, eta=1.0 if name == "ddpm" else 0.0)
+
+
+def set_grid(scheduler, steps: int, device, model=None) -> None:
+    """``scheduler.set_timesteps(steps)`` on the model's own grid: a flow scheduler also gets the
+    run resolution's dynamic-shift ``mu`` and the model's base sigmas (``core.schedule.model_schedule``)."""
+    if not is_flow_config(getattr(scheduler, "config", None)) and not isinstance(scheduler, FlowTwinDDIM):
+        scheduler.set_timesteps(steps, device=device)
+        return
+    from ..core.schedule import model_schedule
+
+    sched = model_schedule(model) if model is not None else FlowSchedule(dict(scheduler.config))
+    base = sched.base_sigmas(int(steps)) if callable(sched.base_sigmas) else None
+    if isinstance(scheduler, FlowTwinDDIM):
+        scheduler.set_timesteps(steps, device=device, mu=sched.mu, base_sigmas=sched.base_sigmas)
+    else:
+        scheduler.set_timesteps(steps if base is None else None, device=device, sigmas=base, mu=sched.mu)
+
+
+def takes_velocity(scheduler) -> bool:
+    """True for schedulers that step a flow model's own velocity in flow space (FlowMatch*, ``FlowTwinDDIM``)."""
+    return isinstance(scheduler, FlowTwinDDIM) or is_flow_config(getattr(scheduler, "config", None))
 
 
 def check_steps(steps: int, train_config: dict) -> None:
@@ -66,7 +206,8 @@ def scheduler_loop(
 ) -> torch.Tensor:
     """The generic pipeline loop (diffusers DDPMPipeline/DDIMPipeline order).
 
-    x_T: (B, ...) initial noise already multiplied by ``scheduler.init_noise_sigma``.
+    x_T: (B, ...) initial noise already multiplied by ``scheduler.init_noise_sigma`` (1 for flows).
+    A flow scheduler (``takes_velocity``) gets the model's guided velocity at the flow state.
     eps_fn(eps, t, x) optionally rescales eps before the step (epsilon scaling uses it).
     """
     step_params = inspect.signature(scheduler.step).parameters
@@ -76,9 +217,15 @@ def scheduler_loop(
     if eta is not None and "eta" in step_params:
         kwargs["eta"] = eta
     x = x_T
+    flow = takes_velocity(scheduler)
+    if flow and eps_fn is not None:
+        raise ValueError("Epsilon Scaling (--eps-scale, --eps-scale-slope) does not apply to flow-matching models")
     for i, t in enumerate(scheduler.timesteps):
-        x_in = scheduler.scale_model_input(x, t)
-        eps = denoiser.guided(x_in, t, cond, guidance_scale)
+        if flow:  # the flow model's own guided velocity at x_sigma (SD3 / Flux pipelines' loop)
+            eps = denoiser.velocity(x, t.reshape(1).expand(x.shape[0]) if t.ndim == 0 else t, cond, guidance_scale)
+        else:
+            x_in = scheduler.scale_model_input(x, t)
+            eps = denoiser.guided(x_in, t, cond, guidance_scale)
         check_finite(eps, ctx.sampler, i)
         if eps_fn is not None:
             eps = eps_fn(eps, t, x)

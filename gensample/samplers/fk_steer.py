@@ -26,6 +26,15 @@ reward of x0_hat at step k (docs/fk_steering.md "Potentials"):
 | ``ess``          | effective sample size per group before each decision |
 | ``group_size``   | k of the paper (particles per prompt / group)        |
 
+Composition (docs/fk_steering.md "Composition"): the loop also runs FKC targets (Skreta et al. 2025,
+arXiv 2503.02819: annealing p^beta, products, CFG) as its base law. Then the model call returns one
+eps / x0 per expert, the move is FKC's DDIM(eta) step on eps_eff = sum_i beta_i eps_i from
+x_T ~ N(0, I / B), and the log-weight of a step is the *sum* of FKC's increment c_k * R_k
+(``samplers.fkc.node_coefficients`` / ``weight_rate``) and the reward potential log G_k: one SMC loop,
+two potentials. The weighted population then targets (FKC's law) x exp(lambda r(x0)). The move may
+also be a memoryless diffusers scheduler (DDIM / DDPM / Time-Shift; ``samplers.fkc.check_proposal``),
+as in FKC (docs/compose.md "FKC over any proposal").
+
 Particles are a flat group-major batch of N = G * K rows; resampling never crosses groups
 (core/smc.py). The DDPM move and the grid are ``core.ddim``'s; the CLI glue (reward resolution,
 seeds, samples.npz extras) is ``gensample.runs.fk_steer``; reward plug-ins are ``gensample.rewards``.
@@ -35,15 +44,18 @@ Sections: 1. parameters, 2. potentials, 3. the loop.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from ..core import smc
-from ..core.ddim import alpha_bar_pairs, ddim_sigma, ddim_update
+from ..core.ddim import alpha_bar_pairs
 from ..core.denoiser import check_finite
 from ..core.noise import normal, normal_rows
+from .fkc import (FKCConfig, check_proposal, combine_eps, combine_x0, direct_steps, ddim_move, node_coefficients,
+                  weight_rate)
 
 POTENTIALS = ("diff", "max", "sum", "instantaneous")
 FINALS = ("resample", "weighted", "best", "one_per_group")
@@ -66,6 +78,9 @@ class FKSteerConfig:
     final: "resample" (unweighted population of K per group) | "weighted" (particles + normalised
         weights) | "best" (the particle of highest final reward per group, the paper's output)
         | "one_per_group" (one particle per group drawn by weight).
+    reward_every: score the reward only at steps k with k % reward_every == 0 (and always at the
+        clean end); in between each path keeps its last reward, so the potential holds (``diff``: log
+        G_k = 0 there, and the product still telescopes to exp(lambda r(x0))).
     These field defaults are the only defaults: the CLI options read them.
     """
 
@@ -75,6 +90,7 @@ class FKSteerConfig:
     ess_threshold: float = 1.0
     scheme: str = "systematic"
     final: str = "resample"
+    reward_every: int = 1
 
     def __post_init__(self):
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
@@ -89,6 +105,8 @@ class FKSteerConfig:
             raise ValueError(f"scheme must be one of {smc.SCHEMES}, got {self.scheme!r}")
         if self.final not in FINALS:
             raise ValueError(f"final must be one of {FINALS}, got {self.final!r}")
+        if isinstance(self.reward_every, bool) or not isinstance(self.reward_every, int) or self.reward_every < 1:
+            raise ValueError(f"reward_every (--reward-every) must be an integer >= 1, got {self.reward_every!r}")
 
     @property
     def exact(self) -> bool:
@@ -146,6 +164,30 @@ class FKSteerResult:
     ess: torch.Tensor  # (G, S + 1) float64 ESS before each resampling decision (last column: the clean end)
     resampled: torch.Tensor  # (G, S + 1) bool
     group: torch.Tensor  # (rows,) int64 group of each output row
+    reward_calls: int = 0  # reward evaluations (each on all N particles)
+    reward_seconds: float = 0.0  # wall time inside the reward (VAE decoding included when the reward decodes)
+
+
+def _per_expert(out: torch.Tensor, M: int, x: torch.Tensor) -> torch.Tensor:
+    """A model output as (M, N, ...): a single expert may return (N, ...)."""
+    if out.ndim == x.ndim and M == 1:
+        return out.unsqueeze(0)
+    if out.shape[0] != M or tuple(out.shape[1:]) != tuple(x.shape):
+        raise ValueError(f"model_fn must return (eps, x0) of shape {(M, *x.shape)} for {M} expert(s), got {tuple(out.shape)}")
+    return out
+
+
+def look_ahead(x0_experts: torch.Tensor, betas) -> torch.Tensor:
+    """x0_bar = sum_i beta_i x0_i / B, the reward's look-ahead under an FKC target (float64, (N, ...)).
+
+    With B = sum_i beta_i = 1 (one expert, CFG) it is the x0 of eps_eff that the move uses. With B != 1
+    that x0, sum_i beta_i x0_i + (1 - B) x_t / sqrt(alpha_bar_t), grows like 1 / sqrt(alpha_bar_t) at high
+    noise, and a reward on it makes the early potentials degenerate (measured on the oracle: anneal
+    beta = 0.5, lambda = 1, K = 64 lands 6 SE off the tilted law, and still 5 SE at K = 256). Any
+    look-ahead keeps ``diff`` exact (its product is exp(lambda r(x0)) whatever r_k is before the end);
+    this one is bounded and is each expert's own Tweedie estimate, averaged."""
+    b = torch.as_tensor(list(betas), dtype=torch.float64, device=x0_experts.device)
+    return (b.reshape(-1, *([1] * (x0_experts.ndim - 1))) * x0_experts.double()).sum(0) / b.sum()
 
 
 def sample_fk_steer(
@@ -162,22 +204,38 @@ def sample_fk_steer(
     final_alpha_bar: float = 1.0,
     on_step: Callable[[int], None] | None = None,
     sampler: str = "fk-steer",
+    target: FKCConfig | None = None,
+    proposal=None,
 ) -> FKSteerResult:
-    """FK steering (paper Algorithm 1) with the DDPM proposal, on G groups of K particles.
+    """FK steering (paper Algorithm 1) on G groups of K particles, optionally over an FKC target.
 
-    model_fn(x, t) -> (eps_hat, x0_hat), each (N, ...), from one model call at grid time t.
-    reward(x0) -> (N,) tensor: r on the model's sample space (``gensample.rewards``).
-    x_T: (N, ...) standard normal, N = G * group_size. noise_generators: one per particle (the
-    API's per-sample convention) or a single generator (one batched draw per step);
-    resample_generators: one per group (or one shared). Per step k (t = timesteps[k]):
+    model_fn(x, t) -> (eps_hat, x0_hat) from one model call at time t: each (N, ...) for one
+        expert, or (M, N, ...) for the M experts of ``target`` (t: the grid time, or (N,) model times
+        under a Time-Shift proposal).
+    reward(x0) -> (N,) tensor: r on the model's sample space (``gensample.rewards``; the run glue
+        binds prompts and decodes latents).
+    x_T: (N, ...) standard normal, N = G * group_size (scaled by 1 / sqrt(B) here, FKC's start).
+    noise_generators: one per particle (the API's per-sample convention) or a single generator (one
+        batched draw per step); resample_generators: one per group (or one shared).
+    target: an ``FKCConfig`` whose betas, eta and quadrature define the base law (default: the
+        model itself, beta = 1, eta = 1: the paper's DDPM proposal); its resampling fields are unused.
+    proposal: None (the float64 DDIM(eta) move) or a set, memoryless diffusers scheduler
+        (``samplers.fkc.check_proposal``), e.g. a Time-Shift scheduler. Per step k (t = timesteps[k]):
 
-      1. eps_hat, x0_hat = model(x_t); r_k = r(x0_hat)
-      2. log w += log G_k (``log_potential``); ESS; resample within groups (every
-         ``resample_every`` steps, when ESS < ess_threshold * K)
-      3. x_s = DDPM step (DDIM eq. 12 with eta = 1) from the resampled (x0_hat, eps_hat)
-    At the clean end: r_S = r(x0), log w += log G_S, a last resampling decision is left to the final
-    policy (``cfg.final``).
+      1. eps_i, x0_i = model(x_t); eps_eff = sum_i beta_i eps_i, x0_hat its x0 (``combine_x0``);
+         r_k = r(x0_hat) (B != 1: r(``look_ahead``)) when k % reward_every == 0, else r_{k-1}
+      2. log w += c_k R_k (FKC, zero for beta = 1) + log G_k (``log_potential``); ESS; resample within
+         groups (every ``resample_every`` steps, when ESS < ess_threshold * K)
+      3. x_s = DDIM(eta) step (Song et al. 2021, eq. 12; eta = 1: DDPM) from the resampled
+         (x0_hat, eps_eff), or the proposal's ``step``
+    At the clean end: r_S = r(x0), log w += log G_S, then the final policy (``cfg.final``).
     """
+    target = FKCConfig() if target is None else target
+    if not isinstance(target, FKCConfig):
+        raise TypeError(f"target must be a gensample.samplers.fkc.FKCConfig or None, got {type(target).__name__}")
+    if target.eta <= 0 and proposal is None:
+        raise ValueError(f"FK steering needs a stochastic move (target eta > 0); eta = {target.eta} would make "
+                         "resampled copies identical forever")
     N = x_T.shape[0]
     K = int(group_size)
     if K < 1 or N % K:
@@ -185,49 +243,89 @@ def sample_fk_steer(
     batched_noise = isinstance(noise_generators, torch.Generator)
     if not batched_noise and len(noise_generators) != N:
         raise ValueError(f"noise_generators must be one torch.Generator or one per particle ({N}), got {len(noise_generators)}")
+    step_kwargs = {}
+    if proposal is not None:
+        step_kwargs = check_proposal(proposal, timesteps, target)
+        final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
+    shifted = proposal is not None and hasattr(proposal, "model_timesteps")
     G = N // K
     S = len(timesteps)
+    M = len(target.betas)
     ab_t, ab_s = alpha_bar_pairs(alphas_cumprod, timesteps, final_alpha_bar)
+    trivial = target.is_trivial
+    coef = node_coefficients(ab_t, ab_s, target.quadrature)  # (S,) FKC weight of each model call
+    if not trivial and bool(direct_steps(ab_t, ab_s).any()):
+        raise ValueError("a zero-terminal-SNR schedule (alpha_bar_T = 0) with an FKC target (sum(betas) != 1 or several "
+                         "experts) needs FKC's direct first step: use the fkc sampler there")
     event = tuple(x_T.shape[1:])
-    x = x_T.double()
+    x = x_T.double() / math.sqrt(target.total_beta)  # N(0, I / B): FKC's rho_T (B = 1: x_T itself)
     rewards = torch.zeros((N, S + 1), dtype=torch.float64)  # r_k along each current path
     log_w = torch.zeros((G, K), dtype=torch.float64)
     ess_trace = torch.empty((G, S + 1), dtype=torch.float64)
     did = torch.zeros((G, S + 1), dtype=torch.bool)
+    clock = {"calls": 0, "seconds": 0.0}
 
-    def reweight(k: int, values) -> torch.Tensor:
+    def score(k: int, x0: torch.Tensor) -> None:
+        if k < S and k % cfg.reward_every:  # not a scoring step: the path keeps its last reward
+            rewards[:, k] = rewards[:, k - 1]
+            return
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            values = reward(x0.to(x_T.dtype))
+        rewards[:, k] = check_reward(values, N, k)  # .cpu(): waits for the device, so the clock is honest
+        clock["calls"] += 1
+        clock["seconds"] += time.perf_counter() - t0
+
+    def reweight(k: int, fkc_increment) -> torch.Tensor:
         nonlocal log_w
-        rewards[:, k] = check_reward(values, N, k)
-        log_w = log_w + log_potential(cfg.potential, cfg.lam, rewards[:, : k + 1]).reshape(G, K)
+        inc = log_potential(cfg.potential, cfg.lam, rewards[:, : k + 1]).reshape(G, K)
+        if fkc_increment is not None:
+            inc = inc + fkc_increment.reshape(G, K)
+        log_w = log_w + inc
+        if not torch.isfinite(log_w).all():
+            raise FloatingPointError(f"{sampler}: non-finite log-weights at step {k}")
         log_w = log_w - log_w.max(1, keepdim=True).values  # ratios unchanged; keeps exp in range
         ess = smc.effective_sample_size(log_w)  # (G,)
         ess_trace[:, k] = ess
         return ess
 
     for k, t in enumerate(timesteps):
-        eps_hat, x0_hat = model_fn(x.to(x_T.dtype), t)  # (N, ...) each, one model call
-        check_finite(eps_hat, sampler, k)
-        eps_hat, x0_hat = eps_hat.double(), x0_hat.double()
-        with torch.no_grad():
-            ess = reweight(k, reward(x0_hat.to(x_T.dtype)))
+        t_model = proposal.model_timesteps(x.to(x_T.dtype), t) if shifted else t  # (N,) under Time-Shift
+        eps_out, x0_out = model_fn(x.to(x_T.dtype), t_model)  # one model call
+        eps_experts = _per_expert(eps_out, M, x)  # (M, N, ...)
+        check_finite(eps_experts, sampler, k)
+        x0_experts = _per_expert(x0_out, M, x)
+        eps_hat = combine_eps(eps_experts.double(), target.betas)  # (N, ...) float64
+        x0_hat = combine_x0(x0_experts, x, target.betas, ab_t[k])  # (N, ...) float64, the move's x0 (of eps_eff)
+        score(k, x0_hat if target.total_beta == 1.0 else look_ahead(x0_experts, target.betas))
+        fkc_inc = None if trivial else coef[k] * weight_rate(eps_experts, target.betas).cpu()  # (N,)
+        ess = reweight(k, fkc_inc)
         if (k + 1) % cfg.resample_every == 0 and cfg.ess_threshold > 0:
             want = torch.ones(G, dtype=torch.bool) if cfg.ess_threshold >= 1 else ess < cfg.ess_threshold * K
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():
-                (x0_hat, eps_hat, rewards), log_w, _ = smc.resample([x0_hat, eps_hat, rewards], log_w, cfg.scheme,
-                                                                   resample_generators, mask=want)
+                carried = [x, x0_hat, eps_hat, rewards] + ([t_model] if shifted else [])
+                carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
+                x, x0_hat, eps_hat, rewards = carried[:4]
+                t_model = carried[4] if shifted else t_model
                 did[:, k] = want
-        sigma_s = ddim_sigma(ab_t[k], ab_s[k], 1.0, clamp=True)  # DDPM posterior std (eta = 1)
-        if batched_noise:  # one (N, ...) draw per step (faster; depends on the batch)
-            noise = normal((N, *event), noise_generators, device=x.device, dtype=torch.float64)
-        else:  # one draw per particle from its own generator (batch-independent)
-            noise = normal_rows(noise_generators, event, device=x.device, dtype=torch.float64)
-        x = ddim_update(x0_hat, eps_hat, ab_s[k], sigma_s, noise, clamp=True)  # (N, ...) float64
+        if proposal is not None:  # the scheduler's own step, its noise from the same generators (as in FKC)
+            kw = dict(step_kwargs, model_timesteps=t_model) if shifted else step_kwargs
+            x = proposal.step(eps_hat.to(x_T.dtype), t, x.to(x_T.dtype), generator=noise_generators, return_dict=True,
+                              **kw).prev_sample.double()
+        else:
+            if batched_noise:  # one (N, ...) draw per step (faster; depends on the batch)
+                noise = normal((N, *event), noise_generators, device=x.device, dtype=torch.float64)
+            else:  # one draw per particle from its own generator (batch-independent)
+                noise = normal_rows(noise_generators, event, device=x.device, dtype=torch.float64)
+            x = ddim_move(x, eps_hat, ab_t[k], ab_s[k], target.eta, noise, x0_hat)  # (N, ...) float64
         if on_step is not None:
             on_step(k)
-    with torch.no_grad():
-        reweight(S, reward(x.to(x_T.dtype)))  # the clean end: r_S = r(x0)
-    return finalize(x.to(x_T.dtype), log_w, rewards, cfg, ess_trace, did, resample_generators)
+    score(S, x)  # the clean end: r_S = r(x0)
+    reweight(S, None)
+    res = finalize(x.to(x_T.dtype), log_w, rewards, cfg, ess_trace, did, resample_generators)
+    res.reward_calls, res.reward_seconds = clock["calls"], clock["seconds"]
+    return res
 
 
 def finalize(x, log_w, rewards, cfg: FKSteerConfig, ess_trace, did, resample_generators) -> FKSteerResult:

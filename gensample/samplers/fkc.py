@@ -46,7 +46,9 @@ from ..core.ddim import (alpha_bar_pairs, ddim_sigma, ddim_update, eps_from_v, e
                          x0_from_v)
 from ..core.denoiser import check_finite
 from ..core.noise import normal, normal_rows
+from ..core.flow import eps_x0_from_velocity, sigma_of_alpha_bar, twin_to_flow
 from ..core.param import PREDICTION_TYPES
+from ..core.schedule import as_schedule
 
 TARGETS = ("anneal", "product", "cfg")
 POLICIES = ("every", "ess", "never")
@@ -259,12 +261,17 @@ def combine_x0(x0_experts: torch.Tensor, x_t: torch.Tensor, betas: Sequence[floa
 def eps_and_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, prediction_type: str):
     """(eps_hat, x0_hat) in float64 from a raw model output, each formed directly where the
     parameterisation gives it (v: x0 = sqrt(ab) x - sqrt(1 - ab) v, eps = sqrt(ab) v + sqrt(1 - ab) x;
-    sample: x0 is the output), so both stay finite at alpha_bar = 0 for v / sample models; for eps
+    sample: x0 is the output; flow: eps = x_sigma + (1 - sigma) v, x0 = x_sigma - sigma v with
+    x_sigma = c(sigma) x_t on the twin, ``core.flow``), so both stay finite at alpha_bar = 0 for v /
+    sample / flow models; for eps
     models x0 divides by the clamped sqrt(alpha_bar) (docs/fkc.md "Zero terminal SNR")."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type not in PREDICTION_TYPES + ("flow",):
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES + ('flow',)}, got {prediction_type!r}")
     ab = torch.as_tensor(alpha_bar_t, dtype=torch.float64, device=x_t.device)
     out, x = model_output.double(), x_t.double()
+    if prediction_type == "flow":  # x_t: the VP twin state; out: the velocity at c(sigma) x_t (core.flow)
+        sigma = sigma_of_alpha_bar(ab.reshape(-1) if ab.ndim else ab)
+        return eps_x0_from_velocity(out, twin_to_flow(x, sigma), sigma)
     if prediction_type == "v_prediction":
         return eps_from_v(x, out, ab), x0_from_v(x, out, ab)
     if prediction_type == "sample":
@@ -348,7 +355,7 @@ def sample_fkc(
     expert_eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_T: torch.Tensor,
     cfg: FKCConfig,
-    alphas_cumprod: torch.Tensor,
+    alphas_cumprod,
     timesteps: torch.Tensor,
     *,
     group_size: int,
@@ -368,6 +375,9 @@ def sample_fkc(
         per-sample convention) or a single generator (one batched draw per step, faster);
         resample_generators: one per group (or one shared). on_step(k, x, log_w) is called after each
         step; a tensor it returns replaces x (diffusers callback_on_step_end).
+    alphas_cumprod: the VP table (T,), or a ``core.schedule.Schedule`` (``schedule_for``; a flow
+        model's ``FlowSchedule``: the loop runs on the VP twin, docs/flow_matching.md); timesteps: its
+        grid of model times (``Schedule.grid``). The resampling window reads ``Schedule.fraction``.
     proposal: None (FKC's own float64 DDIM(eta) move, ``ddim_move``) or a memoryless diffusers
         scheduler with ``set_timesteps`` done on ``timesteps`` and eps parameterisation
         (DDIMScheduler, DDPMScheduler, TimeShiftScheduler; ``check_proposal``): its ``step`` moves the
@@ -389,13 +399,13 @@ def sample_fkc(
     if cfg.eta == 0 and cfg.resample != "never":
         warnings.warn("FKC with eta=0 (ODE move) and resampling duplicates particles forever "
                       "(docs/fkc.md \"Design choices\"); use eta > 0", RuntimeWarning, stacklevel=2)
-    T = alphas_cumprod.numel()
+    schedule = as_schedule(alphas_cumprod)  # a VP table or any core.schedule.Schedule (flows: the VP twin)
     step_kwargs = {}
     if proposal is not None:
         step_kwargs = check_proposal(proposal, timesteps, cfg)
         final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
     shifted = proposal is not None and hasattr(proposal, "model_timesteps")
-    ab_t_all, ab_s_all = alpha_bar_pairs(alphas_cumprod, timesteps, final_alpha_bar)
+    ab_t_all, ab_s_all = schedule.alpha_bar_pairs(timesteps, final_alpha_bar)
     coef = node_coefficients(ab_t_all, ab_s_all, cfg.quadrature)  # (S,) weight of each model call
     direct = direct_steps(ab_t_all, ab_s_all)  # (S,) zero-SNR start steps
     if proposal is not None and bool(direct.any()):
@@ -431,7 +441,7 @@ def sample_fkc(
         ess_trace[:, k] = ess
         eps_eff = combine_eps(eps_experts, cfg.betas)  # (N, ...)
         x0_eff = None if x0_experts is None else combine_x0(x0_experts, x, cfg.betas, ab_t_all[k]).to(x.dtype)
-        if cfg.resample != "never" and _in_window(cfg, float(t) / T):
+        if cfg.resample != "never" and _in_window(cfg, schedule.fraction(t)):
             want = ess < cfg.ess_threshold * K if cfg.resample == "ess" else torch.ones(G, dtype=torch.bool)
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():

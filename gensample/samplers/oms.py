@@ -212,6 +212,9 @@ class OMSParts:
     tokenizer: Any = None
     text_source: str | None = None  # "oms" | "base" | None (class-conditional)
     source: str = ""
+    # the base model's family text conditioning (SDXL: both encoders' penultimate states), used
+    # when the module attends to exactly that context (an OMS-L-style module on SDXL)
+    prompt_encoder: Any = None
     _embeds: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -220,11 +223,15 @@ class OMSParts:
 
     def encode(self, prompts: list[str], device) -> torch.Tensor:
         """(len(prompts), L, D) OMS context: the text encoder's last hidden state per prompt
-        (padded to the tokenizer's max length), each distinct prompt encoded once."""
-        enc_dev = next(self.text_encoder.parameters()).device
+        (padded to the tokenizer's max length), or the base family's ``encoder_hidden_states``
+        (``prompt_encoder``, SDXL's two encoders), each distinct prompt encoded once."""
         for p in dict.fromkeys(prompts):
             if p not in self._embeds:
-                self._embeds[p] = encode_prompts(self.tokenizer, self.text_encoder, [p], enc_dev)[0]
+                if self.prompt_encoder is not None:
+                    self._embeds[p] = self.prompt_encoder.encode([p])["encoder_hidden_states"][0]
+                else:
+                    enc_dev = next(self.text_encoder.parameters()).device
+                    self._embeds[p] = encode_prompts(self.tokenizer, self.text_encoder, [p], enc_dev)[0]
         return torch.stack([self._embeds[p] for p in prompts]).to(device)
 
 
@@ -262,6 +269,21 @@ def _load_parts(spec: str, model, variant: str | None, text_override: str | None
     if text_override not in (None, "base"):
         parts.text_encoder, parts.tokenizer = _text_override(text_override, variant)
         parts.text_source = "oms"
+    family_pe = model.extras.get("prompt_encoder")  # a family's text conditioning (SDXL)
+    family_rows = None
+    if parts.text_conditional and parts.text_encoder is None and family_pe is not None:
+        family_rows = family_pe.encode([""])
+    if family_rows is not None and "encoder_hidden_states" in family_rows:
+        # the base's own context (SDXL: [CLIP-L, bigG] penultimate states, 768 + 1280 = 2048), as
+        # OMS-L conditions on it; the pooled embedding and size numbers are not used by psi
+        dim = int(family_rows["encoder_hidden_states"].shape[-1])
+        want = int(parts.module.config.cross_attention_dim)
+        if dim != want:
+            raise ValueError(f"--oms-module {spec}: the module attends to {want}-dim text embeddings but the base model "
+                             f"{model.name!r}'s text encoders (fallback: the folder has no oms_text_encoder/) give "
+                             f"{dim}-dim ones; use a release with its own text encoder (h1t/oms_b_openclip_xl)")
+        parts.prompt_encoder, parts.text_source = family_pe, "base"
+        return parts
     if parts.text_conditional and parts.text_encoder is None:
         enc, tok = model.extras.get("text_encoder"), model.extras.get("tokenizer")
         if enc is None or tok is None:

@@ -81,6 +81,30 @@ class SamplerSpec:
     implied: Callable[[dict, set], None] | None = None
     # group_hint(opts, g) -> the whole fix when --num-samples is not a multiple of the group size g
     group_hint: Callable[[dict, int], str] | None = None
+    # runs on flow-matching models (prediction_type "flow", docs/flow_matching.md); else refused with
+    # ``flow_refusal`` (the reason) or the generic one
+    flow: bool = False
+    flow_refusal: str | None = None
+
+
+FLOW_MODEL_OPTIONS = (  # the flow form of an analytic mixture (docs/flow_matching.md "The exact oracle")
+    Option("flow", bool, False, "analytic mixture models: use the model's flow-matching form (exact velocity "
+           "E[eps - x0 | x_sigma], FlowMatchEulerDiscreteScheduler config)"),
+    Option("flow_shift", float, None, "with --flow: the static sigma shift S of the flow grid "
+           "(sigma' = S sigma / (1 + (S - 1) sigma)); default 1", min=1e-6),
+)
+# Samplers that do not apply to flows, with the reason (the OMS engineer may move it onto the spec)
+FLOW_REFUSALS = {
+    "oms": "One More Step fixes the terminal-SNR gap of VP schedules (alpha_bar_T > 0); a flow starts at "
+           "sigma = 1, pure noise, so there is no gap to fix",
+}
+
+
+def flow_refusal(spec: "SamplerSpec") -> str | None:
+    """None when ``spec`` runs on flow models, else the reason it does not."""
+    if spec.flow:
+        return None
+    return spec.flow_refusal or FLOW_REFUSALS.get(spec.name) or "it has not been ported to flow-matching models"
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}

@@ -59,7 +59,7 @@ from ..core import smc
 from ..core.ddim import timestep_grid
 from ..core.denoiser import check_finite
 from ..core.noise import normal_blocks
-from ..core.schedule import alphas_cumprod_from_config
+from ..core.schedule import alphas_cumprod_from_config, as_schedule, model_schedule
 from .fkc import QUADRATURES, combine_eps, node_coefficients, weight_rate
 from .operators import LinearOperator, MatrixOperator
 from .registry import RunContext, sample_seed
@@ -182,8 +182,14 @@ def twist(denoiser, op: LinearOperator, y: torch.Tensor, x: torch.Tensor, t, ab:
     ``codec.decode`` for latent models (`stsl.Codec`, gradients through the decoder), else the identity."""
     with torch.enable_grad():
         xin = x.detach().requires_grad_(True)
-        eps = denoiser(xin, t, cond)
-        x0 = (xin - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+        if ab > 0:
+            eps = denoiser(xin, t, cond)
+            x0 = (xin - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+        elif hasattr(denoiser, "eps_x0"):  # zero terminal SNR (a flow's sigma = 1): x0 from the model's own output
+            eps, x0 = denoiser.eps_x0(xin, t, cond)
+        else:
+            raise ValueError(f"{NAME}: alpha_bar = 0 at the first grid time (zero terminal SNR) needs x0 from the model's "
+                             f"own parameterisation; the FKC prior target (betas != 1) does not provide it")
         x_img = x0 if codec is None else codec.decode(x0, grad=True)
         res = y.double() - op(x_img).double()
         log_l = -0.5 * likelihood_quad(op, res, sigma_y**2, r2)
@@ -192,7 +198,7 @@ def twist(denoiser, op: LinearOperator, y: torch.Tensor, x: torch.Tensor, t, ab:
 
 
 def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: torch.Tensor, cfg: SMCPosteriorConfig, *,
-                         alphas_cumprod: torch.Tensor, timesteps, final_alpha_bar: float = 1.0, noise_generators,
+                         alphas_cumprod, timesteps, final_alpha_bar: float = 1.0, noise_generators,
                          resample_generators, cond=None, on_step=None, sampler: str = NAME, codec=None,
                          experts=None) -> SMCPosteriorResult:
     """Run G independent systems of K = cfg.particles particles (docs/smc_posterior.md, "Proposal", "Weights").
@@ -229,14 +235,14 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
     y = y.to(x_T.device)
     if y.shape[0] == 1 and rows > 1:
         y = y.expand(rows, *y.shape[1:])
-    ab_table = alphas_cumprod.double()
-    ts = [int(t) for t in timesteps]
-    abs_ = [float(ab_table[t]) for t in ts]
+    schedule = as_schedule(alphas_cumprod)  # a VP table or a flow model's twin (docs/flow_matching.md)
+    ts = torch.as_tensor(timesteps).cpu().tolist()  # model times: ints on a VP table, floats on a flow grid
+    abs_ = [float(schedule.alpha_bar(torch.tensor(t))) for t in ts]
     v = cfg.prior_var
     if v is None:
         cond8 = None if not cond else {k: vv[:1].expand(8, *vv.shape[1:]) if isinstance(vv, torch.Tensor) and vv.ndim else vv
                                        for k, vv in cond.items()}  # the first row's conditioning at the 8 probe points
-        v = estimate_prior_var(denoiser, cond8, tuple(x_T.shape[1:]), alphas_cumprod, device=x_T.device)
+        v = estimate_prior_var(denoiser, cond8, tuple(x_T.shape[1:]), schedule, device=x_T.device)
     aat = _aat_max_eig(op)
     sy = float(cfg.noise_std)
     dev = x_T.device
@@ -331,6 +337,9 @@ def grid(model, steps: int, device="cpu"):
     "leading", and ``steps_offset``; `core.ddim.timestep_grid`), and its final alpha_bar, 1 when
     ``set_alpha_to_one`` (default) else alpha_bar at t = 0 (as float32, the scheduler's precision)."""
     cfg = model.scheduler_config
+    if model.prediction_type == "flow":  # the model's own sigma grid; the loop runs on the VP twin
+        schedule = model_schedule(model)
+        return schedule, schedule.grid(int(steps)).to(device), 1.0
     ac = alphas_cumprod_from_config(cfg)
     ts = timestep_grid(int(cfg.get("num_train_timesteps", 1000)), int(steps), cfg.get("timestep_spacing", "leading"),
                        int(cfg.get("steps_offset", 0))).to(device)

@@ -42,8 +42,8 @@ import torch
 from ..core.ddim import ddim_eps_coefficient, x0_from_eps
 from ..core.denoiser import Denoiser, check_finite
 from ..core.noise import normal_rows
-from ..core.schedule import alphas_cumprod_from_config
-from .baseline import make_scheduler
+from ..core.schedule import alphas_cumprod_from_config, as_schedule, model_schedule
+from .baseline import FlowTwinEpsDDIM, make_scheduler, set_grid
 from .operators import LinearOperator
 from .registry import RunContext
 
@@ -393,20 +393,30 @@ def guidance_shift(ab: float, ab_prev: float, eta: float = 0.0) -> float:
     return math.sqrt(ab_prev / ab) * (1 - ab) - _dir_coef(ab, ab_prev, eta) * math.sqrt(1 - ab)
 
 
-def estimate_prior_var(denoiser, cond, shape, alphas_cumprod: torch.Tensor, n: int = 8, snr: float = 0.05,
+def estimate_prior_var(denoiser, cond, shape, alphas_cumprod, n: int = 8, snr: float = 0.05,
                        device="cpu") -> float:
     """Per-coordinate prior variance v of the model, from its own second-order Tweedie covariance:
     at the training time with ab/(1 - ab) closest to ``snr``, Cov[z_0 | z_t] = ((1 - ab)/sqrt(ab)) dz0_hat/dz_t,
     whose Hutchinson trace (n probes at n points z_t ~ N(0, I), fixed CPU seed 0) gives the mean
     variance c; v then inverts the Gaussian formula c = v (1 - ab) / (ab v + 1 - ab). Exact for a
-    Gaussian prior; the mixture variance to O(snr) otherwise. One batched forward + backward."""
-    ab_all = alphas_cumprod.double()
-    idx = int(torch.argmin((ab_all / (1 - ab_all) - snr).abs()))
-    ab = float(ab_all[idx])
+    Gaussian prior; the mixture variance to O(snr) otherwise. One batched forward + backward.
+    ``alphas_cumprod``: the VP table, or a ``core.schedule.Schedule`` (a flow model's continuous twin:
+    the probe time is the one whose alpha_bar is exactly snr / (1 + snr))."""
+    from ..core.schedule import Schedule
+
+    if isinstance(alphas_cumprod, Schedule) and alphas_cumprod.kind == "flow":  # continuous: the exact SNR's time
+        t = alphas_cumprod.time_of_alpha_bar(snr / (1 + snr)).float().to(device)
+        ab = float(alphas_cumprod.alpha_bar(t.cpu()))
+        idx = None
+    else:
+        ab_all = getattr(alphas_cumprod, "alphas_cumprod", alphas_cumprod).double()
+        idx = int(torch.argmin((ab_all / (1 - ab_all) - snr).abs()))
+        ab = float(ab_all[idx])
     g = torch.Generator().manual_seed(0)
     z = torch.randn((n, *shape), generator=g, device=g.device).to(device)
     probe = torch.randn((n, *shape), generator=g, device=g.device).to(device)
-    t = torch.tensor(idx, device=device)
+    if idx is not None:
+        t = torch.tensor(idx, device=device)
     with torch.enable_grad():
         z = z.requires_grad_(True)
         eps = denoiser(z, t, cond)
@@ -493,13 +503,14 @@ def sample_inverse(
     name = sampler_name or cfg.method
     randn = randn or (lambda shape: normal_rows(generators, shape, device=z_init.device))
     step_kwargs = {"eta": cfg.ddim_eta, "generator": generators} if cfg.ddim_eta > 0 else {"eta": 0.0}
-    ab_table = alphas_cumprod.double()
+    schedule = as_schedule(alphas_cumprod)  # a VP table or a flow model's twin (docs/flow_matching.md)
+    ab_table = getattr(schedule, "alphas_cumprod", None)  # the VP table (Time-Shift, STSL's auto rule)
     auto = cfg.step_rule == "auto"
     gamma = cfg.glue(codec.latent)
     if auto and cfg.prior_var is None:
         import dataclasses
 
-        v = estimate_prior_var(denoiser, _first_cond(cond), tuple(z_init.shape[1:]), alphas_cumprod, device=z_init.device)
+        v = estimate_prior_var(denoiser, _first_cond(cond), tuple(z_init.shape[1:]), schedule, device=z_init.device)
         counters.unet_forward += 8
         counters.unet_backward += 8
         cfg = dataclasses.replace(cfg, prior_var=v)
@@ -508,7 +519,11 @@ def sample_inverse(
     z0_hat = z
     shifting = hasattr(scheduler, "model_timesteps")
     for i, t in enumerate(scheduler.timesteps):
-        ab = float(ab_table[int(t)])
+        ab = float(schedule.alpha_bar(torch.as_tensor(t).cpu()))
+        if ab == 0.0 and cfg.method == "stsl":
+            raise ValueError("stsl: alpha_bar = 0 at the first grid time (zero terminal SNR, e.g. a flow model's sigma = 1): "
+                             "its second-order Tweedie terms divide by alpha_bar")
+        x0_kw = {}  # alpha_bar = 0: the step takes x0 from the model's own output (Denoiser.eps_x0)
         t_m, ab_m = t, ab  # the model's time and its alpha_bar (per sample under Time-Shift)
         if shifting and cfg.method != "stsl":
             t_m, ab_m, step_kwargs["model_timesteps"] = _model_time(scheduler, z, t, ab, ab_table)
@@ -552,12 +567,16 @@ def sample_inverse(
             guided = (cfg.zeta > 0) if cfg.method == "dps" else (gamma > 0 or cfg.omega > 0)
             with torch.enable_grad() if guided else torch.no_grad():
                 z_in = z.detach().requires_grad_(guided)
-                eps_hat = denoiser(z_in, t_m, cond)
+                if ab == 0.0:  # zero terminal SNR: eps says nothing about x0, the model's own output does
+                    eps_hat, z0_direct = denoiser.eps_x0(z_in, t_m, cond)
+                    x0_kw = {"pred_original_sample": z0_direct.detach()}
+                else:
+                    eps_hat = denoiser(z_in, t_m, cond)
                 counters.unet_forward += 1
                 check_finite(eps_hat, name, i)
                 grad = None
                 if guided:
-                    z0 = tweedie_x0(z_in, eps_hat, ab_m)
+                    z0 = tweedie_x0(z_in, eps_hat, ab_m) if ab > 0 else z0_direct
                     x_hat = codec.decode(z0, grad=True)
                     if cfg.clamp_x0:
                         x_hat = x_hat.clamp(-1, 1)
@@ -578,10 +597,11 @@ def sample_inverse(
                     # classifier guidance in eps form (Dhariwal & Nichol 2021, eq. 14):
                     # eps' = eps - sqrt(1 - ab) grad log L = eps + sqrt(1 - ab) grad(-log L)
                     root = math.sqrt(1 - ab) if t_m is t else (1 - ab_m).sqrt()
-                    out = scheduler.step(eps_hat.detach() + root * grad, t, z_in.detach(), return_dict=True, **step_kwargs)
+                    out = scheduler.step(eps_hat.detach() + root * grad, t, z_in.detach(), return_dict=True, **step_kwargs,
+                                         **x0_kw)
                     z_prev = out.prev_sample
                 else:
-                    out = scheduler.step(eps_hat.detach(), t, z_in.detach(), return_dict=True, **step_kwargs)
+                    out = scheduler.step(eps_hat.detach(), t, z_in.detach(), return_dict=True, **step_kwargs, **x0_kw)
                     z_prev = out.prev_sample if grad is None else out.prev_sample - grad
             z0_hat, z = out.pred_original_sample, z_prev.detach()
         if on_step is not None:
@@ -597,7 +617,7 @@ def init_latent(cfg: InverseConfig, scheduler, codec: Codec, op: LinearOperator,
     sqrt(ab_1) E(A^T y) + sqrt(1 - ab_1) n ("measurement", STSL sec. 3.3)."""
     if cfg.init == "gaussian":
         return noise * scheduler.init_noise_sigma
-    ab = float(alphas_cumprod.double()[int(scheduler.timesteps[0])])
+    ab = float(as_schedule(alphas_cumprod).alpha_bar(torch.as_tensor(scheduler.timesteps[0]).cpu()))
     with torch.no_grad():
         z_meas = codec.encode(op.back_project(y))
     return math.sqrt(ab) * z_meas + math.sqrt(1 - ab) * noise
@@ -619,14 +639,17 @@ def reconstruct(model, op: LinearOperator, y: torch.Tensor, method: str = "stsl"
     n = len(seeds)
     gens = ctx.generators(seeds)
     sched = scheduler
-    if sched is None:
+    if sched is None and model.prediction_type == "flow":  # DDIM on the twin, eps in (docs/flow_matching.md)
+        sched = FlowTwinEpsDDIM(model.scheduler_config)
+        set_grid(sched, cfg.steps, ctx.device, model)
+    elif sched is None:
         sched = make_scheduler("ddim", model.scheduler_config)
         sched.set_timesteps(cfg.steps, device=ctx.device)
     elif len(sched.timesteps) != cfg.steps:
         raise ValueError(f"the scheduler is set to {len(sched.timesteps)} steps, the config to {cfg.steps}")
     if start is not None and cfg.init != "gaussian":
         raise ValueError(f"a custom start (e.g. --oms-module) replaces the Gaussian z_T; it excludes --init {cfg.init}")
-    ac = alphas_cumprod_from_config(model.scheduler_config)
+    ac = model_schedule(model) if model.prediction_type == "flow" else alphas_cumprod_from_config(model.scheduler_config)
     counters = Counters()
     codec = Codec(model.extras.get("vae"), counters)
     y = torch.as_tensor(y).float().to(ctx.device)

@@ -215,6 +215,109 @@ def dynamic_threshold(x0_hat: torch.Tensor, ratio: float, max_value: float) -> t
     return torch.maximum(torch.minimum(x0_hat, s), -s) / s
 
 
+# -- flow-matching models (docs/flow_matching.md "Time-Shift on flows") ---------------------
+def flow_reference_variance(sigma: torch.Tensor, data_var: float | None = None) -> torch.Tensor:
+    """E[var_hat(x_sigma)] of a flow state x_sigma = (1 - sigma) x0 + sigma eps: (1 - sigma)^2 Var_data +
+    sigma^2 (data-aware), or sigma^2 (the paper's statistic, which drops the data term). It is the VP
+    reference (1 - ab) + ab Var_data of the twin times c(sigma)^2. sigma: float64 tensor; same shape out."""
+    sigma = sigma.double()
+    return sigma**2 if data_var is None else (1 - sigma) ** 2 * float(data_var) + sigma**2
+
+
+class FlowTimeShift:
+    """Time-Shift (Algorithm 3) on a flow model's own sigma grid, stepped in flow space.
+
+    The loop state is x_sigma; the model output is the velocity. Window and cutoff are in model-time
+    units (t = sigma T, as the VP sampler's are in training timesteps, so the VP defaults carry over):
+    at step k >= 1 with t_k > t_c the model is evaluated at the candidate t_k + j, j in [-h, h]
+    (clipped to [0, T]), whose flow reference `flow_reference_variance` is nearest to the sample's
+    var_hat. The update is DDIM(eta) on the twin from the chosen sigma_m to the next grid sigma:
+    eps_hat = x + (1 - sigma_m) v, x0_hat = x - sigma_m v, then x_s = c(sigma_s) [sqrt(ab_s) x0_hat +
+    sqrt(1 - ab_s - s^2) eps_hat + s z]. Only the ``paper`` selection rule; ``enabled=False`` or w < 2
+    is the twin DDIM (`samplers.baseline.FlowTwinDDIM`) exactly."""
+
+    takes_velocity = True
+    init_noise_sigma = 1.0
+
+    def __init__(self, config: dict, window_size: int | None = None, cutoff: int | None = None, eta: float = 0.0,
+                 data_var: float | None = None, enabled: bool = True, variant: str = DEFAULT_VARIANT):
+        if variant != "paper":
+            raise ValueError(f"variant must be 'paper' on a flow-matching model (the reference_pnm rule moves the step's "
+                             f"target off the model's own sigma grid), got {variant!r}")
+        check_params(window_size, cutoff, variant, eta, data_var)
+        self.config = dict(config)
+        self.window_size, self.cutoff, self.eta = window_size, cutoff, float(eta)
+        self.data_var, self.enabled = data_var, bool(enabled)
+        self.num_train_timesteps = int(self.config.get("num_train_timesteps", 1000))
+        self.timesteps = self.sigmas = None
+        self.window_size_eff = self.cutoff_eff = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None, mu: float | None = None, base_sigmas=None):
+        from ..core.schedule import FlowSchedule
+
+        self._schedule = FlowSchedule(self.config, mu, base_sigmas)
+        self.sigmas, ts = self._schedule.sigmas(int(num_inference_steps))
+        self.timesteps = ts if device is None else ts.to(device)
+        w_def, c_def = default_window_cutoff(int(num_inference_steps), self.num_train_timesteps)
+        self.window_size_eff = w_def if self.window_size is None else int(self.window_size)
+        self.cutoff_eff = c_def if self.cutoff is None else int(self.cutoff)
+
+    @property
+    def shifting(self) -> bool:
+        return self.enabled and self.window_size_eff >= 2 and self.cutoff_eff < float(self.timesteps[0])
+
+    def _index(self, timestep) -> int:
+        hits = (self.timesteps.cpu() == torch.as_tensor(timestep).cpu().float()).nonzero()
+        if hits.numel() == 0:
+            raise ValueError(f"timestep {float(timestep)} is not on the grid; call set_timesteps first")
+        return int(hits[0])
+
+    def model_timesteps(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """(B,) float32 model times of Algorithm 3 at grid time ``timestep`` for the flow state ``sample``."""
+        k = self._index(timestep)
+        t = float(self.timesteps[k])
+        B = sample.shape[0]
+        if not (self.shifting and k >= 1 and t > self.cutoff_eff):
+            return torch.full((B,), t, dtype=torch.float32, device=sample.device)
+        h = self.window_size_eff // 2
+        cand = (torch.arange(-h, h + 1, dtype=torch.float64) + t).clamp(0, self.num_train_timesteps)  # (W,)
+        cand = torch.unique(cand.float()).double()  # ascending, float32 model times
+        sig = torch.where(cand == t, torch.tensor(float(self.sigmas[k]), dtype=torch.float64), cand / self.num_train_timesteps)
+        ref = flow_reference_variance(sig, self.data_var)  # (W,)
+        dist = (sample_variance(sample).cpu()[:, None] - ref[None, :]) ** 2  # (B, W)
+        return cand[dist.argmin(dim=1)].float().to(sample.device)  # ties: the smallest time
+
+    def step(self, model_output, timestep, sample, generator=None, model_timesteps=None, eta: float | None = None,
+             return_dict: bool = True):
+        from types import SimpleNamespace
+
+        from ..core.ddim import ddim_sigma, ddim_update
+        from ..core.flow import eps_x0_from_velocity, twin_alpha_bar, twin_scale
+        from ..core.noise import normal, normal_rows
+
+        eta = self.eta if eta is None else float(eta)
+        k = self._index(timestep)
+        t_model = self.model_timesteps(sample, timestep) if model_timesteps is None else model_timesteps
+        sigma_m = self._schedule.sigma_of(t_model.cpu()).to(sample.device)  # (B,) float64, grid sigma when unshifted
+        sigma_s = float(self.sigmas[k + 1])
+        eps_hat, x0_hat = eps_x0_from_velocity(model_output, sample, sigma_m)
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        ab_m = twin_alpha_bar(sigma_m).reshape(shape)
+        ab_s = torch.tensor(twin_alpha_bar(sigma_s), dtype=torch.float64, device=sample.device)
+        std = ddim_sigma(ab_m, ab_s, eta, clamp=True)
+        noise = None
+        if eta > 0:
+            if isinstance(generator, (list, tuple)):
+                noise = normal_rows(generator, tuple(sample.shape[1:]), device=sample.device, dtype=sample.dtype).double()
+            else:
+                noise = normal(tuple(sample.shape), generator, device=sample.device, dtype=sample.dtype).double()
+        prev = (ddim_update(x0_hat, eps_hat, ab_s, std, noise, clamp=True) * twin_scale(sigma_s)).to(sample.dtype)
+        if not return_dict:
+            return (prev, x0_hat.to(sample.dtype))
+        return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype), model_timesteps=t_model,
+                               target_timesteps=None)
+
+
 # -- the loop -------------------------------------------------------------------------------
 def sample_time_shift(
     denoiser: Callable,
@@ -230,28 +333,34 @@ def sample_time_shift(
     """TS-DDIM / TS-DDPM loop (Algorithm 3) on a scheduler whose timesteps are set; the scheduler
     only holds the grid and the alpha_bar tables (its math is `time_shift_times` / the DDIM update).
 
-    denoiser: a `core.denoiser.Denoiser` (``.guided``) or a callable eps(x, t (B,), cond).
+    denoiser: a `core.denoiser.Denoiser` (``.guided``) or a callable eps(x, t (B,), cond). With a flow
+    stepper (``FlowTimeShift``, ``takes_velocity``) the state is the flow x_sigma and the model output the
+    velocity (``Denoiser.velocity``, or the callable's output).
     x_T: (B, ...) start noise. Returns (x_0, trace) with trace lists per step: grid ``timestep``,
     and ``ts_mean`` / ``ts_min`` / ``ts_max`` of the shifted time over the batch (the model time
     for ``paper``, the target time for ``reference_pnm``).
     """
     trace: dict = {"timestep": [], "ts_mean": [], "ts_min": [], "ts_max": []}
     x = x_T
+    flow = getattr(scheduler, "takes_velocity", False)  # a flow model's stepper: the state is x_sigma, the output v
     for i, t in enumerate(scheduler.timesteps):
-        t_model = scheduler.model_timesteps(x, t)  # (B,) int64
-        if hasattr(denoiser, "guided"):
+        t_model = scheduler.model_timesteps(x, t)  # (B,) int64 (flow: float32 model times)
+        if flow and hasattr(denoiser, "velocity"):
+            eps_hat = denoiser.velocity(x, t_model, cond, guidance_scale)
+        elif hasattr(denoiser, "guided") and not flow:
             eps_hat = denoiser.guided(x, t_model, cond, guidance_scale)
         else:
             eps_hat = denoiser(x, t_model, cond)
         check_finite(eps_hat, name, i)
         out = scheduler.step(eps_hat, t, x, generator=generator, model_timesteps=t_model)
         x = out.prev_sample
-        shown = out.target_timesteps if scheduler.config.variant == "reference_pnm" else t_model
+        shown = out.target_timesteps if not flow and scheduler.config.variant == "reference_pnm" else t_model
         shown = shown.double()
-        trace["timestep"].append(int(t))
+        as_time = float if flow else int  # float model times on a flow grid
+        trace["timestep"].append(as_time(t))
         trace["ts_mean"].append(float(shown.mean()))
-        trace["ts_min"].append(int(shown.min()))
-        trace["ts_max"].append(int(shown.max()))
+        trace["ts_min"].append(as_time(shown.min()))
+        trace["ts_max"].append(as_time(shown.max()))
         if on_step is not None:
             on_step(1)
     return x, trace

@@ -9,15 +9,19 @@ calls them; nothing in ``gensample.samplers`` imports this package.
 - ``TimeShiftScheduler``, ``make_time_shift_scheduler`` (``schedulers.time_shift``): TS-DDIM / TS-DDPM.
 - ``DiSAHeadScheduler`` (``schedulers.disa``): MAR's respaced ancestral DDPM for a per-token head.
 - ``MaskedDiffusionScheduler`` (``schedulers.first_hitting``): first-hitting / ancestral masked diffusion.
+- ``FirstHittingBlockScheduler`` (``schedulers.first_hitting_block``): drop-in block scheduler for diffusers'
+  LLaDA2Pipeline / DiffusionGemmaPipeline (first hitting and float64 confidence strategies in a block).
 """
 
 from .disa import DiSAHeadScheduler, DiSAHeadSchedulerOutput
 from .first_hitting import MaskedDiffusionScheduler, MaskedDiffusionSchedulerOutput
+from .first_hitting_block import FirstHittingBlockScheduler, FirstHittingBlockSchedulerOutput
 from .fkc import FKCScheduler, FKCSchedulerOutput
 from .time_shift import TimeShiftScheduler, TimeShiftSchedulerOutput, make_time_shift_scheduler
 
 __all__ = [
     "DiSAHeadScheduler", "DiSAHeadSchedulerOutput",
+    "FirstHittingBlockScheduler", "FirstHittingBlockSchedulerOutput",
     "FKCScheduler", "FKCSchedulerOutput",
     "MaskedDiffusionScheduler", "MaskedDiffusionSchedulerOutput",
     "TimeShiftScheduler", "TimeShiftSchedulerOutput", "make_time_shift_scheduler",
