@@ -1,7 +1,9 @@
 """FHS vs the cached ancestral sampler on a long exact Markov-chain language (docs/first_hitting.md).
 
 Zheng et al. 2024 (arXiv 2409.02908) claim ~20x for FHS over MDLM's ``ddpm_cache`` in the
-categorical-heavy regime (N >= 10 L grid steps, |V| = 50k). Here: a banded random chain with
+categorical-heavy regime (N >= 10 L grid steps, |V| = 50k). That regime exists only for MDLM's
+one-stage draw (K'+1 uniforms per masked position per step); our float64 ancestral step draws a
+V-row only where a token is revealed, so its categorical time no longer grows like N L K'. Here: a banded random chain with
 V = 1000 tokens, L = 256 (``models.markov.banded_chain``), whose exact denoiser (forward-backward)
 stands in for the network, so the output law is known:
 

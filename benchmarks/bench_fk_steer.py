@@ -5,6 +5,7 @@
     python benchmarks/bench_fk_steer.py --part equal-nfe --out benchmarks/results/fk_steer_equal_nfe.json
     python benchmarks/bench_fk_steer.py --part equal-time --out benchmarks/results/fk_steer_equal_time.json
     python benchmarks/bench_fk_steer.py --part anneal --out benchmarks/results/fk_steer_anneal.json
+    python benchmarks/bench_fk_steer.py --part flow --particles 16384 --out benchmarks/results/fk_steer_flow.json
 
 1. Oracle: prior 0.8 N((-2, 0), 0.25 I) + 0.2 N((2, 0), 0.25 I), reward -||x - (1, 0)||^2 / (2 * 1.5^2),
    lambda = 1. The tilted law's mass of {x_1 > 0} is known in closed form; each potential and
@@ -19,18 +20,26 @@
    best) vs best-of-K at equal NFE (K model rows per step per group), with digits-FID of each set
    against the real class-3 digits (train + test: what the tilted law approaches) and against the
    whole test split, the reward calls, class-3 rate, mean reward and diversity.
-4. --part equal-time (wall clock; run it on an idle machine): for each K, fk-steer (best) is timed
-   with its reward calls; best-of-M then gets the same wall time per output sample, M calibrated
-   from a timed best-of-K run (M = wall_fk / wall per DDPM sample incl. its reward). Both rows
-   carry the wall time, the reward seconds and the same quality columns as 3.
+4. --part equal-time (wall clock): for each K, fk-steer (best) is timed with its reward calls;
+   best-of-M then gets the same wall time per output sample, M calibrated from one interleaved pass
+   of timed fk-steer and best-of-K runs (M = median wall_fk / groups / wall per DDPM sample incl. its
+   reward). Then --repeats interleaved repeats (seed r in repeat r, both arms; the arm that runs first
+   alternates) so that machine load hits both arms alike: per row the median wall time and its
+   spread (min, max over repeats), the paired ratio wall_best-of-M / wall_fk per repeat, the reward
+   seconds, the quality columns of 3 (mean and sd over the repeats' seeds) and the load average
+   (os.getloadavg) before and after every run.
 5. --part anneal: the composition oracle, FKC's annealed target p^beta times exp(lambda r), beta = 2,
    lambda = 1, 16384 particles, 250 steps, K = 1 .. 256; exact mass by 1-D quadrature.
+6. --part flow: the oracle of 1 on the flow form of the mixture (FlowMatchEulerDiscreteScheduler grid
+   with static shift 3, the exact velocity E[eps - x0 | x_sigma] on the VP twin, the flow SDE move):
+   diff for K = 1 .. 256 and max at K = 64, --particles particles each, 250 steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +64,9 @@ OUT_FILE = "fk_steer.json"
 NFE_FILE = "fk_steer_equal_nfe.json"
 TIME_FILE = "fk_steer_equal_time.json"
 ANNEAL_FILE = "fk_steer_anneal.json"
-RESULT_FIELDS = {OUT_FILE: ["oracle", "digits", "issue_command"], NFE_FILE: ["equal_nfe"], TIME_FILE: ["equal_time"],
+FLOW_FILE = "fk_steer_flow.json"
+RESULT_FIELDS = {OUT_FILE: ["oracle", "digits", "issue_command"], NFE_FILE: ["equal_nfe"],
+                 TIME_FILE: ["equal_time", "equal_time_setup"], FLOW_FILE: ["flow_oracle"],
                  ANNEAL_FILE: ["anneal"]}
 
 PRIOR = dict(weights=[0.8, 0.2], means=[[-2.0, 0.0], [2.0, 0.0]], stds=[0.5, 0.5])
@@ -100,6 +111,36 @@ def oracle(particles: int, steps: int) -> dict:
             z = f"{(m - truth) / se:+.1f}" if se > 0 else "n/a (all groups agree)"
             print(f"| {pot} | {K} | {m:.4f} | {se:.4f} | {z} |")
     return {"exact_mass": truth, "particles": particles, "steps": steps, "lambda": LAM, "rows": rows}
+
+
+def flow_oracle(particles: int, steps: int, shift: float = 3.0) -> dict:
+    """The oracle of ``oracle`` on the flow form: FlowSchedule grid (static shift), exact velocity."""
+    from gensample.core.flow import eps_x0_from_velocity, twin_to_flow
+    from gensample.core.schedule import FlowSchedule
+    from gensample.models.gmm import flow_scheduler_config
+
+    schedule = FlowSchedule(flow_scheduler_config(shift))
+    mix = GaussianMixture(**PRIOR)
+
+    def model_fn(x, t):
+        sigma = schedule.sigma_of(t)
+        x_flow = twin_to_flow(x.double(), sigma)
+        return eps_x0_from_velocity(mix.velocity(x_flow, sigma), x_flow, sigma)
+
+    truth = exact_right_mass()
+    rows = []
+    print(f"flow oracle (shift {shift}): exact mass {truth:.4f}\n| potential | K | mass | SE | error / SE |\n|---|---|---|---|---|")
+    for pot, K in [("diff", k) for k in (1, 4, 16, 64, 256)] + [("max", 64)]:
+        G = particles // K
+        gen = torch.Generator().manual_seed(0)
+        x_T = torch.randn(G * K, 2, generator=gen, dtype=torch.float64)
+        res = sample_fk_steer(model_fn, QuadraticReward(CENTER, SCALE), x_T, FKSteerConfig(lam=LAM, potential=pot, final="weighted"),
+                              schedule, schedule.grid(steps), group_size=K, noise_generators=gen, resample_generators=gen)
+        per = (res.weights * (res.x[:, 0] > 0).double()).reshape(G, K).sum(1)
+        m, se = per.mean().item(), (per.std() / math.sqrt(G)).item()
+        rows.append({"potential": pot, "K": K, "mass": m, "se": se, "exact": truth})
+        print(f"| {pot} | {K} | {m:.4f} | {se:.4f} | {(m - truth) / se:+.1f} |")
+    return {"exact_mass": truth, "particles": particles, "steps": steps, "shift": shift, "lambda": LAM, "rows": rows}
 
 
 def _diversity(x: np.ndarray) -> tuple[float, int]:
@@ -210,27 +251,72 @@ def equal_nfe(ks, groups: int, steps: int) -> list:
     return rows
 
 
-def equal_time(ks, groups: int, steps: int) -> list:
-    """fk-steer (best) vs best-of-M with M chosen for equal wall time per output sample, reward time included."""
+def _load() -> list:
+    """The 1, 5 and 15 minute load averages (os.getloadavg; None where the platform has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+QUALITY_KEYS = ("class3_rate", "mean_reward", "pairwise_l2", "distinct", "fid_class3", "fid_test")
+
+
+def equal_time(ks, groups: int, steps: int, repeats: int = 3) -> tuple[list, dict]:
+    """fk-steer (best) vs best-of-M with M chosen for equal wall time per output sample, reward time
+    included; interleaved repeats (module docstring, part 4). Returns (rows, setup)."""
+    loads = [{"when": "start", "load": _load()}]
     _fk_run(min(ks), 1, 2, "best")  # warm-up: imports, model load and first-call costs stay out of the clock
     _best_of_run(1, 1, 2)
+    calibration, M = {}, {}
+    for i, K in enumerate(ks):  # one interleaved calibration pass (the first arm alternates with K)
+        arms = [("fk", lambda: _fk_run(K, groups, steps, "best")[1]), ("bo", lambda: _best_of_run(K, groups, steps)[1])]
+        walls = {}
+        for name, fn in (arms if i % 2 == 0 else arms[::-1]):
+            walls[name] = fn()
+        per_sample = walls["bo"] / (groups * K)  # wall per DDPM sample with its verifier call
+        M[K] = max(1, int(round(walls["fk"] / groups / per_sample)))
+        calibration[K] = {"wall_fk_s": walls["fk"], "wall_best_of_K_s": walls["bo"], "per_sample_s": per_sample, "M": M[K]}
+    loads.append({"when": "after calibration", "load": _load()})
+    runs = {K: {"fk": [], "bo": []} for K in ks}
+    for r in range(repeats):
+        for i, K in enumerate(ks):
+            first_fk = (r + i) % 2 == 0  # alternate which arm runs first: a load change hits both alike
+            for arm in (("fk", "bo") if first_fk else ("bo", "fk")):
+                load = _load()
+                if arm == "fk":
+                    res, wall = _fk_run(K, groups, steps, "best", seed=r)
+                    x, rsec = res.samples["x"], res.record["stats"]["reward_seconds"]
+                else:
+                    x, wall, rsec = _best_of_run(M[K], groups, steps, seed=r)
+                runs[K][arm].append({"seed": r, "wall_s": wall, "reward_s": rsec, "load_before": load, **_quality(x)})
+        loads.append({"when": f"after repeat {r}", "load": _load()})
     rows = []
-    print("\nequal wall time | method | K or M | wall s | reward s | class-3 | mean log p(3|x) | FID class 3 | pairwise L2 |")
+    print(f"\nequal wall time ({repeats} interleaved repeats; median [min, max]) | method | K or M | wall s | reward s | "
+          "best-of-M / fk wall | class-3 | mean log p(3|x) | FID class 3 | pairwise L2 |")
     for K in ks:
-        res, wall_fk = _fk_run(K, groups, steps, "best")
-        _, wall_cal, _ = _best_of_run(K, groups, steps)  # calibration: wall per DDPM sample with its reward
-        per_sample = wall_cal / (groups * K)
-        M = max(1, int(round(wall_fk / groups / per_sample)))
-        x, wall_bo, reward_bo = _best_of_run(M, groups, steps)
-        st = res.record["stats"]
-        for name, xs, wall, rsec, extra in ((f"fk-steer (best), K={K}", res.samples["x"], wall_fk, st["reward_seconds"], {"K": K}),
-                                            (f"best-of-{M}", x, wall_bo, reward_bo, {"M": M, "calibration_wall_s": wall_cal})):
-            rows.append({"method": name, "groups": groups, "steps": steps, "wall_s": wall, "reward_s": rsec, **extra,
-                         **_quality(xs)})
-            q = rows[-1]
-            print(f"| {name} | {K if 'K' in extra else M} | {wall:.2f} | {rsec:.2f} | {q['class3_rate']:.3f} | "
-                  f"{q['mean_reward']:.3f} | {q['fid_class3']:.2f} | {q['pairwise_l2']:.2f} |")
-    return rows
+        ratio = [b["wall_s"] / f["wall_s"] for f, b in zip(runs[K]["fk"], runs[K]["bo"])]
+        for arm, name, extra in (("fk", f"fk-steer (best), K={K}", {"K": K}), ("bo", f"best-of-{M[K]}", {"M": M[K]})):
+            rs = runs[K][arm]
+            wall = np.array([x["wall_s"] for x in rs])
+            row = {"method": name, "groups": groups, "steps": steps, "repeats": repeats, **extra,
+                   "wall_s": float(np.median(wall)), "wall_s_min": float(wall.min()), "wall_s_max": float(wall.max()),
+                   "reward_s": float(np.median([x["reward_s"] for x in rs])),
+                   "wall_ratio_best_of_M_over_fk": {"median": float(np.median(ratio)), "min": float(min(ratio)),
+                                                    "max": float(max(ratio))}}
+            for key in QUALITY_KEYS:
+                v = np.array([x[key] for x in rs], dtype=np.float64)
+                row[key], row[key + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            row["calibration"] = calibration[K]
+            row["runs"] = rs
+            rows.append(row)
+            print(f"| {name} | {K if arm == 'fk' else M[K]} | {row['wall_s']:.2f} [{row['wall_s_min']:.2f}, "
+                  f"{row['wall_s_max']:.2f}] | {row['reward_s']:.2f} | {np.median(ratio):.2f} | {row['class3_rate']:.3f} | "
+                  f"{row['mean_reward']:.3f} | {row['fid_class3']:.1f} | {row['pairwise_l2']:.2f} |")
+    setup = {"ks": list(ks), "groups": groups, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
+             "load_average": loads, "order": "calibration pass, then per repeat r and K the two arms back to back, "
+                                              "the first arm alternating with r + K index"}
+    return rows, setup
 
 
 def anneal_oracle(particles: int, steps: int, ks=(1, 4, 16, 64, 256), beta: float = 2.0, lam: float = 1.0) -> dict:
@@ -267,13 +353,14 @@ def anneal_oracle(particles: int, steps: int, ks=(1, 4, 16, 64, 256), beta: floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("all", "equal-nfe", "equal-time", "anneal"), default="all",
+    ap.add_argument("--part", choices=("all", "equal-nfe", "equal-time", "anneal", "flow"), default="all",
                     help="all: the oracle table, digits and the issue command (fk_steer.json); the others one study each")
     ap.add_argument("--particles", type=int, default=32768, help="oracle particles per (potential, K)")
     ap.add_argument("--oracle-steps", type=int, default=250)
     ap.add_argument("--groups", type=int, default=16, help="digits: groups per method")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--ks", default="4,8,16", help="digits: particle counts K (comma-separated)")
+    ap.add_argument("--repeats", type=int, default=3, help="equal-time: interleaved timed repeats per arm")
     ap.add_argument("--out", default=None, help="write the result here through _provenance.write_result")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -282,9 +369,12 @@ def main(argv=None) -> int:
     if args.part == "equal-nfe":
         result = {"equal_nfe": equal_nfe(ks, args.groups, args.steps)}
     elif args.part == "equal-time":
-        result = {"equal_time": equal_time(ks, args.groups, args.steps)}
+        rows, setup = equal_time(ks, args.groups, args.steps, args.repeats)
+        result = {"equal_time": rows, "equal_time_setup": setup}
     elif args.part == "anneal":
         result, models = {"anneal": anneal_oracle(args.particles, args.oracle_steps)}, []
+    elif args.part == "flow":
+        result, models = {"flow_oracle": flow_oracle(args.particles, args.oracle_steps)}, []
     else:
         result = {"oracle": oracle(args.particles, args.oracle_steps), "digits": digits(args.groups, args.steps)}
         fk, bo = steer(8, 8, 50, "resample"), best_of(8, 8, 50)

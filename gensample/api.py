@@ -302,7 +302,10 @@ def prepare_model(cfg: dict, device: torch.device, cast: bool = True, loaded=Non
     if cfg.get("guidance_scale", 1.0) != 1.0 and model.kind == "diffusion" and (not model.num_classes or model.null_class is None) and not model.extras.get("text_conditional"):
         raise ValueError(f"--guidance-scale needs a class-conditional model with a null class; {cfg['model']!r} is unconditional")
     if model.kind == "diffusion" and hasattr(model, "configure_run"):
-        model.configure_run(cfg)  # prompts, negative prompt, guidance_rescale, height/width
+        model.configure_run(cfg)  # prompts, negative prompt, guidance_rescale, height/width, T5 length
+    elif cfg.get("max_sequence_length") is not None:
+        raise ValueError(f"--max-sequence-length {cfg['max_sequence_length']} (the T5 prompt length) applies to SD3 / "
+                         f"Flux pipelines; model {cfg['model']!r} is of kind {model.kind!r}")
     if spec.validate is not None:
         spec.validate(cfg, model)
     dtype = DTYPES[cfg.get("dtype", "fp32")]
@@ -647,7 +650,8 @@ def run(sampler: str = None, model: str | None = None, *, config: str | None = N
     Every CLI option is a keyword: steps, num_samples, batch_size, class_label, guidance_scale,
     seed, device, dtype, output, overwrite, progress, compile, max_samples, num_processes; for
     text-to-image / latent models prompt (str or list: sample i gets prompt i % len), negative_prompt,
-    guidance_rescale, height, width, weights_variant (docs/text_to_image.md); plus
+    guidance_rescale, height, width, weights_variant (docs/text_to_image.md), max_sequence_length
+    (SD3 / Flux: the T5 prompt length, docs/flow_matching.md); plus
     the sampler's own options (``gensample list`` / ``gensample run --help``). Booleans are
     strict: True/False or click's words ("false", "no", ...), never any non-empty string.
 

@@ -38,7 +38,10 @@ COMMON_KEYS = (
     "seed", "device", "dtype", "output", "overwrite", "progress", "compile", "max_samples", "threads",
     # text-to-image / latent models (gensample.models.text, docs/text_to_image.md); None = unset
     "prompt", "negative_prompt", "guidance_rescale", "height", "width", "weights_variant",
+    # flow-matching pipelines with a T5 encoder (SD3 / Flux; docs/flow_matching.md); None = the family's default
+    "max_sequence_length",
 )
+MAX_SEQUENCE_LENGTH = 512  # the longest T5 prompt SD3 / Flux pipelines accept
 # keys that may differ between an interrupted run and its resumption without changing samples
 NON_SEMANTIC = ("output", "overwrite", "progress", "batch_size", "device", "num_processes", "compile", "max_samples",
                 "threads")
@@ -246,8 +249,8 @@ def read_prompts_file(path: str | Path) -> list[str]:
 
 def _text_options(merged: dict, skip: set) -> dict:
     """prompt (str or list of str -> list), negative_prompt, guidance_rescale in [0, 1], height /
-    width (ints >= 1), weights_variant (e.g. "fp16"); all None when unset. A key the sampler
-    declares itself (``skip``) is left to the sampler's own option."""
+    width (ints >= 1), weights_variant (e.g. "fp16"), max_sequence_length (int in [1, 512]); all
+    None when unset. A key the sampler declares itself (``skip``) is left to the sampler's own option."""
     out: dict[str, Any] = {}
     if "prompt" not in skip:
         out["prompt"] = normalize_prompts(merged.get("prompt"))
@@ -270,6 +273,16 @@ def _text_options(merged: dict, skip: set) -> dict:
         if wv is not None and (not isinstance(wv, str) or not re.fullmatch(r"[A-Za-z0-9_]+", wv)):
             raise ValueError(f"--weights-variant must be a variant name such as fp16, got {wv!r}")
         out["weights_variant"] = wv
+    if "max_sequence_length" not in skip:
+        msl = merged.get("max_sequence_length")
+        try:
+            length = None if msl is None else _int("max_sequence_length", msl, 1)
+        except ValueError:
+            length = 0
+        if length is not None and not 1 <= length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"--max-sequence-length must be an integer in [1, {MAX_SEQUENCE_LENGTH}] (the T5 token "
+                             f"length of SD3 / Flux prompts), got {msl!r}")
+        out["max_sequence_length"] = length
     return out
 
 

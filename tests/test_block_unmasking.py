@@ -334,3 +334,42 @@ def test_per_row_generators_make_rows_batch_independent(remasking):
     assert torch.equal(full[1:2], alone)
     other, _ = sample_blocks(net, x[1:2], cfg, [torch.Generator().manual_seed(8)])
     assert not torch.equal(other, alone)
+
+
+# -- speed (no behaviour change): the row check and the entropy score ----------------------------------------------------
+def test_row_check_is_one_reduction_unless_a_row_is_suspect(monkeypatch):
+    """propose_tokens checks the drawn rows with one max-reduction; the entry-wise scan (isfinite / isnan over the
+    (C, K) rows) runs only for a row whose max is not finite, and it still rejects NaN and all -inf rows."""
+    from gensample.samplers.block_unmasking import propose_tokens
+
+    seen = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.shape) or real(t))
+    logits = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(0))
+    where = torch.ones(2, 5, dtype=torch.bool)
+    propose_tokens(logits, where, torch.Generator().manual_seed(1), kind="entropy")
+    assert seen and all(len(s) == 1 for s in seen)  # only the (C,) maxima, never the (C, K) rows
+    bad_nan, bad_inf, ok_plus_inf = logits.clone(), logits.clone(), logits.clone()
+    bad_nan[1, 2, 7] = float("nan")
+    bad_inf[0, 3] = float("-inf")
+    ok_plus_inf[0, 1, 3] = float("inf")  # a finite entry remains: accepted, as before
+    for bad in (bad_nan, bad_inf):
+        with pytest.raises(ValueError, match="NaN or no finite entry"):
+            propose_tokens(bad, where, torch.Generator().manual_seed(1), temperature=0)
+    seen.clear()
+    propose_tokens(ok_plus_inf, where, torch.Generator().manual_seed(1), temperature=0)
+    assert any(len(s) == 2 for s in seen)  # the suspect row triggered the entry-wise scan
+
+
+def test_entropy_score_equals_the_masked_sum_bitwise():
+    """sum_v p_v log p_v with 0 log 0 = 0, on rows with excluded (-inf) and underflowing entries: identical bits to
+    the where(p > 0, p log p, 0) form it replaces."""
+    g = torch.Generator().manual_seed(3)
+    lw = torch.randn(20, 300, generator=g, dtype=torch.float64) * 400  # log p down to ~ -1000: exp underflows
+    lw[:, :30] = float("-inf")
+    log_p = torch.log_softmax(lw, -1)
+    p = log_p.exp()
+    assert (p == 0).any() and torch.isfinite(log_p[p == 0]).any()  # both kinds of zero occur
+    ref = torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    x0 = log_p.argmax(-1)
+    assert torch.equal(confidence_scores(log_p, x0, "entropy"), ref)

@@ -97,3 +97,16 @@ def test_q_sample_and_velocity_equal_diffusers_bit_for_bit():
     ab = ref.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     assert torch.equal(ddim.q_sample(x0, noise, ab), ref.add_noise(x0, noise, t))
     assert torch.equal(ddim.v_from_eps(x0, noise, ab), ref.get_velocity(x0, noise, t))
+
+
+def test_ddim_sigma_from_a_clean_time_is_zero_not_nan():
+    """A step whose start is clean (alpha_bar_t = 1: a Time-Shift candidate at model time 0) has no
+    noise to remove: sigma is 0 for every eta (0/0 before), floats and tensors alike."""
+    import math
+
+    for eta in (0.0, 1.0):
+        assert ddim.ddim_sigma(1.0, 1.0, eta) == 0.0
+        t = ddim.ddim_sigma(torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 0.9], dtype=torch.float64), eta)
+        assert torch.isfinite(t).all() and t[0] == 0
+        expected = eta * math.sqrt((1 - 0.9) / (1 - 0.5) * (1 - 0.5 / 0.9))
+        assert abs(float(t[1]) - expected) < 1e-15

@@ -521,10 +521,16 @@ def test_bench_equal_cost_parts_run_at_tiny_size(tmp_path, monkeypatch):
     import bench_fk_steer
 
     out = tmp_path / "t.json"
-    assert bench_fk_steer.main(["--part", "equal-time", "--ks", "2", "--groups", "2", "--steps", "2", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["equal_time"]
+    assert bench_fk_steer.main(["--part", "equal-time", "--ks", "2", "--groups", "2", "--steps", "2", "--repeats", "2",
+                                "--out", str(out)]) == 0
+    stored = json.loads(out.read_text())
+    rows, setup = stored["equal_time"], stored["equal_time_setup"]
     assert [("K" in r, "M" in r) for r in rows] == [(True, False), (False, True)] and rows[1]["M"] >= 1
-    for key in ("class3_rate", "mean_reward", "pairwise_l2", "fid_class3", "wall_s", "reward_s"):
+    for key in ("class3_rate", "mean_reward", "pairwise_l2", "fid_class3", "wall_s", "reward_s", "class3_rate_sd"):
         assert all(math.isfinite(r[key]) for r in rows), key
+    # interleaved repeats: one run per repeat and arm (seed = repeat), the spread and the paired ratio, the load
+    assert all([x["seed"] for x in r["runs"]] == [0, 1] and r["wall_s_min"] <= r["wall_s"] <= r["wall_s_max"] for r in rows)
+    assert rows[0]["wall_ratio_best_of_M_over_fk"]["median"] > 0
+    assert setup["repeats"] == 2 and len(setup["load_average"]) == 4  # start, after calibration, after each repeat
     rows = bench_fk_steer.equal_nfe([2], 2, 2)
     assert [r["method"] for r in rows] == ["fk-steer (resample)", "fk-steer (best)", "best-of-2"]

@@ -227,7 +227,7 @@ def test_flow_refusals_name_the_reason(tmp_path, kw, match):
 
 
 @pytest.mark.parametrize("sampler, match", [("oms", "no terminal-SNR gap|sigma = 1"), ("dpm", "use euler"),
-                                            ("stsl", "divide by alpha_bar"), ("disa", "not been ported")])
+                                            ("disa", "not been ported")])
 def test_a_flow_model_is_refused_by_samplers_that_do_not_run_on_flows(sampler, match):
     """A flow LoadedModel (a loaded SD3 / Flux folder, or --flow) meets the spec's declared need
     before any sampling: the reason is named (OMS: a flow starts at sigma = 1)."""
@@ -238,6 +238,25 @@ def test_a_flow_model_is_refused_by_samplers_that_do_not_run_on_flows(sampler, m
     with pytest.raises(ValueError, match=f"sampler '{sampler}' does not run on the flow-matching model.*({match})"):
         api._flow_form({}, as_flow_model(gmm2d(), 3.0), spec)
     assert registry.flow_refusal(registry.get("euler")) is None
+
+
+def test_oms_spec_carries_its_flow_refusal():
+    """The OMS refusal on flows is declared on its own spec (runs/oms.py), with the reason."""
+    from gensample.samplers import registry
+
+    spec = registry.get("oms")
+    assert not spec.flow and spec.flow_refusal is not None and "sigma = 1" in spec.flow_refusal
+
+
+def test_stsl_runs_on_the_flow_form(tmp_path):
+    """stsl on a flow model (before: refused, its terms divide by alpha_bar = 0 at sigma = 1): the first step
+    skips the inner steps and takes x0 from the velocity; every later step is STSL's: finite samples."""
+    from gensample.samplers import registry
+
+    assert registry.flow_refusal(registry.get("stsl")) is None
+    res = gensample.run(sampler="stsl", model="gmm2d", flow=True, flow_shift=3.0, steps=5, inner_steps=2,
+                        num_samples=4, output=str(tmp_path / "stsl"), progress=False)
+    assert res.x.shape == (4, 2) and np.isfinite(res.x).all()
 
 
 def test_ts_ddim_on_a_flow_window_zero_is_ddim(tmp_path):
@@ -271,3 +290,36 @@ def test_dps_on_a_flow_through_the_api(tmp_path):
     assert res.x.shape == (4, 2) and np.isfinite(res.x).all() and "y" in res.samples
     with pytest.raises(ValueError, match="--time-shift inside dps / psld"):
         _run(tmp_path, "psld", flow=True, steps=10, num_samples=4, time_shift=True)
+
+
+# -- guidance-distilled Flux: --guidance-scale is the embedded guidance, never CFG on top --------------------
+def test_embedded_guidance_rule_sets_the_cfg_weight_to_one_and_refuses_cfg_targets():
+    """The one sampler-side rule (registry.guidance_opts): on a model with extras['embedded_guidance'] the
+    samplers' CFG weight is 1 and a CFG target is refused with the reason; other models are unchanged."""
+    from types import SimpleNamespace
+
+    from gensample.samplers.registry import guidance_opts
+
+    dev = SimpleNamespace(name="flux-dev", extras={"embedded_guidance": True})
+    plain = SimpleNamespace(name="sd3", extras={"embedded_guidance": False})
+    opts = {"guidance_scale": 3.5, "steps": 4}
+    assert guidance_opts(dev, opts) == {"guidance_scale": 1.0, "steps": 4} and opts["guidance_scale"] == 3.5
+    assert guidance_opts(plain, opts) is opts
+    with pytest.raises(ValueError, match="--fkc-target cfg .* true unconditional branch.*guidance-distilled"):
+        guidance_opts(dev, {"guidance_scale": 3.5, "fkc_target": "cfg"})
+
+
+def test_fkc_cfg_is_refused_on_a_guidance_distilled_flux_and_anneal_runs(tmp_path):
+    """FKC on a tiny guidance-distilled Flux: --guidance-scale alone implies --fkc-target cfg, refused with the
+    reason (no true unconditional branch); --fkc-target anneal with --guidance-scale runs, the scale going to
+    the network as its embedded guidance (the run differs from the one at guidance 1)."""
+    pytest.importorskip("transformers")
+    from flow_models import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(tmp_path, guidance=True)
+    common = dict(prompt="a red cat", steps=2, num_samples=2, particles=2, progress=False, seed=0)
+    with pytest.raises(ValueError, match="needs a true unconditional branch"):
+        gensample.run("fkc", pipe, guidance_scale=3.5, **common)
+    a = gensample.run("fkc", pipe, fkc_target="anneal", guidance_scale=3.5, **common).samples["x"]
+    b = gensample.run("fkc", pipe, fkc_target="anneal", guidance_scale=1.0, **common).samples["x"]
+    assert np.isfinite(a).all() and not np.allclose(a, b)

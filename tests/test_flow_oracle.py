@@ -249,13 +249,15 @@ _po.loader.exec_module(PO)
 
 
 @pytest.mark.parametrize("case", sorted(PO.CASES))
-@pytest.mark.parametrize("method", ["dps", "psld", "unconditional"])
+@pytest.mark.parametrize("method", ["dps", "psld", "stsl", "unconditional"])
 def test_dps_psld_flow_form_land_near_the_posterior(method, case):
     """The VP form's loose check at equal paper NFE on the flow form (shift 3) of gmm2d: mean along the
     measured directions within 0.25 prior std of the exact posterior mean and the top-weight mode holds the
     plurality; the unconditional sampler (dps with zeta = 0) must fail (measured: dps / psld 0.011 (inpaint),
     0.046 (matrix); unconditional 1.0 / 1.26). The first step (sigma = 1, alpha_bar = 0) takes x0 from the
-    velocity (``Denoiser.eps_x0``) through the twin DDIM (``FlowTwinEpsDDIM``)."""
+    velocity (``Denoiser.eps_x0``) through the twin DDIM (``FlowTwinEpsDDIM``); STSL (the VP form's 20 x 5
+    setting) skips its inner steps there: z at sigma = 1 is independent of x0, so its surrogate loss has zero
+    gradient in z (before, stsl was refused on flows)."""
     from gensample.models.gmm import as_flow_model
     from gensample.models.posterior import GaussianMixturePosterior, posterior_distance
     from gensample.samplers.stsl import reconstruct

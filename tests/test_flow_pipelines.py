@@ -378,18 +378,13 @@ def test_cli_euler_writes_pngs_of_the_pipeline_pixel_size(flow_dirs, tmp_path, f
     assert text["tokens"]["t5"]["tokens"] == [4]  # "a red cat" + </s>
 
 
-EMBEDDED_GUIDANCE_GAP = pytest.mark.xfail(strict=True, reason=(
-    "the flow core still applies CFG with --guidance-scale on a guidance-distilled model; the loader already feeds "
-    "it as the embedded guidance (extras['embedded_guidance']), FluxPipeline makes one conditional call"))
-
-
 @core
 @pytest.mark.parametrize("family,guidance,negative", [
     ("sd3", 1.0, None), ("flux", 1.0, None),
     ("sd3", 5.0, "blue dog"),  # SD3's CFG: negative prompt, guidance_scale
     ("flux", 4.0, "blue dog"),  # undistilled Flux: FluxPipeline's true_cfg_scale with a negative prompt
     ("flux-dev", 1.0, None),
-    pytest.param("flux-dev", 3.5, None, marks=EMBEDDED_GUIDANCE_GAP),
+    ("flux-dev", 3.5, None),
 ])
 def test_euler_equals_the_stock_pipeline(tmp_path, family, guidance, negative):
     """Our euler on the loaded model == the stock pipeline's latents from the same initial noise

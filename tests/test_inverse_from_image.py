@@ -79,3 +79,24 @@ def test_from_image_on_a_text_to_image_model(sd_dir, tmp_path, sampler):
     np.testing.assert_allclose(z["x_true"][0], rgb.transpose(2, 0, 1) / 127.5 - 1, atol=1e-5)
     rec = json.loads((out / "run.json").read_text())
     assert "a cat" in json.dumps(rec)
+
+
+@pytest.mark.parametrize("sampler", ["dps", "smc-post"])
+def test_latent_solvers_keep_the_latents_beside_the_pixels(sd_dir, tmp_path, sampler):
+    """A latent model's samples.npz holds the decoded pixels ("x") and the latents they decode from
+    ("latents", the model's event shape): decoding the stored latents gives the stored pixels."""
+    from gensample.models.loading import load_model
+    from sd_models import LATENT, PIXELS
+
+    rgb = np.random.default_rng(1).integers(0, 256, (PIXELS, PIXELS, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "in.png")
+    out = tmp_path / "o"
+    extra = ["--particles", 2] if sampler == "smc-post" else []
+    r = invoke("run", "--sampler", sampler, "--model", sd_dir, "--prompt", "a cat", "--from-image", tmp_path / "in.png",
+               "--task", "sr-avgpool", "--steps", 2, "-n", 2, "--device", "cpu", "-o", out, "--no-progress", *extra)
+    assert r.exit_code == 0, r.output
+    z = np.load(out / "samples.npz")
+    assert z["latents"].shape == (2, 4, LATENT, LATENT) and z["x"].shape == (2, 3, PIXELS, PIXELS)
+    with torch.no_grad():
+        pix = load_model(str(sd_dir)).decode(torch.from_numpy(z["latents"])).numpy()
+    np.testing.assert_allclose(pix, np.clip(z["x"], -1, 1), atol=1e-4)

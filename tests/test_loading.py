@@ -274,3 +274,16 @@ def test_sd15_unet_config_one_ts_ddim_step_through_the_cli(tmp_path, monkeypatch
         assert z["x"].shape == (1, 4, 64, 64) and z["images"].shape == (1, 3, 512, 512)
         assert np.isfinite(z["x"]).all()
     assert json.loads((out / "run.json").read_text())["nfe"] == 1
+
+
+def test_weights_fingerprint_reads_tensors_over_2_pow_24_entries():
+    """The sampled positions are computed in float64: in float32 linspace rounds past the last index
+    of a tensor with more than 2^24 entries (every real SD3.5 / Flux weight matrix), an IndexError."""
+    from gensample.models.loading import weights_fingerprint
+
+    big = torch.nn.Linear(4097, 4096, bias=False)  # 16,781,312 > 2^24 = 16,777,216 entries
+    torch.nn.init.zeros_(big.weight)
+    a = weights_fingerprint({"m": big})
+    with torch.no_grad():
+        big.weight[-1, -1] = 1.0  # the last entry is one of the sampled positions
+    assert weights_fingerprint({"m": big}) != a

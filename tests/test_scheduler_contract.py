@@ -308,7 +308,17 @@ FLOW_CONFIGS = {
                          ids=lambda c: c.__name__)
 def test_flow_matching_config_is_refused(cls, flow):
     """A flow-matching config carries no betas: from_config would build the default DDPM schedule
-    and a stock SD3 pipeline would run on it to the end. It must raise, naming the reason."""
+    and a stock SD3 pipeline would run on it to the end. It must raise, naming the reason, except
+    TimeShiftScheduler on a FlowMatchEulerDiscreteScheduler config, which gives the flow face
+    (FlowTimeShiftScheduler, issue 27 item 5) with the source's flow keys."""
+    if cls is TimeShiftScheduler and flow != "dpm-flow-sigmas":
+        from gensample.schedulers.flow_time_shift import FlowTimeShiftScheduler
+
+        src = FLOW_CONFIGS[flow]()
+        face = cls.from_config(src)
+        assert isinstance(face, FlowTimeShiftScheduler)
+        assert all(face.config[k] == v for k, v in src.items() if not k.startswith("_")), src
+        return
     with pytest.raises(ValueError, match="flow-matching"):
         cls.from_config(FLOW_CONFIGS[flow]())
 

@@ -130,7 +130,7 @@ def _defaults_text(key: str, man) -> str:
     return "; ".join(f"{', '.join(sorted(names))}: default {d}" for d, names in sorted(by_default.items(), key=lambda kv: sorted(kv[1])))
 
 
-_TEXT_KEYS = ("prompt", "negative_prompt", "guidance_rescale", "height", "width", "weights_variant")
+_TEXT_KEYS = ("prompt", "negative_prompt", "guidance_rescale", "height", "width", "weights_variant", "max_sequence_length")
 
 
 def _option_param(opt, help_text: str) -> click.Parameter:
@@ -241,6 +241,8 @@ def _steps_for(name: str, param: click.Parameter) -> click.Parameter:
 @click.option("--height", type=int, default=None, help="Image height in pixels (latent models) [default: the model's].")
 @click.option("--width", type=int, default=None, help="Image width in pixels (latent models) [default: the model's].")
 @click.option("--weights-variant", default=None, help="Weights variant of a diffusers folder / hub id, e.g. fp16 (*.fp16.safetensors).")
+@click.option("--max-sequence-length", type=int, default=None, help="T5 prompt length in tokens, 1-512 (SD3 / Flux "
+              "pipelines only) [default: the pipeline's, SD3 256, Flux 512].")
 @click.option("--seed", type=int, default=None, help="Global seed; sample i uses a seed derived from (seed, i) [default 0].")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N [default auto].")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help="Model dtype (fp16/bf16 on CUDA only) [default fp32].")

@@ -15,7 +15,6 @@ corpus actually used is written next to the weights (corpus.txt) so a retrain ca
 
 from __future__ import annotations
 
-import csv
 import importlib
 import inspect
 import json
@@ -69,6 +68,7 @@ def train_mdm(corpus: str, out_dir: Path, *, steps: int, batch_size: int, length
     import torch
 
     from ..models.masked_lm import CharTokenizer, MaskedDiffusionTransformer
+    from ..train import save_masked_lm
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -127,13 +127,7 @@ def train_mdm(corpus: str, out_dir: Path, *, steps: int, batch_size: int, length
         val_pairs = [losses(batch_from(val_ids, 64, g_val), g_val) for _ in range(16)]
     val = sum(float(v[0]) for v in val_pairs) / len(val_pairs)
     val_ce = sum(float(v[1]) for v in val_pairs) / len(val_pairs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    net.save_pretrained(out_dir, safe_serialization=True)
-    tok.save(out_dir / "tokenizer.json")
-    with open(out_dir / "loss.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "elapsed_s"])
-        w.writeheader()
-        w.writerows(rows)
+    save_masked_lm(out_dir, net, tok, rows)
     info = {"steps_done": done, "val_nelbo_per_char_nats": val, "val_masked_ce_nats": val_ce, "val_bits_per_char_bound": val / math.log(2),
             "train_seconds": round(time.perf_counter() - t_start, 1), "corpus_chars": len(data),
             "num_parameters": sum(p.numel() for p in net.parameters()), "torch": torch.__version__,

@@ -97,8 +97,16 @@ def ddim_sigma(alpha_bar_t, alpha_bar_s, eta: float, *, clamp: bool = False):
 
     eta = 1 gives the DDPM posterior standard deviation (Ho et al. 2020, eq. 7, beta-tilde);
     eta = 0 the deterministic DDIM step. Tensor alpha_bars give a tensor of their broadcast shape.
+    A step from a clean time (ab_t = 1, e.g. a Time-Shift candidate at model time 0) has variance 0,
+    not 0/0.
     """
+    if not isinstance(alpha_bar_t, torch.Tensor) and not isinstance(alpha_bar_s, torch.Tensor) and alpha_bar_t == 1:
+        return 0.0 * eta
     variance = ((1 - alpha_bar_s) / (1 - alpha_bar_t)) * (1 - alpha_bar_t / alpha_bar_s)
+    if isinstance(variance, torch.Tensor):
+        clean = torch.as_tensor(alpha_bar_t, device=variance.device) == 1
+        if clean.any():
+            variance = torch.where(clean, torch.zeros_like(variance), variance)
     if clamp:
         return eta * variance.clamp(min=0).sqrt()
     return eta * variance**0.5

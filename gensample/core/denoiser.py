@@ -214,11 +214,37 @@ class Denoiser:
         sqrt(1 - ab) x and sqrt(ab) x - sqrt(1 - ab) v; sample: the output), so both stay finite at
         alpha_bar = 0 (the twin's sigma = 1) for those models; eps models divide by sqrt(alpha_bar).
         Differentiable in x_t (x_t's dtype out)."""
+        t = torch.as_tensor(t, device=x_t.device)
+        return self.eps_x0_of(self.raw_twin(x_t, t, cond).to(x_t.dtype), x_t, t)
+
+    def guided_eps_x0(self, x_t: torch.Tensor, t, cond: Cond, guidance_scale: float, uncond: Cond = None,
+                      guidance_rescale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) of the CFG-guided model: the combination out_u + w (out_c - out_u) (and the
+        rescale phi) on the raw output, as ``guided`` does, then both read off it as ``eps_x0`` does, so
+        x0 stays finite at alpha_bar = 0 (a zero-terminal-SNR VP schedule's first step, a flow's sigma = 1)
+        for v / sample / flow models. CFG commutes with the affine maps to eps and x0. One batched call."""
+        t = torch.as_tensor(t, device=x_t.device)
+        if guidance_scale == 1.0 or cond is None:
+            return self.eps_x0(x_t, t, cond)
+        uncond = self.null_cond if uncond is None else uncond
+        if uncond is None:
+            raise ValueError("guidance_scale != 1 needs an unconditional input (the model has no null condition)")
+        phi = self.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
+        n = x_t.shape[0]
+        t2 = torch.cat([t, t]) if t.ndim == 1 else t
+        out = self.raw_twin(torch.cat([x_t, x_t]), t2, concat_cond(cond, uncond, n, n)).to(x_t.dtype)
+        out_c, out_u = out[:n], out[n:]
+        out = cfg_combine(out_u, out_c, guidance_scale)
+        if phi > 0:
+            out = rescale_cfg(out, out_c, phi)
+        return self.eps_x0_of(out, x_t, t)
+
+    def eps_x0_of(self, out: torch.Tensor, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) from a raw model output ``out`` at x_t (see ``eps_x0``)."""
         from .ddim import x0_from_eps
         from .param import x0_to_eps
 
         t = torch.as_tensor(t, device=x_t.device)
-        out = self.raw_twin(x_t, t, cond).to(x_t.dtype)
         if self.is_flow:
             sigma = self.sigma(t)
             eps, x0 = eps_x0_from_velocity(out, twin_to_flow(x_t, sigma), sigma)

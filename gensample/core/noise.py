@@ -47,3 +47,12 @@ def normal_blocks(generators: Sequence[torch.Generator | None], rows: int, shape
         raise ValueError(f"rows ({rows}) must be a multiple of the number of generators ({len(generators)})")
     per = rows // len(generators)
     return normal_rows(generators, (per, *shape), device=device, dtype=dtype).flatten(0, 1)
+
+
+def normal_like(sample: torch.Tensor, generator) -> torch.Tensor:
+    """Noise shaped like ``sample``, in its dtype and on its device: one draw per row from a list of
+    per-sample generators (``normal_rows``), else one draw from ``generator`` (``normal``). The
+    stochastic steps' noise (DDIMScheduler's convention: drawn in the sample's dtype)."""
+    if isinstance(generator, (list, tuple)):
+        return normal_rows(generator, tuple(sample.shape[1:]), device=sample.device, dtype=sample.dtype)
+    return normal(tuple(sample.shape), generator, device=sample.device, dtype=sample.dtype)

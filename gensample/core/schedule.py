@@ -94,7 +94,11 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor | float) -> torch
     hi = (lo + 1).clamp(max=T - 1)
     frac = tc - lo.double()
     log_ab = ab.log()
-    out = torch.exp(log_ab[lo] * (1 - frac) + log_ab[hi] * frac)
+    # an end point with alpha_bar = 0 (zero terminal SNR) has log alpha_bar = -inf: weight it only where its
+    # weight is non-zero (-inf * 0 would be NaN), so alpha_bar_at(T - 1) is exactly 0 and the rest exactly as before
+    lo_term = torch.where(frac < 1, log_ab[lo] * (1 - frac), torch.zeros_like(frac))
+    hi_term = torch.where(frac > 0, log_ab[hi] * frac, torch.zeros_like(frac))
+    out = torch.exp(lo_term + hi_term)
     return torch.where(t < 0, torch.ones_like(out), out)
 
 

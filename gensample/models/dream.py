@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llada import RMSNorm, attend, load_weights, rope_tables
+from .llada import RMSNorm, attend, load_weights, register_bare_family, rope_tables
 
 DREAM_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -180,17 +180,4 @@ def load_dream(path: str, name: str | None = None):
                      max_length=net.max_length, network_cached=PrefixCachedNetwork(net))
 
 
-def _register_family() -> None:
-    """A bare Dream folder as a model family (architectures ["DreamModel"]), for folder detection."""
-    from .loading import Family, register_family
-
-    def load_folder(folder, index, comps, name, spec, variant):
-        if variant is not None:
-            raise ValueError(f"--model {spec}: --weights-variant does not apply to Dream folders")
-        return load_dream(str(folder), name=name)
-
-    register_family(Family(name="dream", detect=lambda cls, comps: cls == "DreamModel" and not comps,
-                           load_folder=load_folder))
-
-
-_register_family()
+register_bare_family("dream", "DreamModel", "Dream", lambda path, name: load_dream(path, name=name))

@@ -28,10 +28,9 @@ from typing import Sequence
 
 import torch
 
+from ..options import MAX_SEQUENCE_LENGTH as MAX_SEQUENCE_LENGTH_LIMIT  # both pipelines refuse longer T5 sequences
 from .loading import LoadedModel
 from .text import PromptEncoder
-
-MAX_SEQUENCE_LENGTH_LIMIT = 512  # both pipelines refuse longer T5 sequences (check_inputs)
 
 
 def image_seq_mu(image_seq_len: int, scheduler_config: dict, default_max_shift: float) -> float:

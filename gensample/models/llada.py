@@ -28,10 +28,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
 
 # LLaDA's config defaults (the release's ModelConfig) for keys a config.json may omit
 LLADA_DEFAULTS = {
@@ -376,17 +380,18 @@ def load_llada(path: str, name: str | None = None) -> "LoadedModel":
                      max_length=net.max_length, network_cached=PrefixCachedNetwork(net))
 
 
-def _register_family() -> None:
-    """A bare LLaDA folder as a model family (architectures ["LLaDAModelLM"]), for folder detection."""
+def register_bare_family(name: str, architecture: str, label: str, load) -> None:
+    """A bare transformers-layout folder (config.json ``architectures`` = [architecture], no
+    model_index.json) as a model family, for ``--model DIR`` detection (LLaDA, Dream)."""
     from .loading import Family, register_family
 
-    def load_folder(folder, index, comps, name, spec, variant):
+    def load_folder(folder, index, comps, name_, spec, variant):
         if variant is not None:
-            raise ValueError(f"--model {spec}: --weights-variant does not apply to LLaDA folders")
-        return load_llada(str(folder), name=name)
+            raise ValueError(f"--model {spec}: --weights-variant does not apply to {label} folders")
+        return load(str(folder), name=name_)
 
-    register_family(Family(name="llada", detect=lambda cls, comps: cls == "LLaDAModelLM" and not comps,
+    register_family(Family(name=name, detect=lambda cls, comps: cls == architecture and not comps,
                            load_folder=load_folder))
 
 
-_register_family()
+register_bare_family("llada", "LLaDAModelLM", "LLaDA", lambda path, name: load_llada(path, name=name))

@@ -166,8 +166,14 @@ class LoadedModel:
 
     def configure_run(self, cfg: dict) -> None:
         """Take the run options that concern the model: prompt / negative_prompt (text models
-        only), guidance_rescale, height / width (latent models only). ValueError on misuse."""
+        only), guidance_rescale, height / width (latent models only), max_sequence_length (models whose
+        prompt encoder has a T5 length: ``set_max_sequence_length``, SD3 / Flux). ValueError on misuse."""
         from .text import normalize_prompts
+
+        msl = cfg.get("max_sequence_length")
+        if msl is not None and not hasattr(self.extras.get("prompt_encoder"), "set_max_sequence_length"):
+            raise ValueError(f"--max-sequence-length {msl!r} (the T5 prompt length) applies to SD3 / Flux pipelines, whose "
+                             f"prompts go through a T5 encoder; model {self.name!r} has no T5 prompt encoder")
 
         prompts = normalize_prompts(cfg.get("prompt"))
         neg = cfg.get("negative_prompt")

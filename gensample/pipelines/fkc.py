@@ -125,6 +125,13 @@ class FKCPipeline(DiffusionPipeline):
     _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents"]
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """``DiffusionPipeline.from_pipe``; a flow-matching pipeline (SD3 / SD3.5, Flux) gives a
+        ``FlowFKCPipeline`` around it (FKC through the sampler core, which runs flows)."""
+        face = FlowFKCPipeline.from_flow_pipe(cls, pipeline, kwargs)
+        return face if face is not None else super().from_pipe(pipeline, **kwargs)
+
     def __init__(self, unet: Union[UNet2DModel, UNet2DConditionModel], scheduler: SchedulerMixin,
                  vae: Optional[Union[AutoencoderKL, AutoencoderTiny]] = None, text_encoder=None, tokenizer=None,
                  text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = True):
@@ -369,6 +376,167 @@ class FKCPipeline(DiffusionPipeline):
             images = to_output_type(self, images, output_type)
         self.maybe_free_model_hooks()
         weights, ess = res.weights.cpu().numpy(), res.ess.cpu().numpy()
+        if not return_dict:
+            return (images, weights, ess)
+        return FKCPipelineOutput(images=images, weights=weights, ess=ess)
+
+
+# -- flow-matching pipelines (SD3 / SD3.5, Flux): faces over the sampler core ---------------------
+# run options a flow face sets from its own arguments (or never: no output folder, no launch)
+FLOW_FACE_RESERVED = ("sampler", "model", "config", "num_samples", "seed", "steps", "progress", "output", "overwrite",
+                      "num_processes", "prompt")
+
+
+class FlowFace:
+    """Shared base of the diffusers faces on a flow-matching pipeline (``FlowFKCPipeline``,
+    ``FlowSTSLPipeline``, ``FlowSMCPosteriorPipeline``).
+
+    A face holds the flow pipeline (SD3 / SD3.5, Flux) and runs ``gensample.api.run(sampler,
+    model=pipe, ...)`` on the object as it is (nothing is copied, cast or moved): the text
+    encoding, the sigma grid, the VP twin of the velocity model and the loop are those of
+    ``gensample run --sampler <sampler>`` on the same pipeline folder, so a face's output equals
+    that run's for the same ``seed``. ``self.last_run`` keeps the ``RunResult`` of the last call
+    (its ``samples`` and run record). Randomness is an integer ``seed`` (the run's per-sample
+    seeds); a torch.Generator is refused with a ValueError naming ``seed``.
+    """
+
+    face_name = "FlowFace"
+    output_types = ("pil", "np", "pt")
+
+    def __init__(self, pipe):
+        from ..schedulers._config import flow_pipeline_reason
+
+        if flow_pipeline_reason(pipe) is None:
+            raise ValueError(f"pipe must be a flow-matching pipeline (StableDiffusion3Pipeline, FluxPipeline, ...), "
+                             f"got {type(pipe).__name__}")
+        self.pipe = pipe
+        self.last_run = None
+
+    @classmethod
+    def from_flow_pipe(cls, owner, pipeline, kwargs: dict):
+        """``owner.from_pipe(pipeline, **kwargs)`` for a flow-matching ``pipeline``: this face
+        around it; None when ``pipeline`` is not a flow pipeline (the owner's UNet path)."""
+        from ..schedulers._config import flow_pipeline_reason
+
+        if flow_pipeline_reason(pipeline) is None:
+            return None
+        if kwargs:
+            raise ValueError(f"{owner.__name__}.from_pipe of a flow-matching pipeline takes no component overrides, "
+                             f"got {sorted(kwargs)}")
+        return cls(pipeline)
+
+    @property
+    def components(self) -> dict:
+        return dict(self.pipe.components)
+
+    def _check_common(self, output_type, seed, generator=None) -> None:
+        if output_type not in self.output_types:
+            raise ValueError(f"output_type must be one of {list(self.output_types)}, got {output_type!r}")
+        if generator is not None:
+            raise ValueError(f"generator: {self.face_name} draws with the run's per-sample seeds; pass seed=INT "
+                             f"instead of a torch.Generator")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+    def _run(self, sampler: str, opts: dict, extra: Optional[dict] = None) -> dict:
+        """``api.run(sampler, model=self.pipe, **opts, **extra)`` in memory; ``extra`` (the caller's
+        pass-through run options) may not set what the face's own arguments set."""
+        from .. import api
+
+        extra = dict(extra or {})
+        clash = sorted(k for k in extra if k in FLOW_FACE_RESERVED or k in opts)
+        if clash:
+            reserved = sorted(set(FLOW_FACE_RESERVED) | set(opts))
+            raise ValueError(f"{clash[0]}: set by {self.face_name}'s own arguments (or not available on a face: no "
+                             f"output folder, one process); reserved run options are {reserved}")
+        res = api.run(sampler, model=self.pipe, progress=False, **opts, **extra)
+        self.last_run = res
+        return res.samples
+
+    def _images(self, pixels, output_type: str):
+        """The run's decoded images in [-1, 1] -> [0, 1] -> ``output_type`` (as diffusers' pipelines)."""
+        images = ((torch.as_tensor(pixels).float().clamp(-1, 1) + 1) / 2)
+        return to_output_type(self.pipe, images, output_type)
+
+
+class FlowFKCPipeline(FlowFace):
+    """FKC on a flow-matching text-to-image pipeline (SD3 / SD3.5; Flux where its targets apply),
+    built by ``FKCPipeline.from_pipe(flow_pipe)`` around the pipeline's own components.
+
+    The particles move by the flow's SDE proposal (DDIM(eta) on the VP twin of the velocity model,
+    docs/flow_matching.md) and carry float64 FK weights, as ``gensample run --sampler fkc`` does:
+    the call is ``gensample.api.run("fkc", model=<the flow pipeline>, ...)`` (``FlowFace``).
+    Targets: ``"cfg"`` p(x|prompt)^w p(x|negative)^(1-w) (w = guidance_scale; needs a true
+    unconditional branch: guidance-distilled Flux-dev is refused by the core with the reason),
+    ``"anneal"`` p(x|prompt)^beta, ``"product"`` prod_i p(x|experts[i])^beta over prompts.
+    ``prompt`` may be a list: group g of ``num_particles`` particles targets prompts[g] (the run's
+    prompts[g % P] rule with one group per prompt).
+    """
+
+    face_name = "FlowFKCPipeline"
+    output_types = ("pil", "np", "pt", "latent")
+
+    def __call__(self, prompt: Optional[Union[str, List[str]]] = None, negative_prompt: Optional[str] = None,
+                 target: str = "cfg", experts: Optional[List[str]] = None, expert_betas: Optional[List[float]] = None,
+                 beta: Optional[float] = None, guidance_scale: float = 2.0, num_particles: int = 4,
+                 num_inference_steps: int = 28, eta: float = DEFAULTS["eta"], resample: str = DEFAULTS["resample"],
+                 ess_threshold: float = DEFAULTS["ess_threshold"], scheme: str = DEFAULTS["scheme"],
+                 final: str = DEFAULTS["final"], quadrature: str = DEFAULTS["quadrature"], height: Optional[int] = None,
+                 width: Optional[int] = None, seed: int = 0, output_type: str = "pil", return_dict: bool = True):
+        """``num_particles`` particles per group from the target: one group, or one per prompt of a
+        list. output_type: "pil" | "np" | "pt" (decoded images in [0, 1]) | "latent" (the flow
+        latents the run keeps). Returns FKCPipelineOutput(images, weights (rows,) normalised within
+        each group, ess (groups, steps)); ``final="one_per_group"`` gives one image per group."""
+        if target not in PIPELINE_TARGETS:
+            raise ValueError(f"target must be one of {PIPELINE_TARGETS}, got {target!r}")
+        if final not in FINALS:
+            raise ValueError(f"final must be one of {list(FINALS)}, got {final!r}")
+        self._check_common(output_type, seed)
+        if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
+            raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+        opts = dict(fkc_target=target, particles=num_particles, steps=int(num_inference_steps), eta=float(eta),
+                    resample=resample, ess_threshold=float(ess_threshold), scheme=scheme, final=final,
+                    quadrature=quadrature, seed=int(seed))
+        if target == "product":
+            if not experts or len(experts) < 2 or not all(isinstance(e, str) for e in experts):
+                raise ValueError(f"experts must be a list of two or more prompts for target='product', got {experts!r}")
+            if any("|" in e for e in experts):
+                raise ValueError(f"experts prompts must not contain '|', got {experts!r}")
+            if expert_betas is not None:
+                if len(set(float(b) for b in expert_betas)) != 1 or len(expert_betas) != len(experts):
+                    raise ValueError(f"expert_betas must be one common exponent per expert on a flow pipeline (the "
+                                     f"run's --beta), got {expert_betas!r}")
+                beta = float(expert_betas[0])
+            if prompt is not None and not isinstance(prompt, str):
+                raise ValueError(f"prompt must be one string (or None) for target='product': the experts are the "
+                                 f"prompts in experts=[...], got {prompt!r}")
+            opts["experts_prompts"] = "|".join(experts)
+            prompt = prompt if prompt is not None else experts[0]
+        elif experts is not None or expert_betas is not None:
+            raise ValueError(f"experts / expert_betas apply to target='product', got target={target!r}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if (not isinstance(prompts, (list, tuple)) or not prompts
+                or not all(isinstance(p, str) for p in prompts)):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings (one per particle group), "
+                             f"got {prompt!r}")
+        groups = len(prompts)
+        opts["prompt"] = prompts[0] if groups == 1 else list(prompts)
+        # the run counts output samples: groups with final="one_per_group", else particles
+        opts["num_samples"] = groups if final == "one_per_group" else groups * num_particles
+        if negative_prompt is not None:
+            opts["negative_prompt"] = negative_prompt
+        if target == "cfg":
+            opts["guidance_scale"] = float(guidance_scale)
+        elif beta is not None:
+            opts["beta"] = float(beta)
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                opts[name] = int(value)
+        res = self._run("fkc", opts)
+        images = torch.as_tensor(res["x"]) if output_type == "latent" else self._images(res["images"], output_type)
+        # the run keeps its group's ESS trace on every row: one row per group
+        ess = np.asarray(res["ess"])
+        weights, ess = np.asarray(res["weights"]), ess if final == "one_per_group" else ess[::num_particles]
         if not return_dict:
             return (images, weights, ess)
         return FKCPipelineOutput(images=images, weights=weights, ess=ess)

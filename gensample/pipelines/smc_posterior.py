@@ -6,8 +6,13 @@ move in latent space, the twist and the final likelihood read the decoded image 
 (docs/smc_posterior.md). Text conditioning is the prompt (default the null prompt ""), encoded
 as in `gensample.pipelines.stsl` (SDXL: diffusers' own encoding, ``_sdxl.py``). Thin: the math lives
 in `gensample.samplers.smc_posterior.sample_smc_posterior`.
+
+A flow-matching pipeline (SD3 / SD3.5, Flux): ``SMCPosteriorPipeline.from_pipe(flow_pipe)`` returns a
+``FlowSMCPosteriorPipeline`` that runs ``gensample.api.run("smc-post", model=flow_pipe, ...)`` with the
+measurement taken as ``FlowSTSLPipeline`` takes it (``gensample.pipelines.stsl.flow_measurement_options``).
 """
 
+import tempfile
 from typing import List, Optional, Union
 
 import torch
@@ -20,6 +25,7 @@ from ..samplers.smc_posterior import SMCPosteriorConfig, SMCPosteriorResult, dra
 from ..samplers.stsl import Codec
 from . import _sdxl
 from ._images import to_output_type
+from .fkc import FlowFace
 
 
 class SMCPosteriorPipeline(DiffusionPipeline):
@@ -30,6 +36,13 @@ class SMCPosteriorPipeline(DiffusionPipeline):
     text-conditional UNet ``text_encoder`` / ``tokenizer`` (+ ``text_encoder_2`` / ``tokenizer_2``
     for SDXL) to encode ``prompt``.
     """
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """``DiffusionPipeline.from_pipe``; a flow-matching pipeline (SD3 / SD3.5, Flux) gives a
+        ``FlowSMCPosteriorPipeline`` around it (smc-post through the sampler core, which runs flows)."""
+        face = FlowSMCPosteriorPipeline.from_flow_pipe(cls, pipeline, kwargs)
+        return face if face is not None else super().from_pipe(pipeline, **kwargs)
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
@@ -134,6 +147,63 @@ class SMCPosteriorPipeline(DiffusionPipeline):
         images = ((res.x.clamp(-1, 1) + 1) / 2).float()
         images = to_output_type(self, images, output_type)
         self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+class FlowSMCPosteriorPipeline(FlowFace):
+    """smc-post on a flow-matching pipeline (SD3 / SD3.5, Flux), built by
+    ``SMCPosteriorPipeline.from_pipe(flow_pipe)``: each call is ``gensample.api.run("smc-post",
+    model=flow_pipe, ...)`` (``FlowFace``): the particles move in the flow latent space with the VP
+    twin of the velocity model (docs/flow_matching.md), the twist and the final likelihood read the
+    decoded image, as ``gensample run --sampler smc-post --model <pipeline folder> --from-image IMG``.
+    ``self.last_run.samples`` keeps ``weights`` and ``ess`` (one row per output sample)."""
+
+    face_name = "FlowSMCPosteriorPipeline"
+
+    def __call__(
+        self,
+        measurement=None,
+        operator: Optional[str] = None,
+        noise_std: float = 0.05,
+        num_particles: int = 16,
+        num_inference_steps: int = 50,
+        batch_size: int = 1,
+        prompt: str = "",
+        prompt_embeds: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        generator=None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        image=None,
+        seed: int = 0,
+        **smc_kwargs,
+    ):
+        """SMCPosteriorPipeline's call on a flow pipeline. The measurement (``image`` or
+        ``measurement``) and ``operator`` (a task name, its arguments among ``smc_kwargs``) as in
+        ``FlowSTSLPipeline.__call__``. ``batch_size`` systems of ``num_particles`` particles, one
+        image each (``final="weighted"``: every particle, ``batch_size * num_particles`` images).
+        smc_kwargs: the run's smc-post options (ess_threshold, scheme, final, prior_var,
+        guidance_weight, height, width, ...). Randomness: ``seed``. ``prompt`` is encoded by the
+        pipeline's own encoders; no classifier-free guidance."""
+        from .stsl import _check_flow_text, flow_measurement_options
+
+        self._check_common(output_type, seed, generator)
+        _check_flow_text(self.face_name, prompt, prompt_embeds, pooled_prompt_embeds)
+        for name, value in (("batch_size", batch_size), ("num_particles", num_particles)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        final = smc_kwargs.get("final")
+        # the run counts output samples: systems, or every particle with final="weighted"
+        opts = dict(steps=int(num_inference_steps), particles=num_particles, noise_std=float(noise_std), seed=seed,
+                    num_samples=batch_size * num_particles if final == "weighted" else batch_size)
+        if prompt:
+            opts["prompt"] = prompt
+        with tempfile.TemporaryDirectory(prefix="gensample-face-") as tmp:
+            opts.update(flow_measurement_options(self.face_name, measurement, image, operator, tmp))
+            res = self._run("smc-post", opts, smc_kwargs)
+        images = self._images(res["x"], output_type)
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)

@@ -10,6 +10,14 @@ Two faces:
   undoes it.
 - `TimeShiftPipeline`: our own pipeline for unconditional or class-conditional UNet2DModels.
 
+Flow pipelines (SD3 / SD3.5, Flux: a ``FlowMatchEulerDiscreteScheduler`` and a ``transformer``):
+``enable_time_shift`` installs `FlowTimeShiftScheduler` (gensample.schedulers.flow_time_shift) and one
+forward pre-hook per transformer with the same per-pipeline rules. The transformer's ``timestep``
+keyword is the grid time in the pipeline's own units (SD3: t; Flux: t / 1000, computed as
+``t.to(dtype) / 1000``); the hook recognises the unit by recomputing the current grid time the way the
+pipeline does, and writes the selected model time back in that unit. A call in which no row shifts
+is left untouched, so ``window_size=0`` is the stock pipeline bit for bit.
+
 Per-pipeline design (docs/time_shift.md "Several pipelines, one UNet"). A UNet is a module that
 several pipelines may share (``from_pipe``, components passed by hand), so a hook on it must know
 *whose* call is running. ``enable_time_shift`` marks the pipeline (``_ts_state``) and puts at most
@@ -48,7 +56,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..samplers.time_shift import DEFAULT_VARIANT
-from ..schedulers._config import calling_pipeline, refuse_flow_config
+from ..schedulers._config import calling_pipeline, flow_matching_reason
+from ..schedulers.flow_time_shift import FlowTimeShiftScheduler
 from ..schedulers.time_shift import TimeShiftScheduler
 from ._images import to_output_type
 
@@ -134,11 +143,13 @@ def enable_time_shift(
     for a DDPMScheduler (DDPM-like TS-DDPM), else 0.0 (pipelines that pass ``eta`` to ``step``, as
     DDIMPipeline and StableDiffusionPipeline do, override it); data_var: the paper's statistic (on
     a pipeline with a VAE, a latent model, this warns; docs/time_shift.md "Data-aware statistic").
-    A flow-matching scheduler (SD3, Flux) is refused with a ValueError. Returns ``pipe``.
+    A flow-matching pipeline (a ``FlowMatchEulerDiscreteScheduler``: SD3 / SD3.5, Flux) gets a
+    `FlowTimeShiftScheduler` and a hook on its ``transformer`` instead (module docstring, "Flow
+    pipelines"); ``window_size=0`` then reproduces the stock pipeline bit for bit. Returns ``pipe``.
     """
     sched_old = getattr(pipe, "scheduler", None)
-    if sched_old is not None and hasattr(sched_old, "config"):
-        refuse_flow_config(sched_old.config, "TimeShiftScheduler")
+    if sched_old is not None and flow_matching_reason(dict(getattr(sched_old, "config", None) or {})) is not None:
+        return _enable_flow_time_shift(pipe, window_size, cutoff, variant, eta, data_var)
     for part in ("unet", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise TypeError(f"pipe must have a `{part}` component, got {type(pipe).__name__}")
@@ -177,6 +188,15 @@ def disable_time_shift(pipe: DiffusionPipeline) -> DiffusionPipeline:
     state = getattr(pipe, "_ts_state", None)
     if state is None:
         raise ValueError("time shift is not enabled on this pipeline")
+    if "transformer" in state:
+        hook = _flow_hook_of(state["transformer"])
+        if hook is not None:
+            hook.users.pop(id(pipe), None)
+            if not hook.live_users():
+                hook.handle.remove()
+        pipe.scheduler = state["scheduler"]
+        object.__setattr__(pipe, "_ts_state", None)
+        return pipe
     hook = _hook_of(state["unet"])
     if hook is not None:
         hook.users.pop(id(pipe), None)
@@ -184,6 +204,96 @@ def disable_time_shift(pipe: DiffusionPipeline) -> DiffusionPipeline:
             hook.handle.remove()
     pipe.scheduler = state["scheduler"]
     object.__setattr__(pipe, "_ts_state", None)
+    return pipe
+
+
+# -- flow-matching pipelines (SD3 / SD3.5, Flux) -------------------------------------------------
+class _FlowTimeShiftHook(_TimeShiftHook):
+    """The one forward pre-hook per flow transformer: its ``timestep`` keyword (the grid time in the
+    pipeline's own units: t for SD3, t / 1000 for Flux) -> the calling pipeline's
+    ``scheduler.model_timesteps(hidden_states, t)`` in the same units, only when that pipeline enabled
+    Time-Shift on this transformer and its scheduler is a `FlowTimeShiftScheduler`; a call whose rows
+    are all unshifted passes untouched (so ``window_size=0`` is the stock pipeline bit for bit)."""
+
+    def __call__(self, module, args, kwargs):
+        pipe = calling_pipeline(sys._getframe(1))
+        state = getattr(pipe, "_ts_state", None) if pipe is not None else None
+        if state is None or state.get("transformer") is not module or getattr(pipe, "transformer", None) is not module:
+            return None
+        sched = getattr(pipe, "scheduler", None)
+        if (not isinstance(sched, FlowTimeShiftScheduler) or sched.timesteps is None or sched.window_size_eff is None
+                or not sched.shifting):
+            return None
+        received = kwargs.get("timestep")
+        sample = kwargs.get("hidden_states", args[0] if args else None)
+        if received is None or sample is None:
+            raise ValueError(f"Time-Shift on {type(module).__name__}: the pipeline passed no timestep / hidden_states "
+                             f"keyword; it cannot be fed the per-sample model time")
+        received = torch.as_tensor(received)
+        r0 = received.reshape(-1)[0]
+        known = sched.step_index is not None or sched.begin_index is not None
+        ks = [sched.current_index()] if known else range(len(sched.timesteps))
+        divisor = k = None
+        for d in (1, int(sched.config.num_train_timesteps)):
+            grid = sched.timesteps.to(device=received.device, dtype=received.dtype)
+            grid = grid if d == 1 else grid / d  # the pipeline's own op order: t.to(dtype) / 1000
+            hit = [i for i in ks if bool(grid[i] == r0)]
+            if hit:
+                divisor, k = d, hit[0]
+                break
+        grid = sched.timesteps[sched.current_index() if k is None else k]
+        if divisor is None:
+            raise ValueError(f"Time-Shift on {type(pipe).__name__}: the transformer got timestep {float(r0)}, which is "
+                             f"neither the scheduler's grid time {float(grid)} nor that time / "
+                             f"{int(sched.config.num_train_timesteps)}; this pipeline's time units are unknown")
+        t_model = sched.model_timesteps(sample, sched.timesteps[k])  # (rows,) float32, handed over to step()
+        if bool((t_model == grid.float().to(t_model.device)).all()):
+            return None  # unshifted step: the call stays the stock one
+        new = t_model.to(device=received.device, dtype=received.dtype)
+        if divisor != 1:
+            new = new / divisor
+        kwargs["timestep"] = new.reshape(received.shape) if received.numel() == new.numel() else new
+        return tuple(args), kwargs
+
+
+def _flow_hook_of(transformer) -> Optional[_FlowTimeShiftHook]:
+    for hook in transformer._forward_pre_hooks.values():
+        if isinstance(hook, _FlowTimeShiftHook):
+            return hook
+    return None
+
+
+def _enable_flow_time_shift(pipe, window_size, cutoff, variant, eta, data_var):
+    """`enable_time_shift` on a flow-matching pipeline: a `FlowTimeShiftScheduler` from the pipeline's
+    scheduler config and the transformer hook. eta defaults to 0 (the Euler / DDIM(0) step)."""
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(pipe, DiffusionPipeline) or not isinstance(transformer, torch.nn.Module):
+        what = ("is not a diffusers DiffusionPipeline" if not isinstance(pipe, DiffusionPipeline)
+                else "has no `transformer` component")
+        raise ValueError(f"flow-matching schedulers are not supported by TimeShiftScheduler on {type(pipe).__name__}: "
+                         f"its scheduler is a flow-matching one, which needs the flow face (FlowTimeShiftScheduler) "
+                         f"feeding the model time to the `transformer` of a diffusers pipeline (StableDiffusion3Pipeline, "
+                         f"FluxPipeline, ...); {type(pipe).__name__} {what}")
+    if getattr(pipe, "_ts_state", None) is not None:
+        raise ValueError("time shift is already enabled on this pipeline; call disable_time_shift(pipe) first")
+    old = pipe.scheduler
+    cfg = effective_config(old)
+    given = {"window_size": window_size, "cutoff": cutoff, "variant": variant, "eta": eta, "data_var": data_var}
+    ts_kw = {k: (v if v is not None else cfg.get(k)) for k, v in given.items()}
+    ts_kw["variant"] = ts_kw["variant"] or DEFAULT_VARIANT
+    ts_kw["eta"] = float(ts_kw["eta"] or 0.0)
+    sched = FlowTimeShiftScheduler.from_config(cfg, **ts_kw)
+    if getattr(pipe, "vae", None) is not None and sched.config.data_var is None and sched.config.window_size != 0:
+        warnings.warn("enable_time_shift on a latent flow pipeline: the paper's statistic sigma^2 ignores the data "
+                      "term (1 - sigma)^2 Var(x0); pass data_var=... (docs/time_shift.md 'Data-aware statistic')",
+                      stacklevel=3)
+    hook = _flow_hook_of(transformer)
+    if hook is None:
+        hook = _FlowTimeShiftHook()
+        hook.handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    hook.users[id(pipe)] = weakref.ref(pipe)
+    object.__setattr__(pipe, "_ts_state", {"transformer": transformer, "scheduler": old})
+    pipe.scheduler = sched
     return pipe
 
 

@@ -40,6 +40,8 @@ def _sample_with(name: str):
         check_steps(steps, model.scheduler_config)
         if name == "ddim" and schedule_flaws.zero_snr_wanted(opts, model):  # --rescale-zero-snr (docs/oms.md)
             return schedule_flaws.sample_zero_snr_ddim(model, opts, seeds, ctx)
+        if name != "ddim" and model_is_zero_snr(model):  # alpha_bar_T = 0: the stock scheduler takes the raw v / x0
+            return _sample_zero_snr(name, model, opts, seeds, ctx)
         sched = make_scheduler(name, model.scheduler_config)
         set_grid(sched, steps, ctx.device, model)  # a flow model's own sigma grid (shift, mu)
         den = model.denoiser()
@@ -56,6 +58,34 @@ def _sample_with(name: str):
         return SampleBatch(x=x, extras=extras, stats={"nfe": den.calls, "model_rows": den.rows, **stats})
 
     return fn
+
+
+def model_is_zero_snr(model) -> bool:
+    """A VP model whose own schedule has alpha_bar_T = 0 (``rescale_betas_zero_snr``; Lin et al. 2023, Alg. 1)."""
+    return getattr(model, "prediction_type", None) != "flow" and bool(model.scheduler_config.get("rescale_betas_zero_snr"))
+
+
+def _sample_zero_snr(name: str, model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
+    """ddpm / dpm / euler on a zero-terminal-SNR model: at alpha_bar_T = 0 eps carries no information on x0
+    (x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) is 0 / 0), so, as for a flow at sigma = 1, the step takes x0 from the
+    model's own output: the stock scheduler is built with the model's prediction_type and fed the raw guided
+    output, which is what the stock diffusers pipeline does (its Euler / DPM tables keep their own
+    alpha_bar_T = 2**-24 floor). Epsilon models are refused (eps is singular there)."""
+    if model.prediction_type == "epsilon":
+        raise ValueError(f"model {model.name!r} predicts epsilon on a zero-terminal-SNR schedule (rescale_betas_zero_snr): "
+                         f"at alpha_bar_T = 0 eps carries no information on x0; such models must predict v or x0 "
+                         f"(Lin et al. 2023, sec. 3.2)")
+    if opts.get("oms_module") is not None:
+        raise ValueError("--oms-module does not apply to a zero-terminal-SNR model: x_T is already pure noise")
+    sched = make_scheduler(name, model.scheduler_config, prediction_type=model.prediction_type)
+    sched.set_timesteps(opts["steps"], device=ctx.device)
+    den = model.denoiser()
+    gens = ctx.generators(seeds)
+    x = schedule_flaws.start_noise(ctx, gens, model.event_shape, opts.get("offset_noise") or 0.0) * sched.init_noise_sigma
+    cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
+    x = schedule_flaws.direct_loop(sched, x, cond, {"guidance_scale": opts.get("guidance_scale", 1.0),
+                                                    "guidance_rescale": opts.get("guidance_rescale")}, gens, ctx, den)
+    return SampleBatch(x=x, stats={"nfe": den.calls, "model_rows": den.rows})
 
 
 def _eps_scaling(opts: dict):

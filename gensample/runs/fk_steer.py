@@ -7,6 +7,8 @@ each step from FKC's parts (``runs.fkc``: the expert function, the target of --f
 Step start), binds each particle's prompt and the VAE decoding to the reward (latent models: the
 reward sees decoded pixels), seeds particles and groups as FKC does, and writes the weights and
 per-step rewards into samples.npz and the reward's cost into run.json (docs/fk_steering.md "CLI").
+The grid and alpha_bars come from ``core.schedule.model_schedule``: on a flow-matching model (SD3,
+Flux, ``--flow``) the loop runs on the VP twin with the flow SDE move (docs/fk_steering.md "Flow models").
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import numpy as np
 import torch
 
 from ..core import smc
+from ..core.schedule import model_schedule
 from ..eval.images import band_plot_png
 from ..io import atomic_write_bytes
 from ..rewards import CallableReward, resolve_reward, reward_option
 from ..samplers.fk_steer import DEFAULTS, FINALS, POTENTIALS, FKSteerConfig, sample_fk_steer
-from ..samplers.fkc import check_proposal, spaced_timesteps
-from ..samplers.registry import SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
+from ..samplers.fkc import check_proposal
+from ..samplers.registry import (FLOW_MODEL_OPTIONS, SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register,
+                                 sample_seed)
 from .fkc import _expert_fn, _first_step, make_proposal, resolve_target
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags
@@ -109,6 +113,10 @@ def _validate(opts: dict, model) -> None:
         raise ValueError(f"sampler {NAME!r} needs a diffusion model, got kind {model.kind!r}")
     target, _ = _target(opts, model)
     check_time_shift_flags(opts)
+    if model.prediction_type == "flow" and ((opts.get("proposal") or "fkc") != "fkc" or opts.get("time_shift")):
+        raise ValueError(f"{NAME} on a flow-matching model moves with the flow SDE (DDIM eta = 1 on the VP twin, --proposal "
+                         "fkc): --proposal ddim|ddpm and --time-shift are not available on flows (the first flow step "
+                         "starts at sigma = 1, alpha_bar = 0, which only the loop's own move handles)")
     proposal = make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), target, "cpu", warn=False)
     if proposal is not None:
         check_proposal(proposal, proposal.timesteps, target)
@@ -144,12 +152,10 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
     reward = _reward(opts)
     K = int(opts["particles"])
     steps = int(opts["steps"])
-    sc = model.scheduler_config
     proposal = make_proposal(opts, model, steps, target, ctx.device)
-    timesteps = spaced_timesteps(model.num_train_timesteps, steps, sc.get("timestep_spacing", "leading"), int(sc.get("steps_offset", 0)))
-    if proposal is not None:
-        timesteps = proposal.timesteps.cpu()
-    final_ab = 1.0 if sc.get("set_alpha_to_one", True) else float(model.alphas_cumprod[0])
+    schedule = model_schedule(model)  # VP table or a flow model's twin: one loop (docs/flow_matching.md)
+    timesteps = schedule.grid(steps) if proposal is None else proposal.timesteps.cpu()
+    final_ab = schedule.final_alpha_bar()
     den = model.denoiser()
     per_group = cfg.final in _PER_GROUP
     if per_group:  # one seed per output sample = one group of K particles
@@ -178,7 +184,7 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
         prompts = [group_prompts[g] for g in chunk] if group_prompts is not None else None
         row_prompts = [p for p in prompts for _ in range(K)] if prompts is not None else None
         model_fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device, prompts)  # (M, N, ...) eps and x0
-        res = sample_fk_steer(model_fn, _bind_reward(reward, model, row_prompts), x_T, cfg, model.alphas_cumprod, timesteps,
+        res = sample_fk_steer(model_fn, _bind_reward(reward, model, row_prompts), x_T, cfg, schedule, timesteps,
                               group_size=K, noise_generators=gens, resample_generators=rgens, final_alpha_bar=final_ab,
                               on_step=lambda k: ctx.step_done(1.0 / len(chunks)), sampler=NAME, target=target,
                               proposal=proposal)
@@ -244,7 +250,9 @@ register(
             TIME_SHIFT_OPTION,
             *TS_STEP_OPTIONS,
             *OMS_START_OPTIONS,
+            *FLOW_MODEL_OPTIONS,
         ),
+        flow=True,
         group_size=lambda o: 1 if o.get("final") in _PER_GROUP else int(o["particles"]),
         group_hint=_group_hint,
         implied=_implied,

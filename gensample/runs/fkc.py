@@ -30,7 +30,6 @@ from ..samplers.fkc import (
     check_proposal,
     eps_and_x0,
     sample_fkc,
-    spaced_timesteps,
 )
 from ..samplers.baseline import make_scheduler
 from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed

@@ -33,7 +33,7 @@ from ..samplers.oms import (
     run_base,
     to_scheduler_scale,
 )
-from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register
+from ..samplers.registry import FLOW_REFUSALS, Option, RunContext, SampleBatch, SamplerSpec, register
 
 
 # -- conditioning of the OMS module from run options -----------------------------------------------
@@ -313,4 +313,5 @@ register(SamplerSpec(
     progress_total=_progress,
     validate=_validate_oms,
     write_extra=write_outputs,
+    flow_refusal=FLOW_REFUSALS["oms"],
 ))

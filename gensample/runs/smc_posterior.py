@@ -86,7 +86,7 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
     per_chunk = max(1, int(opts.get("batch_size") or 256) // K)
     unit = K if cfg.final == "weighted" else 1
     step = per_chunk * unit
-    xs, ws, esss, stats = [], [], [], {"nfe": 0, "model_rows": 0, "resample_events": 0}
+    xs, lats, ws, esss, stats = [], [], [], [], {"nfe": 0, "model_rows": 0, "resample_events": 0}
     starts = range(0, len(seeds), step)
     for start in starts:  # progress: one batch = `steps` units, spread over its chunks
         chunk = seeds[start:start + step]
@@ -96,6 +96,8 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
         res = posterior_samples(model, op, y1, chunk, cfg, ctx=ctx, on_step=lambda k: ctx.step_done(k / len(starts)),
                                 experts=fn, start=begin)
         xs.append(res.x)
+        if res.latents is not None:
+            lats.append(res.latents.float().cpu())
         ws.append(res.weights)
         esss.append(res.ess.repeat_interleave(unit, 0))
         for k in stats:
@@ -104,6 +106,8 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
     x = torch.cat(xs).float()
     n = x.shape[0]
     extras = {"weights": torch.cat(ws), "ess": torch.cat(esss), "y": y1.float().cpu().expand(n, *op.out_shape)}
+    if lats:  # latent models: samples.npz keeps the latents beside the decoded pixels ("x")
+        extras["latents"] = torch.cat(lats)
     if x_true is not None:
         xt = x_true.float().expand(n, *x_true.shape[1:])
         extras["x_true"] = xt

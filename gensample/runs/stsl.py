@@ -30,6 +30,8 @@ from ..samplers.baseline import make_scheduler, scheduler_loop, set_grid
 from ..samplers.operators import TASKS, LinearOperator, make_operator
 from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register
 from ..samplers.stsl import DATA_LOSSES, INITS, STEP_RULES, TRACE_RULES, Codec, InverseConfig, reconstruct
+from ..samplers.schedule_flaws import direct_loop
+from .baseline import model_is_zero_snr
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags, time_shift_step
 
@@ -99,12 +101,17 @@ def _ground_truth(opts: dict, model, ctx: RunContext) -> torch.Tensor:
     if "mixture" in model.extras:
         return model.extras["mixture"].sample(1, gen)
     # a DDIM(50) sample of the model (decoded for latent models)
-    sched = make_scheduler("ddim", model.scheduler_config)
+    zero_snr = model_is_zero_snr(model)  # alpha_bar_T = 0: the stock DDIM takes the model's own v / x0 there
+    sched = make_scheduler("ddim", model.scheduler_config, **({"prediction_type": model.prediction_type} if zero_snr else {}))
     set_grid(sched, 50, ctx.device, model)  # a flow model's own sigma grid (shift, mu)
     den = model.denoiser()
     x = torch.randn((1, *model.event_shape), generator=gen, device=gen.device).to(ctx.device)
     cond = model.cond_for(None, 1, ctx.device)
-    x = scheduler_loop(den, sched, x, cond, 1.0, [gen], RunContext(sampler="from-sample", device=ctx.device))
+    sub = RunContext(sampler="from-sample", device=ctx.device)
+    if zero_snr:
+        x = direct_loop(sched, x, cond, {"guidance_scale": 1.0}, [gen], sub, den)
+    else:
+        x = scheduler_loop(den, sched, x, cond, 1.0, [gen], sub)
     return Codec(model.extras.get("vae")).decode(x).double().cpu()
 
 
@@ -154,12 +161,16 @@ def _sample_fn(method: str):
                 x_T, _, st = oms_start(model, opts, seeds, ctx, sched, gens)
                 oms_stats.update(st)
                 return x_T
-        x0, counters = reconstruct(model, op, y1, method, seeds, ctx=ctx, scheduler=sched, start=start, **params)
+        x0, z0, counters = reconstruct(model, op, y1, method, seeds, ctx=ctx, scheduler=sched, start=start, latents=True,
+                                       **params)
         y = y1.float().to(ctx.device).expand(len(seeds), *op.out_shape)
         stats = counters.as_stats()
         if sched is not None:
             stats["ts_window_cutoff"] = [sched.window_size_eff, sched.cutoff_eff]
-        return _batch(x0, y, x_true, model, {**stats, **oms_stats})
+        batch = _batch(x0, y, x_true, model, {**stats, **oms_stats})
+        if model.is_latent:  # samples.npz keeps the latents beside the decoded pixels ("x")
+            batch.extras["latents"] = z0.detach().float().cpu()
+        return batch
 
     return fn
 
@@ -211,7 +222,7 @@ def _validate_composed(opts: dict, model) -> None:
     _validate(opts, model)
     check_time_shift_flags(opts)
     if getattr(model, "prediction_type", None) == "flow" and opts.get("time_shift"):
-        raise ValueError("--time-shift inside dps / psld is not available on a flow-matching model: the first flow step "
+        raise ValueError("--time-shift inside dps / psld / stsl is not available on a flow-matching model: the first flow step "
                          "starts at sigma = 1 (alpha_bar = 0), which only the twin DDIM step with the velocity's x0 takes")
     if opts.get("oms_module") is not None:
         if opts.get("init") not in (None, "gaussian"):
@@ -293,7 +304,7 @@ _COMPOSE_OPTIONS = (TIME_SHIFT_OPTION, *TS_STEP_OPTIONS, *OMS_START_OPTIONS)
 register(SamplerSpec(
     name="stsl", description="STSL second-order Tweedie posterior sampler for inverse problems (Rout et al. 2024)",
     fn=_sample_fn("stsl"), default_model="digits-ddpm", default_steps=15, validate=_validate_composed, write_extra=write_extra,
-    options=_common_options("measurement", "paper rule 0") + _COMPOSE_OPTIONS + (
+    options=_common_options("measurement", "paper rule 0") + _COMPOSE_OPTIONS + FLOW_MODEL_OPTIONS + (
         Option("inner_steps", int, 5, "K inner gradient steps per timestep", min=1),
         Option("data_weight", float, 1.0, "lambda, weight of the data term", min=0.0),
         Option("trace_rule", TRACE_RULES, "paper", "second-order term: paper = (eta / d) T_delta with a Gaussian probe "
@@ -307,8 +318,7 @@ register(SamplerSpec(
         Option("glue_weight", float, 0.0, "optional PSLD gluing term weight (latent)", min=0.0),
         Option("reuse_eps", bool, False, "reuse the last inner eps for the DDIM step (saves one UNet call per step)"),
     ),
-    flow_refusal="its second-order Tweedie terms divide by alpha_bar, which is 0 at a flow's first grid point (sigma = 1); "
-                 "use dps, psld or smc-post",
+    flow=True,  # at sigma = 1 (alpha_bar = 0) the inner steps are skipped and x0 comes from the velocity
 ))
 register(SamplerSpec(
     name="dps", description="DPS diffusion posterior sampling (Chung et al. 2023), pixel or latent, baseline",

@@ -21,7 +21,7 @@ import torch
 from ..core.ddim import ddim_sigma, ddim_update
 from ..core.denoiser import Denoiser, check_finite
 from ..core.flow import eps_x0_from_velocity, is_flow_config, twin_alpha_bar, twin_scale
-from ..core.noise import normal, normal_rows
+from ..core.noise import normal_like
 from ..core.schedule import FlowSchedule
 from .registry import RunContext
 
@@ -71,13 +71,8 @@ class FlowTwinDDIM:
         ab_t = torch.tensor(twin_alpha_bar(sigma_t), dtype=torch.float64)
         ab_s = torch.tensor(twin_alpha_bar(sigma_s), dtype=torch.float64)
         std = ddim_sigma(ab_t, ab_s, eta, clamp=True)
-        noise = None
-        if eta > 0:
-            # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
-            if isinstance(generator, (list, tuple)):
-                noise = normal_rows(generator, tuple(sample.shape[1:]), device=sample.device, dtype=sample.dtype).double()
-            else:
-                noise = normal(tuple(sample.shape), generator, device=sample.device, dtype=sample.dtype).double()
+        # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
+        noise = normal_like(sample, generator).double() if eta > 0 else None
         x_vp = ddim_update(x0_hat, eps_hat, ab_s, std.to(sample.device), noise, clamp=True)
         prev = (x_vp * twin_scale(sigma_s)).to(sample.dtype)
         return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype)) if return_dict else (prev,)
@@ -109,15 +104,49 @@ class FlowTwinEpsDDIM(FlowTwinDDIM):
             raise ValueError("a step from alpha_bar = 0 (the flow's sigma = 1) needs pred_original_sample: x0 is not a "
                              "function of eps there (use Denoiser.eps_x0)")
         std = ddim_sigma(ab_t, ab_s, eta, clamp=True)
-        noise = None
-        if eta > 0:
-            if isinstance(generator, (list, tuple)):
-                noise = normal_rows(generator, tuple(sample.shape[1:]), device=sample.device, dtype=sample.dtype).double()
-            else:
-                noise = normal(tuple(sample.shape), generator, device=sample.device, dtype=sample.dtype).double()
+        # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
+        noise = normal_like(sample, generator).double() if eta > 0 else None
         prev = ddim_update(x0_hat, eps_hat, ab_s.to(sample.device), std.to(sample.device), noise, clamp=True).to(sample.dtype)
         x0_out = x0_hat.to(sample.dtype)
         return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_out) if return_dict else (prev, x0_out)
+
+
+def next_alpha_bar(scheduler, timestep) -> float:
+    """alpha_bar at the time a DDIM step from ``timestep`` lands on: DDIMScheduler's own rule (t - T // N, the
+    final value below 0), else the next grid time of ``scheduler.alphas_cumprod`` (1 after the last)."""
+    ts = [int(v) for v in torch.as_tensor(scheduler.timesteps).cpu().tolist()]
+    table = scheduler.alphas_cumprod
+    n_train = int(getattr(scheduler.config, "num_train_timesteps", len(table)))
+    if type(scheduler).__name__ == "DDIMScheduler":
+        prev = int(timestep) - n_train // int(scheduler.num_inference_steps)
+    else:
+        k = ts.index(int(timestep))
+        prev = ts[k + 1] if k + 1 < len(ts) else -1
+    if prev >= 0:
+        return float(table[prev])
+    final = getattr(scheduler, "final_alpha_cumprod", None)
+    return float(final) if final is not None else 1.0
+
+
+def ddim_step_from_x0(scheduler, eps_hat: torch.Tensor, timestep, sample: torch.Tensor, x0_hat: torch.Tensor,
+                      eta: float = 0.0, generator=None):
+    """One DDIM(eta) step (Song et al. 2021, eqs. 12 and 16) of a stock VP scheduler given x0_hat, for the step
+    from alpha_bar = 0 (a zero-terminal-SNR schedule's first grid time), where x0 is not a function of eps and
+    comes from the model's own output (``Denoiser.eps_x0``), as a flow's step from sigma = 1. float64 math; the
+    noise is drawn as DDIMScheduler.step draws it (per-sample generators). Returns an object with
+    ``prev_sample`` and ``pred_original_sample`` (the sample's dtype)."""
+    from types import SimpleNamespace
+
+    from diffusers.utils.torch_utils import randn_tensor
+
+    ab_t = torch.tensor(float(scheduler.alphas_cumprod[int(timestep)]), dtype=torch.float64)
+    ab_s = torch.tensor(next_alpha_bar(scheduler, timestep), dtype=torch.float64)
+    std = ddim_sigma(ab_t, ab_s, float(eta), clamp=True)
+    noise = None
+    if eta > 0:
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype).double()
+    prev = ddim_update(x0_hat.double(), eps_hat.double(), ab_s, std, noise, clamp=True).to(sample.dtype)
+    return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype))
 
 
 def make_scheduler(name: str, train_config: dict, **overrides):

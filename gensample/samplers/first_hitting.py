@@ -10,7 +10,8 @@ Code name -> paper symbol:
     alpha(t)     alpha_t, probability that a token is still clean at time t (alpha_0 = 1)
     logits       the network output (B, L, K') in its own dtype; log mu = log_softmax(logits / T)
                  with the mask (and exclude ids) at -inf is formed in float64 only for the rows
-                 that are sampled (FHS: B x k rows; ancestral: the masked rows, in bounded chunks)
+                 that are sampled (FHS: B x k rows; ancestral: the rows revealed in the step, in
+                 bounded chunks; the MDLM float32 / b-bit emulation: every masked row)
     t, s         current and next time (s < t) of an ancestral step
     tau          next first-hitting time, tau = alpha^-1(1 - (1 - alpha_t) r)   (paper sec. 4.1)
     r            u^(1/n) for one reveal, Beta(n - k + 1, k) for k reveals
@@ -209,27 +210,64 @@ def fhs_reveal(x: torch.Tensor, logits: torch.Tensor, cfg: MaskedDiffusionConfig
 def ancestral_step(x: torch.Tensor, logits: torch.Tensor, t: float, s: float, cfg: MaskedDiffusionConfig,
                    generator: Generators) -> torch.Tensor:
     """One grid step t -> s (MDLM eq. for the reverse posterior q(x_s | x_t, x0 = mu)): each masked
-    position stays masked with weight 1 - alpha_s or becomes v with weight (alpha_s - alpha_t) mu[i, v],
-    drawn by Gumbel-max over the K' + 1 entries of its unnormalised row (MDLM ``ddpm_cache``: mask
-    weight last). Unmasked positions are frozen and draw nothing: only the masked rows are upcast
-    (in bounded chunks) and get uniforms, on the generator's device.
+    position stays masked with weight 1 - alpha_s or becomes v with weight (alpha_s - alpha_t) mu[i, v].
+    Unmasked positions are frozen and draw nothing.
+
+    Exact float64 path (default): the two-stage form of the same law. The weights sum to 1 - alpha_t
+    (mu sums to 1), so a masked position moves with probability p = (alpha_s - alpha_t) / (1 - alpha_t)
+    (one float64 uniform per masked position, ``move_mask``) and, if it moves, takes v ~ mu (Gumbel-max
+    on its own float64 row). Only the positions that move are upcast and draw V uniforms: on a fine
+    grid that is about L rows over the whole run instead of (masked rows) x (grid steps).
+    Emulation paths (``precision="float32"`` or ``uniform_bits``): MDLM ``ddpm_cache`` verbatim, one
+    Gumbel-max over the K' + 1 entries of every masked row (mask weight last), to keep its artefact.
 
     x: (B, L) int64; logits: (B, L, K') network output (any float dtype). Returns the new x.
     """
     a_t, a_s = mask_alpha(t, cfg.schedule).item(), mask_alpha(s, cfg.schedule).item()
-    move = math.log(a_s - a_t) if a_s > a_t else float("-inf")
-    stay = math.log(1.0 - a_s) if a_s < 1.0 else float("-inf")
     masked = x == cfg.mask_token_id
-    b_idx, l_idx = masked.nonzero(as_tuple=True)  # (M,), (M,) row-major: a row's positions in order
     B, L, K = logits.shape
     flat = logits.reshape(B * L, K)  # a view: rows are gathered chunk by chunk inside sample_rows
+    x_new = x.clone()
+    if cfg.precision == "float64" and cfg.uniform_bits is None:
+        p_move = (a_s - a_t) / (1.0 - a_t) if a_s > a_t else 0.0
+        moves = move_mask(masked, p_move, generator)  # (B, L) bool, subset of masked
+        b_idx, l_idx = moves.nonzero(as_tuple=True)  # (M',) row-major
+        draw = sample_rows(flat, b_idx, generator, rows=b_idx * L + l_idx, exclude=excluded_ids(cfg),
+                           temperature=cfg.temperature)  # (M',) in [0, K)
+        x_new[b_idx, l_idx] = draw
+        return x_new
+    move = math.log(a_s - a_t) if a_s > a_t else float("-inf")
+    stay = math.log(1.0 - a_s) if a_s < 1.0 else float("-inf")
+    b_idx, l_idx = masked.nonzero(as_tuple=True)  # (M,), (M,) row-major: a row's positions in order
     draw = sample_rows(flat, b_idx, generator, rows=b_idx * L + l_idx, exclude=excluded_ids(cfg),
                        temperature=cfg.temperature, shift=move, extra_log_w=stay,
                        precision=cfg.precision, uniform_bits=cfg.uniform_bits)  # (M,) in [0, K]
     draw = torch.where(draw == K, cfg.mask_token_id, draw)
-    x_new = x.clone()
     x_new[b_idx, l_idx] = draw
     return x_new
+
+
+def move_mask(masked: torch.Tensor, p: float, generator: Generators) -> torch.Tensor:
+    """Which masked positions are revealed in an ancestral step: independent Bernoulli(p), one float64
+    uniform per masked position (row-major; with a list of generators, row b draws its own n_b uniforms
+    from generator b, so a row's draws do not depend on the rest of the batch). p = 0 draws nothing.
+    masked: (B, L) bool. Returns (B, L) bool, True only where ``masked``."""
+    out = torch.zeros_like(masked)
+    if p <= 0.0 or not masked.any():
+        return out
+    if isinstance(generator, torch.Generator):
+        u = uniform((int(masked.sum()),), generator, dtype=torch.float64).to(masked.device)
+        out[masked] = u < p
+        return out
+    gens = list(generator)
+    if len(gens) != masked.shape[0]:
+        raise ValueError(f"got {len(gens)} generators for a batch of {masked.shape[0]} rows; need one per row")
+    for b, g in enumerate(gens):
+        n_b = int(masked[b].sum())
+        if n_b:
+            u = torch.rand(n_b, generator=g, dtype=torch.float64, device=g.device).to(masked.device)
+            out[b, masked[b]] = u < p
+    return out
 
 
 def final_argmax_step(x: torch.Tensor, logits: torch.Tensor, cfg: MaskedDiffusionConfig) -> torch.Tensor:

@@ -35,6 +35,11 @@ two potentials. The weighted population then targets (FKC's law) x exp(lambda r(
 also be a memoryless diffusers scheduler (DDIM / DDPM / Time-Shift; ``samplers.fkc.check_proposal``),
 as in FKC (docs/compose.md "FKC over any proposal").
 
+Flow-matching models (docs/fk_steering.md "Flow models"): the loop runs on the model's VP twin
+(``core.flow``, docs/flow_matching.md) with the grid and alpha_bars of its ``core.schedule.FlowSchedule``;
+the move is DDIM(eta = 1) on the twin, the flow SDE proposal, and its first step, from sigma = 1
+(alpha_bar = 0), is FKC's direct draw ``samplers.fkc.zero_snr_move`` (for any FKC target).
+
 Particles are a flat group-major batch of N = G * K rows; resampling never crosses groups
 (core/smc.py). The DDPM move and the grid are ``core.ddim``'s; the CLI glue (reward resolution,
 seeds, samples.npz extras) is ``gensample.runs.fk_steer``; reward plug-ins are ``gensample.rewards``.
@@ -51,11 +56,11 @@ from typing import Callable, Sequence
 import torch
 
 from ..core import smc
-from ..core.ddim import alpha_bar_pairs
 from ..core.denoiser import check_finite
 from ..core.noise import normal, normal_rows
+from ..core.schedule import as_schedule
 from .fkc import (FKCConfig, check_proposal, combine_eps, combine_x0, direct_steps, ddim_move, node_coefficients,
-                  weight_rate)
+                  weight_rate, zero_snr_move)
 
 POTENTIALS = ("diff", "max", "sum", "instantaneous")
 FINALS = ("resample", "weighted", "best", "one_per_group")
@@ -215,6 +220,8 @@ def sample_fk_steer(
     reward(x0) -> (N,) tensor: r on the model's sample space (``gensample.rewards``; the run glue
         binds prompts and decodes latents).
     x_T: (N, ...) standard normal, N = G * group_size (scaled by 1 / sqrt(B) here, FKC's start).
+    alphas_cumprod: the VP table (T,), or a ``core.schedule.Schedule`` (``model_schedule``; a flow
+        model's ``FlowSchedule``: the loop runs on its VP twin); timesteps: its grid (``Schedule.grid``).
     noise_generators: one per particle (the API's per-sample convention) or a single generator (one
         batched draw per step); resample_generators: one per group (or one shared).
     target: an ``FKCConfig`` whose betas, eta and quadrature define the base law (default: the
@@ -227,7 +234,8 @@ def sample_fk_steer(
       2. log w += c_k R_k (FKC, zero for beta = 1) + log G_k (``log_potential``); ESS; resample within
          groups (every ``resample_every`` steps, when ESS < ess_threshold * K)
       3. x_s = DDIM(eta) step (Song et al. 2021, eq. 12; eta = 1: DDPM) from the resampled
-         (x0_hat, eps_eff), or the proposal's ``step``
+         (x0_hat, eps_eff), or the proposal's ``step``; a step from alpha_bar = 0 (a flow's sigma = 1,
+         zero terminal SNR) is FKC's direct draw of rho_s (``zero_snr_move``) from the resampled x0_i
     At the clean end: r_S = r(x0), log w += log G_S, then the final policy (``cfg.final``).
     """
     target = FKCConfig() if target is None else target
@@ -251,12 +259,14 @@ def sample_fk_steer(
     G = N // K
     S = len(timesteps)
     M = len(target.betas)
-    ab_t, ab_s = alpha_bar_pairs(alphas_cumprod, timesteps, final_alpha_bar)
+    schedule = as_schedule(alphas_cumprod)  # a VP table or any core.schedule.Schedule (flows: the VP twin)
+    ab_t, ab_s = schedule.alpha_bar_pairs(timesteps, final_alpha_bar)
     trivial = target.is_trivial
-    coef = node_coefficients(ab_t, ab_s, target.quadrature)  # (S,) FKC weight of each model call
-    if not trivial and bool(direct_steps(ab_t, ab_s).any()):
-        raise ValueError("a zero-terminal-SNR schedule (alpha_bar_T = 0) with an FKC target (sum(betas) != 1 or several "
-                         "experts) needs FKC's direct first step: use the fkc sampler there")
+    coef = node_coefficients(ab_t, ab_s, target.quadrature)  # (S,) FKC weight of each model call (0 on direct steps)
+    direct = direct_steps(ab_t, ab_s)  # (S,) steps from alpha_bar = 0 (a flow's sigma = 1): FKC's direct draw
+    if proposal is not None and bool(direct.any()):
+        raise ValueError("a zero-terminal-SNR schedule (alpha_bar_T = 0, e.g. a flow model's sigma = 1) needs the loop's "
+                         "own move (proposal=None): a scheduler step from alpha_bar = 0 is undefined")
     event = tuple(x_T.shape[1:])
     x = x_T.double() / math.sqrt(target.total_beta)  # N(0, I / B): FKC's rho_T (B = 1: x_T itself)
     rewards = torch.zeros((N, S + 1), dtype=torch.float64)  # r_k along each current path
@@ -305,20 +315,27 @@ def sample_fk_steer(
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():
                 carried = [x, x0_hat, eps_hat, rewards] + ([t_model] if shifted else [])
+                carried += [x0_experts.movedim(0, 1)] if direct[k] else []  # (N, M, ...) for the direct draw
                 carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
                 x, x0_hat, eps_hat, rewards = carried[:4]
                 t_model = carried[4] if shifted else t_model
+                x0_experts = carried[-1].movedim(1, 0) if direct[k] else x0_experts
                 did[:, k] = want
         if proposal is not None:  # the scheduler's own step, its noise from the same generators (as in FKC)
             kw = dict(step_kwargs, model_timesteps=t_model) if shifted else step_kwargs
             x = proposal.step(eps_hat.to(x_T.dtype), t, x.to(x_T.dtype), generator=noise_generators, return_dict=True,
                               **kw).prev_sample.double()
         else:
+            # drawn in the samples' dtype, as FKC's move and the ddpm sampler's schedulers draw theirs (the same
+            # stream from the same seeds), used in float64
             if batched_noise:  # one (N, ...) draw per step (faster; depends on the batch)
-                noise = normal((N, *event), noise_generators, device=x.device, dtype=torch.float64)
+                noise = normal((N, *event), noise_generators, device=x.device, dtype=x_T.dtype).double()
             else:  # one draw per particle from its own generator (batch-independent)
-                noise = normal_rows(noise_generators, event, device=x.device, dtype=torch.float64)
-            x = ddim_move(x, eps_hat, ab_t[k], ab_s[k], target.eta, noise, x0_hat)  # (N, ...) float64
+                noise = normal_rows(noise_generators, event, device=x.device, dtype=x_T.dtype).double()
+            if direct[k]:  # from alpha_bar = 0: sample rho_s directly (FKC's zero-SNR start, any betas)
+                x = zero_snr_move(x, x0_experts, target.betas, ab_s[k], target.eta, noise)  # (N, ...) float64
+            else:
+                x = ddim_move(x, eps_hat, ab_t[k], ab_s[k], target.eta, noise, x0_hat)  # (N, ...) float64
         if on_step is not None:
             on_step(k)
     score(S, x)  # the clean end: r_S = r(x0)

@@ -13,6 +13,7 @@ become `gensample run` flags automatically.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -93,7 +94,8 @@ FLOW_MODEL_OPTIONS = (  # the flow form of an analytic mixture (docs/flow_matchi
     Option("flow_shift", float, None, "with --flow: the static sigma shift S of the flow grid "
            "(sigma' = S sigma / (1 + (S - 1) sigma)); default 1", min=1e-6),
 )
-# Samplers that do not apply to flows, with the reason (the OMS engineer may move it onto the spec)
+# The reasons of samplers that do not apply to flows; OMS's is carried on its spec (runs/oms.py), this
+# entry stays for callers that quote it for --oms-module on other samplers (api.py)
 FLOW_REFUSALS = {
     "oms": "One More Step fixes the terminal-SNR gap of VP schedules (alpha_bar_T > 0); a flow starts at "
            "sigma = 1, pure noise, so there is no gap to fix",
@@ -111,8 +113,56 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 _discovered = False
 
 
+def embedded_guidance(model) -> bool:
+    """True for a guidance-distilled model (Flux-dev: ``transformer.config.guidance_embeds``): its loader sets
+    ``extras["embedded_guidance"]`` and feeds --guidance-scale to the network as an input (a ``guidance`` row of
+    the conditioning), so the scale is not a classifier-free guidance weight there."""
+    return bool((getattr(model, "extras", None) or {}).get("embedded_guidance"))
+
+
+def guidance_opts(model, opts: dict) -> dict:
+    """The one sampler-side rule of the guidance scale: ``opts`` as every sampler sees them. On a
+    guidance-distilled model --guidance-scale is the embedded guidance, already in the conditioning, so the
+    samplers' CFG weight is 1 (one conditional call per step, as FluxPipeline makes) and a CFG target
+    (``--fkc-target cfg``: FKC-CFG, smc-post's and fk-steer's CFG target) is refused: it needs a true
+    unconditional branch. Other models: ``opts`` unchanged."""
+    if not embedded_guidance(model):
+        return opts
+    if opts.get("fkc_target") == "cfg":
+        raise ValueError(f"--fkc-target cfg (classifier-free guidance as a target; implied by --guidance-scale when "
+                         f"--fkc-target is not given) needs a true unconditional branch, but model "
+                         f"{getattr(model, 'name', '?')!r} is guidance-distilled (guidance_embeds=True): its "
+                         f"--guidance-scale is the embedded guidance fed to the network, not a CFG weight; pass "
+                         f"--fkc-target anneal or product (the embedded guidance still applies)")
+    if opts.get("guidance_scale", 1.0) in (None, 1.0):
+        return opts
+    return {**opts, "guidance_scale": 1.0}
+
+
+def _with_guidance_rule(spec: SamplerSpec) -> SamplerSpec:
+    """Route a spec's fn and validate through ``guidance_opts`` (once)."""
+    if getattr(spec.fn, "_guidance_rule", False):
+        return spec
+    fn, validate = spec.fn, spec.validate
+
+    @functools.wraps(fn)
+    def fn_rule(model, opts, seeds, ctx):
+        return fn(model, guidance_opts(model, opts), seeds, ctx)
+
+    def validate_rule(opts, model):
+        opts = guidance_opts(model, opts)
+        if validate is not None:
+            validate(opts, model)
+
+    if validate is not None:
+        validate_rule = functools.wraps(validate)(validate_rule)
+    fn_rule._guidance_rule = True
+    spec.fn, spec.validate = fn_rule, validate_rule
+    return spec
+
+
 def register(spec: SamplerSpec) -> SamplerSpec:
-    SAMPLERS[spec.name] = spec
+    SAMPLERS[spec.name] = _with_guidance_rule(spec)
     return spec
 
 

@@ -150,6 +150,7 @@ class SMCPosteriorResult:
     ess: torch.Tensor  # (G, N + 1) float64 ESS before each resampling decision and at the end
     resampled: torch.Tensor  # (G,) int64 number of resampling events per system
     stats: dict = field(default_factory=dict)
+    latents: torch.Tensor | None = None  # latent models: the latent x0 estimates of the rows of x (x decodes them)
 
 
 def _aat_max_eig(op: LinearOperator) -> float:
@@ -316,14 +317,19 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
     ess_trace.append(smc.effective_sample_size(log_w))
     ess_all = torch.stack(ess_trace, 1)  # (G, N + 1)
     w_bar = smc.normalized_weights(log_w)
+    lat = None
     if cfg.final == "weighted":
         out, weights = x_img, w_bar.reshape(-1)
+        lat = x0 if codec is not None else None
     else:  # one particle per system, drawn from its normalised weights
         pick = smc.draw_one_per_group(log_w, resample_generators).cpu()
-        out, weights = x_img[(torch.arange(G) * K + pick).to(x_img.device)], torch.ones(G, dtype=torch.float64)
+        rows_kept = (torch.arange(G) * K + pick).to(x_img.device)
+        out, weights = x_img[rows_kept], torch.ones(G, dtype=torch.float64)
+        lat = x0[rows_kept.to(x0.device)] if codec is not None else None
     stats = {"prior_var": v, "unet_forward_per_particle": unet_fwd, "unet_backward_per_particle": unet_bwd,
              "resample_events": int(n_res.sum())}
-    return SMCPosteriorResult(out, weights, log_w, ess_all, n_res, stats)
+    return SMCPosteriorResult(out, weights, log_w, ess_all, n_res, stats,
+                              latents=None if lat is None else lat.detach())
 
 
 def draw_blocks(generators, rows: int, shape: tuple, device) -> torch.Tensor:

@@ -43,7 +43,7 @@ from ..core.ddim import ddim_eps_coefficient, x0_from_eps
 from ..core.denoiser import Denoiser, check_finite
 from ..core.noise import normal_rows
 from ..core.schedule import alphas_cumprod_from_config, as_schedule, model_schedule
-from .baseline import FlowTwinEpsDDIM, make_scheduler, set_grid
+from .baseline import FlowTwinEpsDDIM, ddim_step_from_x0, make_scheduler, set_grid
 from .operators import LinearOperator
 from .registry import RunContext
 
@@ -448,12 +448,24 @@ def trust_clip(grad: torch.Tensor, ab: float, v: float) -> torch.Tensor:
     return grad * scale.reshape(-1, *([1] * (grad.ndim - 1)))
 
 
-def _alpha_bar_prev(scheduler, i: int, ab_table: torch.Tensor) -> float:
+def _alpha_bar_prev(scheduler, i: int, schedule) -> float:
+    """alpha_bar at the next grid time (a VP table's entry exactly, or a flow twin's), the final value after the last."""
     ts = scheduler.timesteps
     if i + 1 < len(ts):
-        return float(ab_table[int(ts[i + 1])])
+        return float(schedule.alpha_bar(torch.as_tensor(ts[i + 1]).cpu()))
     final = getattr(scheduler, "final_alpha_cumprod", None)
     return float(final) if final is not None else 1.0
+
+
+def _step_with_x0(scheduler, eps_hat, t, z, x0_hat, step_kwargs: dict):
+    """The step from alpha_bar = 0 with the model's own x0 (``FlowTwinEpsDDIM`` takes it as ``pred_original_sample``;
+    a stock VP DDIMScheduler goes through ``baseline.ddim_step_from_x0``)."""
+    import inspect
+
+    if "pred_original_sample" in inspect.signature(scheduler.step).parameters:
+        return scheduler.step(eps_hat, t, z, return_dict=True, pred_original_sample=x0_hat, **step_kwargs)
+    kw = {k: v for k, v in step_kwargs.items() if k in ("eta", "generator")}
+    return ddim_step_from_x0(scheduler, eps_hat, t, z, x0_hat, **kw)
 
 
 def _model_time(scheduler, z: torch.Tensor, t, ab: float, ab_table: torch.Tensor):
@@ -520,20 +532,28 @@ def sample_inverse(
     shifting = hasattr(scheduler, "model_timesteps")
     for i, t in enumerate(scheduler.timesteps):
         ab = float(schedule.alpha_bar(torch.as_tensor(t).cpu()))
-        if ab == 0.0 and cfg.method == "stsl":
-            raise ValueError("stsl: alpha_bar = 0 at the first grid time (zero terminal SNR, e.g. a flow model's sigma = 1): "
-                             "its second-order Tweedie terms divide by alpha_bar")
         x0_kw = {}  # alpha_bar = 0: the step takes x0 from the model's own output (Denoiser.eps_x0)
         t_m, ab_m = t, ab  # the model's time and its alpha_bar (per sample under Time-Shift)
         if shifting and cfg.method != "stsl":
             t_m, ab_m, step_kwargs["model_timesteps"] = _model_time(scheduler, z, t, ab, ab_table)
-        if cfg.method == "stsl":  # K inner gradient steps on the surrogate loss (STSL Eq. 4)
+        if cfg.method == "stsl" and ab == 0.0:
+            # zero terminal SNR (a flow's sigma = 1, a rescaled VP schedule's T): z_t is independent of z_0, so
+            # p(y | z_t) = p(y) is constant in z_t and the surrogate's data and trace terms have zero gradient there
+            # (the inner steps would move z by 0 * inf); the step takes x0 from the model's own output
+            counters.nfe_paper += 1
+            with torch.no_grad():
+                eps_hat, z0_direct = denoiser.eps_x0(z, t, cond)
+            counters.unet_forward += 1
+            check_finite(z0_direct, name, i)
+            out = _step_with_x0(scheduler, eps_hat, t, z, z0_direct, step_kwargs)
+            z0_hat, z = out.pred_original_sample, out.prev_sample.detach()
+        elif cfg.method == "stsl":  # K inner gradient steps on the surrogate loss (STSL Eq. 4)
             counters.nfe_paper += cfg.inner_steps
             # auto: K steps of z <- z + (rho_t / K) grad log L, rho_t = c_t / M_t: a shift of z_t that the DDIM
             # map (gain M_t) carries into the same shift of z_{t-1} as the eps-form guidance of DPS / PSLD
             # (c_t) (docs/stsl.md, "Step-size rule")
             if auto:
-                ab_prev = _alpha_bar_prev(scheduler, i, ab_table)
+                ab_prev = _alpha_bar_prev(scheduler, i, schedule)
                 rho = (cfg.step_size * guidance_shift(ab, ab_prev, cfg.ddim_eta)
                        / ddim_gain(ab, ab_prev, cfg.prior_var, cfg.ddim_eta) / cfg.inner_steps)
             else:
@@ -597,12 +617,14 @@ def sample_inverse(
                     # classifier guidance in eps form (Dhariwal & Nichol 2021, eq. 14):
                     # eps' = eps - sqrt(1 - ab) grad log L = eps + sqrt(1 - ab) grad(-log L)
                     root = math.sqrt(1 - ab) if t_m is t else (1 - ab_m).sqrt()
-                    out = scheduler.step(eps_hat.detach() + root * grad, t, z_in.detach(), return_dict=True, **step_kwargs,
-                                         **x0_kw)
-                    z_prev = out.prev_sample
+                    eps_step = eps_hat.detach() + root * grad
                 else:
-                    out = scheduler.step(eps_hat.detach(), t, z_in.detach(), return_dict=True, **step_kwargs, **x0_kw)
-                    z_prev = out.prev_sample if grad is None else out.prev_sample - grad
+                    eps_step = eps_hat.detach()
+                if x0_kw:
+                    out = _step_with_x0(scheduler, eps_step, t, z_in.detach(), x0_kw["pred_original_sample"], step_kwargs)
+                else:
+                    out = scheduler.step(eps_step, t, z_in.detach(), return_dict=True, **step_kwargs)
+                z_prev = out.prev_sample if (auto or grad is None) else out.prev_sample - grad
             z0_hat, z = out.pred_original_sample, z_prev.detach()
         if on_step is not None:
             on_step(1)
@@ -625,10 +647,12 @@ def init_latent(cfg: InverseConfig, scheduler, codec: Codec, op: LinearOperator,
 
 # -- Python entry point --------------------------------------------------------------------------
 def reconstruct(model, op: LinearOperator, y: torch.Tensor, method: str = "stsl", seeds=(0,), *, ctx: RunContext | None = None,
-                scheduler=None, start: Callable | None = None, **params) -> tuple[torch.Tensor, Counters]:
+                scheduler=None, start: Callable | None = None, latents: bool = False, **params) -> tuple:
     """Python entry point: posterior samples for measurement(s) y with a LoadedModel.
 
     y: (1 or len(seeds), *op.out_shape); one output per seed, (n, *pixel_shape).
+    Returns (x0, counters), or (x0, z0, counters) with ``latents=True``: z0 the final latent
+    estimate of a latent model (its decoding is x0; for a pixel model z0 is x0).
     params: InverseConfig fields (steps, inner_steps, trace_weight, zeta, ...).
     scheduler: the step rule, set to cfg.steps (default: the model's DDIMScheduler; a
     TimeShiftScheduler gives TS-DPS / TS-PSLD / TS-STSL, docs/compose.md).
@@ -662,7 +686,7 @@ def reconstruct(model, op: LinearOperator, y: torch.Tensor, method: str = "stsl"
         noise = ctx.randn(gens, model.event_shape)
         z = init_latent(cfg, sched, codec, op, y, noise, ac, counters)
     cond = model.cond_for(None, n, ctx.device)
-    x0, _, counters = sample_inverse(model.denoiser(), sched, codec, op, y, z, cfg, alphas_cumprod=ac, generators=gens,
-                                     cond=cond, randn=lambda shape: ctx.randn(gens, shape), on_step=ctx.step_done,
-                                     counters=counters, sampler_name=method)
-    return x0, counters
+    x0, z0, counters = sample_inverse(model.denoiser(), sched, codec, op, y, z, cfg, alphas_cumprod=ac, generators=gens,
+                                      cond=cond, randn=lambda shape: ctx.randn(gens, shape), on_step=ctx.step_done,
+                                      counters=counters, sampler_name=method)
+    return (x0, z0, counters) if latents else (x0, counters)

@@ -46,6 +46,8 @@ sampler's ``--eps-scale`` (`baseline.epsilon_scale`).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -293,7 +295,7 @@ class FlowTimeShift:
 
         from ..core.ddim import ddim_sigma, ddim_update
         from ..core.flow import eps_x0_from_velocity, twin_alpha_bar, twin_scale
-        from ..core.noise import normal, normal_rows
+        from ..core.noise import normal_like
 
         eta = self.eta if eta is None else float(eta)
         k = self._index(timestep)
@@ -305,12 +307,8 @@ class FlowTimeShift:
         ab_m = twin_alpha_bar(sigma_m).reshape(shape)
         ab_s = torch.tensor(twin_alpha_bar(sigma_s), dtype=torch.float64, device=sample.device)
         std = ddim_sigma(ab_m, ab_s, eta, clamp=True)
-        noise = None
-        if eta > 0:
-            if isinstance(generator, (list, tuple)):
-                noise = normal_rows(generator, tuple(sample.shape[1:]), device=sample.device, dtype=sample.dtype).double()
-            else:
-                noise = normal(tuple(sample.shape), generator, device=sample.device, dtype=sample.dtype).double()
+        # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
+        noise = normal_like(sample, generator).double() if eta > 0 else None
         prev = (ddim_update(x0_hat, eps_hat, ab_s, std, noise, clamp=True) * twin_scale(sigma_s)).to(sample.dtype)
         if not return_dict:
             return (prev, x0_hat.to(sample.dtype))
@@ -319,6 +317,42 @@ class FlowTimeShift:
 
 
 # -- the loop -------------------------------------------------------------------------------
+def _zero_snr_start(scheduler, t) -> bool:
+    """True when the VP grid's first time has alpha_bar = 0 (a zero-terminal-SNR schedule, trailing grid)."""
+    table = getattr(scheduler, "alphas_cumprod", None)
+    return table is not None and float(table[int(t)]) == 0.0
+
+
+def zero_snr_first_step(denoiser, scheduler, x: torch.Tensor, t_model: torch.Tensor, cond, guidance_scale: float,
+                        generator, name: str) -> torch.Tensor:
+    """The first step of TS-DDIM / TS-DDPM from alpha_bar = 0 (zero terminal SNR, Lin et al. 2023): never shifted
+    (Algorithm 3 shifts from the second step on), and x0 is not a function of eps there, so, as a flow's
+    step from sigma = 1, x0 and eps are read off the model's own (guided) output (``Denoiser.guided_eps_x0``:
+    x0 = -v, eps = x for v-prediction) and the DDIM(eta) update (Song et al. 2021, eqs. 12 and 16) goes to the
+    next grid time; the noise is drawn as the scheduler's step draws it. Epsilon models are refused."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from ..core.ddim import ddim_sigma, ddim_update
+
+    if getattr(denoiser, "prediction_type", "epsilon") == "epsilon" or not hasattr(denoiser, "guided_eps_x0"):
+        raise ValueError(f"{name}: the schedule has zero terminal SNR (alpha_bar = 0 at the first grid time), where eps "
+                         f"carries no information on x0; the model must predict v or x0 (Lin et al. 2023, sec. 3.2)")
+    eps_hat, x0_hat = denoiser.guided_eps_x0(x, t_model, cond, guidance_scale)
+    check_finite(x0_hat, name, 0)
+    grid = [int(v) for v in scheduler.timesteps.tolist()]
+    ab_s = float(scheduler.alphas_cumprod[grid[1]]) if len(grid) > 1 else float(scheduler.final_alpha_cumprod)
+    eta = float(scheduler.config.eta)
+    ab_t = torch.tensor(0.0, dtype=torch.float64)
+    ab_s = torch.tensor(ab_s, dtype=torch.float64)
+    std = ddim_sigma(ab_t, ab_s, eta, clamp=True)
+    noise = None
+    if eta > 0:
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype).double()
+    prev = ddim_update(x0_hat.double(), eps_hat.double(), ab_s, std, noise, clamp=True).to(x.dtype)
+    check_finite(prev, name, 0)
+    return prev
+
+
 def sample_time_shift(
     denoiser: Callable,
     x_T: torch.Tensor,
@@ -345,15 +379,22 @@ def sample_time_shift(
     flow = getattr(scheduler, "takes_velocity", False)  # a flow model's stepper: the state is x_sigma, the output v
     for i, t in enumerate(scheduler.timesteps):
         t_model = scheduler.model_timesteps(x, t)  # (B,) int64 (flow: float32 model times)
-        if flow and hasattr(denoiser, "velocity"):
+        if i == 0 and not flow and _zero_snr_start(scheduler, t):
+            eps_hat = None  # alpha_bar = 0: the step below reads x0 off the model's own output
+        elif flow and hasattr(denoiser, "velocity"):
             eps_hat = denoiser.velocity(x, t_model, cond, guidance_scale)
         elif hasattr(denoiser, "guided") and not flow:
             eps_hat = denoiser.guided(x, t_model, cond, guidance_scale)
         else:
             eps_hat = denoiser(x, t_model, cond)
-        check_finite(eps_hat, name, i)
-        out = scheduler.step(eps_hat, t, x, generator=generator, model_timesteps=t_model)
-        x = out.prev_sample
+        if i == 0 and not flow and _zero_snr_start(scheduler, t):
+            x = zero_snr_first_step(denoiser, scheduler, x, t_model, cond, guidance_scale, generator, name)
+            scheduler._handed.pop(int(t), None)  # the step was taken here: drop the handed model times
+            out = SimpleNamespace(target_timesteps=t_model)
+        else:
+            check_finite(eps_hat, name, i)
+            out = scheduler.step(eps_hat, t, x, generator=generator, model_timesteps=t_model)
+            x = out.prev_sample
         shown = out.target_timesteps if not flow and scheduler.config.variant == "reference_pnm" else t_model
         shown = shown.double()
         as_time = float if flow else int  # float model times on a flow grid

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
+import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
 
@@ -40,18 +41,65 @@ def flow_matching_reason(config) -> str | None:
     return None
 
 
-def refuse_flow_config(config, cls_name: str) -> None:
+# What to use instead of a DDPM-family face on a flow-matching model (SD3 / SD3.5, Flux), per face.
+FLOW_FIXES = {
+    "TimeShiftScheduler": "for Time-Shift on a flow model use gensample.schedulers.FlowTimeShiftScheduler.from_config"
+                          "(config), in a stock pipeline gensample.pipelines.time_shift.enable_time_shift(pipe)",
+    "FKCScheduler": "FKC on a flow model (SD3 / SD3.5, Flux) runs through `gensample run --sampler fkc --model "
+                    "<pipeline folder>` (gensample.api), which steps the flow's SDE proposal and keeps the weights",
+}
+
+
+def is_flow_match_config(config) -> bool:
+    """True for a FlowMatchEulerDiscreteScheduler-style config (a ``FlowMatchEuler`` / ``FlowMatchHeun``
+    class name, or the flow keys without betas and without a class name), which
+    ``FlowTimeShiftScheduler`` can take over; False for DPM-Solver / UniPC flow modes."""
+    if not isinstance(config, Mapping) or flow_matching_reason(config) is None:
+        return False
+    name = config.get("_class_name")
+    if name is not None:
+        return name in ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowTimeShiftScheduler")
+    return not config.get("use_flow_sigmas") and config.get("prediction_type") != "flow_prediction"
+
+
+def refuse_flow_config(config, cls_name: str, fix: str | None = None) -> None:
     """Raise ValueError when ``config`` is a flow-matching scheduler config (``flow_matching_reason``).
     Flow matching (x_sigma = (1 - sigma) x0 + sigma eps, a velocity model) has no betas table: a
     DDPM-family face built from it would fall back to default betas and run the model on wrong noise
-    levels."""
+    levels. The message names the fix (``fix``, else ``FLOW_FIXES[cls_name]`` when there is one)."""
     reason = flow_matching_reason(config)
     if reason is not None:
+        fix = fix if fix is not None else FLOW_FIXES.get(cls_name)
         raise ValueError(
-            f"flow-matching schedulers are not supported by {cls_name} yet: config is a flow-matching scheduler "
+            f"flow-matching schedulers are not supported by {cls_name}: config is a flow-matching scheduler "
             f"config ({reason}); {cls_name} needs a DDPM-family config (betas: DDPMScheduler, DDIMScheduler, "
             f"PNDMScheduler, EulerDiscreteScheduler, ...). Without betas its from_config would silently fall back "
-            f"to the default DDPM schedule.")
+            f"to the default DDPM schedule." + (f" Instead: {fix}." if fix else ""))
+
+
+def flow_pipeline_reason(pipe) -> str | None:
+    """Why ``pipe`` is a flow-matching pipeline (its constructor types ``scheduler`` as a FlowMatch*
+    scheduler: StableDiffusion3Pipeline, FluxPipeline, ...), or None."""
+    try:
+        ann = inspect.signature(type(pipe).__init__).parameters["scheduler"].annotation
+    except (KeyError, TypeError, ValueError):
+        return None
+    name = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+    return f"{type(pipe).__name__} takes a {name}" if "FlowMatch" in str(name) else None
+
+
+def refuse_in_flow_pipeline(scheduler, frame) -> None:
+    """Raise ValueError when the pipeline running ``scheduler`` (``calling_pipeline`` from ``frame``)
+    is a flow-matching one: a DDPM-family face there would run a velocity model on DDPM betas."""
+    pipe = calling_pipeline(frame, max_frames=64)
+    reason = flow_pipeline_reason(pipe) if pipe is not None else None
+    if reason is None:
+        return
+    cls_name = type(scheduler).__name__
+    fix = FLOW_FIXES.get(cls_name)
+    raise ValueError(f"{cls_name} cannot run in {type(pipe).__name__}: it is a flow-matching pipeline ({reason}; "
+                     f"x_sigma = (1 - sigma) x0 + sigma eps, a velocity model) and {cls_name} steps a DDPM betas "
+                     f"schedule, so every step would use wrong noise levels." + (f" Instead: {fix}." if fix else ""))
 
 
 class SourceValuesWin:
@@ -106,3 +154,32 @@ def calling_pipeline(frame, modular: bool = False, max_frames: int | None = None
         frame = frame.f_back
         seen += 1
     return None
+
+
+def check_model_times(grid_t, t_model: torch.Tensor, handed, dtype: torch.dtype) -> None:
+    """Check that the model saw the times the Time-Shift update uses (raises otherwise): the
+    ``model_timesteps`` handed to ``step`` (None: the model saw the grid time ``grid_t``; a CFG batch
+    of copies [x; x] is accepted) must equal ``t_model``, the times the scheduler selects. ``dtype``:
+    the units' dtype (long for VP tables, float for flow times). Shared by the VP and flow faces."""
+    B = t_model.shape[0]
+    if handed is None:
+        if (t_model != grid_t).any():
+            raise ValueError(
+                f"Time-Shift evaluates the model at shifted times (e.g. {t_model[t_model != grid_t][0].item()} instead "
+                f"of grid time {grid_t}), but no model time was handed to step(): the model was evaluated at the grid "
+                f"time. In a stock diffusers pipeline call gensample.pipelines.time_shift.enable_time_shift(pipe) "
+                f"instead of assigning the scheduler (window_size=0 runs the stock scheduler); in your own loop call "
+                f"t_s = scheduler.model_timesteps(sample, t) and feed t_s to the model.")
+        return
+    handed = torch.as_tensor(handed, device=t_model.device).to(dtype).reshape(-1)
+    if handed.numel() == 1:
+        handed = handed.expand(B)
+    elif handed.numel() != B and handed.numel() % B == 0:
+        chunks = handed.reshape(-1, B)  # a CFG-style batch of copies [x; x; ...]
+        if not (chunks == chunks[0]).all():
+            raise ValueError(f"model_timesteps has {handed.numel()} rows whose {B}-row chunks differ")
+        handed = chunks[0]
+    if handed.shape != t_model.shape or not torch.equal(handed, t_model):
+        raise ValueError("model_timesteps differs from model_timesteps(sample, timestep): the model saw other times "
+                         "than the update would use (pass the sample the model saw; for pipelines that "
+                         "concatenate extra channels, select on the latent channels only)")

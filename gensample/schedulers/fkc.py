@@ -46,7 +46,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..core import smc
-from ._config import calling_pipeline, refuse_flow_config
+from ._config import calling_pipeline, refuse_flow_config, refuse_in_flow_pipeline
 from ..core.ddim import SPACINGS, q_sample
 from ..core.param import PREDICTION_TYPES
 from ..core.schedule import alphas_cumprod_from_config
@@ -151,7 +151,8 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """ConfigMixin.from_config, refusing flow-matching configs (``refuse_flow_config``): FKC on
-        flow-matching models (SD3, Flux) is not supported yet."""
+        flow-matching models (SD3, Flux) runs through ``gensample run --sampler fkc``, not this face;
+        ``set_timesteps`` called by a flow-matching pipeline raises the same way."""
         refuse_flow_config(config, cls.__name__)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -194,7 +195,14 @@ class FKCScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None, mu=None):
+        """The DDIM-style grid of N steps or a custom descending ``timesteps`` list. ``sigmas`` / ``mu``
+        exist only so that a flow-matching pipeline (Flux passes them) reaches the ValueError naming
+        the fix instead of diffusers' generic one; a DDPM-family face takes neither."""
+        refuse_in_flow_pipeline(self, sys._getframe(1))  # SD3 / Flux pipelines: ValueError naming the fix
+        if sigmas is not None or mu is not None:
+            raise ValueError(f"sigmas / mu are flow-matching grid arguments; {type(self).__name__} takes "
+                             f"num_inference_steps or timesteps, got sigmas={sigmas!r}, mu={mu!r}")
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
         if timesteps is not None:

@@ -9,7 +9,9 @@ scheduler, its factory ``make_time_shift_scheduler`` on a model's training sched
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._config import SourceValuesWin
+from ._config import SourceValuesWin, check_model_times, is_flow_match_config, refuse_in_flow_pipeline
 from ..core.ddim import ddim_sigma, ddim_update, eps_from_x0, q_sample, timestep_grid, v_from_eps
 from ..core.param import PREDICTION_TYPES, to_eps
 from ..samplers.time_shift import (DEFAULT_VARIANT, check_params, check_window_stride, default_window_cutoff, dynamic_threshold,
@@ -52,8 +54,9 @@ class TimeShiftScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
     ``enabled=False`` give DDIM exactly. ``clip_sample`` defaults to False (SD latents must not
     be clamped). ``from_config``: for every key shared with DDIM/DDPM the source's value wins,
     also where the source left it at its own default (``SourceValuesWin``: DDIMScheduler()'s
-    ``clip_sample=True`` stays True; a source without the key gets ours); flow-matching configs
-    are refused with a ValueError.
+    ``clip_sample=True`` stays True; a source without the key gets ours); a
+    FlowMatchEulerDiscreteScheduler config gives ``FlowTimeShiftScheduler`` (the flow face), other
+    flow-matching configs are refused with a ValueError.
 
     The paper variant changes the time the *model* is called with, which a stock pipeline cannot
     know. ``model_timesteps(sample, t)`` -> LongTensor[B] gives that time (Algorithm 3, a pure
@@ -70,9 +73,17 @@ class TimeShiftScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """``SourceValuesWin.from_config``; a DDPM config whose ``variance_type`` is not the posterior
+        """``SourceValuesWin.from_config``; a FlowMatchEulerDiscreteScheduler config (SD3 / SD3.5, Flux)
+        gives the flow face, ``FlowTimeShiftScheduler`` (gensample.schedulers.flow_time_shift), with
+        the same Time-Shift keyword arguments; other flow-matching configs (DPM-Solver's flow mode) are
+        refused. A DDPM config whose ``variance_type`` is not the posterior
         variance (fixed_small) gets a warning: the eta = 1 step (TS-DDPM) always draws with the
         posterior variance of DDIM(eta = 1), never beta_t (fixed_large) or a learned one."""
+        if is_flow_match_config(dict(config) if isinstance(config, Mapping) else None):
+            # a flow-matching pipeline's scheduler (SD3 / Flux): the flow face, same Time-Shift keys
+            from .flow_time_shift import FlowTimeShiftScheduler
+
+            return FlowTimeShiftScheduler.from_config(dict(config), return_unused_kwargs=return_unused_kwargs, **kwargs)
         vt = config.get("variance_type") if isinstance(config, dict) else None
         if vt not in (None, "fixed_small", "fixed_small_log"):
             warnings.warn(f"{cls.__name__}.from_config: the source's variance_type={vt!r} is not used; the eta = 1 "
@@ -134,10 +145,16 @@ class TimeShiftScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
         self._mark_shared_keys_explicit()
 
     # -- grid --------------------------------------------------------------------------------
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: list | None = None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: list | None = None,
+                      sigmas=None, mu=None):
         """DDIM grid for N steps (``core.ddim.timestep_grid``, as DDIMScheduler.set_timesteps), or a strictly descending custom list
         in [0, T-1]; fixes the effective window / cutoff for this N. Each step goes to the next
-        grid entry (for every ``timestep_spacing``)."""
+        grid entry (for every ``timestep_spacing``). Called by a flow-matching pipeline (SD3, Flux) it
+        raises a ValueError naming ``FlowTimeShiftScheduler`` / ``enable_time_shift``."""
+        refuse_in_flow_pipeline(self, sys._getframe(1))
+        if sigmas is not None or mu is not None:  # accepted only to reach the refusal above from a Flux pipeline
+            raise ValueError(f"sigmas / mu are flow-matching grid arguments; TimeShiftScheduler takes "
+                             f"num_inference_steps or timesteps, got sigmas={sigmas!r}, mu={mu!r}")
         T = self.config.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
@@ -207,31 +224,6 @@ class TimeShiftScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
-    def _resolve_model_times(self, t: int, t_model: torch.Tensor, handed) -> None:
-        """Check that the model saw the time the update uses (raises otherwise)."""
-        B = t_model.shape[0]
-        if handed is None:
-            if (t_model != t).any():
-                raise ValueError(
-                    f"Time-Shift evaluates the model at shifted times (e.g. {t_model[t_model != t][0].item()} instead "
-                    f"of grid time {t}), but no model time was handed to step(): the model was evaluated at the grid "
-                    f"time. In a stock diffusers pipeline call gensample.pipelines.time_shift.enable_time_shift(pipe) "
-                    f"instead of assigning the scheduler; in your own loop call "
-                    f"t_s = scheduler.model_timesteps(sample, t) and feed t_s to the model.")
-            return
-        handed = torch.as_tensor(handed, device=t_model.device).long().reshape(-1)
-        if handed.numel() == 1:
-            handed = handed.expand(B)
-        elif handed.numel() != B and handed.numel() % B == 0:
-            chunks = handed.reshape(-1, B)  # a CFG-style batch of copies [x; x; ...]
-            if not (chunks == chunks[0]).all():
-                raise ValueError(f"model_timesteps has {handed.numel()} rows whose {B}-row chunks differ")
-            handed = chunks[0]
-        if handed.shape != t_model.shape or not torch.equal(handed, t_model):
-            raise ValueError("model_timesteps differs from model_timesteps(sample, timestep): the model saw other times "
-                             "than the update would use (pass the sample the model saw; for pipelines that "
-                             "concatenate extra channels, select on the latent channels only)")
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -265,7 +257,7 @@ class TimeShiftScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
         t_model, t_target = self._times(sample, k)  # recomputed from the sample being updated
         handed = model_timesteps if model_timesteps is not None else self._handed.get(t)
         self._handed.pop(t, None)
-        self._resolve_model_times(t, t_model, handed)
+        check_model_times(t, t_model, handed, torch.long)
         shape = (sample.shape[0],) + (1,) * (sample.ndim - 1)
         ab_table = self._ab_table.to(sample.device)
         alpha_bar_model = ab_table[t_model].reshape(shape)  # (B, 1, ...) float32

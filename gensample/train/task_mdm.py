@@ -30,7 +30,6 @@ drawn from its own seed and is not removed from training: a held-out problem was
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -151,6 +150,7 @@ def train_task_mdm(out_dir: str | Path, cfg: TaskTrainConfig = TaskTrainConfig()
     """Train and save (config.json + safetensors, tokenizer.json, loss.csv, train.json) to ``out_dir``."""
     from ..io import atomic_write_bytes
     from ..models.masked_lm import CharTokenizer, MaskedDiffusionTransformer
+    from . import save_masked_lm
 
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
@@ -203,13 +203,7 @@ def train_task_mdm(out_dir: str | Path, cfg: TaskTrainConfig = TaskTrainConfig()
     net.eval()
     final_acc = greedy_accuracy(net, task, eval_ab, mask_id)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    net.save_pretrained(out, safe_serialization=True)
-    tok.save(out / "tokenizer.json")
-    with open(out / "loss.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "elapsed_s"])
-        writer.writeheader()
-        writer.writerows(rows)
+    save_masked_lm(out, net, tok, rows)
     info = {"task": {"name": "addition", "digits": cfg.digits, "prompt_length": task.prompt_length,
                      "answer_length": task.answer_length, "length": task.length},
             "steps_done": done, "stop_reason": stop_reason, "greedy_accuracy": final_acc,
