@@ -188,16 +188,7 @@ def disable_time_shift(pipe: DiffusionPipeline) -> DiffusionPipeline:
     state = getattr(pipe, "_ts_state", None)
     if state is None:
         raise ValueError("time shift is not enabled on this pipeline")
-    if "transformer" in state:
-        hook = _flow_hook_of(state["transformer"])
-        if hook is not None:
-            hook.users.pop(id(pipe), None)
-            if not hook.live_users():
-                hook.handle.remove()
-        pipe.scheduler = state["scheduler"]
-        object.__setattr__(pipe, "_ts_state", None)
-        return pipe
-    hook = _hook_of(state["unet"])
+    hook = _flow_hook_of(state["transformer"]) if "transformer" in state else _hook_of(state["unet"])
     if hook is not None:
         hook.users.pop(id(pipe), None)
         if not hook.live_users():

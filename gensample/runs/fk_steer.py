@@ -26,10 +26,9 @@ from ..io import atomic_write_bytes
 from ..rewards import CallableReward, resolve_reward, reward_option
 from ..samplers.fk_steer import DEFAULTS, FINALS, POTENTIALS, FKSteerConfig, sample_fk_steer
 from ..samplers.fkc import check_proposal
-from ..samplers.registry import (FLOW_MODEL_OPTIONS, SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register,
-                                 sample_seed)
-from .fkc import _expert_fn, _first_step, make_proposal, resolve_target
-from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
+from ..samplers.registry import FLOW_MODEL_OPTIONS, SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register
+from .fkc import _expert_fn, make_proposal, particle_plan, resolve_target
+from .oms import OMS_START_OPTIONS, check_oms_start
 from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags
 
 NAME = "fk-steer"
@@ -158,35 +157,19 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
     final_ab = schedule.final_alpha_bar()
     den = model.denoiser()
     per_group = cfg.final in _PER_GROUP
-    if per_group:  # one seed per output sample = one group of K particles
-        group_seeds = list(seeds)
-        particle_seeds = [[sample_seed(s, j) for j in range(K)] for s in group_seeds]
-    else:
-        group_seeds = [seeds[g * K] for g in range(len(seeds) // K)]
-        particle_seeds = [seeds[g * K:(g + 1) * K] for g in range(len(group_seeds))]
-    group_prompts = None
-    if model.text_conditional:  # group g (all its K particles) gets prompt g % P, as in fkc
-        rows = model.batch_indices(len(seeds))
-        groups = rows if per_group else [rows[g * K] // K for g in range(len(group_seeds))]
-        group_prompts = model.prompts_at(groups)
-    per_chunk = max(1, int(opts.get("batch_size") or 256) // K)
-    chunks = [list(range(i, min(i + per_chunk, len(group_seeds)))) for i in range(0, len(group_seeds), per_chunk)]
+    plan = particle_plan(model, opts, seeds, K, per_group=per_group)  # groups, seeds, prompts, chunks as fkc
     xs, ws, rs, esss, n_res, calls, secs, oms_extras, oms_stats = [], [], [], [], 0, 0, 0.0, [], {}
-    for chunk in chunks:
-        chunk_seeds = [s for g in chunk for s in particle_seeds[g]]
-        gens = ctx.generators(chunk_seeds)
-        rgens = [torch.Generator().manual_seed(sample_seed(group_seeds[g], _RESAMPLE_SEED_INDEX)) for g in chunk]
-        if opts.get("oms_module") is not None:  # One More Step start at the first grid time (docs/compose.md)
-            x_T, o_extras, oms_stats = oms_start(model, opts, chunk_seeds, ctx, _first_step(proposal, model, steps, ctx), gens)
+    for chunk in plan.chunks:
+        gens, rgens, x_T, o_extras, o_stats = plan.start(chunk, model, opts, ctx, proposal, steps, _RESAMPLE_SEED_INDEX)
+        if o_extras is not None:
             oms_extras.append(o_extras)
-        else:
-            x_T = ctx.randn(gens, model.event_shape)
-        prompts = [group_prompts[g] for g in chunk] if group_prompts is not None else None
+            oms_stats = o_stats
+        prompts = plan.prompts(chunk)
         row_prompts = [p for p in prompts for _ in range(K)] if prompts is not None else None
         model_fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device, prompts)  # (M, N, ...) eps and x0
         res = sample_fk_steer(model_fn, _bind_reward(reward, model, row_prompts), x_T, cfg, schedule, timesteps,
                               group_size=K, noise_generators=gens, resample_generators=rgens, final_alpha_bar=final_ab,
-                              on_step=lambda k: ctx.step_done(1.0 / len(chunks)), sampler=NAME, target=target,
+                              on_step=lambda k: ctx.step_done(1.0 / len(plan.chunks)), sampler=NAME, target=target,
                               proposal=proposal)
         xs.append(res.x)
         ws.append(res.weights)

@@ -8,7 +8,7 @@ per-sample generators and registers the spec (docs/fkc.md "CLI").
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +255,53 @@ def make_proposal(opts: dict, model, steps: int, cfg: FKCConfig, device, warn: b
     return sched
 
 
+@dataclass
+class ParticlePlan:
+    """How a batch of an SMC run (fkc, fk-steer) is laid out: groups of K particles, their seeds, their
+    prompts and the chunks of groups drawn together.
+
+    per_group: one seed per output sample = one group (its K particle seeds derived with
+    ``sample_seed``); else the seeds are the particles, K consecutive ones per group. A text model's
+    group g (all its K particles) gets prompt g % P (run-wide indices, so shards agree)."""
+
+    group_seeds: list
+    particle_seeds: list
+    group_prompts: list | None
+    chunks: list
+
+    def prompts(self, chunk) -> list | None:
+        return [self.group_prompts[g] for g in chunk] if self.group_prompts is not None else None
+
+    def start(self, chunk, model, opts: dict, ctx: RunContext, proposal, steps: int, resample_index: int):
+        """(particle generators, per-group resampling generators, x_T, OMS extras or None, OMS stats) of a
+        chunk: Gaussian x_T, or One More Step's start at the first grid time (docs/compose.md)."""
+        chunk_seeds = [s for g in chunk for s in self.particle_seeds[g]]
+        gens = ctx.generators(chunk_seeds)
+        rgens = [torch.Generator().manual_seed(sample_seed(self.group_seeds[g], resample_index)) for g in chunk]
+        if opts.get("oms_module") is not None:
+            x_T, extras, stats = oms_start(model, opts, chunk_seeds, ctx, _first_step(proposal, model, steps, ctx), gens)
+            return gens, rgens, x_T, extras, stats
+        return gens, rgens, ctx.randn(gens, model.event_shape), None, {}
+
+
+def particle_plan(model, opts: dict, seeds: list[int], K: int, *, per_group: bool) -> ParticlePlan:
+    if per_group:
+        group_seeds = list(seeds)
+        particle_seeds = [[sample_seed(s, j) for j in range(K)] for s in group_seeds]
+    else:
+        group_seeds = [seeds[g * K] for g in range(len(seeds) // K)]
+        particle_seeds = [seeds[g * K:(g + 1) * K] for g in range(len(group_seeds))]
+    group_prompts = None
+    if model.text_conditional:
+        rows = model.batch_indices(len(seeds))  # run-wide sample indices of this batch (shards)
+        groups = rows if per_group else [rows[g * K] // K for g in range(len(group_seeds))]
+        group_prompts = model.prompts_at(groups)
+    per_chunk = max(1, int(opts.get("batch_size") or 256) // K)
+    n = len(group_seeds)
+    chunks = [list(range(i, min(i + per_chunk, n))) for i in range(0, n, per_chunk)]
+    return ParticlePlan(group_seeds, particle_seeds, group_prompts, chunks)
+
+
 def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
     cfg, experts = resolve_target(opts, model)
     K = int(opts["particles"])
@@ -266,34 +313,18 @@ def _sample(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch
         timesteps = proposal.timesteps.cpu()
     final_ab = schedule.final_alpha_bar()
     den = model.denoiser()
-    if cfg.final == "one_per_group":  # seeds: one per output sample = one group of K particles
-        group_seeds = list(seeds)
-        particle_seeds = [[sample_seed(s, j) for j in range(K)] for s in group_seeds]
-    else:
-        group_seeds = [seeds[g * K] for g in range(len(seeds) // K)]
-        particle_seeds = [seeds[g * K:(g + 1) * K] for g in range(len(group_seeds))]
-    group_prompts = None
-    if model.text_conditional:  # group g (all its K particles) gets prompt g % P, so P prompts spread over groups
-        rows = model.batch_indices(len(seeds))  # run-wide sample indices of this batch (shards)
-        groups = rows if cfg.final == "one_per_group" else [rows[g * K] // K for g in range(len(group_seeds))]
-        group_prompts = model.prompts_at(groups)
-    per_chunk = max(1, int(opts.get("batch_size", 256)) // K)
-    chunks = [list(range(i, min(i + per_chunk, len(group_seeds)))) for i in range(0, len(group_seeds), per_chunk)]
+    plan = particle_plan(model, opts, seeds, K, per_group=cfg.final == "one_per_group")
     xs, ws, esss, n_res, oms_extras, oms_stats = [], [], [], 0, [], {}
-    for chunk in chunks:
-        chunk_seeds = [s for g in chunk for s in particle_seeds[g]]
-        gens = ctx.generators(chunk_seeds)
-        rgens = [torch.Generator().manual_seed(sample_seed(group_seeds[g], _RESAMPLE_SEED_INDEX)) for g in chunk]
-        if opts.get("oms_module") is not None:  # One More Step start at the first grid time (docs/compose.md)
-            x_T, o_extras, oms_stats = oms_start(model, opts, chunk_seeds, ctx, _first_step(proposal, model, steps, ctx), gens)
+    for chunk in plan.chunks:
+        gens, rgens, x_T, o_extras, o_stats = plan.start(chunk, model, opts, ctx, proposal, steps, _RESAMPLE_SEED_INDEX)
+        if o_extras is not None:
             oms_extras.append(o_extras)
-        else:
-            x_T = ctx.randn(gens, model.event_shape)
-        prompts = [group_prompts[g] for g in chunk] if group_prompts is not None else None
+            oms_stats = o_stats
+        prompts = plan.prompts(chunk)
         fn = _expert_fn(den, model, experts, x_T.shape[0], ctx.device, prompts)
         res = sample_fkc(fn, x_T, cfg, schedule, timesteps, group_size=K, noise_generators=gens,
                          resample_generators=rgens, final_alpha_bar=final_ab,
-                         on_step=lambda k, x, lw: ctx.step_done(1.0 / len(chunks)), sampler="fkc", proposal=proposal)
+                         on_step=lambda k, x, lw: ctx.step_done(1.0 / len(plan.chunks)), sampler="fkc", proposal=proposal)
         xs.append(res.x)
         ws.append(res.weights)
         esss.append(res.ess[res.group])  # (rows, S): the group's trace on each row
