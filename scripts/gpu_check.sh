@@ -108,6 +108,34 @@ sys.exit(0 if z['images'].dtype == np.float32 and np.isfinite(z['images']).all()
     fi
 fi
 
+# Flow-matching pipelines (tiny random SD3 and Flux, tests/flow_models.py): the flow methods and their
+# compositions on the device (the loops on the VP twin, every draw on its generator's device).
+if [[ "${FLOW:-1}" != 0 && "$DEVICE" == cuda* ]]; then
+    for fam in sd3 flux; do
+        model="$OUT/$fam-tiny"
+        python -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from flow_models import save_flow_pipeline; \
+save_flow_pipeline(Path('$model'), '$fam')" || failed=$((failed + 1))
+        for args in "--sampler euler" "--sampler ts-ddim" \
+                    "--sampler fkc --particles 2 --fkc-target cfg --guidance-scale 3 --negative-prompt blurry --time-shift --data-var 0.5" \
+                    "--sampler fkc --particles 2 --fkc-target anneal --beta 2 --proposal ddpm"; do
+            name="$fam-${args//[^a-z0-9-]/_}"
+            t0=$(date +%s.%N)
+            # shellcheck disable=SC2086
+            python -m gensample run $args --model "$model" --prompt "a red cat" --height 16 --width 16 --steps 8 -n 2 \
+                --device "$DEVICE" -o "$OUT/$name" --overwrite >"$OUT/$name.log" 2>&1
+            rc=$?
+            total=$(python -c "print(f'{$(date +%s.%N) - $t0:.2f}')")
+            if [[ $rc -eq 0 ]] && python -c "import numpy as np, sys; z = np.load('$OUT/$name/samples.npz'); \
+sys.exit(0 if np.isfinite(z['images']).all() else 1)"; then
+                printf '%-16s %-6s %10s  %s\n' "${name:0:40}" ok "$total" "$model"
+            else
+                failed=$((failed + 1))
+                printf '%-16s %-6s %10s  %s\n' "${name:0:40}" FAIL "$total" "exit $rc: $(tail -n 1 "$OUT/$name.log")"
+            fi
+        done
+    done
+fi
+
 # The papers' speed claims at their real shapes (random weights; speed does not depend on them).
 # BENCH=1 runs them; each prints its ratios and writes a result file with provenance to $OUT.
 if [[ "${BENCH:-0}" == 1 && "$DEVICE" == cuda* ]]; then

@@ -49,6 +49,16 @@ def test_fkc_beta_one_over_time_shift_is_time_shift_bit_for_bit():
     assert a.record["stats"]["fkc"]["ts_window_cutoff"] == [10, 300]
 
 
+def test_fkc_over_time_shift_ddpm_steps_with_eta_one_whatever_eta():
+    """--proposal ddpm --time-shift is the Time-Shift DDPM step: the scheduler keeps its own eta = 1 (before,
+    --eta overrode it: --eta 0.5 gave a different chain); at beta = 1 it is ts-ddpm."""
+    kw = dict(KW, beta=1.0, particles=4, proposal="ddpm", time_shift=True, window=10)
+    a = gensample.run(sampler="fkc", eta=0.5, **kw)
+    b = gensample.run(sampler="fkc", eta=1.0, **kw)
+    c = gensample.run(sampler="ts-ddpm", window=10, **KW)
+    assert np.array_equal(a.x, b.x) and np.array_equal(b.x, c.x)
+
+
 def test_time_shift_window_zero_inside_fkc_is_fkc_bit_for_bit():
     # CFG w = 2 (sum of exponents 1): weights and resampling are active, only the step rule differs
     kw = dict(KW, fkc_target="cfg", guidance_scale=2.0, experts="3", particles=4)

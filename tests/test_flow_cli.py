@@ -29,14 +29,6 @@ PROMPT = "a red cat"
 FROM_IMAGE = ("--task", "sr-avgpool")  # + --from-image <png of the fixture>
 
 
-def _stsl_on_flows() -> bool:
-    from gensample.samplers import registry
-
-    return registry.flow_refusal(registry.get("stsl")) is None
-
-
-STSL = pytest.mark.skipif(not _stsl_on_flows(), reason="stsl is not yet ported to flow-matching models (core)")
-
 # (id, family, sampler, extra CLI args); "IMG" stands for the fixture's input PNG
 CASES = [
     ("sd3-euler", "sd3", "euler", ()),
@@ -48,7 +40,11 @@ CASES = [
                                        "--particles", 2)),
     ("sd3-dps", "sd3", "dps", ("--from-image", "IMG", *FROM_IMAGE)),
     ("sd3-smc-post", "sd3", "smc-post", ("--from-image", "IMG", *FROM_IMAGE, "--particles", 2)),
-    pytest.param("sd3-stsl", "sd3", "stsl", ("--from-image", "IMG", *FROM_IMAGE, "--inner-steps", 1), marks=STSL),
+    ("sd3-stsl", "sd3", "stsl", ("--from-image", "IMG", *FROM_IMAGE, "--inner-steps", 1)),
+    # the compositions (docs/flow_matching.md "Compositions on flows"); --data-var: the latent-aware statistic
+    ("sd3-fkc-cfg-time-shift", "sd3", "fkc", ("--fkc-target", "cfg", "--guidance-scale", 3, "--negative-prompt", "blue dog",
+                                              "--particles", 2, "--time-shift", "--data-var", 0.5)),
+    ("sd3-dps-time-shift", "sd3", "dps", ("--from-image", "IMG", *FROM_IMAGE, "--time-shift", "--data-var", 0.5)),
     ("flux-euler", "flux", "euler", ()),
     ("flux-ddim", "flux", "ddim", ()),
     ("flux-ts-ddim", "flux", "ts-ddim", ()),
@@ -60,9 +56,12 @@ CASES = [
                                      "--particles", 2)),
     ("flux-dps", "flux", "dps", ("--from-image", "IMG", *FROM_IMAGE)),
     ("flux-smc-post", "flux", "smc-post", ("--from-image", "IMG", *FROM_IMAGE, "--particles", 2)),
-    pytest.param("flux-stsl", "flux", "stsl", ("--from-image", "IMG", *FROM_IMAGE, "--inner-steps", 1), marks=STSL),
+    ("flux-stsl", "flux", "stsl", ("--from-image", "IMG", *FROM_IMAGE, "--inner-steps", 1)),
+    ("flux-fkc-product-ddpm", "flux", "fkc", ("--fkc-target", "product", "--experts-prompts", "a red cat|a blue dog",
+                                              "--particles", 2, "--proposal", "ddpm")),
+    ("flux-psld-time-shift", "flux", "psld", ("--from-image", "IMG", *FROM_IMAGE, "--time-shift", "--data-var", 0.5)),
 ]
-IDS = [c.values[0] if hasattr(c, "values") else c[0] for c in CASES]
+IDS = [c[0] for c in CASES]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +85,12 @@ def _args(flows, extra) -> list:
 
 def _kwargs(flows, extra) -> dict:
     """CLI flags -> gensample.run keywords."""
-    args = _args(flows, extra)
-    return {str(k)[2:].replace("-", "_"): v for k, v in zip(args[::2], args[1::2])}
+    args, out, i = _args(flows, extra), {}, 0
+    while i < len(args):  # "--flag value", or a bare "--flag" (a boolean: the next token is a flag or the end)
+        key = str(args[i])[2:].replace("-", "_")
+        bare = i + 1 == len(args) or str(args[i + 1]).startswith("--")
+        out[key], i = (True, i + 1) if bare else (args[i + 1], i + 2)
+    return out
 
 
 _CLI_SAMPLES: dict = {}  # case id -> the CLI run's samples.npz arrays (reused by the API test)

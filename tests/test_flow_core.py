@@ -217,7 +217,6 @@ def test_flow_options_through_the_api(tmp_path):
     ({"sampler": "ddim", "flow_shift": 3.0}, "--flow-shift applies with --flow only"),
     ({"sampler": "ddim", "flow": True, "eps_scale": 1.1}, "Epsilon Scaling"),
     ({"sampler": "ddim", "flow": True, "rescale_zero_snr": True}, "sigma = 1"),
-    ({"sampler": "fkc", "flow": True, "proposal": "ddim", "particles": 2}, "--proposal fkc"),
     ({"sampler": "oms", "flow": True}, "option --flow: sampler 'oms' does not run on flow-matching models"),
     ({"sampler": "ddim", "flow": True, "oms_module": "x"}, "--oms-module does not apply.*sigma = 1"),
 ])
@@ -284,12 +283,10 @@ def test_flow_data_var_pilot_estimates_the_data_variance():
 
 
 def test_dps_on_a_flow_through_the_api(tmp_path):
-    """dps --flow: the run engine builds the twin DDIM on the flow grid and records the measurement;
-    --time-shift inside dps is refused on flows with the reason."""
+    """dps --flow: the run engine builds the twin DDIM on the flow grid and records the measurement
+    (--time-shift inside it: tests/test_flow_compose.py)."""
     res = _run(tmp_path, "dps", flow=True, flow_shift=3.0, steps=10, num_samples=4, task="inpaint-random", noise_std=0.3)
     assert res.x.shape == (4, 2) and np.isfinite(res.x).all() and "y" in res.samples
-    with pytest.raises(ValueError, match="--time-shift inside dps / psld"):
-        _run(tmp_path, "psld", flow=True, steps=10, num_samples=4, time_shift=True)
 
 
 # -- guidance-distilled Flux: --guidance-scale is the embedded guidance, never CFG on top --------------------

@@ -128,6 +128,54 @@ def test_ts_ddim_window_zero_is_ddim_on_zero_snr(zsnr_dir):
     np.testing.assert_allclose(ts0, ddim, atol=1e-4, rtol=1e-4)
 
 
+def test_enable_time_shift_window_zero_is_the_stock_pipeline_on_zero_snr(zsnr_dir):
+    """The diffusers face on a zero-terminal-SNR v pipeline: ``TimeShiftScheduler.step`` forms x0 and eps
+    from v directly (x0 = -v, eps = x at alpha_bar = 0, DDIMScheduler's float32 formulas), so window 0 is the
+    stock DDIM pipeline bit for bit (before: FloatingPointError at the first step, x0 of eps being 0/0)."""
+    import warnings
+
+    from diffusers import StableDiffusionPipeline
+
+    from gensample.pipelines.time_shift import disable_time_shift, enable_time_shift
+
+    pipe = StableDiffusionPipeline.from_pretrained(zsnr_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a cat", negative_prompt="red", num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the latent-pipeline statistic warning
+        enable_time_shift(pipe, window_size=0)
+    assert np.array_equal(pipe(generator=torch.Generator().manual_seed(0), **kw).images, ref)
+    disable_time_shift(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enable_time_shift(pipe, window_size=40, cutoff=0)
+    assert np.isfinite(pipe(generator=torch.Generator().manual_seed(0), **kw).images).all()
+
+
+def test_ddim_eta_one_from_alpha_bar_zero_is_finite():
+    """ddim --eta 1 on a zero-SNR v model: DDIMScheduler's float32 sigma^2 at alpha_bar_t = 0 rounds above
+    1 - alpha_bar_prev and its sqrt(1 - alpha_bar_prev - sigma^2) is NaN (before: stopped at step 1); the step
+    from alpha_bar = 0 is taken in float64 with the clamp, and equals FKC at beta = 1 over the ddim proposal."""
+    kw = dict(model="digits-flawed-zsnr", num_samples=4, steps=10, progress=False)
+    ddim = gensample.run(sampler="ddim", eta=1.0, **kw)
+    assert np.isfinite(ddim.x).all()
+    fkc = gensample.run(sampler="fkc", beta=1.0, particles=4, proposal="ddim", eta=1.0, **kw)
+    np.testing.assert_allclose(fkc.x, ddim.x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("proposal, twin", [("ddpm", dict(sampler="ddpm")),
+                                            ("ts", dict(sampler="ts-ddim", eta=1.0, window=10))])
+def test_fkc_proposals_start_from_alpha_bar_zero(proposal, twin):
+    """FKC over a scheduler proposal on a zero-SNR schedule (before: refused): the first step is FKC's direct
+    draw at the proposal's eta, the rest the proposal's; at beta = 1 that is the proposal's own sampler."""
+    kw = dict(model="digits-flawed-zsnr", num_samples=4, steps=10, progress=False)
+    extra = dict(proposal="ddpm") if proposal == "ddpm" else dict(time_shift=True, eta=1.0, window=10)
+    a = gensample.run(sampler="fkc", beta=1.0, particles=4, **extra, **kw)
+    b = gensample.run(**twin, **kw)
+    np.testing.assert_allclose(a.x, b.x, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "euler", "ts-ddim"])
 def test_epsilon_model_on_a_zero_snr_grid_is_refused(tmp_path, sampler):
     """An eps-prediction model whose grid starts at alpha_bar = 0: refused with the reason (eps is singular)."""

@@ -112,10 +112,6 @@ def _validate(opts: dict, model) -> None:
         raise ValueError(f"sampler {NAME!r} needs a diffusion model, got kind {model.kind!r}")
     target, _ = _target(opts, model)
     check_time_shift_flags(opts)
-    if model.prediction_type == "flow" and ((opts.get("proposal") or "fkc") != "fkc" or opts.get("time_shift")):
-        raise ValueError(f"{NAME} on a flow-matching model moves with the flow SDE (DDIM eta = 1 on the VP twin, --proposal "
-                         "fkc): --proposal ddim|ddpm and --time-shift are not available on flows (the first flow step "
-                         "starts at sigma = 1, alpha_bar = 0, which only the loop's own move handles)")
     proposal = make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), target, "cpu", warn=False)
     if proposal is not None:
         check_proposal(proposal, proposal.timesteps, target)

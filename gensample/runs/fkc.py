@@ -31,7 +31,7 @@ from ..samplers.fkc import (
     eps_and_x0,
     sample_fkc,
 )
-from ..samplers.baseline import make_scheduler
+from ..samplers.baseline import FlowTwinEpsDDIM, make_scheduler, set_grid
 from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register, sample_seed
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags, time_shift_step
@@ -184,10 +184,6 @@ def _validate(opts: dict, model) -> None:
     if model.kind != "diffusion":
         raise ValueError(f"sampler 'fkc' needs a diffusion model, got kind {model.kind!r}")
     check_time_shift_flags(opts)
-    if model.prediction_type == "flow" and ((opts.get("proposal") or "fkc") != "fkc" or opts.get("time_shift")):
-        raise ValueError("fkc on a flow-matching model moves with its own float64 DDIM(eta) on the VP twin (--proposal fkc; "
-                         "eta = 1 is the SDE proposal): --proposal ddim|ddpm and --time-shift are not available on flows "
-                         "(the first flow step starts at sigma = 1, alpha_bar = 0, which only FKC's own move handles)")
     # the proposal's own checks (window / stride, Time-Shift's target and quadrature rules) before sampling
     proposal = make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), cfg, "cpu", warn=False)
     if proposal is not None:
@@ -242,7 +238,9 @@ def _expert_fn(den, model, experts: list, n: int, device, group_prompts: list | 
 def make_proposal(opts: dict, model, steps: int, cfg: FKCConfig, device, warn: bool = True):
     """The move of `sample_fkc` from --proposal / --time-shift (docs/compose.md): None for FKC's own
     float64 DDIM(eta) move, else a set diffusers scheduler (DDIMScheduler with --eta, DDPMScheduler,
-    or with --time-shift a TimeShiftScheduler whose DDIM update uses eta = 1 for ddpm, --eta otherwise)."""
+    or with --time-shift a TimeShiftScheduler whose DDIM update uses eta = 1 for ddpm, --eta otherwise).
+    On a flow model the same moves on its VP twin and sigma grid: ``FlowTwinEpsDDIM`` (eta --eta, or 1 for
+    ddpm) and ``TwinFlowTimeShift`` (docs/flow_matching.md "Compositions on flows")."""
     kind = opts.get("proposal") or "fkc"
     if kind not in PROPOSALS:
         raise ValueError(f"--proposal must be one of {list(PROPOSALS)}, got {kind!r}")
@@ -250,6 +248,10 @@ def make_proposal(opts: dict, model, steps: int, cfg: FKCConfig, device, warn: b
         return time_shift_step(model, opts, steps, 1.0 if kind == "ddpm" else cfg.eta, device, "fkc", warn)
     if kind == "fkc":
         return None
+    if model.prediction_type == "flow":  # DDIM(eta) on the VP twin, eps in (the ddim / ddpm samplers' step on flows)
+        sched = FlowTwinEpsDDIM(model.scheduler_config, eta=1.0 if kind == "ddpm" else cfg.eta)
+        set_grid(sched, steps, device, model)
+        return sched
     sched = make_scheduler(kind, model.scheduler_config)
     sched.set_timesteps(steps, device=device)
     return sched

@@ -60,9 +60,6 @@ def _config(opts: dict, betas: tuple = (1.0,)) -> SMCPosteriorConfig:
 def _validate(opts: dict, model) -> None:
     betas, _ = _target(opts, model)
     _config(opts, betas)
-    if model.prediction_type == "flow" and tuple(betas) != (1.0,):
-        raise ValueError("smc-post with --fkc-target on a flow-matching model is not available yet: the first flow step "
-                         "starts at sigma = 1 (alpha_bar = 0), where the tempered prior's x0 is needed")
     _dps_spec().validate(opts, model)  # operator / ground-truth checks shared with dps / psld / stsl
     build_operator(opts, model)
     if opts.get("oms_module") is not None:

@@ -155,12 +155,14 @@ def _sample_fn(method: str):
         op, y1, x_true, _ = measurement_for(opts, model, ctx)
         params = {k: v for k, v in cfg.__dict__.items() if k != "method"}
         sched = time_shift_step(model, opts, cfg.steps, cfg.ddim_eta, ctx.device, method) if opts.get("time_shift") else None
-        start, oms_stats = None, {}
-        if opts.get("oms_module") is not None:  # One More Step start (docs/compose.md)
-            def start(sched, gens):
-                x_T, _, st = oms_start(model, opts, seeds, ctx, sched, gens)
-                oms_stats.update(st)
-                return x_T
+        oms_stats = {}
+
+        def oms_first(sched, gens):  # One More Step start (docs/compose.md)
+            x_T, _, st = oms_start(model, opts, seeds, ctx, sched, gens)
+            oms_stats.update(st)
+            return x_T
+
+        start = oms_first if opts.get("oms_module") is not None else None
         x0, z0, counters = reconstruct(model, op, y1, method, seeds, ctx=ctx, scheduler=sched, start=start, latents=True,
                                        **params)
         y = y1.float().to(ctx.device).expand(len(seeds), *op.out_shape)
@@ -221,9 +223,6 @@ def _validate_composed(opts: dict, model) -> None:
     """dps / psld / stsl: the measurement, and the step rule and start they compose with."""
     _validate(opts, model)
     check_time_shift_flags(opts)
-    if getattr(model, "prediction_type", None) == "flow" and opts.get("time_shift"):
-        raise ValueError("--time-shift inside dps / psld / stsl is not available on a flow-matching model: the first flow step "
-                         "starts at sigma = 1 (alpha_bar = 0), which only the twin DDIM step with the velocity's x0 takes")
     if opts.get("oms_module") is not None:
         if opts.get("init") not in (None, "gaussian"):
             raise ValueError(f"--oms-module replaces the Gaussian z_T; it excludes --init {opts['init']} "

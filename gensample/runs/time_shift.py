@@ -15,7 +15,8 @@ import torch
 
 from ..samplers.baseline import check_steps
 from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register
-from ..samplers.time_shift import DEFAULT_VARIANT, VARIANTS, FlowTimeShift, sample_time_shift, sample_variance
+from ..samplers.time_shift import (DEFAULT_VARIANT, VARIANTS, FlowTimeShift, TwinFlowTimeShift, sample_time_shift,
+                                   sample_variance)
 from ..schedulers.time_shift import estimate_data_var, make_time_shift_scheduler
 from .oms import OMS_START_OPTIONS, check_oms_start, oms_start
 
@@ -44,24 +45,27 @@ def parse_data_var(value) -> float | str | None:
     return v
 
 
-def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str, warn: bool = True):
+def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str, warn: bool = True, twin: bool = False):
     """(TimeShiftScheduler set to ``steps``, the Var_data it uses) from --window / --cutoff / --variant /
     --data-var. --data-var auto runs the once-per-run pilot (``DATA_VAR_PILOT``, DDIM samples of the
     model, ``estimate_data_var``); on a latent model the paper's statistic draws a warning (``warn``:
-    False when only validating, so a run warns once)."""
+    False when only validating, so a run warns once). On a flow model: ``FlowTimeShift`` (velocity in,
+    flow state), or with ``twin`` its face for loops on the VP twin, ``TwinFlowTimeShift``."""
     data_var = parse_data_var(opts.get("data_var"))
     if getattr(model, "prediction_type", None) == "flow":  # the flow stepper on the model's own sigma grid
-        return flow_ts_scheduler(model, opts, steps, eta, device, data_var), (
-            None if data_var is None else flow_data_var(model, device) if data_var == "auto" else data_var)
-    if data_var == "auto":
-        g = torch.Generator(device).manual_seed(DATA_VAR_PILOT["seed"])
-        pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=device)
-        data_var = estimate_data_var(model.denoiser(), pilot, model.scheduler_config, DATA_VAR_PILOT["steps"],
-                                     cond=model.cond_for(None, DATA_VAR_PILOT["n"], device))
-        parse_data_var(data_var)  # an estimate of exactly 1 (a flat reference) cannot be used: say so
-    sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"), cutoff=opts.get("cutoff"),
-                                      variant=opts.get("variant") or DEFAULT_VARIANT, eta=float(eta), data_var=data_var)
-    sched.set_timesteps(int(steps), device=device)
+        sched = flow_ts_scheduler(model, opts, steps, eta, device, data_var, twin)
+        data_var = None if data_var is None else flow_data_var(model, device) if data_var == "auto" else data_var
+    else:
+        if data_var == "auto":
+            g = torch.Generator(device).manual_seed(DATA_VAR_PILOT["seed"])
+            pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=device)
+            data_var = estimate_data_var(model.denoiser(), pilot, model.scheduler_config, DATA_VAR_PILOT["steps"],
+                                         cond=model.cond_for(None, DATA_VAR_PILOT["n"], device))
+            parse_data_var(data_var)  # an estimate of exactly 1 (a flat reference) cannot be used: say so
+        sched = make_time_shift_scheduler(model.scheduler_config, window_size=opts.get("window"), cutoff=opts.get("cutoff"),
+                                          variant=opts.get("variant") or DEFAULT_VARIANT, eta=float(eta), data_var=data_var)
+        sched.set_timesteps(int(steps), device=device)
+    # (the flow statistic sigma^2 drops (1 - sigma)^2 Var(x0) as the VP one drops alpha_bar Var(x0))
     if warn and getattr(model, "is_latent", False) and data_var is None and sched.shifting:
         warnings.warn(f"{sampler} on the latent model {model.name!r}: the paper's statistic assumes the "
                       f"data term alpha_bar Var(x0) is negligible, which does not hold for latents (variance ~1), "
@@ -70,7 +74,7 @@ def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str
     return sched, data_var
 
 
-def flow_ts_scheduler(model, opts: dict, steps: int, eta: float, device, data_var):
+def flow_ts_scheduler(model, opts: dict, steps: int, eta: float, device, data_var, twin: bool = False):
     """``FlowTimeShift`` on a flow model's grid (shift, mu, base sigmas: ``core.schedule.model_schedule``);
     --data-var auto runs the pilot of ``flow_data_var``."""
     from ..core.schedule import model_schedule
@@ -78,8 +82,9 @@ def flow_ts_scheduler(model, opts: dict, steps: int, eta: float, device, data_va
     if data_var == "auto":
         data_var = flow_data_var(model, device)
         parse_data_var(data_var)
-    sched = FlowTimeShift(model.scheduler_config, window_size=opts.get("window"), cutoff=opts.get("cutoff"), eta=float(eta),
-                          data_var=data_var, variant=opts.get("variant") or DEFAULT_VARIANT)
+    cls = TwinFlowTimeShift if twin else FlowTimeShift
+    sched = cls(model.scheduler_config, window_size=opts.get("window"), cutoff=opts.get("cutoff"), eta=float(eta),
+                data_var=data_var, variant=opts.get("variant") or DEFAULT_VARIANT)
     schedule = model_schedule(model)
     sched.set_timesteps(int(steps), device=device, mu=schedule.mu, base_sigmas=schedule.base_sigmas)
     return sched
@@ -148,8 +153,8 @@ TIME_SHIFT_OPTION = Option("time_shift", bool, False, "use Time-Shift (Li et al.
 def time_shift_step(model, opts: dict, steps: int, eta: float, device, sampler: str = "time-shift step",
                     warn: bool = True):
     """The Time-Shift step rule of another sampler (``--time-shift``): ``ts_scheduler`` with ``eta``
-    for its DDIM(eta) update (the host loop's eta)."""
-    return ts_scheduler(model, opts, steps, eta, device, sampler, warn)[0]
+    for its DDIM(eta) update (the host loop's eta); on a flow model the twin face (the host loops run on the VP twin)."""
+    return ts_scheduler(model, opts, steps, eta, device, sampler, warn, twin=True)[0]
 
 
 def check_time_shift_flags(opts: dict) -> None:

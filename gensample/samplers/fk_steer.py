@@ -48,6 +48,7 @@ Sections: 1. parameters, 2. potentials, 3. the loop.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ from ..core.denoiser import check_finite
 from ..core.noise import normal, normal_rows
 from ..core.schedule import as_schedule
 from .fkc import (FKCConfig, check_proposal, combine_eps, combine_x0, direct_steps, ddim_move, node_coefficients,
-                  weight_rate, zero_snr_move)
+                  proposal_eta, weight_rate, zero_snr_move)
 
 POTENTIALS = ("diff", "max", "sum", "instantaneous")
 FINALS = ("resample", "weighted", "best", "one_per_group")
@@ -235,7 +236,9 @@ def sample_fk_steer(
          groups (every ``resample_every`` steps, when ESS < ess_threshold * K)
       3. x_s = DDIM(eta) step (Song et al. 2021, eq. 12; eta = 1: DDPM) from the resampled
          (x0_hat, eps_eff), or the proposal's ``step``; a step from alpha_bar = 0 (a flow's sigma = 1,
-         zero terminal SNR) is FKC's direct draw of rho_s (``zero_snr_move``) from the resampled x0_i
+         zero terminal SNR) is FKC's direct draw of rho_s (``zero_snr_move``) from the resampled x0_i, at the
+         proposal's eta when there is one (never shifted). On a flow's twin a Time-Shift proposal
+         (``TwinFlowTimeShift``) has the model called at the relabelled state (``model_input``)
     At the clean end: r_S = r(x0), log w += log G_S, then the final policy (``cfg.final``).
     """
     target = FKCConfig() if target is None else target
@@ -264,9 +267,11 @@ def sample_fk_steer(
     trivial = target.is_trivial
     coef = node_coefficients(ab_t, ab_s, target.quadrature)  # (S,) FKC weight of each model call (0 on direct steps)
     direct = direct_steps(ab_t, ab_s)  # (S,) steps from alpha_bar = 0 (a flow's sigma = 1): FKC's direct draw
-    if proposal is not None and bool(direct.any()):
-        raise ValueError("a zero-terminal-SNR schedule (alpha_bar_T = 0, e.g. a flow model's sigma = 1) needs the loop's "
-                         "own move (proposal=None): a scheduler step from alpha_bar = 0 is undefined")
+    # from alpha_bar = 0 the move is FKC's direct draw at the move's eta, also under a proposal (whose eps-form
+    # step is undefined there), never shifted (docs/compose.md "FKC over any proposal")
+    move_eta = proposal_eta(proposal, step_kwargs) if proposal is not None and bool(direct.any()) else target.eta
+    relabel = getattr(proposal, "model_input", None) if shifted else None  # flows: the model time's twin coordinates
+    takes_x0 = proposal is not None and "pred_original_sample" in inspect.signature(proposal.step).parameters
     event = tuple(x_T.shape[1:])
     x = x_T.double() / math.sqrt(target.total_beta)  # N(0, I / B): FKC's rho_T (B = 1: x_T itself)
     rewards = torch.zeros((N, S + 1), dtype=torch.float64)  # r_k along each current path
@@ -300,13 +305,18 @@ def sample_fk_steer(
         return ess
 
     for k, t in enumerate(timesteps):
-        t_model = proposal.model_timesteps(x.to(x_T.dtype), t) if shifted else t  # (N,) under Time-Shift
-        eps_out, x0_out = model_fn(x.to(x_T.dtype), t_model)  # one model call
+        shift_k = shifted and not bool(direct[k])
+        t_model = proposal.model_timesteps(x.to(x_T.dtype), t) if shift_k else t  # (N,) under Time-Shift
+        x_in, ab_in = x, ab_t[k]  # the state the model sees and its alpha_bar
+        if shift_k:
+            x_in = relabel(x.to(x_T.dtype), t, t_model).double() if relabel is not None else x
+            ab_in = schedule.alpha_bar(torch.as_tensor(t_model).cpu()).reshape(-1, *([1] * len(event))).to(x.device)
+        eps_out, x0_out = model_fn(x_in.to(x_T.dtype), t_model)  # one model call
         eps_experts = _per_expert(eps_out, M, x)  # (M, N, ...)
         check_finite(eps_experts, sampler, k)
         x0_experts = _per_expert(x0_out, M, x)
         eps_hat = combine_eps(eps_experts.double(), target.betas)  # (N, ...) float64
-        x0_hat = combine_x0(x0_experts, x, target.betas, ab_t[k])  # (N, ...) float64, the move's x0 (of eps_eff)
+        x0_hat = combine_x0(x0_experts, x_in, target.betas, ab_in)  # (N, ...) float64, the move's x0 (of eps_eff)
         score(k, x0_hat if target.total_beta == 1.0 else look_ahead(x0_experts, target.betas))
         fkc_inc = None if trivial else coef[k] * weight_rate(eps_experts, target.betas).cpu()  # (N,)
         ess = reweight(k, fkc_inc)
@@ -321,8 +331,10 @@ def sample_fk_steer(
                 t_model = carried[4] if shifted else t_model
                 x0_experts = carried[-1].movedim(1, 0) if direct[k] else x0_experts
                 did[:, k] = want
-        if proposal is not None:  # the scheduler's own step, its noise from the same generators (as in FKC)
-            kw = dict(step_kwargs, model_timesteps=t_model) if shifted else step_kwargs
+        if proposal is not None and not direct[k]:  # the scheduler's own step, its noise from the same generators
+            kw = dict(step_kwargs, model_timesteps=t_model) if shifted else dict(step_kwargs)
+            if takes_x0:  # the twin steppers of a flow: the x0 of the velocities
+                kw["pred_original_sample"] = x0_hat.to(x_T.dtype)
             x = proposal.step(eps_hat.to(x_T.dtype), t, x.to(x_T.dtype), generator=noise_generators, return_dict=True,
                               **kw).prev_sample.double()
         else:
@@ -333,7 +345,7 @@ def sample_fk_steer(
             else:  # one draw per particle from its own generator (batch-independent)
                 noise = normal_rows(noise_generators, event, device=x.device, dtype=x_T.dtype).double()
             if direct[k]:  # from alpha_bar = 0: sample rho_s directly (FKC's zero-SNR start, any betas)
-                x = zero_snr_move(x, x0_experts, target.betas, ab_s[k], target.eta, noise)  # (N, ...) float64
+                x = zero_snr_move(x, x0_experts, target.betas, ab_s[k], move_eta, noise)  # (N, ...) float64
             else:
                 x = ddim_move(x, eps_hat, ab_t[k], ab_s[k], target.eta, noise, x0_hat)  # (N, ...) float64
         if on_step is not None:

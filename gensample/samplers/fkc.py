@@ -33,6 +33,7 @@ face, ``FKCScheduler``, is in ``gensample.schedulers.fkc``; nothing here imports
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -378,11 +379,16 @@ def sample_fkc(
     alphas_cumprod: the VP table (T,), or a ``core.schedule.Schedule`` (``schedule_for``; a flow
         model's ``FlowSchedule``: the loop runs on the VP twin, docs/flow_matching.md); timesteps: its
         grid of model times (``Schedule.grid``). The resampling window reads ``Schedule.fraction``.
-    proposal: None (FKC's own float64 DDIM(eta) move, ``ddim_move``) or a memoryless diffusers
-        scheduler with ``set_timesteps`` done on ``timesteps`` and eps parameterisation
-        (DDIMScheduler, DDPMScheduler, TimeShiftScheduler; ``check_proposal``): its ``step`` moves the
-        particles (docs/compose.md "FKC over any proposal"). A scheduler with ``model_timesteps``
-        (Time-Shift) sets the time the experts are evaluated at, per particle; the rate of the weight
+    proposal: None (FKC's own float64 DDIM(eta) move, ``ddim_move``) or a memoryless scheduler with
+        ``set_timesteps`` done on ``timesteps`` and eps parameterisation (DDIMScheduler, DDPMScheduler,
+        TimeShiftScheduler; on a flow's twin ``FlowTwinEpsDDIM`` / ``TwinFlowTimeShift``, which also take
+        the experts' x0 as ``pred_original_sample``; ``check_proposal``): its ``step`` moves the
+        particles (docs/compose.md "FKC over any proposal"), with its own eta except DDIMScheduler (cfg.eta).
+        Steps of a zero-SNR start (``direct_steps``: a flow's sigma = 1) are ``zero_snr_move`` at the
+        proposal's eta (``proposal_eta``), unshifted. A scheduler with ``model_timesteps``
+        (Time-Shift) sets the time the experts are evaluated at, per particle (at the state its
+        ``model_input`` gives, if it has one: on a flow's twin the same flow point in the model time's
+        coordinates); the rate of the weight
         comes from those outputs (the ones the move uses) while its coefficient stays the grid
         interval's, c_k of ``node_coefficients``, so that the coefficients sum to the path's
         1/2 (lambda_end - lambda_start) for any shift (the FK weight over the interval each particle
@@ -401,16 +407,22 @@ def sample_fkc(
                       "(docs/fkc.md \"Design choices\"); use eta > 0", RuntimeWarning, stacklevel=2)
     schedule = as_schedule(alphas_cumprod)  # a VP table or any core.schedule.Schedule (flows: the VP twin)
     step_kwargs = {}
+    move_eta = cfg.eta  # the eta of the zero-SNR start move: FKC's own, or the proposal's
     if proposal is not None:
         step_kwargs = check_proposal(proposal, timesteps, cfg)
         final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
     shifted = proposal is not None and hasattr(proposal, "model_timesteps")
+    relabel = getattr(proposal, "model_input", None) if shifted else None  # flows: the model time's twin coordinates
+    # the twin steppers of a flow also take x0 (the velocity's: no 0/0 near sigma = 1)
+    takes_x0 = proposal is not None and "pred_original_sample" in inspect.signature(proposal.step).parameters
     ab_t_all, ab_s_all = schedule.alpha_bar_pairs(timesteps, final_alpha_bar)
     coef = node_coefficients(ab_t_all, ab_s_all, cfg.quadrature)  # (S,) weight of each model call
-    direct = direct_steps(ab_t_all, ab_s_all)  # (S,) zero-SNR start steps
+    # (S,) zero-SNR start steps (alpha_bar_T = 0: a flow's sigma = 1, a rescaled VP schedule): FKC's zero-SNR
+    # move at the move's eta, also under a proposal (whose eps-form step is undefined from alpha_bar = 0),
+    # never shifted (docs/compose.md "FKC over any proposal")
+    direct = direct_steps(ab_t_all, ab_s_all)
     if proposal is not None and bool(direct.any()):
-        raise ValueError("a zero-terminal-SNR schedule (alpha_bar_T = 0) needs FKC's own move (proposal=None): "
-                         "a scheduler step from alpha_bar = 0 is undefined for sum(betas) != 1")
+        move_eta = proposal_eta(proposal, step_kwargs)
     event = tuple(x_T.shape[1:])
     x = (x_T.double() / math.sqrt(cfg.total_beta)).to(x_T.dtype)  # N(0, I/B) = rho_T for VP (docs/fkc.md)
     log_w = torch.zeros((G, K), dtype=torch.float64)
@@ -418,11 +430,11 @@ def sample_fkc(
     did = torch.zeros((G, len(timesteps)), dtype=torch.bool)
     trivial = cfg.is_trivial
     for k, t in enumerate(timesteps):
-        t_model = proposal.model_timesteps(x, t) if shifted else t  # (N,) per particle under Time-Shift
-        out = expert_eps(x, t_model)  # (M, N, ...) eps, or a pair (eps, x0) formed from the raw output
+        shift_k = shifted and not bool(direct[k])
+        t_model = proposal.model_timesteps(x, t) if shift_k else t  # (N,) per particle under Time-Shift
+        x_in = relabel(x, t, t_model) if shift_k and relabel is not None else x  # the state the experts see
+        out = expert_eps(x_in, t_model)  # (M, N, ...) eps, or a pair (eps, x0) formed from the raw output
         eps_experts, x0_experts = out if isinstance(out, tuple) else (out, None)
-        if proposal is not None:
-            x0_experts = None  # the scheduler forms x0 from eps_eff itself
         check_finite(eps_experts, sampler, k)
         if not trivial:
             rate = weight_rate(eps_experts, cfg.betas).cpu()  # (N,)
@@ -440,32 +452,42 @@ def sample_fkc(
         ess = smc.effective_sample_size(log_w)  # (G,)
         ess_trace[:, k] = ess
         eps_eff = combine_eps(eps_experts, cfg.betas)  # (N, ...)
-        x0_eff = None if x0_experts is None else combine_x0(x0_experts, x, cfg.betas, ab_t_all[k]).to(x.dtype)
+        x0_eff = None  # a proposal that takes no x0 forms it from eps_eff itself
+        if x0_experts is not None and (proposal is None or takes_x0) and not direct[k]:
+            ab_in = ab_t_all[k] if not shift_k else schedule.alpha_bar(torch.as_tensor(t_model).cpu()).reshape(
+                -1, *([1] * len(event))).to(x.device)
+            x0_eff = combine_x0(x0_experts, x_in, cfg.betas, ab_in).to(x.dtype)
         if cfg.resample != "never" and _in_window(cfg, schedule.fraction(t)):
             want = ess < cfg.ess_threshold * K if cfg.resample == "ess" else torch.ones(G, dtype=torch.bool)
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():
-                carried = [x, eps_eff] + ([] if x0_eff is None else [x0_eff]) + ([t_model] if shifted else [])
+                start = bool(direct[k]) and x0_experts is not None  # the zero-SNR draw reads the experts' x0
+                carried = ([x, eps_eff] + ([] if x0_eff is None else [x0_eff]) + ([t_model] if shift_k else [])
+                           + ([x0_experts.movedim(0, 1)] if start else []))
                 carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
                 x, eps_eff = carried[0], carried[1]
                 x0_eff = carried[2] if x0_eff is not None else None
-                t_model = carried[-1] if shifted else t_model
+                t_model = carried[3 if x0_eff is not None else 2] if shift_k else t_model
+                x0_experts = carried[-1].movedim(1, 0) if start else x0_experts
                 did[:, k] = want
-        if proposal is not None:  # the scheduler's own step (its noise from the same generators)
-            kw = dict(step_kwargs, model_timesteps=t_model) if shifted else step_kwargs
+        if proposal is not None and not direct[k]:  # the scheduler's own step (its noise from the same generators)
+            kw = dict(step_kwargs, model_timesteps=t_model) if shifted else dict(step_kwargs)
+            if x0_eff is not None:
+                kw["pred_original_sample"] = x0_eff
             x = proposal.step(eps_eff.to(x.dtype), t, x, generator=noise_generators, return_dict=True, **kw).prev_sample
         else:
+            eta = move_eta if direct[k] else cfg.eta
             noise = None
-            if cfg.eta > 0 and batched_noise:
+            if eta > 0 and batched_noise:
                 noise = normal((N, *event), noise_generators, device=x.device, dtype=x.dtype)
-            elif cfg.eta > 0:
+            elif eta > 0:
                 noise = normal_rows(noise_generators, event, device=x.device, dtype=x.dtype)
             if direct[k]:  # zero terminal SNR: sample rho_s directly (docs/fkc.md "Zero terminal SNR")
                 if x0_experts is None:  # eps models: x0 through the clamped alpha_bar
                     x0_experts = torch.stack([eps_and_x0(e, x, ab_t_all[k], "epsilon")[1] for e in eps_experts])
-                x = zero_snr_move(x, x0_experts, cfg.betas, ab_s_all[k], cfg.eta, noise)
+                x = zero_snr_move(x, x0_experts, cfg.betas, ab_s_all[k], eta, noise)
             else:
-                x = ddim_move(x, eps_eff, ab_t_all[k], ab_s_all[k], cfg.eta, noise, x0_eff)
+                x = ddim_move(x, eps_eff, ab_t_all[k], ab_s_all[k], eta, noise, x0_eff)
         if on_step is not None:
             new_x = on_step(k, x, log_w)
             x = new_x if isinstance(new_x, torch.Tensor) else x
@@ -481,19 +503,19 @@ def check_proposal(proposal, timesteps: torch.Tensor, cfg: FKCConfig) -> dict:
     FKC resamples particles between steps, so the move must be memoryless (a one-step scheduler
     whose ``step`` depends only on (eps, t, x)): DDIM, DDPM and Time-Shift qualify; multistep
     solvers (DPM-Solver, PNDM) keep model outputs of earlier particles and do not. The scheduler
-    must predict eps (FKC combines the experts in eps) and hold the same grid as the loop."""
+    must predict eps (FKC combines the experts in eps; the twin steppers of a flow take eps by
+    construction) and hold the same grid as the loop."""
     name = type(proposal).__name__
-    if name not in ("DDIMScheduler", "DDPMScheduler", "TimeShiftScheduler"):
-        raise ValueError(f"FKC's proposal must be a one-step scheduler (DDIMScheduler, DDPMScheduler or "
-                         f"TimeShiftScheduler), got {name}: multistep solvers keep state across resampling")
-    if proposal.config.prediction_type != "epsilon":
+    if name not in ONE_STEP_PROPOSALS:
+        raise ValueError(f"FKC's proposal must be a one-step scheduler ({', '.join(ONE_STEP_PROPOSALS)}), got {name}: "
+                         f"multistep solvers keep state across resampling")
+    if name not in TWIN_PROPOSALS and proposal.config.prediction_type != "epsilon":  # the twin steppers take eps
         raise ValueError(f"FKC's proposal scheduler must use prediction_type 'epsilon' (the experts' eps are combined), "
                          f"got {proposal.config.prediction_type!r}")
-    if proposal.timesteps is None or not torch.equal(proposal.timesteps.cpu().long(), torch.as_tensor(timesteps).cpu().long()):
+    if proposal.timesteps is None or not torch.equal(proposal.timesteps.cpu().double(), torch.as_tensor(timesteps).cpu().double()):
         raise ValueError("FKC's proposal scheduler must be set to the loop's timesteps (call set_timesteps first)")
     if hasattr(proposal, "model_timesteps"):  # Time-Shift: per-particle model times (docs/compose.md "Time-Shift inside FKC")
-        window = proposal.config.window_size
-        if (window is None or window >= 2) and abs(cfg.total_beta - 1.0) > 1e-12:
+        if getattr(proposal, "shifting", True) and abs(cfg.total_beta - 1.0) > 1e-12:
             raise ValueError(f"--time-shift needs exponents summing to 1 (sum(betas) = 1: --fkc-target cfg, or --beta 1), "
                              f"got sum {cfg.total_beta:g}: Time-Shift's statistic references the untempered path variance "
                              f"1 - alpha_bar, and a shifted model time breaks the x-cancellation of the tempered DDIM move "
@@ -501,7 +523,26 @@ def check_proposal(proposal, timesteps: torch.Tensor, cfg: FKCConfig) -> dict:
         if cfg.quadrature not in ("euler", "logsnr"):
             raise ValueError(f"--time-shift needs --quadrature euler or logsnr (per-particle model times: a rule that reads "
                              f"only the current step), got {cfg.quadrature!r}")
-    return {"eta": float(cfg.eta)} if name in ("DDIMScheduler", "TimeShiftScheduler") else {}
+    # DDIMScheduler steps with cfg.eta (--proposal ddim --eta); the others carry their own: DDPMScheduler 1, a
+    # Time-Shift scheduler its config's (make_proposal sets 1 for --proposal ddpm), the twin steppers theirs
+    return {"eta": float(cfg.eta)} if name == "DDIMScheduler" else {}
+
+
+# FKC's memoryless moves: diffusers' one-step schedulers, and for flow models the steppers on the VP twin
+# (samplers.baseline.FlowTwinEpsDDIM: --proposal ddim|ddpm; samplers.time_shift.TwinFlowTimeShift: --time-shift)
+TWIN_PROPOSALS = ("FlowTwinEpsDDIM", "TwinFlowTimeShift")
+ONE_STEP_PROPOSALS = ("DDIMScheduler", "DDPMScheduler", "TimeShiftScheduler") + TWIN_PROPOSALS
+
+
+def proposal_eta(proposal, step_kwargs: dict) -> float:
+    """The DDIM eta of a proposal's step (the zero-SNR start moves with it): the step keywords', else 1 for
+    DDPMScheduler, else the scheduler's own (``eta`` attribute or config)."""
+    if "eta" in step_kwargs:
+        return float(step_kwargs["eta"])
+    if type(proposal).__name__ == "DDPMScheduler":
+        return 1.0
+    own = getattr(proposal, "eta", None)
+    return float(own if own is not None else proposal.config.eta)
 
 
 def finalize(x, log_w, cfg: FKCConfig, ess_trace, did, resample_generators) -> FKCResult:

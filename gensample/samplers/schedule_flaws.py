@@ -93,10 +93,20 @@ def direct_loop(sched, x_T, cond, opts: dict, gens, ctx: RunContext, den: Denois
     phi = opts.get("guidance_rescale")
     phi = den.guidance_rescale if phi is None else float(phi)
     x = x_T
+    eta = float(kwargs.get("eta", 0.0))
     for i, t in enumerate(sched.timesteps):
         out = raw_guided(den, sched.scale_model_input(x, t), t, cond, w, phi)
         check_finite(out, ctx.sampler, i)
-        x = sched.step(out.to(x.dtype), t, x, **kwargs).prev_sample
+        if eta > 0 and float(sched.alphas_cumprod[int(t)]) == 0.0:
+            # the stochastic step from alpha_bar = 0: DDIMScheduler's float32 sigma^2 rounds above 1 - alpha_bar_prev
+            # there, and sqrt(1 - alpha_bar_prev - sigma^2) is NaN; the same step in float64 with the clamp
+            from .baseline import ddim_step_from_x0
+            from .fkc import eps_and_x0
+
+            eps_hat, x0_hat = eps_and_x0(out, x, 0.0, sched.config.prediction_type)
+            x = ddim_step_from_x0(sched, eps_hat, t, x, x0_hat, eta=eta, generator=kwargs.get("generator")).prev_sample
+        else:
+            x = sched.step(out.to(x.dtype), t, x, **kwargs).prev_sample
         ctx.step_done()
     return x
 

@@ -60,7 +60,7 @@ from ..core.ddim import timestep_grid
 from ..core.denoiser import check_finite
 from ..core.noise import normal_blocks
 from ..core.schedule import alphas_cumprod_from_config, as_schedule, model_schedule
-from .fkc import QUADRATURES, combine_eps, node_coefficients, weight_rate
+from .fkc import combine_eps, node_coefficients, weight_rate
 from .operators import LinearOperator, MatrixOperator
 from .registry import RunContext, sample_seed
 from .stsl import Codec, estimate_prior_var, likelihood_quad, trust_clip, tweedie_var
@@ -141,6 +141,21 @@ class TargetPrior:
         self.rate = weight_rate(eps.detach(), self.betas).cpu()
         return combine_eps(eps, self.betas)
 
+    def eps_x0(self, x: torch.Tensor, t, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_eff, x0_bar) at alpha_bar = 0 (a flow's sigma = 1, a zero-terminal-SNR start), where the x0 of
+        eps_eff, sum_i beta_i x0_i + (1 - B) x / sqrt(alpha_bar), is infinite for B != 1: x0_bar =
+        sum_i beta_i x0_i / B, the x0 of the target path to first order in alpha_bar (``fkc.zero_snr_move``),
+        from the experts' own x0 (their raw outputs). There the twist is constant in x (x_T is independent of
+        x0), so this choice leaves the weights unbiased."""
+        out = self.experts(x, t)
+        if not isinstance(out, tuple):
+            raise ValueError(f"{NAME}: alpha_bar = 0 at the first grid time (zero terminal SNR) needs the experts' x0 "
+                             f"(experts(x, t) -> (eps, x0), runs.fkc._expert_fn)")
+        eps, x0 = out
+        self.rate = weight_rate(eps.detach(), self.betas).cpu()
+        b = torch.tensor(self.betas, dtype=x0.dtype, device=x0.device).reshape(-1, *([1] * (x0.ndim - 1)))
+        return combine_eps(eps, self.betas), (b * x0).sum(0) / float(sum(self.betas))
+
 
 @dataclass
 class SMCPosteriorResult:
@@ -175,6 +190,17 @@ def proposal_gain(s2: float, ab_prev: float, v: float, sigma_y: float, aat: floa
     return 1.0 / (1.0 + s2 * k * k * aat / big_s2)
 
 
+def fk_coefficients(abs_: list, abs_next: list, quadrature: str) -> torch.Tensor:
+    """FKC's weight coefficient of each step of the tempered path (``fkc.node_coefficients``), (S,) float64. A
+    step from alpha_bar = 0 carries none (its move samples the target path there directly); unlike FKC's own
+    loop, the later steps of a zero-SNR start keep theirs, since smc-post moves them with the tempered
+    ancestral step, not with ``zero_snr_move``."""
+    ab_t, ab_s = torch.tensor(abs_, dtype=torch.float64), torch.tensor(abs_next, dtype=torch.float64)
+    if ab_t[0] > 0 or len(abs_) == 1:
+        return node_coefficients(ab_t, ab_s, quadrature)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), node_coefficients(ab_t[1:], ab_s[1:], quadrature)])
+
+
 def twist(denoiser, op: LinearOperator, y: torch.Tensor, x: torch.Tensor, t, ab: float, sigma_y: float, r2: float, cond=None,
           codec=None):
     """eps_hat, x0_hat, log L_t(y | x_t) (float64, constants dropped) and its gradient at x (one forward + one VJP).
@@ -190,7 +216,7 @@ def twist(denoiser, op: LinearOperator, y: torch.Tensor, x: torch.Tensor, t, ab:
             eps, x0 = denoiser.eps_x0(xin, t, cond)
         else:
             raise ValueError(f"{NAME}: alpha_bar = 0 at the first grid time (zero terminal SNR) needs x0 from the model's "
-                             f"own parameterisation; the FKC prior target (betas != 1) does not provide it")
+                             f"own parameterisation (a denoiser with eps_x0)")
         x_img = x0 if codec is None else codec.decode(x0, grad=True)
         res = y.double() - op(x_img).double()
         log_l = -0.5 * likelihood_quad(op, res, sigma_y**2, r2)
@@ -258,8 +284,7 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
             v = v / B  # the tempered path's variance (exact for Gaussian experts sharing their variance)
         x_T = (x_T.double() / math.sqrt(B)).to(x_T.dtype)  # rho_T = N(0, I / B)
     abs_next = abs_[1:] + [1.0]
-    fk_coef = node_coefficients(torch.tensor(abs_, dtype=torch.float64), torch.tensor(abs_next, dtype=torch.float64),
-                                cfg.quadrature) if cfg.tempered else None  # (S,) FKC weight of each model call
+    fk_coef = fk_coefficients(abs_, abs_next, cfg.quadrature) if cfg.tempered else None  # (S,) FKC weight of each call
 
     x = x_T.detach()
     eps, x0, log_l, grad = twist(prior, op, y, x, t_dev(ts[0]), abs_[0], sy, tweedie_var(abs_[0], v), cond, codec)
@@ -293,7 +318,9 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
                 on_step(1)
             break
         ab_prev = abs_[i + 1]
-        s, dir_ = ancestral_coefs(ab, ab_prev)
+        # from alpha_bar = 0 (zero terminal SNR: a flow's sigma = 1): the target path's own step there, x' ~
+        # N(sqrt(ab') x0_bar, (1 - ab') / B) (fkc.zero_snr_move at eta = 1; for B = 1 the ancestral step itself)
+        s, dir_ = (math.sqrt((1.0 - ab_prev) / B), 0.0) if ab == 0.0 else ancestral_coefs(ab, ab_prev)
         g = trust_clip(grad, ab, v)
         shift = cfg.guidance_weight * s * s * proposal_gain(s * s, ab_prev, v, sy, aat) * g
         z = normal_blocks(noise_generators, rows, tuple(x.shape[1:]), device=dev)

@@ -468,15 +468,25 @@ def _step_with_x0(scheduler, eps_hat, t, z, x0_hat, step_kwargs: dict):
     return ddim_step_from_x0(scheduler, eps_hat, t, z, x0_hat, **kw)
 
 
-def _model_time(scheduler, z: torch.Tensor, t, ab: float, ab_table: torch.Tensor):
+def _model_time(scheduler, z: torch.Tensor, t, ab: float, schedule):
     """(t', alpha_bar(t'), model times for ``step``) of a Time-Shift step rule: the grid (t, ab)
     themselves when no row is shifted (so a window-0 rule is the DDIM loop bit for bit), else the
-    (B,) model times and their (B, 1, ...) alpha_bar in z's dtype."""
-    t_model = scheduler.model_timesteps(z, t)  # (B,) int64, handed to the scheduler's step
-    if bool((t_model == int(t)).all()):
+    (B,) model times (int64 on a VP table, float on a flow grid) and their (B, 1, ...) alpha_bar in z's dtype."""
+    t_model = scheduler.model_timesteps(z, t)  # (B,), handed to the scheduler's step
+    if bool((t_model.cpu().double() == float(t)).all()):
         return t, ab, t_model
-    ab_m = ab_table.to(z.device)[t_model].reshape(-1, *([1] * (z.ndim - 1))).to(z.dtype)
+    ab_m = schedule.alpha_bar(t_model.cpu()).to(z.device).reshape(-1, *([1] * (z.ndim - 1))).to(z.dtype)
     return t_model, ab_m, t_model
+
+
+def _at_model_time(scheduler, z: torch.Tensor, t, t_m):
+    """(the state the model is called at, its scale over z) at model time t': z itself on a VP table (Time-Shift
+    reads x_t as a sample at t'); on a flow's twin the same flow point in the coordinates of t',
+    z c(sigma_t) / c(sigma_t') (``TwinFlowTimeShift.model_input``), so that a gradient taken in z is divided by
+    that scale to be one in the model's coordinates. Differentiable in z; (z, 1.0) when unshifted."""
+    if t_m is t or not hasattr(scheduler, "model_input"):
+        return z, 1.0
+    return scheduler.model_input(z, t, t_m), scheduler.model_scale(z, t, t_m).to(z.dtype)
 
 
 def draw_normal(generators, shape, device) -> torch.Tensor:
@@ -516,7 +526,6 @@ def sample_inverse(
     randn = randn or (lambda shape: normal_rows(generators, shape, device=z_init.device))
     step_kwargs = {"eta": cfg.ddim_eta, "generator": generators} if cfg.ddim_eta > 0 else {"eta": 0.0}
     schedule = as_schedule(alphas_cumprod)  # a VP table or a flow model's twin (docs/flow_matching.md)
-    ab_table = getattr(schedule, "alphas_cumprod", None)  # the VP table (Time-Shift, STSL's auto rule)
     auto = cfg.step_rule == "auto"
     gamma = cfg.glue(codec.latent)
     if auto and cfg.prior_var is None:
@@ -535,7 +544,7 @@ def sample_inverse(
         x0_kw = {}  # alpha_bar = 0: the step takes x0 from the model's own output (Denoiser.eps_x0)
         t_m, ab_m = t, ab  # the model's time and its alpha_bar (per sample under Time-Shift)
         if shifting and cfg.method != "stsl":
-            t_m, ab_m, step_kwargs["model_timesteps"] = _model_time(scheduler, z, t, ab, ab_table)
+            t_m, ab_m, step_kwargs["model_timesteps"] = _model_time(scheduler, z, t, ab, schedule)
         if cfg.method == "stsl" and ab == 0.0:
             # zero terminal SNR (a flow's sigma = 1, a rescaled VP schedule's T): z_t is independent of z_0, so
             # p(y | z_t) = p(y) is constant in z_t and the surrogate's data and trace terms have zero gradient there
@@ -573,11 +582,11 @@ def sample_inverse(
                 counters.unet_backward += 2 if cfg.trace_weight > 0 else 1
                 z = (z - rho * grad).detach()
             if shifting:
-                t_m, ab_m, step_kwargs["model_timesteps"] = _model_time(scheduler, z, t, ab, ab_table)
+                t_m, ab_m, step_kwargs["model_timesteps"] = _model_time(scheduler, z, t, ab, schedule)
             if cfg.reuse_eps and t_m is t:
                 eps_hat = eps_last.detach()
             else:
-                eps_hat = denoiser(z, t_m, cond)
+                eps_hat = denoiser(_at_model_time(scheduler, z, t, t_m)[0], t_m, cond)
                 counters.unet_forward += 1
             check_finite(eps_hat, name, i)
             out = scheduler.step(eps_hat, t, z, return_dict=True, **step_kwargs)
@@ -587,16 +596,17 @@ def sample_inverse(
             guided = (cfg.zeta > 0) if cfg.method == "dps" else (gamma > 0 or cfg.omega > 0)
             with torch.enable_grad() if guided else torch.no_grad():
                 z_in = z.detach().requires_grad_(guided)
+                z_m, scale_m = _at_model_time(scheduler, z_in, t, t_m)  # flows: t's point in t_m's twin coordinates
                 if ab == 0.0:  # zero terminal SNR: eps says nothing about x0, the model's own output does
-                    eps_hat, z0_direct = denoiser.eps_x0(z_in, t_m, cond)
+                    eps_hat, z0_direct = denoiser.eps_x0(z_m, t_m, cond)
                     x0_kw = {"pred_original_sample": z0_direct.detach()}
                 else:
-                    eps_hat = denoiser(z_in, t_m, cond)
+                    eps_hat = denoiser(z_m, t_m, cond)
                 counters.unet_forward += 1
                 check_finite(eps_hat, name, i)
                 grad = None
                 if guided:
-                    z0 = tweedie_x0(z_in, eps_hat, ab_m) if ab > 0 else z0_direct
+                    z0 = tweedie_x0(z_m, eps_hat, ab_m) if ab > 0 else z0_direct
                     x_hat = codec.decode(z0, grad=True)
                     if cfg.clamp_x0:
                         x_hat = x_hat.clamp(-1, 1)
@@ -616,7 +626,8 @@ def sample_inverse(
                     grad = trust_clip(grad, ab, cfg.prior_var)
                     # classifier guidance in eps form (Dhariwal & Nichol 2021, eq. 14):
                     # eps' = eps - sqrt(1 - ab) grad log L = eps + sqrt(1 - ab) grad(-log L)
-                    root = math.sqrt(1 - ab) if t_m is t else (1 - ab_m).sqrt()
+                    # (under a flow's Time-Shift the gradient in z is scale_m times the one in the model's coordinates)
+                    root = math.sqrt(1 - ab) if t_m is t else (1 - ab_m).sqrt() / scale_m
                     eps_step = eps_hat.detach() + root * grad
                 else:
                     eps_step = eps_hat.detach()

@@ -49,7 +49,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ import torch
 from .. import _moved
 from ..core.ddim import x0_from_eps
 from ..core.denoiser import check_finite
+
+if TYPE_CHECKING:  # the diffusers face, for the annotation only (it imports this module, not the reverse)
+    from ..schedulers.time_shift import TimeShiftScheduler
 
 VARIANTS = ("paper", "reference_pnm")
 # Chosen by measurement on digits-ddpm (docs/time_shift.md "Measured").
@@ -289,27 +292,101 @@ class FlowTimeShift:
         dist = (sample_variance(sample).cpu()[:, None] - ref[None, :]) ** 2  # (B, W)
         return cand[dist.argmin(dim=1)].float().to(sample.device)  # ties: the smallest time
 
+    def _twin_update(self, x0_hat, eps_hat, sigma_m, k: int, eta: float, sample, generator) -> torch.Tensor:
+        """DDIM(eta) (Song et al. 2021, eq. 12) on the twin from alpha_bar(sigma_m) ((B,) float64) to grid
+        sigma k + 1: the twin state there, float64; the noise drawn like ``sample``."""
+        from ..core.ddim import ddim_sigma, ddim_update
+        from ..core.flow import twin_alpha_bar
+        from ..core.noise import normal_like
+
+        ab_m = twin_alpha_bar(sigma_m).reshape((-1,) + (1,) * (sample.ndim - 1))
+        ab_s = torch.tensor(twin_alpha_bar(float(self.sigmas[k + 1])), dtype=torch.float64, device=sample.device)
+        std = ddim_sigma(ab_m, ab_s, eta, clamp=True)
+        # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
+        noise = normal_like(sample, generator).double() if eta > 0 else None
+        return ddim_update(x0_hat.double(), eps_hat.double(), ab_s, std, noise, clamp=True)
+
     def step(self, model_output, timestep, sample, generator=None, model_timesteps=None, eta: float | None = None,
              return_dict: bool = True):
         from types import SimpleNamespace
 
-        from ..core.ddim import ddim_sigma, ddim_update
-        from ..core.flow import eps_x0_from_velocity, twin_alpha_bar, twin_scale
-        from ..core.noise import normal_like
+        from ..core.flow import eps_x0_from_velocity, twin_scale
 
         eta = self.eta if eta is None else float(eta)
         k = self._index(timestep)
         t_model = self.model_timesteps(sample, timestep) if model_timesteps is None else model_timesteps
         sigma_m = self._schedule.sigma_of(t_model.cpu()).to(sample.device)  # (B,) float64, grid sigma when unshifted
-        sigma_s = float(self.sigmas[k + 1])
         eps_hat, x0_hat = eps_x0_from_velocity(model_output, sample, sigma_m)
-        shape = (-1,) + (1,) * (sample.ndim - 1)
-        ab_m = twin_alpha_bar(sigma_m).reshape(shape)
-        ab_s = torch.tensor(twin_alpha_bar(sigma_s), dtype=torch.float64, device=sample.device)
-        std = ddim_sigma(ab_m, ab_s, eta, clamp=True)
-        # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
-        noise = normal_like(sample, generator).double() if eta > 0 else None
-        prev = (ddim_update(x0_hat, eps_hat, ab_s, std, noise, clamp=True) * twin_scale(sigma_s)).to(sample.dtype)
+        z_next = self._twin_update(x0_hat, eps_hat, sigma_m, k, eta, sample, generator)
+        prev = (z_next * twin_scale(float(self.sigmas[k + 1]))).to(sample.dtype)
+        if not return_dict:
+            return (prev, x0_hat.to(sample.dtype))
+        return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype), model_timesteps=t_model,
+                               target_timesteps=None)
+
+
+class TwinFlowTimeShift(FlowTimeShift):
+    """``FlowTimeShift`` as the step rule of a loop written on the VP twin (FKC's ``--time-shift`` proposal,
+    the inverse loop's ``--time-shift``): the face of ``TimeShiftScheduler`` (eps in, the twin state z =
+    x_sigma / c(sigma_t) at grid time t), with the flow rule inside, so a composed sampler shifts exactly as
+    ``ts-ddim`` does on the flow (docs/flow_matching.md "Compositions on flows").
+
+    - selection: ``FlowTimeShift.model_timesteps`` on the flow state x_sigma = c(sigma_t) z;
+    - evaluation: the network sees the same flow state under the shifted label sigma_m, which in the twin
+      coordinates of sigma_m is z_m = z c(sigma_t) / c(sigma_m) (``model_input``; 1 where unshifted). The
+      eps (and x0) read off the velocity there are the ones ``FlowTimeShift`` forms, eps = x_sigma +
+      (1 - sigma_m) v, x0 = x_sigma - sigma_m v, since eps and x0 do not depend on the coordinates;
+    - update: DDIM(eta) (Song et al. 2021, eq. 12) from alpha_bar(sigma_m) to the next grid alpha_bar, with
+      x0 = (z_m - sqrt(1 - ab_m) eps) / sqrt(ab_m), or the caller's ``pred_original_sample`` (the x0 of the
+      velocity, which a step from sigma_m = 1, alpha_bar = 0, needs). float64 math, the sample's dtype out.
+
+    Mapped back by c(sigma_s), its output is ``FlowTimeShift.step``'s (tests/test_flow_compose.py)."""
+
+    takes_velocity = False
+
+    def _sigma_t(self, timestep) -> float:
+        return float(self.sigmas[self._index(timestep)])
+
+    def model_timesteps(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """(B,) float32 model times of Algorithm 3, selected on the flow state c(sigma_t) z."""
+        from ..core.flow import twin_to_flow
+
+        return super().model_timesteps(twin_to_flow(sample, self._sigma_t(timestep)), timestep)
+
+    def model_scale(self, sample: torch.Tensor, timestep, model_timesteps: torch.Tensor) -> torch.Tensor:
+        """(B, 1, ...) float64 c(sigma_t) / c(sigma_m): twin coordinates of grid time -> of the model time."""
+        from ..core.flow import twin_scale
+
+        sigma_m = self._schedule.sigma_of(torch.as_tensor(model_timesteps).cpu()).to(sample.device)
+        ratio = twin_scale(torch.tensor(self._sigma_t(timestep), dtype=torch.float64)) / twin_scale(sigma_m)
+        return ratio.reshape(-1, *([1] * (sample.ndim - 1)))
+
+    def model_input(self, sample: torch.Tensor, timestep, model_timesteps: torch.Tensor) -> torch.Tensor:
+        """z_m = z c(sigma_t) / c(sigma_m): the state the network is evaluated at, in the twin coordinates of
+        its (shifted) time; z itself where no row is shifted. Differentiable in ``sample``."""
+        if bool((torch.as_tensor(model_timesteps).cpu().float() == float(self.timesteps[self._index(timestep)])).all()):
+            return sample
+        return (sample.double() * self.model_scale(sample, timestep, model_timesteps)).to(sample.dtype)
+
+    def step(self, model_output, timestep, sample, eta: float | None = None, generator=None, return_dict: bool = True,
+             model_timesteps=None, pred_original_sample=None):
+        from ..core.flow import twin_alpha_bar
+
+        eta = self.eta if eta is None else float(eta)
+        k = self._index(timestep)
+        t_model = self.model_timesteps(sample, timestep) if model_timesteps is None else model_timesteps
+        sigma_m = self._schedule.sigma_of(torch.as_tensor(t_model).cpu()).to(sample.device)  # (B,) float64
+        eps_hat = model_output.double()
+        if pred_original_sample is not None:
+            x0_hat = pred_original_sample.double()
+        elif bool((sigma_m < 1).all()):
+            ab_m = twin_alpha_bar(sigma_m).reshape((-1,) + (1,) * (sample.ndim - 1))
+            z_m = sample.double() * self.model_scale(sample, timestep, t_model)
+            x0_hat = x0_from_eps(z_m, eps_hat, ab_m)
+        else:
+            raise ValueError("a step from alpha_bar = 0 (the flow's sigma = 1) needs pred_original_sample: x0 is not a "
+                             "function of eps there (use Denoiser.eps_x0)")
+        prev = self._twin_update(x0_hat, eps_hat, sigma_m, k, eta, sample, generator).to(sample.dtype)
         if not return_dict:
             return (prev, x0_hat.to(sample.dtype))
         return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype), model_timesteps=t_model,

@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ._config import SourceValuesWin, check_model_times, is_flow_match_config, refuse_in_flow_pipeline
 from ..core.ddim import ddim_sigma, ddim_update, eps_from_x0, q_sample, timestep_grid, v_from_eps
-from ..core.param import PREDICTION_TYPES, to_eps
+from ..core.param import PREDICTION_TYPES
 from ..samplers.time_shift import (DEFAULT_VARIANT, check_params, check_window_stride, default_window_cutoff, dynamic_threshold,
                                    predict_x0, reference_variance, sample_time_shift, sample_variance, time_shift_times)
 
@@ -263,10 +263,20 @@ class TimeShiftScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
         alpha_bar_model = ab_table[t_model].reshape(shape)  # (B, 1, ...) float32
         alpha_bar_target = ab_table[torch.where(t_target < 0, len(self.alphas_cumprod), t_target)].reshape(shape)
 
-        eps_hat = model_output
-        if self.config.prediction_type != "epsilon":
-            eps_hat = to_eps(model_output, sample, alpha_bar_model.reshape(-1).double(), self.config.prediction_type)
-        x0_hat = predict_x0(sample, eps_hat, alpha_bar_model)
+        eps_hat, x0_hat = model_output, None
+        if self.config.prediction_type == "v_prediction":
+            # x0 and eps straight from v (Salimans & Ho 2022), in DDIMScheduler's float32 order: finite at
+            # alpha_bar = 0 (a zero-terminal-SNR schedule's first step: x0 = -v, eps = x), where x0 of eps is 0/0
+            # (the roots in the table's float32, then cast to the sample's dtype, as a 0-d scalar would be)
+            root_ab, root_1m = (alpha_bar_model**0.5).to(sample.dtype), ((1 - alpha_bar_model) ** 0.5).to(sample.dtype)
+            x0_hat = root_ab * sample - root_1m * model_output
+            eps_hat = root_ab * model_output + root_1m * sample
+        elif self.config.prediction_type == "sample":
+            x0_hat = model_output
+            root_ab, root_1m = (alpha_bar_model**0.5).to(sample.dtype), ((1 - alpha_bar_model) ** 0.5).to(sample.dtype)
+            eps_hat = (sample - root_ab * x0_hat) / root_1m
+        else:  # epsilon (the config is checked at construction)
+            x0_hat = predict_x0(sample, eps_hat, alpha_bar_model)
         if self.config.thresholding:
             x0_hat = dynamic_threshold(x0_hat, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         elif self.config.clip_sample:
