@@ -60,7 +60,7 @@ from ..core.ddim import timestep_grid
 from ..core.denoiser import check_finite
 from ..core.noise import normal_blocks
 from ..core.schedule import alphas_cumprod_from_config, as_schedule, model_schedule
-from .fkc import combine_eps, node_coefficients, weight_rate
+from .fkc import combine_eps, direct_steps, node_coefficients, weight_rate
 from .operators import LinearOperator, MatrixOperator
 from .registry import RunContext, sample_seed
 from .stsl import Codec, estimate_prior_var, likelihood_quad, trust_clip, tweedie_var
@@ -142,11 +142,12 @@ class TargetPrior:
         return combine_eps(eps, self.betas)
 
     def eps_x0(self, x: torch.Tensor, t, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps_eff, x0_bar) at alpha_bar = 0 (a flow's sigma = 1, a zero-terminal-SNR start), where the x0 of
-        eps_eff, sum_i beta_i x0_i + (1 - B) x / sqrt(alpha_bar), is infinite for B != 1: x0_bar =
-        sum_i beta_i x0_i / B, the x0 of the target path to first order in alpha_bar (``fkc.zero_snr_move``),
-        from the experts' own x0 (their raw outputs). There the twist is constant in x (x_T is independent of
-        x0), so this choice leaves the weights unbiased."""
+        """(eps_eff, x0_bar) on the direct steps of a zero-SNR start (from alpha_bar = 0, a flow's sigma = 1, and
+        while alpha_bar <= ``fkc.ZERO_SNR_DIRECT_UNTIL``), where the x0 of eps_eff, sum_i beta_i x0_i + (1 - B) x /
+        sqrt(alpha_bar), is infinite or huge for B != 1: x0_bar = sum_i beta_i x0_i / B, the x0 of the target path
+        to first order in alpha_bar (``fkc.zero_snr_move``), from the experts' own x0 (their raw outputs). The
+        twist only has to be positive (the final likelihood is exact); the same log L enters both sides of the
+        step's weight."""
         out = self.experts(x, t)
         if not isinstance(out, tuple):
             raise ValueError(f"{NAME}: alpha_bar = 0 at the first grid time (zero terminal SNR) needs the experts' x0 "
@@ -190,26 +191,15 @@ def proposal_gain(s2: float, ab_prev: float, v: float, sigma_y: float, aat: floa
     return 1.0 / (1.0 + s2 * k * k * aat / big_s2)
 
 
-def fk_coefficients(abs_: list, abs_next: list, quadrature: str) -> torch.Tensor:
-    """FKC's weight coefficient of each step of the tempered path (``fkc.node_coefficients``), (S,) float64. A
-    step from alpha_bar = 0 carries none (its move samples the target path there directly); unlike FKC's own
-    loop, the later steps of a zero-SNR start keep theirs, since smc-post moves them with the tempered
-    ancestral step, not with ``zero_snr_move``."""
-    ab_t, ab_s = torch.tensor(abs_, dtype=torch.float64), torch.tensor(abs_next, dtype=torch.float64)
-    if ab_t[0] > 0 or len(abs_) == 1:
-        return node_coefficients(ab_t, ab_s, quadrature)
-    return torch.cat([torch.zeros(1, dtype=torch.float64), node_coefficients(ab_t[1:], ab_s[1:], quadrature)])
-
-
 def twist(denoiser, op: LinearOperator, y: torch.Tensor, x: torch.Tensor, t, ab: float, sigma_y: float, r2: float, cond=None,
-          codec=None):
+          codec=None, direct: bool = False):
     """eps_hat, x0_hat, log L_t(y | x_t) (float64, constants dropped) and its gradient at x (one forward + one VJP).
 
     log L_t = -r^T (sigma_y^2 I + r2 A A^T)^-1 r / 2, r = y - A D(x0_hat) (`stsl.likelihood_quad`); D is
     ``codec.decode`` for latent models (`stsl.Codec`, gradients through the decoder), else the identity."""
     with torch.enable_grad():
         xin = x.detach().requires_grad_(True)
-        if ab > 0:
+        if ab > 0 and not direct:
             eps = denoiser(xin, t, cond)
             x0 = (xin - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
         elif hasattr(denoiser, "eps_x0"):  # zero terminal SNR (a flow's sigma = 1): x0 from the model's own output
@@ -284,10 +274,15 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
             v = v / B  # the tempered path's variance (exact for Gaussian experts sharing their variance)
         x_T = (x_T.double() / math.sqrt(B)).to(x_T.dtype)  # rho_T = N(0, I / B)
     abs_next = abs_[1:] + [1.0]
-    fk_coef = fk_coefficients(abs_, abs_next, cfg.quadrature) if cfg.tempered else None  # (S,) FKC weight of each call
+    ab_t, ab_s = torch.tensor(abs_, dtype=torch.float64), torch.tensor(abs_next, dtype=torch.float64)
+    fk_coef = node_coefficients(ab_t, ab_s, cfg.quadrature) if cfg.tempered else None  # (S,) FKC weight of each call
+    # a tempered path's zero-SNR start (alpha_bar_T = 0: a flow's sigma = 1): FKC's direct steps (``fkc.direct_steps``,
+    # no FK weight), whose x0 is the experts' x0_bar and whose move samples the target path (docs/compose.md)
+    direct = (direct_steps(ab_t, ab_s) if cfg.tempered else torch.zeros(len(abs_), dtype=torch.bool)).tolist() + [False]
 
     x = x_T.detach()
-    eps, x0, log_l, grad = twist(prior, op, y, x, t_dev(ts[0]), abs_[0], sy, tweedie_var(abs_[0], v), cond, codec)
+    eps, x0, log_l, grad = twist(prior, op, y, x, t_dev(ts[0]), abs_[0], sy, tweedie_var(abs_[0], v), cond, codec,
+                                 direct[0])
     rate = prior.rate if cfg.tempered else None
     log_w = log_l.reshape(G, K).clone()
     ess_trace, n_res = [], torch.zeros(G, dtype=torch.int64)
@@ -318,9 +313,9 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
                 on_step(1)
             break
         ab_prev = abs_[i + 1]
-        # from alpha_bar = 0 (zero terminal SNR: a flow's sigma = 1): the target path's own step there, x' ~
-        # N(sqrt(ab') x0_bar, (1 - ab') / B) (fkc.zero_snr_move at eta = 1; for B = 1 the ancestral step itself)
-        s, dir_ = (math.sqrt((1.0 - ab_prev) / B), 0.0) if ab == 0.0 else ancestral_coefs(ab, ab_prev)
+        # a direct step of a tempered zero-SNR start: the target path's own draw, x' ~ N(sqrt(ab') x0_bar, (1 - ab') / B)
+        # (fkc.zero_snr_move at eta = 1); from alpha_bar = 0 untempered, the ancestral step is the same with B = 1
+        s, dir_ = (math.sqrt((1.0 - ab_prev) / B), 0.0) if direct[i] or ab == 0.0 else ancestral_coefs(ab, ab_prev)
         g = trust_clip(grad, ab, v)
         shift = cfg.guidance_weight * s * s * proposal_gain(s * s, ab_prev, v, sy, aat) * g
         z = normal_blocks(noise_generators, rows, tuple(x.shape[1:]), device=dev)
@@ -331,7 +326,7 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
         else:
             log_pq = torch.zeros(rows, dtype=torch.float64)
         eps, x0, log_l_new, grad = twist(prior, op, y, x_new, t_dev(ts[i + 1]), ab_prev, sy, tweedie_var(ab_prev, v),
-                                         cond, codec)
+                                         cond, codec, direct[i + 1])
         rate = prior.rate if cfg.tempered else None
         unet_fwd += 1
         unet_bwd += 1

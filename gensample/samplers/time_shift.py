@@ -49,7 +49,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,9 +57,6 @@ import torch
 from .. import _moved
 from ..core.ddim import x0_from_eps
 from ..core.denoiser import check_finite
-
-if TYPE_CHECKING:  # the diffusers face, for the annotation only (it imports this module, not the reverse)
-    from ..schedulers.time_shift import TimeShiftScheduler
 
 VARIANTS = ("paper", "reference_pnm")
 # Chosen by measurement on digits-ddpm (docs/time_shift.md "Measured").
@@ -433,7 +430,7 @@ def zero_snr_first_step(denoiser, scheduler, x: torch.Tensor, t_model: torch.Ten
 def sample_time_shift(
     denoiser: Callable,
     x_T: torch.Tensor,
-    scheduler: "TimeShiftScheduler",
+    scheduler,  # a set TimeShiftScheduler (gensample.schedulers.time_shift) or a flow stepper (FlowTimeShift)
     *,
     cond=None,
     guidance_scale: float = 1.0,
