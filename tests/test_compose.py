@@ -59,6 +59,19 @@ def test_fkc_over_time_shift_ddpm_steps_with_eta_one_whatever_eta():
     assert np.array_equal(a.x, b.x) and np.array_equal(b.x, c.x)
 
 
+def test_the_ode_move_warning_reads_the_move_eta():
+    """FKC warns that an eta = 0 move with resampling duplicates particles: for the move that runs, so
+    --proposal ddpm (eta 1) with --eta 0 does not warn, --proposal ddim with --eta 0 does."""
+    import warnings
+
+    kw = dict(KW, beta=2.0, particles=4, eta=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        gensample.run(sampler="fkc", proposal="ddpm", **kw)
+    with pytest.warns(RuntimeWarning, match="eta=0"):
+        gensample.run(sampler="fkc", proposal="ddim", **kw)
+
+
 def test_time_shift_window_zero_inside_fkc_is_fkc_bit_for_bit():
     # CFG w = 2 (sum of exponents 1): weights and resampling are active, only the step rule differs
     kw = dict(KW, fkc_target="cfg", guidance_scale=2.0, experts="3", particles=4)
@@ -133,7 +146,7 @@ class TimeShiftScheduler:
 
     def __init__(self, grid, max_shift, seed, final_alpha_cumprod):
         self.timesteps = grid
-        self.config = _Cfg(prediction_type="epsilon", window_size=2 * max_shift + 1)
+        self.config = _Cfg(prediction_type="epsilon", window_size=2 * max_shift + 1, eta=1.0)
         self.final_alpha_cumprod = final_alpha_cumprod
         self.gen = torch.Generator().manual_seed(seed)
         self.max_shift = max_shift

@@ -402,15 +402,16 @@ def sample_fkc(
     batched_noise = isinstance(noise_generators, torch.Generator)
     if not batched_noise and len(noise_generators) != N:
         raise ValueError(f"noise_generators must be one generator or one per particle ({N}), got {len(noise_generators)}")
-    if cfg.eta == 0 and cfg.resample != "never":
-        warnings.warn("FKC with eta=0 (ODE move) and resampling duplicates particles forever "
-                      "(docs/fkc.md \"Design choices\"); use eta > 0", RuntimeWarning, stacklevel=2)
     schedule = as_schedule(alphas_cumprod)  # a VP table or any core.schedule.Schedule (flows: the VP twin)
     step_kwargs = {}
-    move_eta = cfg.eta  # the eta of the zero-SNR start move: FKC's own, or the proposal's
+    move_eta = cfg.eta  # the eta of the move: FKC's own, or the proposal's
     if proposal is not None:
         step_kwargs = check_proposal(proposal, timesteps, cfg)
+        move_eta = proposal_eta(proposal, step_kwargs)
         final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
+    if move_eta == 0 and cfg.resample != "never":
+        warnings.warn("FKC with eta=0 (ODE move) and resampling duplicates particles forever "
+                      "(docs/fkc.md \"Design choices\"); use eta > 0", RuntimeWarning, stacklevel=2)
     shifted = proposal is not None and hasattr(proposal, "model_timesteps")
     relabel = getattr(proposal, "model_input", None) if shifted else None  # flows: the model time's twin coordinates
     # the twin steppers of a flow also take x0 (the velocity's: no 0/0 near sigma = 1)
@@ -421,8 +422,6 @@ def sample_fkc(
     # move at the move's eta, also under a proposal (whose eps-form step is undefined from alpha_bar = 0),
     # never shifted (docs/compose.md "FKC over any proposal")
     direct = direct_steps(ab_t_all, ab_s_all)
-    if proposal is not None and bool(direct.any()):
-        move_eta = proposal_eta(proposal, step_kwargs)
     event = tuple(x_T.shape[1:])
     x = (x_T.double() / math.sqrt(cfg.total_beta)).to(x_T.dtype)  # N(0, I/B) = rho_T for VP (docs/fkc.md)
     log_w = torch.zeros((G, K), dtype=torch.float64)
@@ -476,7 +475,7 @@ def sample_fkc(
                 kw["pred_original_sample"] = x0_eff
             x = proposal.step(eps_eff.to(x.dtype), t, x, generator=noise_generators, return_dict=True, **kw).prev_sample
         else:
-            eta = move_eta if direct[k] else cfg.eta
+            eta = move_eta  # cfg.eta without a proposal; the proposal's on its zero-SNR start
             noise = None
             if eta > 0 and batched_noise:
                 noise = normal((N, *event), noise_generators, device=x.device, dtype=x.dtype)
