@@ -319,6 +319,6 @@ def accepts_kwarg(fn: Callable, name: str) -> bool:
 
 
 def check_finite(x: torch.Tensor, sampler: str, step: int) -> None:
-    """Stop the run on NaN/Inf with the sampler name and step index (DESIGN.md conventions)."""
+    """Stop the run on NaN/Inf with the sampler name and step index (docs/scaling.md "Bad numbers stop the run")."""
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{sampler}: non-finite values (NaN/Inf) in the model output at step {step}")

@@ -3,7 +3,7 @@
 p(x) = sum_k w_k N(x; mu_k, s_k^2 I), x of any event shape (vectors or C x H x W images).
 Under the VP forward process x_t = sqrt(ab) x0 + sqrt(1-ab) eps the noised marginal is again a
 mixture, q_t(x) = sum_k w_k N(x; sqrt(ab) mu_k, (ab s_k^2 + 1 - ab) I), so its score and the exact
-eps = -sqrt(1-ab) grad log q_t are closed form (Tweedie; DESIGN.md "oracle strategy").
+eps = -sqrt(1-ab) grad log q_t are closed form (Tweedie): the samplers are checked exactly against these.
 
 Components may carry a class label; p(x | c) is the sub-mixture of components with label c
 (weights renormalised). The label ``num_classes`` (and -1) means "unconditional" (the null class

@@ -1,4 +1,4 @@
-"""Exact Markov-chain language: the oracle for masked discrete diffusion (DESIGN.md, docs/first_hitting.md).
+"""Exact Markov-chain language: the oracle for masked discrete diffusion (docs/first_hitting.md).
 
 A chain over V tokens with initial law pi (V,) and transition matrix P (V, V), sequences of
 length L. Its exact denoiser mu*(x)[i, v] = p(x_i = v | unmasked tokens of x) comes from
