@@ -285,3 +285,23 @@ def test_lambda_zero_on_sd3_and_flux_is_the_ddpm_sampler(tiny, tmp_path, family,
     b = gensample.run(sampler="ddpm", output=str(tmp_path / "b"), **kw)
     assert np.abs(b.x).max() <= 8
     np.testing.assert_allclose(a.x, b.x, rtol=0, atol=4 * 4 * 2.0**-20)
+
+
+
+def test_time_shift_with_resampling_at_the_zero_snr_start_on_a_flow(tmp_path):
+    """lambda > 0 makes the weights differ at step 0, the direct draw from sigma = 1, so the groups resample
+    there; under --time-shift the model time of that step is the grid's scalar time, not per-particle times
+    (before: IndexError from resampling the scalar, a traceback from the CLI)."""
+    res = gensample.run(sampler="fk-steer", reward="quadratic:c=0", particles=4, time_shift=True, window=4, cutoff=0,
+                        ess_threshold=1.0, output=str(tmp_path / "o"), **{"lambda": 1.0}, **KW_FLOW)
+    assert np.isfinite(res.x).all() and res.record["stats"]["fk_steer_resample_events"] > 0
+
+
+@pytest.mark.parametrize("extra", [["--proposal", "ddim", "--eta", "0"], ["--time-shift", "--eta", "0"]])
+def test_a_deterministic_proposal_is_refused(tmp_path, extra):
+    """The move must be stochastic whoever makes it: --proposal ddim (or --time-shift) with --eta 0 is refused
+    as FK steering's own move with --eta 0 is (before: it ran, resampled copies staying identical)."""
+    r = CliRunner().invoke(main, ["run", "--sampler", "fk-steer", "--model", "gmm2d", "--reward", "quadratic:c=0",
+                                  "--particles", "2", "-n", "2", "--steps", "4", "--no-progress", "-o", str(tmp_path / "o"),
+                                  *extra])
+    assert r.exit_code == 2 and "--eta must be > 0 for 'fk-steer'" in r.output and "Traceback" not in r.output

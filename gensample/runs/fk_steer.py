@@ -25,7 +25,7 @@ from ..eval.images import band_plot_png
 from ..io import atomic_write_bytes
 from ..rewards import CallableReward, resolve_reward, reward_option
 from ..samplers.fk_steer import DEFAULTS, FINALS, POTENTIALS, FKSteerConfig, sample_fk_steer
-from ..samplers.fkc import check_proposal
+from ..samplers.fkc import check_proposal, proposal_eta
 from ..samplers.registry import FLOW_MODEL_OPTIONS, SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register
 from .fkc import _expert_fn, make_proposal, particle_plan, resolve_target
 from .oms import OMS_START_OPTIONS, check_oms_start
@@ -113,11 +113,12 @@ def _validate(opts: dict, model) -> None:
     target, _ = _target(opts, model)
     check_time_shift_flags(opts)
     proposal = make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), target, "cpu", warn=False)
+    eta = target.eta  # the eta of the move that runs: the loop's own or the proposal's (ddpm: 1)
     if proposal is not None:
-        check_proposal(proposal, proposal.timesteps, target)
-    elif target.eta <= 0:
+        eta = proposal_eta(proposal, check_proposal(proposal, proposal.timesteps, target))
+    if eta <= 0:
         raise ValueError(f"--eta must be > 0 for {NAME!r}: its move must be stochastic (resampled copies of a deterministic "
-                         f"move stay identical), got {target.eta}")
+                         f"move stay identical), got {eta}")
     if opts.get("oms_module") is not None:
         check_oms_start(opts, model)
     reward = _reward(opts)

@@ -58,7 +58,7 @@ import torch
 
 from ..core import smc
 from ..core.denoiser import check_finite
-from ..core.noise import normal, normal_rows
+from ..core.noise import normal_like
 from ..core.schedule import as_schedule
 from .fkc import (FKCConfig, check_proposal, combine_eps, combine_x0, direct_steps, ddim_move, node_coefficients,
                   proposal_eta, weight_rate, zero_snr_move)
@@ -244,9 +244,6 @@ def sample_fk_steer(
     target = FKCConfig() if target is None else target
     if not isinstance(target, FKCConfig):
         raise TypeError(f"target must be a gensample.samplers.fkc.FKCConfig or None, got {type(target).__name__}")
-    if target.eta <= 0 and proposal is None:
-        raise ValueError(f"FK steering needs a stochastic move (target eta > 0); eta = {target.eta} would make "
-                         "resampled copies identical forever")
     N = x_T.shape[0]
     K = int(group_size)
     if K < 1 or N % K:
@@ -255,9 +252,14 @@ def sample_fk_steer(
     if not batched_noise and len(noise_generators) != N:
         raise ValueError(f"noise_generators must be one torch.Generator or one per particle ({N}), got {len(noise_generators)}")
     step_kwargs = {}
+    move_eta = target.eta  # the eta of the move: the loop's own, or the proposal's
     if proposal is not None:
         step_kwargs = check_proposal(proposal, timesteps, target)
+        move_eta = proposal_eta(proposal, step_kwargs)
         final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
+    if move_eta <= 0:
+        raise ValueError(f"FK steering needs a stochastic move (eta > 0); eta = {move_eta} would make "
+                         "resampled copies identical forever")
     shifted = proposal is not None and hasattr(proposal, "model_timesteps")
     G = N // K
     S = len(timesteps)
@@ -269,7 +271,6 @@ def sample_fk_steer(
     direct = direct_steps(ab_t, ab_s)  # (S,) steps from alpha_bar = 0 (a flow's sigma = 1): FKC's direct draw
     # from alpha_bar = 0 the move is FKC's direct draw at the move's eta, also under a proposal (whose eps-form
     # step is undefined there), never shifted (docs/compose.md "FKC over any proposal")
-    move_eta = proposal_eta(proposal, step_kwargs) if proposal is not None and bool(direct.any()) else target.eta
     relabel = getattr(proposal, "model_input", None) if shifted else None  # flows: the model time's twin coordinates
     takes_x0 = proposal is not None and "pred_original_sample" in inspect.signature(proposal.step).parameters
     event = tuple(x_T.shape[1:])
@@ -324,11 +325,11 @@ def sample_fk_steer(
             want = torch.ones(G, dtype=torch.bool) if cfg.ess_threshold >= 1 else ess < cfg.ess_threshold * K
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():
-                carried = [x, x0_hat, eps_hat, rewards] + ([t_model] if shifted else [])
+                carried = [x, x0_hat, eps_hat, rewards] + ([t_model] if shift_k else [])  # per-particle times
                 carried += [x0_experts.movedim(0, 1)] if direct[k] else []  # (N, M, ...) for the direct draw
                 carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
                 x, x0_hat, eps_hat, rewards = carried[:4]
-                t_model = carried[4] if shifted else t_model
+                t_model = carried[4] if shift_k else t_model
                 x0_experts = carried[-1].movedim(1, 0) if direct[k] else x0_experts
                 did[:, k] = want
         if proposal is not None and not direct[k]:  # the scheduler's own step, its noise from the same generators
@@ -339,11 +340,9 @@ def sample_fk_steer(
                               **kw).prev_sample.double()
         else:
             # drawn in the samples' dtype, as FKC's move and the ddpm sampler's schedulers draw theirs (the same
-            # stream from the same seeds), used in float64
-            if batched_noise:  # one (N, ...) draw per step (faster; depends on the batch)
-                noise = normal((N, *event), noise_generators, device=x.device, dtype=x_T.dtype).double()
-            else:  # one draw per particle from its own generator (batch-independent)
-                noise = normal_rows(noise_generators, event, device=x.device, dtype=x_T.dtype).double()
+            # stream from the same seeds: one draw per particle from its own generator, or one batched draw from a
+            # single generator), used in float64
+            noise = normal_like(x_T, noise_generators).double()
             if direct[k]:  # from alpha_bar = 0: sample rho_s directly (FKC's zero-SNR start, any betas)
                 x = zero_snr_move(x, x0_experts, target.betas, ab_s[k], move_eta, noise)  # (N, ...) float64
             else:

@@ -46,7 +46,7 @@ from ..core import smc
 from ..core.ddim import (alpha_bar_pairs, ddim_sigma, ddim_update, eps_from_v, eps_from_x0, timestep_grid, x0_from_eps,
                          x0_from_v)
 from ..core.denoiser import check_finite
-from ..core.noise import normal, normal_rows
+from ..core.noise import normal_like
 from ..core.flow import eps_x0_from_velocity, sigma_of_alpha_bar, twin_to_flow
 from ..core.param import PREDICTION_TYPES
 from ..core.schedule import as_schedule
@@ -476,11 +476,7 @@ def sample_fkc(
             x = proposal.step(eps_eff.to(x.dtype), t, x, generator=noise_generators, return_dict=True, **kw).prev_sample
         else:
             eta = move_eta  # cfg.eta without a proposal; the proposal's on its zero-SNR start
-            noise = None
-            if eta > 0 and batched_noise:
-                noise = normal((N, *event), noise_generators, device=x.device, dtype=x.dtype)
-            elif eta > 0:
-                noise = normal_rows(noise_generators, event, device=x.device, dtype=x.dtype)
+            noise = normal_like(x, noise_generators) if eta > 0 else None  # per particle, or one batched draw
             if direct[k]:  # zero terminal SNR: sample rho_s directly (docs/fkc.md "Zero terminal SNR")
                 if x0_experts is None:  # eps models: x0 through the clamped alpha_bar
                     x0_experts = torch.stack([eps_and_x0(e, x, ab_t_all[k], "epsilon")[1] for e in eps_experts])
