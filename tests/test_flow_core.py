@@ -134,6 +134,34 @@ def test_flow_denoiser_gives_the_twin_eps():
         Denoiser(model.unet, prediction_type="flow", schedule=VPSchedule(torch.ones(10)))
 
 
+
+def _cfg_flow_denoiser():
+    """A conditional flow Denoiser with a null condition (v = s x, plain callable)."""
+    return Denoiser(lambda x, t, c: x * c["s"], prediction_type="flow", null_cond={"s": torch.zeros(1, 1)},
+                    schedule=FlowSchedule({"num_train_timesteps": 1000}))
+
+
+def test_a_flow_denoiser_looks_sigma_up_once_per_call():
+    """eps, (eps, x0), guided eps and guided (eps, x0) each form sigma(t) (and x_sigma) once per call."""
+    den = _cfg_flow_denoiser()
+    seen, sigma = [], den.sigma
+    den.sigma = lambda t: seen.append(t) or sigma(t)
+    x, t, cond = torch.randn(3, 2), torch.tensor([900.0, 500.0, 100.0]), {"s": torch.ones(3, 1)}
+    for call in (lambda: den(x, t, cond), lambda: den.eps_x0(x, t, cond),
+                 lambda: den.guided(x, t, cond, 3.0), lambda: den.guided(x, t, cond, 3.0, guidance_rescale=0.5),
+                 lambda: den.guided_eps_x0(x, t, cond, 3.0), lambda: den.guided_eps_x0(x, t, cond, 3.0, guidance_rescale=0.5)):
+        seen.clear()
+        call()
+        assert len(seen) == 1
+
+
+def test_guided_eps_x0_refuses_a_guidance_rescale_outside_0_1_as_guided_does():
+    den = _cfg_flow_denoiser()
+    x, t, cond = torch.randn(3, 2), torch.tensor(500.0), {"s": torch.ones(3, 1)}
+    for method in (den.guided, den.guided_eps_x0):
+        with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\], got -0.5"):
+            method(x, t, cond, 3.0, guidance_rescale=-0.5)
+
 # -- 3. methods on flows ----------------------------------------------------------------------
 def _stock_euler(model, x_T, steps):
     """The SD3 / Flux pipelines' loop: the model's own FlowMatchEulerDiscreteScheduler fed the velocity."""

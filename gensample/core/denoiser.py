@@ -183,30 +183,51 @@ class Denoiser:
             name = f"model {self.name!r}" if self.name else "the model"
             raise ModelCallError(f"{name} failed when called as {who}({args}): {err.__class__.__name__}: {err}") from err
 
+    def _net_state(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(sigma, the network's input) at the sampler's state x_t (t a tensor on x_t's device): for a
+        flow model sigma(t) and x_sigma = c(sigma) x_VP (``core.flow.twin_to_flow``), each formed once
+        per call; for a VP model (None, x_t)."""
+        if not self.is_flow:
+            return None, x_t
+        sigma = self.sigma(t)
+        return sigma, twin_to_flow(x_t, sigma)
+
     def raw_twin(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
         """The network's own output at the sampler's state x_t: ``_raw`` for a VP model; for a flow
         model x_t is the twin state x_VP, the network is called at x_sigma = c(sigma) x_VP and the
         velocity v is returned (``eps_x0`` and ``samplers.fkc.eps_and_x0(..., "flow")`` turn it into (eps, x0) on the twin)."""
         t = torch.as_tensor(t, device=x_t.device)
-        if not self.is_flow:
-            return self._raw(x_t, t, cond)
-        return self._raw(twin_to_flow(x_t, self.sigma(t)), t, cond)
+        return self._raw(self._net_state(x_t, t)[1], t, cond)
 
-    def _flow_eps(self, v_hat: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        """eps = x_sigma + (1 - sigma) v at the twin state x_t (float64 math, x_t's dtype)."""
-        sigma = self.sigma(t)
-        return eps_x0_from_velocity(v_hat, twin_to_flow(x_t, sigma), sigma)[0].to(x_t.dtype)
+    def _eps_of(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, sigma, x_net: torch.Tensor) -> torch.Tensor:
+        """eps_hat from a raw output ``out`` (x_t's dtype) at x_t, given ``_net_state(x_t, t)``; flow:
+        eps = x_sigma + (1 - sigma) v (float64 math, x_t's dtype out)."""
+        if self.is_flow:
+            return eps_x0_from_velocity(out, x_net, sigma)[0].to(x_t.dtype)
+        if self.prediction_type == "epsilon":
+            return out
+        return to_eps(out, x_t, self.alpha_bar(t.double()), self.prediction_type)
+
+    def _cfg(self, raw: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale: float,
+             uncond: Cond, phi: float) -> torch.Tensor:
+        """out_u + w (out_c - out_u) of ``raw(x, t, cond)`` (the network's output, or eps), both halves
+        from one batched call, then rescaled CFG with phi (``param.rescale_cfg``; phi = 0 leaves it); x's dtype.
+        uncond defaults to ``null_cond``."""
+        uncond = self.null_cond if uncond is None else uncond
+        if uncond is None:
+            raise ValueError("guidance_scale != 1 needs an unconditional input (the model has no null condition)")
+        n = x.shape[0]
+        t2 = torch.cat([t, t]) if t.ndim == 1 else t
+        out = raw(torch.cat([x, x]), t2, concat_cond(cond, uncond, n, n)).to(x.dtype)
+        out_c, out_u = out[:n], out[n:]
+        return rescale_cfg(cfg_combine(out_u, out_c, guidance_scale), out_c, phi)
 
     def __call__(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
         """eps_hat at x_t (B, ...) and time t (scalar or (B,) tensor). Flow models: x_t is the VP
         twin's state and t the model time sigma * T."""
         t = torch.as_tensor(t, device=x_t.device)
-        if self.is_flow:
-            return self._flow_eps(self.raw_twin(x_t, t, cond).to(x_t.dtype), x_t, t)
-        out = self._raw(x_t, t, cond).to(x_t.dtype)
-        if self.prediction_type == "epsilon":
-            return out
-        return to_eps(out, x_t, self.alpha_bar(t.double()), self.prediction_type)
+        sigma, x_net = self._net_state(x_t, t)
+        return self._eps_of(self._raw(x_net, t, cond).to(x_t.dtype), x_t, t, sigma, x_net)
 
     def eps_x0(self, x_t: torch.Tensor, t, cond: Cond = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_hat, x0_hat) at x_t, each formed where the model's parameterisation gives it directly
@@ -215,7 +236,8 @@ class Denoiser:
         alpha_bar = 0 (the twin's sigma = 1) for those models; eps models divide by sqrt(alpha_bar).
         Differentiable in x_t (x_t's dtype out)."""
         t = torch.as_tensor(t, device=x_t.device)
-        return self.eps_x0_of(self.raw_twin(x_t, t, cond).to(x_t.dtype), x_t, t)
+        sigma, x_net = self._net_state(x_t, t)
+        return self._eps_x0_of(self._raw(x_net, t, cond).to(x_t.dtype), x_t, t, sigma, x_net)
 
     def guided_eps_x0(self, x_t: torch.Tensor, t, cond: Cond, guidance_scale: float, uncond: Cond = None,
                       guidance_rescale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,28 +248,24 @@ class Denoiser:
         t = torch.as_tensor(t, device=x_t.device)
         if guidance_scale == 1.0 or cond is None:
             return self.eps_x0(x_t, t, cond)
-        uncond = self.null_cond if uncond is None else uncond
-        if uncond is None:
-            raise ValueError("guidance_scale != 1 needs an unconditional input (the model has no null condition)")
         phi = self.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
-        n = x_t.shape[0]
-        t2 = torch.cat([t, t]) if t.ndim == 1 else t
-        out = self.raw_twin(torch.cat([x_t, x_t]), t2, concat_cond(cond, uncond, n, n)).to(x_t.dtype)
-        out_c, out_u = out[:n], out[n:]
-        out = cfg_combine(out_u, out_c, guidance_scale)
-        if phi > 0:
-            out = rescale_cfg(out, out_c, phi)
-        return self.eps_x0_of(out, x_t, t)
+        sigma, x_net = self._net_state(x_t, t)
+        out = self._cfg(self._raw, x_net, t, cond, guidance_scale, uncond, phi)
+        return self._eps_x0_of(out, x_t, t, sigma, x_net)
 
     def eps_x0_of(self, out: torch.Tensor, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_hat, x0_hat) from a raw model output ``out`` at x_t (see ``eps_x0``)."""
+        t = torch.as_tensor(t, device=x_t.device)
+        return self._eps_x0_of(out, x_t, t, *self._net_state(x_t, t))
+
+    def _eps_x0_of(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, sigma,
+                   x_net: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eps_x0_of`` given ``_net_state(x_t, t)``."""
         from .ddim import x0_from_eps
         from .param import x0_to_eps
 
-        t = torch.as_tensor(t, device=x_t.device)
         if self.is_flow:
-            sigma = self.sigma(t)
-            eps, x0 = eps_x0_from_velocity(out, twin_to_flow(x_t, sigma), sigma)
+            eps, x0 = eps_x0_from_velocity(out, x_net, sigma)
             return eps.to(x_t.dtype), x0.to(x_t.dtype)
         ab = self.alpha_bar(t.double())
         if self.prediction_type == "sample":
@@ -269,14 +287,7 @@ class Denoiser:
         t = torch.as_tensor(t, device=x_flow.device)
         if guidance_scale == 1.0 or cond is None:
             return self._raw(x_flow, t, cond).to(x_flow.dtype)
-        uncond = self.null_cond if uncond is None else uncond
-        if uncond is None:
-            raise ValueError("guidance_scale != 1 needs an unconditional input (the model has no null condition)")
-        n = x_flow.shape[0]
-        t2 = torch.cat([t, t]) if t.ndim == 1 else t
-        out = self._raw(torch.cat([x_flow, x_flow]), t2, concat_cond(cond, uncond, n, n)).to(x_flow.dtype)
-        out_c, out_u = out[:n], out[n:]
-        return rescale_cfg(cfg_combine(out_u, out_c, guidance_scale), out_c, self.guidance_rescale)
+        return self._cfg(self._raw, x_flow, t, cond, guidance_scale, uncond, self.guidance_rescale)
 
     def guided(self, x_t: torch.Tensor, t, cond: Cond, guidance_scale: float, uncond: Cond = None,
                guidance_rescale: float | None = None) -> torch.Tensor:
@@ -288,27 +299,13 @@ class Denoiser:
         is converted to eps; CFG itself commutes with that affine conversion."""
         if guidance_scale == 1.0 or cond is None:
             return self(x_t, t, cond)
-        uncond = self.null_cond if uncond is None else uncond
-        if uncond is None:
-            raise ValueError("guidance_scale != 1 needs an unconditional input (the model has no null condition)")
         phi = self.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
-        n = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
-        t2 = torch.cat([t, t]) if t.ndim == 1 else t
-        both = concat_cond(cond, uncond, n, n)
         if phi == 0.0:
-            eps = self(torch.cat([x_t, x_t]), t2, both)
-            eps_c, eps_u = eps[:n], eps[n:]
-            return cfg_combine(eps_u, eps_c, guidance_scale)
-        out = self.raw_twin(torch.cat([x_t, x_t]), t2, both).to(x_t.dtype)
-        out_c, out_u = out[:n], out[n:]
-        out = rescale_cfg(cfg_combine(out_u, out_c, guidance_scale), out_c, phi)
-        if self.is_flow:
-            return self._flow_eps(out, x_t, t)
-        if self.prediction_type == "epsilon":
-            return out
-        return to_eps(out, x_t, self.alpha_bar(t.double()), self.prediction_type)
-
+            return self._cfg(self, x_t, t, cond, guidance_scale, uncond, 0.0)
+        sigma, x_net = self._net_state(x_t, t)
+        out = self._cfg(self._raw, x_net, t, cond, guidance_scale, uncond, phi)
+        return self._eps_of(out, x_t, t, sigma, x_net)
 
 def accepts_kwarg(fn: Callable, name: str) -> bool:
     try:
