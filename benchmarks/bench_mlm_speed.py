@@ -45,6 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from gensample.samplers.block_unmasking import REMASKING  # noqa: E402
+
 OUT_FILE = "mlm_speed.json"
 RESULT_FIELDS = {OUT_FILE: ["settings", "shapes", "network", "sampler", "estimates", "load_average", "notes"]}
 
@@ -60,7 +62,7 @@ TINY_SHAPES = {
     "dream-7b": {**SHAPES["dream-7b"], "d_model": 56, "n_heads": 4, "n_kv_heads": 2, "mlp": 96, "n_layers": 2,
                  "vocab": 600},
 }
-STRATEGIES = ("fhs", "low-confidence", "margin", "entropy", "random", "threshold")
+STRATEGIES = (*REMASKING, "threshold")  # "threshold": low-confidence with Fast-dLLM parallel commits
 STOCK = ("stock-greedy", "stock-multinomial")  # diffusers' BlockRefinementScheduler at temperature 0 / 1
 
 

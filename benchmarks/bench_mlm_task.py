@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(ROOT) not in sys.path:  # run as a script from a checkout without an install
     sys.path.insert(1, str(ROOT))
 
+from gensample.samplers.block_unmasking import CONFIDENCE_KINDS, REMASKING  # noqa: E402
+
 OUT_FILE = "mlm_task_accuracy.json"
 RESULT_FIELDS = {OUT_FILE: ["model", "task", "settings", "rows", "reference", "best_at_nfe", "table_md", "notes"]}
-STRATEGIES = ("fhs", "low-confidence", "margin", "entropy", "random")
-CONFIDENCE = ("low-confidence", "margin", "entropy")
+STRATEGIES = REMASKING  # every remasking strategy of sample_blocks
 
 
 def _floats(text: str) -> list[float]:
@@ -66,7 +67,7 @@ def grid(gen_length: int, strategies, temperatures, thresholds, block_lengths) -
             for b in block_lengths:
                 for s in range(1, b + 1):
                     out.append({"remasking": strat, "temperature": temp, "block_length": b, "steps": s, "threshold": None})
-            if strat in CONFIDENCE:
+            if strat in CONFIDENCE_KINDS:
                 for thr in thresholds:
                     out.append({"remasking": strat, "temperature": temp, "block_length": gen_length, "steps": gen_length,
                                 "threshold": thr})

@@ -75,7 +75,7 @@ def test_one_commit_per_call_is_exact_in_any_block_layout(remasking, block_lengt
     _, p = chain.enumerate()
     counts = torch.bincount(chain.index_of(out), minlength=81).double()
     assert chi2_p(counts, p) > 1e-3
-    assert st["nfe"] == 4 and st["tokens_per_call"] == 1.0
+    assert st["nfe"] == 4 and st["tokens_per_call"] == 1.0 and st["committed"] == 4 * n
     parallel = BlockConfig(gen_length=4, block_length=4, steps=1, remasking=remasking, mask_token_id=MASK)
     bad, st_bad = sample_blocks(net, x, parallel, torch.Generator().manual_seed(1))
     assert st_bad["nfe"] == 1

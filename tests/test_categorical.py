@@ -10,6 +10,7 @@ from scipy import stats
 from gensample.core.categorical import (
     exponential_noise,
     masked_log_softmax,
+    owner_groups,
     sample_categorical,
 )
 
@@ -137,3 +138,14 @@ def test_float32_hit_rate_at_the_floor():
     f32 = tail_hits(n, k, p, seed=7, chunk=1000, precision="float32")
     mean = n * k * p * (1 / (math.e - 1))
     assert abs(f32 - mean) < 5 * math.sqrt(mean), f"float32 hits {f32}, expected ~{mean:.1f}"
+
+
+def test_owner_groups_one_group_per_generator_members_in_order():
+    g = torch.Generator()
+    owner = torch.tensor([2, 0, 2, 1, 0])
+    ((only, members),) = owner_groups(g, owner, "cpu")
+    assert only is g and members.tolist() == [0, 1, 2, 3, 4]
+    gens = [torch.Generator() for _ in range(3)]
+    groups = owner_groups(gens, owner, "cpu")
+    assert [gen is gens[b] for (gen, _), b in zip(groups, (0, 1, 2))] == [True] * 3
+    assert [m.tolist() for _, m in groups] == [[1, 4], [3], [0, 2]]

@@ -20,6 +20,7 @@ from gensample.eval.task_accuracy import (
     task_of,
 )
 from gensample.train.task_mdm import ALPHABET, AdditionTask, TaskTrainConfig, mask_answers, train_task_mdm
+from gensample.train.task_mdm import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_mlm_task.py"
@@ -97,6 +98,16 @@ def test_trainer_is_reproducible_and_the_folder_loads(tiny_folder, tmp_path):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="missing"):
         load_task_mdm(tmp_path / "nowhere", name="nowhere")
+    assert "command" not in json.loads((tmp_path / "train.json").read_text())  # no command line: none recorded
+
+
+def test_trainer_cli_records_its_command_in_train_json(tmp_path):
+    argv = ["--out", str(tmp_path), "--digits", "2", "--steps", "2", "--batch-size", "8", "--d-model", "16",
+            "--num-layers", "1", "--num-heads", "2", "--ff-mult", "1", "--eval-every", "1", "--eval-size", "8"]
+    assert train_main(argv) == 0
+    info = json.loads((tmp_path / "train.json").read_text())
+    assert info["command"] == "python -m gensample.train.task_mdm " + " ".join(argv)
+    assert info["steps_done"] == 2 and info["task"]["digits"] == 2
 
 
 def test_task_of_refuses_a_model_without_a_task():

@@ -161,6 +161,16 @@ def sample_categorical(logits: torch.Tensor, generator: Generators, *, exclude: 
     return gumbel_argmax(log_p, generator, precision=precision, uniform_bits=uniform_bits)
 
 
+def owner_groups(generator: Generators, owner: torch.Tensor, device) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """(generator, member indices on ``device``) pairs for rows whose batch row is ``owner`` (M,) int64: one group
+    of all M rows for a single generator; for a list, one group per distinct owner b (ascending), drawing from
+    ``generator[b]``, its members in their given order."""
+    if isinstance(generator, torch.Generator):
+        return [(generator, torch.arange(owner.numel(), device=device))]
+    gens = list(generator)
+    owner_cpu = owner.cpu()
+    return [(gens[int(b)], (owner_cpu == b).nonzero()[:, 0].to(device)) for b in torch.unique(owner_cpu)]
+
 
 # Float64 working set of one chunk in ``sample_rows``: at least 2^20 entries (8 MiB per float64 copy),
 # at most 1/32 of the selected rows, so the extra memory stays below ~0.3 x the float32 rows.
@@ -200,13 +210,7 @@ def sample_rows(logits: torch.Tensor, owner: torch.Tensor, generator: Generators
     if chunk_entries is None:
         chunk_entries = max(CHUNK_MIN_ENTRIES, M * width // CHUNK_FRACTION)
     step = max(1, int(chunk_entries) // width)
-    if isinstance(generator, torch.Generator):
-        groups = [(generator, torch.arange(M, device=logits.device))]
-    else:
-        gens = list(generator)
-        owner_cpu = owner.cpu()
-        groups = [(gens[int(b)], (owner_cpu == b).nonzero()[:, 0].to(logits.device)) for b in torch.unique(owner_cpu)]
-    for g, members in groups:
+    for g, members in owner_groups(generator, owner, logits.device):
         for start in range(0, members.numel(), step):
             sel = members[start:start + step]
             log_w = masked_log_softmax(logits[rows[sel]], exclude, temperature)  # (C, K) float64
@@ -253,7 +257,8 @@ def filter_top_k_top_p(log_p: torch.Tensor, top_k: int | None = None, top_p: flo
         changed = True
     if top_p is not None and top_p < 1.0:
         srt, idx = out.sort(-1, descending=True)  # (..., K)
-        before = torch.cumsum(srt.exp(), -1) - srt.exp()  # mass strictly before each sorted token
+        p_srt = srt.exp()
+        before = torch.cumsum(p_srt, -1) - p_srt  # mass strictly before each sorted token
         drop_sorted = before > float(top_p)
         drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)

@@ -16,15 +16,14 @@ problems shared the batch.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 
-from ..train.task_mdm import ALPHABET, AdditionTask
-
-DIGIT_IDS = tuple(ALPHABET.index(c) for c in "0123456789")
+from ..samplers.block_unmasking import BlockConfig, _accepts_block, sample_blocks
+from ..samplers.first_hitting import MaskedDiffusionConfig, sample_first_hitting
+from ..train.task_mdm import AdditionTask
 
 
 def task_of(model) -> AdditionTask:
@@ -122,11 +121,7 @@ class CallCounter:
         self.mask_token_id = int(mask_token_id)
         self.per_row = torch.zeros(batch, dtype=torch.long)
         self.calls = 0
-        try:
-            params = inspect.signature(network.forward if hasattr(network, "forward") else network).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self.forward_block = "block" in params
+        self.forward_block = _accepts_block(network)
 
     def __call__(self, x: torch.Tensor, block: tuple[int, int] | None = None, **kwargs):
         if x.shape[0] != self.per_row.numel():
@@ -141,8 +136,6 @@ class CallCounter:
 
 
 def _blocks_config(task: AdditionTask, mask_token_id: int, exclude_ids: tuple, params: dict):
-    from ..samplers.block_unmasking import BlockConfig
-
     return BlockConfig(gen_length=task.answer_length, mask_token_id=int(mask_token_id),
                        exclude_ids=tuple(exclude_ids), **params)
 
@@ -174,12 +167,8 @@ def measure(model, params: dict, *, n: int, seed: int, batch_size: int = 1000, s
         counter = CallCounter(network, x.shape[0], mask_id)
         with torch.no_grad():
             if sampler == "blocks":
-                from ..samplers.block_unmasking import sample_blocks
-
                 out, _ = sample_blocks(counter, x, _blocks_config(task, mask_id, exclude, params), gen)
             else:
-                from ..samplers.first_hitting import MaskedDiffusionConfig, sample_first_hitting
-
                 cfg = MaskedDiffusionConfig(mask_token_id=mask_id, exclude_ids=exclude, **params)
                 out, _ = sample_first_hitting(lambda x_t, t: counter(x_t), x, cfg, gen)
         correct += int(check_answers(task, ab[start:start + batch_size], out).sum())

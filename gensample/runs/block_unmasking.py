@@ -25,7 +25,7 @@ import torch
 from ..io import atomic_write_bytes
 from ..models.diffusion_gemma import DiffusionGemmaNetwork
 from ..models.llada import PrefixCachedNetwork
-from ..samplers.block_unmasking import REMASKING, BlockConfig, sample_blocks
+from ..samplers.block_unmasking import CONFIDENCE_KINDS, REMASKING, BlockConfig, sample_blocks
 from ..samplers.first_hitting import SCHEDULES
 from ..samplers.registry import Option, RunContext, SampleBatch, SamplerSpec, register
 
@@ -117,9 +117,9 @@ def _validate(opts: dict, model) -> None:
                          f"maximum length {max_len}")
     if model.extras.get("family") == "diffusion_gemma" and min(lengths) == 0:
         raise ValueError("DiffusionGemma needs a prompt (--prompt): its decoder attends to an encoded context")
-    if opts.get("threshold") is not None and opts.get("remasking", "fhs") not in ("low-confidence", "margin", "entropy"):
-        raise ValueError(f"--threshold applies to --remasking low-confidence, margin or entropy, got "
-                         f"{opts.get('remasking', 'fhs')!r}")
+    if opts.get("threshold") is not None and opts.get("remasking", "fhs") not in CONFIDENCE_KINDS:
+        raise ValueError(f"--threshold applies to --remasking {', '.join(CONFIDENCE_KINDS[:-1])} or "
+                         f"{CONFIDENCE_KINDS[-1]}, got {opts.get('remasking', 'fhs')!r}")
     if opts.get("stop_at_eos") and not getattr(tok, "eos_ids", ()):
         raise ValueError(f"--stop-at-eos needs a tokenizer with an EOS token; {model.name!r} has none")
     if opts.get("block_cache", "none") == "prefix" and model.extras.get("network_cached") is None:
@@ -154,8 +154,9 @@ def _run(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
     chat = bool(opts.get("chat_template", True))
     prompts = _prompts(opts)
     indices = model.batch_indices(len(seeds))
-    rows = [_encode_prompt(model, prompts[i % len(prompts)], chat) if prompts else [] for i in indices]
-    width = max(len(_encode_prompt(model, p, chat)) for p in prompts) if prompts else 0
+    encoded = [_encode_prompt(model, p, chat) for p in prompts]  # each prompt once
+    rows = [encoded[i % len(encoded)] if encoded else [] for i in indices]
+    width = max(map(len, encoded), default=0)
     pad = model.extras.get("pad_token_id")
     pad = int(pad if pad is not None else model.extras["mask_token_id"])
     device = ctx.device if ctx.device is not None else torch.device("cpu")
@@ -177,7 +178,7 @@ def _run(model, opts: dict, seeds: list[int], ctx: RunContext) -> SampleBatch:
         x, st = sample_blocks(net, x, cfg, gens, editable=editable, on_step=lambda info: ctx.step_done(1))
         out[members, width - n:] = x.cpu()
         stats["nfe"] += int(st["nfe"])
-        stats["committed"] += int(st["tokens_per_call"] * st["nfe"] * len(members) + 0.5)
+        stats["committed"] += int(st["committed"])
         if hasattr(net, "refreshes"):  # the prefix cache: full-sequence calls among the block calls it served
             stats["cache_refreshes"] = stats.get("cache_refreshes", 0) + int(net.refreshes)
             stats["cache_calls"] = stats.get("cache_calls", 0) + int(net.calls)

@@ -132,15 +132,6 @@ def confidence_scores(log_p: torch.Tensor, x0: torch.Tensor, kind: str) -> torch
     raise ValueError(f"kind must be one of {CONFIDENCE_KINDS}, got {kind!r}")
 
 
-def _groups(generator: Generators, owner: torch.Tensor):
-    """(generator, member indices) pairs: one group for a single generator, one per row for a list."""
-    if isinstance(generator, torch.Generator):
-        return [(generator, torch.arange(owner.numel(), device=owner.device))]
-    gens = list(generator)
-    owner_cpu = owner.cpu()
-    return [(gens[int(b)], (owner_cpu == b).nonzero()[:, 0].to(owner.device)) for b in torch.unique(owner_cpu)]
-
-
 def _check_rows(rows: torch.Tensor) -> None:
     """Raise if a row holds a NaN or no finite entry. One max-reduction over the (C, K) rows (it propagates NaN);
     only when some row's max is not finite (NaN, all -inf, or a +inf entry) does the entry-wise scan run."""
@@ -170,7 +161,7 @@ def propose_tokens(logits: torch.Tensor, where: torch.Tensor, generator: Generat
     if pos.shape[0] == 0:
         return x0, prob, score
     step = max(1, int(chunk_entries) // K)
-    for g, members in _groups(generator, pos[:, 0]):
+    for g, members in cat.owner_groups(generator, pos[:, 0], pos.device):
         for s in range(0, members.numel(), step):
             p_b, p_w = pos[members[s:s + step]].unbind(1)
             rows = logits[p_b, p_w]  # (C, K) model dtype
@@ -318,7 +309,7 @@ def sample_blocks(network: Callable, x: torch.Tensor, cfg: BlockConfig, generato
     window; those positions start as the mask. Per block, its masks n_b are split over ``cfg.steps`` calls by
     ``commit_counts``; a step with no commit due in any row makes no call. fhs also tracks the block time t
     (1 -> 0, ``next_block_time``). ``on_step(info)`` gets dict(block, step, start, end, x, commit, t).
-    Returns (tokens (B, L), stats {"nfe", "tokens_per_call", "blocks"}).
+    Returns (tokens (B, L), stats {"nfe", "committed" (positions filled, all rows), "tokens_per_call", "blocks"}).
     """
     if not isinstance(cfg, BlockConfig):
         raise TypeError(f"cfg must be a BlockConfig, got {type(cfg).__name__}")
@@ -376,5 +367,6 @@ def sample_blocks(network: Callable, x: torch.Tensor, cfg: BlockConfig, generato
     if cfg.stop_at_eos:  # rows that stopped: what is still masked after their EOS becomes EOS
         rest = editable & (x == m) & finished.unsqueeze(1)
         x = torch.where(rest, torch.full_like(x, cfg.eos_token_id), x)
-    stats = {"nfe": nfe, "tokens_per_call": committed_total / (B * nfe) if nfe else 0.0, "blocks": n_blocks}
+    stats = {"nfe": nfe, "committed": committed_total, "tokens_per_call": committed_total / (B * nfe) if nfe else 0.0,
+             "blocks": n_blocks}
     return x, stats

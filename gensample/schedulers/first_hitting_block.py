@@ -182,7 +182,6 @@ class FirstHittingBlockScheduler(SchedulerMixin, ConfigMixin):
             exclude = (int(mask_token_id), *exclude)
             active = sample == mask_token_id  # (B, W)
             k = self._transfer_schedule[min(step_index, len(self._transfer_schedule) - 1)].to(sample.device)
-            k = k.expand(B) if bool(active.any()) else torch.zeros(B, dtype=torch.long, device=sample.device)
             edit_on = confident and editing_threshold is not None and editing_threshold > 0.0
             edit_cand = None
             if edit_on:

@@ -133,7 +133,7 @@ def greedy_accuracy(net, task: AdditionTask, ab: torch.Tensor, mask_id: int) -> 
     x = target.clone()
     x[:, task.prompt_length:] = mask_id
     for _ in range(task.answer_length):
-        logp = torch.log_softmax(net(x).double()[..., : len(DIGIT_IDS)], -1)  # (n, L, 10)
+        logp = torch.log_softmax(net(x)[..., : len(DIGIT_IDS)].double(), -1)  # (n, L, 10)
         conf, tok = logp.max(-1)  # (n, L)
         conf = conf.masked_fill(x != mask_id, -math.inf)
         pos = conf.argmax(1)  # (n,)
@@ -146,8 +146,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def train_task_mdm(out_dir: str | Path, cfg: TaskTrainConfig = TaskTrainConfig(), *, log=_log) -> dict:
-    """Train and save (config.json + safetensors, tokenizer.json, loss.csv, train.json) to ``out_dir``."""
+def train_task_mdm(out_dir: str | Path, cfg: TaskTrainConfig = TaskTrainConfig(), *, log=_log,
+                   command: str | None = None) -> dict:
+    """Train and save (config.json + safetensors, tokenizer.json, loss.csv, train.json) to ``out_dir``;
+    ``command`` (the command line that ran it), if given, is recorded in train.json."""
     from ..io import atomic_write_bytes
     from ..models.masked_lm import CharTokenizer, MaskedDiffusionTransformer
     from . import save_masked_lm
@@ -211,6 +213,8 @@ def train_task_mdm(out_dir: str | Path, cfg: TaskTrainConfig = TaskTrainConfig()
             "train_seconds": round(time.perf_counter() - t_start, 1),
             "num_parameters": sum(p.numel() for p in net.parameters()),
             "torch": torch.__version__, "python": sys.version.split()[0], "options": asdict(cfg)}
+    if command is not None:
+        info["command"] = command
     atomic_write_bytes(out / "train.json", (json.dumps(info, indent=1) + "\n").encode())
     return info
 
@@ -229,11 +233,8 @@ def main(argv=None) -> int:
         AdditionTask(cfg.digits)
     except ValueError as err:
         ap.error(f"--digits: {err}")
-    info = train_task_mdm(args.out, cfg)
-    info["command"] = "python -m gensample.train.task_mdm " + " ".join(sys.argv[1:] if argv is None else argv)
-    from ..io import atomic_write_bytes
-
-    atomic_write_bytes(Path(args.out) / "train.json", (json.dumps(info, indent=1) + "\n").encode())
+    command = "python -m gensample.train.task_mdm " + " ".join(sys.argv[1:] if argv is None else argv)
+    info = train_task_mdm(args.out, cfg, command=command)
     print(f"saved to {args.out}: greedy accuracy {info['greedy_accuracy']:.3f} after {info['steps_done']} steps "
           f"({info['stop_reason']})")
     return 0
