@@ -97,6 +97,25 @@ def euler_step(x_flow: torch.Tensor, v_hat: torch.Tensor, sigma_t, sigma_s) -> t
 
 
 # -- the sigma grid ---------------------------------------------------------------------------
+def twin_ddim_update(x0_hat: torch.Tensor, eps_hat: torch.Tensor, sigma_t, sigma_s: float, eta: float,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM(eta) step (Song et al. 2021, eq. 12) on the VP twin from noise level sigma_t to sigma_s,
+    given x0_hat and eps_hat: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - s^2) eps + s z with the twin's alpha_bars
+    and s = ``core.ddim.ddim_sigma`` (clamped), in float64. sigma_t: a float (the grid's) or a (B,) tensor
+    (per-row model times, Time-Shift); ``noise``: z (None for eta = 0). Returns the twin state at sigma_s,
+    float64; the flow state is it times c(sigma_s)."""
+    from .ddim import ddim_sigma, ddim_update
+
+    dev = x0_hat.device
+    if isinstance(sigma_t, torch.Tensor):
+        ab_t = twin_alpha_bar(sigma_t.to(dev, torch.float64)).reshape((-1,) + (1,) * (x0_hat.ndim - 1))
+    else:
+        ab_t = torch.tensor(twin_alpha_bar(float(sigma_t)), dtype=torch.float64, device=dev)
+    ab_s = torch.tensor(twin_alpha_bar(float(sigma_s)), dtype=torch.float64, device=dev)
+    std = ddim_sigma(ab_t, ab_s, float(eta), clamp=True)
+    return ddim_update(x0_hat.double(), eps_hat.double(), ab_s, std, None if noise is None else noise.double(), clamp=True)
+
+
 def is_flow_config(config: Mapping[str, Any] | None) -> bool:
     """True for a flow-matching scheduler config: a FlowMatch* class name, or the keys only
     FlowMatchEulerDiscreteScheduler has (``shift`` with ``use_dynamic_shifting``, no betas)."""

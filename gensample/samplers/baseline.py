@@ -20,7 +20,7 @@ import torch
 
 from ..core.ddim import ddim_sigma, ddim_update
 from ..core.denoiser import Denoiser, check_finite
-from ..core.flow import eps_x0_from_velocity, is_flow_config, twin_alpha_bar, twin_scale
+from ..core.flow import eps_x0_from_velocity, is_flow_config, twin_alpha_bar, twin_ddim_update, twin_scale
 from ..core.noise import normal_like
 from ..core.schedule import FlowSchedule
 from .registry import RunContext
@@ -41,6 +41,7 @@ class FlowTwinDDIM:
 
     init_noise_sigma = 1.0
     order = 1
+    takes_velocity = True  # the step takes the flow model's velocity at the flow state (FlowTwinEpsDDIM: eps)
 
     def __init__(self, config: dict, eta: float = 0.0):
         self.config = dict(config)
@@ -68,13 +69,9 @@ class FlowTwinDDIM:
         k = self._index(timestep)
         sigma_t, sigma_s = float(self.sigmas[k]), float(self.sigmas[k + 1])
         eps_hat, x0_hat = eps_x0_from_velocity(model_output, sample, sigma_t)  # float64
-        ab_t = torch.tensor(twin_alpha_bar(sigma_t), dtype=torch.float64)
-        ab_s = torch.tensor(twin_alpha_bar(sigma_s), dtype=torch.float64)
-        std = ddim_sigma(ab_t, ab_s, eta, clamp=True)
         # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
-        noise = normal_like(sample, generator).double() if eta > 0 else None
-        x_vp = ddim_update(x0_hat, eps_hat, ab_s, std.to(sample.device), noise, clamp=True)
-        prev = (x_vp * twin_scale(sigma_s)).to(sample.dtype)
+        noise = normal_like(sample, generator) if eta > 0 else None
+        prev = (twin_ddim_update(x0_hat, eps_hat, sigma_t, sigma_s, eta, noise) * twin_scale(sigma_s)).to(sample.dtype)
         return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype)) if return_dict else (prev,)
 
 
@@ -85,6 +82,8 @@ class FlowTwinEpsDDIM(FlowTwinDDIM):
     needs (alpha_bar = 0 at sigma = 1: eps carries no information about x0 there; the loop passes the
     x0 of the velocity, ``Denoiser.eps_x0``). float64 math, the sample's dtype out."""
 
+    takes_velocity = False
+
     def step(self, model_output, timestep, sample, eta: float | None = None, generator=None, return_dict: bool = True,
              pred_original_sample=None):
         from types import SimpleNamespace
@@ -93,8 +92,8 @@ class FlowTwinEpsDDIM(FlowTwinDDIM):
 
         eta = self.eta if eta is None else float(eta)
         k = self._index(timestep)
-        ab_t = torch.tensor(twin_alpha_bar(float(self.sigmas[k])), dtype=torch.float64)
-        ab_s = torch.tensor(twin_alpha_bar(float(self.sigmas[k + 1])), dtype=torch.float64)
+        sigma_t, sigma_s = float(self.sigmas[k]), float(self.sigmas[k + 1])
+        ab_t = torch.tensor(twin_alpha_bar(sigma_t), dtype=torch.float64)
         eps_hat = model_output.double()
         if pred_original_sample is not None:
             x0_hat = pred_original_sample.double()
@@ -103,10 +102,9 @@ class FlowTwinEpsDDIM(FlowTwinDDIM):
         else:
             raise ValueError("a step from alpha_bar = 0 (the flow's sigma = 1) needs pred_original_sample: x0 is not a "
                              "function of eps there (use Denoiser.eps_x0)")
-        std = ddim_sigma(ab_t, ab_s, eta, clamp=True)
         # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
-        noise = normal_like(sample, generator).double() if eta > 0 else None
-        prev = ddim_update(x0_hat, eps_hat, ab_s.to(sample.device), std.to(sample.device), noise, clamp=True).to(sample.dtype)
+        noise = normal_like(sample, generator) if eta > 0 else None
+        prev = twin_ddim_update(x0_hat, eps_hat, sigma_t, sigma_s, eta, noise).to(sample.dtype)
         x0_out = x0_hat.to(sample.dtype)
         return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_out) if return_dict else (prev, x0_out)
 
@@ -199,8 +197,10 @@ def set_grid(scheduler, steps: int, device, model=None) -> None:
 
 
 def takes_velocity(scheduler) -> bool:
-    """True for schedulers that step a flow model's own velocity in flow space (FlowMatch*, ``FlowTwinDDIM``)."""
-    return isinstance(scheduler, FlowTwinDDIM) or is_flow_config(getattr(scheduler, "config", None))
+    """True for schedulers that step a flow model's own velocity in flow space: FlowMatch*, and the steppers
+    whose ``takes_velocity`` says so (``FlowTwinDDIM``, ``FlowTimeShift``; not the twin's eps steppers)."""
+    own = getattr(scheduler, "takes_velocity", None)
+    return bool(own) if own is not None else is_flow_config(getattr(scheduler, "config", None))
 
 
 def check_steps(steps: int, train_config: dict) -> None:

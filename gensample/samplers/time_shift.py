@@ -289,33 +289,22 @@ class FlowTimeShift:
         dist = (sample_variance(sample).cpu()[:, None] - ref[None, :]) ** 2  # (B, W)
         return cand[dist.argmin(dim=1)].float().to(sample.device)  # ties: the smallest time
 
-    def _twin_update(self, x0_hat, eps_hat, sigma_m, k: int, eta: float, sample, generator) -> torch.Tensor:
-        """DDIM(eta) (Song et al. 2021, eq. 12) on the twin from alpha_bar(sigma_m) ((B,) float64) to grid
-        sigma k + 1: the twin state there, float64; the noise drawn like ``sample``."""
-        from ..core.ddim import ddim_sigma, ddim_update
-        from ..core.flow import twin_alpha_bar
-        from ..core.noise import normal_like
-
-        ab_m = twin_alpha_bar(sigma_m).reshape((-1,) + (1,) * (sample.ndim - 1))
-        ab_s = torch.tensor(twin_alpha_bar(float(self.sigmas[k + 1])), dtype=torch.float64, device=sample.device)
-        std = ddim_sigma(ab_m, ab_s, eta, clamp=True)
-        # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
-        noise = normal_like(sample, generator).double() if eta > 0 else None
-        return ddim_update(x0_hat.double(), eps_hat.double(), ab_s, std, noise, clamp=True)
-
     def step(self, model_output, timestep, sample, generator=None, model_timesteps=None, eta: float | None = None,
              return_dict: bool = True):
         from types import SimpleNamespace
 
-        from ..core.flow import eps_x0_from_velocity, twin_scale
+        from ..core.flow import eps_x0_from_velocity, twin_ddim_update, twin_scale
+        from ..core.noise import normal_like
 
         eta = self.eta if eta is None else float(eta)
         k = self._index(timestep)
         t_model = self.model_timesteps(sample, timestep) if model_timesteps is None else model_timesteps
         sigma_m = self._schedule.sigma_of(t_model.cpu()).to(sample.device)  # (B,) float64, grid sigma when unshifted
         eps_hat, x0_hat = eps_x0_from_velocity(model_output, sample, sigma_m)
-        z_next = self._twin_update(x0_hat, eps_hat, sigma_m, k, eta, sample, generator)
-        prev = (z_next * twin_scale(float(self.sigmas[k + 1]))).to(sample.dtype)
+        # drawn in the sample's dtype (as DDIMScheduler and FKC's move draw theirs), used in float64
+        noise = normal_like(sample, generator) if eta > 0 else None
+        sigma_s = float(self.sigmas[k + 1])
+        prev = (twin_ddim_update(x0_hat, eps_hat, sigma_m, sigma_s, eta, noise) * twin_scale(sigma_s)).to(sample.dtype)
         if not return_dict:
             return (prev, x0_hat.to(sample.dtype))
         return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype), model_timesteps=t_model,
@@ -367,7 +356,8 @@ class TwinFlowTimeShift(FlowTimeShift):
 
     def step(self, model_output, timestep, sample, eta: float | None = None, generator=None, return_dict: bool = True,
              model_timesteps=None, pred_original_sample=None):
-        from ..core.flow import twin_alpha_bar
+        from ..core.flow import twin_alpha_bar, twin_ddim_update
+        from ..core.noise import normal_like
 
         eta = self.eta if eta is None else float(eta)
         k = self._index(timestep)
@@ -383,7 +373,8 @@ class TwinFlowTimeShift(FlowTimeShift):
         else:
             raise ValueError("a step from alpha_bar = 0 (the flow's sigma = 1) needs pred_original_sample: x0 is not a "
                              "function of eps there (use Denoiser.eps_x0)")
-        prev = self._twin_update(x0_hat, eps_hat, sigma_m, k, eta, sample, generator).to(sample.dtype)
+        noise = normal_like(sample, generator) if eta > 0 else None  # the sample's dtype, used in float64
+        prev = twin_ddim_update(x0_hat, eps_hat, sigma_m, float(self.sigmas[k + 1]), eta, noise).to(sample.dtype)
         if not return_dict:
             return (prev, x0_hat.to(sample.dtype))
         return SimpleNamespace(prev_sample=prev, pred_original_sample=x0_hat.to(sample.dtype), model_timesteps=t_model,
@@ -403,26 +394,17 @@ def zero_snr_first_step(denoiser, scheduler, x: torch.Tensor, t_model: torch.Ten
     (Algorithm 3 shifts from the second step on), and x0 is not a function of eps there, so, as a flow's
     step from sigma = 1, x0 and eps are read off the model's own (guided) output (``Denoiser.guided_eps_x0``:
     x0 = -v, eps = x for v-prediction) and the DDIM(eta) update (Song et al. 2021, eqs. 12 and 16) goes to the
-    next grid time; the noise is drawn as the scheduler's step draws it. Epsilon models are refused."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from ..core.ddim import ddim_sigma, ddim_update
+    next grid time (``baseline.ddim_step_from_x0``); the noise is drawn as the scheduler's step draws it.
+    Epsilon models are refused."""
+    from .baseline import ddim_step_from_x0
 
     if getattr(denoiser, "prediction_type", "epsilon") == "epsilon" or not hasattr(denoiser, "guided_eps_x0"):
         raise ValueError(f"{name}: the schedule has zero terminal SNR (alpha_bar = 0 at the first grid time), where eps "
                          f"carries no information on x0; the model must predict v or x0 (Lin et al. 2023, sec. 3.2)")
     eps_hat, x0_hat = denoiser.guided_eps_x0(x, t_model, cond, guidance_scale)
     check_finite(x0_hat, name, 0)
-    grid = [int(v) for v in scheduler.timesteps.tolist()]
-    ab_s = float(scheduler.alphas_cumprod[grid[1]]) if len(grid) > 1 else float(scheduler.final_alpha_cumprod)
-    eta = float(scheduler.config.eta)
-    ab_t = torch.tensor(0.0, dtype=torch.float64)
-    ab_s = torch.tensor(ab_s, dtype=torch.float64)
-    std = ddim_sigma(ab_t, ab_s, eta, clamp=True)
-    noise = None
-    if eta > 0:
-        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype).double()
-    prev = ddim_update(x0_hat.double(), eps_hat.double(), ab_s, std, noise, clamp=True).to(x.dtype)
+    prev = ddim_step_from_x0(scheduler, eps_hat, scheduler.timesteps[0], x, x0_hat, eta=float(scheduler.config.eta),
+                             generator=generator).prev_sample
     check_finite(prev, name, 0)
     return prev
 
