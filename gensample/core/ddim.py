@@ -69,15 +69,15 @@ def eps_from_x0(x_t, x0_hat, alpha_bar_t, *, coef_dtype=None):
     return (x_t - _root(alpha_bar_t, coef_dtype) * x0_hat) / _root(1 - alpha_bar_t, coef_dtype)
 
 
-def x0_from_v(x_t, v_hat, alpha_bar_t):
+def x0_from_v(x_t, v_hat, alpha_bar_t, *, coef_dtype=None):
     """x0_hat = sqrt(ab_t) x_t - sqrt(1 - ab_t) v_hat, v = sqrt(ab) eps - sqrt(1 - ab) x0
-    (Salimans & Ho 2022, sec. 4 and appendix D). x_t, v_hat: (B, ...)."""
-    return _root(alpha_bar_t) * x_t - _root(1 - alpha_bar_t) * v_hat
+    (Salimans & Ho 2022, sec. 4 and appendix D). x_t, v_hat: (B, ...); coef_dtype as `x0_from_eps`."""
+    return _root(alpha_bar_t, coef_dtype) * x_t - _root(1 - alpha_bar_t, coef_dtype) * v_hat
 
 
-def eps_from_v(x_t, v_hat, alpha_bar_t):
+def eps_from_v(x_t, v_hat, alpha_bar_t, *, coef_dtype=None):
     """eps_hat = sqrt(ab_t) v_hat + sqrt(1 - ab_t) x_t (Salimans & Ho 2022, sec. 4). x_t, v_hat: (B, ...)."""
-    return _root(alpha_bar_t) * v_hat + _root(1 - alpha_bar_t) * x_t
+    return _root(alpha_bar_t, coef_dtype) * v_hat + _root(1 - alpha_bar_t, coef_dtype) * x_t
 
 
 def v_from_eps(x0_hat, eps_hat, alpha_bar_t):

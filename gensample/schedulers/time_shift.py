@@ -24,7 +24,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._config import SourceValuesWin, check_model_times, is_flow_match_config, refuse_in_flow_pipeline
-from ..core.ddim import ddim_sigma, ddim_update, eps_from_x0, q_sample, timestep_grid, v_from_eps
+from ..core.ddim import ddim_sigma, ddim_update, eps_from_v, eps_from_x0, q_sample, timestep_grid, v_from_eps, x0_from_v
 from ..core.param import PREDICTION_TYPES
 from ..samplers.time_shift import (DEFAULT_VARIANT, check_params, check_window_stride, default_window_cutoff, dynamic_threshold,
                                    predict_x0, reference_variance, sample_time_shift, sample_variance, time_shift_times)
@@ -265,16 +265,14 @@ class TimeShiftScheduler(SourceValuesWin, SchedulerMixin, ConfigMixin):
 
         eps_hat, x0_hat = model_output, None
         if self.config.prediction_type == "v_prediction":
-            # x0 and eps straight from v (Salimans & Ho 2022), in DDIMScheduler's float32 order: finite at
-            # alpha_bar = 0 (a zero-terminal-SNR schedule's first step: x0 = -v, eps = x), where x0 of eps is 0/0
-            # (the roots in the table's float32, then cast to the sample's dtype, as a 0-d scalar would be)
-            root_ab, root_1m = (alpha_bar_model**0.5).to(sample.dtype), ((1 - alpha_bar_model) ** 0.5).to(sample.dtype)
-            x0_hat = root_ab * sample - root_1m * model_output
-            eps_hat = root_ab * model_output + root_1m * sample
+            # x0 and eps straight from v (Salimans & Ho 2022), in DDIMScheduler's float32 order (the roots in the
+            # table's float32, cast to the sample's dtype): finite at alpha_bar = 0 (a zero-terminal-SNR schedule's
+            # first step: x0 = -v, eps = x), where the x0 of eps is 0/0
+            x0_hat = x0_from_v(sample, model_output, alpha_bar_model, coef_dtype=sample.dtype)
+            eps_hat = eps_from_v(sample, model_output, alpha_bar_model, coef_dtype=sample.dtype)
         elif self.config.prediction_type == "sample":
             x0_hat = model_output
-            root_ab, root_1m = (alpha_bar_model**0.5).to(sample.dtype), ((1 - alpha_bar_model) ** 0.5).to(sample.dtype)
-            eps_hat = (sample - root_ab * x0_hat) / root_1m
+            eps_hat = eps_from_x0(sample, x0_hat, alpha_bar_model, coef_dtype=sample.dtype)
         else:  # epsilon (the config is checked at construction)
             x0_hat = predict_x0(sample, eps_hat, alpha_bar_model)
         if self.config.thresholding:
