@@ -222,6 +222,28 @@ def test_time_shift_scheduler_from_a_flow_config_is_the_flow_face(pipes):
                                                                    prediction_type="flow_prediction").config)
 
 
+def test_the_flow_face_refuses_configs_whose_grid_it_does_not_rebuild(pipes):
+    """FlowTimeShiftScheduler.from_config of DPM-Solver's flow mode (flow_shift 3) would drop flow_shift with a log
+    line and run shift 1.0: before, enable_time_shift on such a pipeline silently replaced its sigma grid (even at
+    window 0). A betas config is refused with the VP face named."""
+    from gensample.pipelines.time_shift import enable_time_shift
+
+    dpm = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="the flow mode of .* use_flow_sigmas"):
+        FlowTimeShiftScheduler.from_config(dpm.config, window_size=0)
+    with pytest.raises(ValueError, match="use gensample.schedulers.TimeShiftScheduler"):
+        FlowTimeShiftScheduler.from_config(FKCScheduler().config)
+    pipe = pipes["sd3"]
+    stock = pipe.scheduler
+    try:
+        pipe.scheduler = dpm
+        with pytest.raises(ValueError, match="switch the pipeline to FlowMatchEulerDiscreteScheduler"):
+            enable_time_shift(pipe, window_size=0)
+        assert pipe.scheduler is dpm and getattr(pipe, "_ts_state", None) is None
+    finally:
+        pipe.scheduler = stock
+
+
 @pytest.mark.parametrize("face,fix", [(FKCScheduler, "--sampler fkc"), (TimeShiftScheduler, "enable_time_shift")])
 def test_ddpm_family_face_in_a_flow_pipeline_raises_with_the_fix(pipes, face, fix):
     pipe = pipes["flux"]

@@ -26,6 +26,8 @@ scheduler assigned by hand) or a different one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
@@ -35,7 +37,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from ..samplers.time_shift import DEFAULT_VARIANT, FlowTimeShift, default_window_cutoff
-from ._config import check_model_times
+from ._config import check_model_times, flow_matching_reason, is_flow_match_config
 
 # the Time-Shift keys this face adds to FlowMatchEulerDiscreteScheduler's config
 TIME_SHIFT_KEYS = ("window_size", "cutoff", "variant", "eta", "enabled", "data_var")
@@ -58,6 +60,24 @@ class FlowTimeShiftScheduler(FlowMatchEulerDiscreteScheduler):
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
     order = 1
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """``FlowMatchEulerDiscreteScheduler.from_config``, refusing a config whose grid this face would not
+        rebuild: a DDPM-family (betas) config, or the flow mode of another scheduler (DPM-Solver / UniPC with
+        ``use_flow_sigmas`` / ``flow_prediction``), whose keys (``flow_shift``, ...) diffusers would drop
+        with a log line, running shift 1.0 silently (so not even ``window_size=0`` would be the stock
+        pipeline). ``enable_time_shift`` on such a pipeline refuses through this."""
+        raw = config if isinstance(config, Mapping) else getattr(config, "config", None)
+        if isinstance(raw, Mapping) and not is_flow_match_config(raw):
+            reason = flow_matching_reason(raw)
+            what = (f"the flow mode of {raw.get('_class_name') or 'another scheduler'} ({reason}), whose sigma grid it "
+                    f"does not rebuild; keep that scheduler, or switch the pipeline to FlowMatchEulerDiscreteScheduler "
+                    f"first" if reason is not None else
+                    "a DDPM-family (betas) config; for Time-Shift on it use gensample.schedulers.TimeShiftScheduler")
+            raise ValueError(f"{cls.__name__} takes a FlowMatchEulerDiscreteScheduler config (SD3 / SD3.5, Flux); "
+                             f"this one is {what}")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config
     def __init__(
@@ -134,7 +154,6 @@ class FlowTimeShiftScheduler(FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"{type(self).__name__}: the Time-Shift grid does not reproduce this set_timesteps call "
                              f"(timesteps={'custom' if timesteps is not None else 'None'}); pass num_inference_steps "
                              f"(and sigmas / mu as the pipeline does), or window_size=0 for the stock scheduler")
-        stepper.window_size_eff, stepper.cutoff_eff = self.window_size_eff, self.cutoff_eff
         self._stepper = stepper
 
     @property
@@ -214,10 +233,4 @@ class FlowTimeShiftScheduler(FlowMatchEulerDiscreteScheduler):
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
 
 
-def flow_time_shift_from_config(config, **kwargs) -> FlowTimeShiftScheduler:
-    """``FlowTimeShiftScheduler.from_config`` of a flow-matching scheduler config (its flow keys
-    kept; ``_class_name`` / DDPM-only keys dropped by diffusers as unused)."""
-    return FlowTimeShiftScheduler.from_config(dict(config), **kwargs)
-
-
-__all__ = ["FlowTimeShiftScheduler", "TIME_SHIFT_KEYS", "flow_time_shift_from_config"]
+__all__ = ["FlowTimeShiftScheduler", "TIME_SHIFT_KEYS"]
