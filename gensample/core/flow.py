@@ -35,7 +35,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-FLOW_SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 TIME_SHIFT_TYPES = ("exponential", "linear")
 
 
@@ -84,11 +83,6 @@ def eps_x0_from_velocity(v_hat: torch.Tensor, x_flow: torch.Tensor, sigma) -> tu
     s = _per_sample(sigma, x_flow)
     x, v = x_flow.double(), v_hat.double()
     return x + (1 - s) * v, x - s * v
-
-
-def velocity_from_eps_x0(eps_hat: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
-    """v = eps - x0 (the rectified-flow target)."""
-    return eps_hat - x0_hat
 
 
 def euler_step(x_flow: torch.Tensor, v_hat: torch.Tensor, sigma_t, sigma_s) -> torch.Tensor:

@@ -325,10 +325,11 @@ class FKCPipeline(DiffusionPipeline):
         if hasattr(self.scheduler, "_ab64"):
             ab = self.scheduler._ab64
         pred_type = self.scheduler.config.prediction_type
+        unet_kw = _sdxl.unet_kwargs(cond)  # the conditioning is fixed over the loop
 
         def expert_eps(x, t):
             xs = x.repeat(M, *([1] * (x.ndim - 1))).to(self.unet.dtype)  # (M*N, C, H, W)
-            out = self.unet(xs, t.to(device), return_dict=False, **_sdxl.unet_kwargs(cond))[0].float()
+            out = self.unet(xs, t.to(device), return_dict=False, **unet_kw)[0].float()
             if out.shape[1] == 2 * x.shape[1]:
                 out = out[:, : x.shape[1]]
             eps, x0 = eps_and_x0(out, xs.float(), ab[int(t)], pred_type)  # x0 from the raw output (zero SNR)
