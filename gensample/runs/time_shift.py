@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 
+from ..core.schedule import model_schedule
 from ..samplers.baseline import check_steps
 from ..samplers.registry import FLOW_MODEL_OPTIONS, Option, RunContext, SampleBatch, SamplerSpec, register
 from ..samplers.time_shift import (DEFAULT_VARIANT, VARIANTS, FlowTimeShift, TwinFlowTimeShift, sample_time_shift,
@@ -54,7 +56,7 @@ def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str
     data_var = parse_data_var(opts.get("data_var"))
     if getattr(model, "prediction_type", None) == "flow":  # the flow stepper on the model's own sigma grid
         sched = flow_ts_scheduler(model, opts, steps, eta, device, data_var, twin)
-        data_var = None if data_var is None else flow_data_var(model, device) if data_var == "auto" else data_var
+        data_var = sched.data_var  # "auto" resolved by the pilot
     else:
         if data_var == "auto":
             g = torch.Generator(device).manual_seed(DATA_VAR_PILOT["seed"])
@@ -77,8 +79,6 @@ def ts_scheduler(model, opts: dict, steps: int, eta: float, device, sampler: str
 def flow_ts_scheduler(model, opts: dict, steps: int, eta: float, device, data_var, twin: bool = False):
     """``FlowTimeShift`` on a flow model's grid (shift, mu, base sigmas: ``core.schedule.model_schedule``);
     --data-var auto runs the pilot of ``flow_data_var``."""
-    from ..core.schedule import model_schedule
-
     if data_var == "auto":
         data_var = flow_data_var(model, device)
         parse_data_var(data_var)
@@ -94,20 +94,20 @@ _FLOW_DATA_VAR: dict = {}
 
 
 def flow_data_var(model, device) -> float:
-    """Var_data = E[var_hat(x0)] of a flow model, once per model: the mean var_hat of ``DATA_VAR_PILOT``
-    unshifted samples (the twin DDIM, ``FlowTimeShift(enabled=False)``), as ``estimate_data_var`` for VP."""
+    """Var_data = E[var_hat(x0)] of a flow model, once per model object (the entry goes with the object, so a
+    later model at the same address never reads it): the mean var_hat of ``DATA_VAR_PILOT`` unshifted samples
+    (the twin DDIM, ``FlowTimeShift(enabled=False)``), as ``estimate_data_var`` for VP."""
     key = id(model)
     if key not in _FLOW_DATA_VAR:
         g = torch.Generator(device).manual_seed(DATA_VAR_PILOT["seed"])
         pilot = torch.randn((DATA_VAR_PILOT["n"], *model.event_shape), generator=g, device=device)
         sched = FlowTimeShift(model.scheduler_config, enabled=False)
-        from ..core.schedule import model_schedule
-
         schedule = model_schedule(model)
         sched.set_timesteps(DATA_VAR_PILOT["steps"], device=device, mu=schedule.mu, base_sigmas=schedule.base_sigmas)
         x, _ = sample_time_shift(model.denoiser(), pilot, sched, cond=model.cond_for(None, DATA_VAR_PILOT["n"], device),
                                  name="ts-data-var")
         _FLOW_DATA_VAR[key] = float(sample_variance(x).mean())
+        weakref.finalize(model, _FLOW_DATA_VAR.pop, key, None)
     return _FLOW_DATA_VAR[key]
 
 
