@@ -254,7 +254,8 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
         y = y.expand(rows, *y.shape[1:])
     schedule = as_schedule(alphas_cumprod)  # a VP table or a flow model's twin (docs/flow_matching.md)
     ts = torch.as_tensor(timesteps).cpu().tolist()  # model times: ints on a VP table, floats on a flow grid
-    abs_ = [float(schedule.alpha_bar(torch.tensor(t))) for t in ts]
+    ab_t, ab_s = schedule.alpha_bar_pairs(timesteps, 1.0)  # (S,) float64 each; the output is x0_hat (alpha_bar 1)
+    abs_ = ab_t.tolist()
     v = cfg.prior_var
     if v is None:
         cond8 = None if not cond else {k: vv[:1].expand(8, *vv.shape[1:]) if isinstance(vv, torch.Tensor) and vv.ndim else vv
@@ -273,8 +274,6 @@ def sample_smc_posterior(denoiser, op: LinearOperator, y: torch.Tensor, x_T: tor
         if cfg.prior_var is None:
             v = v / B  # the tempered path's variance (exact for Gaussian experts sharing their variance)
         x_T = (x_T.double() / math.sqrt(B)).to(x_T.dtype)  # rho_T = N(0, I / B)
-    abs_next = abs_[1:] + [1.0]
-    ab_t, ab_s = torch.tensor(abs_, dtype=torch.float64), torch.tensor(abs_next, dtype=torch.float64)
     fk_coef = node_coefficients(ab_t, ab_s, cfg.quadrature) if cfg.tempered else None  # (S,) FKC weight of each call
     # a tempered path's zero-SNR start (alpha_bar_T = 0: a flow's sigma = 1): FKC's direct steps (``fkc.direct_steps``,
     # no FK weight), whose x0 is the experts' x0_bar and whose move samples the target path (docs/compose.md)
