@@ -332,8 +332,6 @@ def _flow_form(cfg: dict, model, spec):
         from .models.gmm import as_flow_model
 
         model = as_flow_model(model, 1.0 if cfg.get("flow_shift") is None else float(cfg["flow_shift"]))
-    elif cfg.get("flow_shift") is not None:
-        raise ValueError("--flow-shift applies with --flow only")
     if getattr(model, "prediction_type", None) == "flow":
         reason = registry.flow_refusal(spec)
         if reason is not None:

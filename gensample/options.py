@@ -358,6 +358,8 @@ def resolve_options(sampler: str, config: str | None = None, *, _catalog=None, *
     for key, opt in allowed_specific.items():
         value = merged.get(key, opt.default)
         out[key] = opt.validate(value)
+    if out.get("flow_shift") is not None and not out.get("flow"):
+        raise ValueError("--flow-shift applies with --flow only")
     implied = getattr(spec, "implied", None)
     if implied is not None:  # options another option implies (fkc: --guidance-scale alone -> the CFG target)
         implied(out, {k for k in merged if k != "sampler"})
