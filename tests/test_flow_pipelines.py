@@ -423,6 +423,7 @@ def test_flux_dev_config_shapes_on_the_meta_device(tmp_path):
 
     from flow_models import FLUX_DEV_SCHEDULER, FLUX_DEV_TRANSFORMER, FLUX_VAE, build_t5_tokenizer, wide_clip
     from gensample.models import flux
+    from gensample.models.flow_pipelines import flow_scheduler_config
     from sd_models import build_tokenizer
 
     tok, tok2 = build_tokenizer(tmp_path / "tok"), build_t5_tokenizer()
@@ -437,7 +438,7 @@ def test_flux_dev_config_shapes_on_the_meta_device(tmp_path):
     comps = {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     model = flux.build_model("flux-dev", {"transformer": tr, "vae": vae, "text_encoder": clip, "tokenizer": tok,
                                           "text_encoder_2": t5, "tokenizer_2": tok2},
-                             flux.flow_scheduler_config(FLUX_DEV_SCHEDULER, comps, "flux-dev"), "flux-dev")
+                             flow_scheduler_config(FLUX_DEV_SCHEDULER, comps, "flux-dev"), "flux-dev")
     assert model.event_shape == (16, 128, 128) and model.extras["pixel_shape"] == (3, 1024, 1024)
     assert model.extras["embedded_guidance"] is True
     assert model.extras["sigma_mu"](model.event_shape) == calculate_shift(4096, 256, 4096, 0.5, 1.15)

@@ -350,6 +350,40 @@ def test_cli_usage_errors_exit_2(folders, dgemma, tmp_path):
     clean(invoke(*base, "--model", "mdm-text", "--gen-length", 100), 2, "maximum length 64")
 
 
+def test_weights_of_another_shape_than_config_json_are_a_usage_error(folders, tmp_path):
+    """config.json whose mlp_hidden_size does not match the weights: the loader's load_state_dict raises a
+    shape mismatch; it is reported as a ValueError naming the folder (exit 2 from the CLI, no traceback)."""
+    from cli_helpers import clean, invoke
+
+    from gensample.models.llada import load_llada
+
+    d = tmp_path / "llada-mismatch"
+    shutil.copytree(folders["llada"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "mlp_hidden_size": 64}))
+    with pytest.raises(ValueError, match="do not match the architecture in config.json") as err:
+        load_llada(str(d))
+    assert str(d) in str(err.value) and "size mismatch" in str(err.value) and "\n" not in str(err.value)
+    clean(invoke("run", "--sampler", "fhs-block", "--model", f"llada:{d}", "--output", tmp_path / "x", "--no-progress"),
+          2, "config.json")
+
+
+def test_diffusion_gemma_on_an_older_transformers_is_a_usage_error(tmp_path, monkeypatch):
+    """A transformers without DiffusionGemmaForBlockDiffusion: a ValueError naming the class and the
+    installed version, not an ImportError."""
+    import sys
+    import types
+
+    from gensample.models.diffusion_gemma import load_diffusion_gemma
+
+    old = types.ModuleType("transformers")
+    old.__version__ = "4.40.0"
+    monkeypatch.setitem(sys.modules, "transformers", old)
+    with pytest.raises(ValueError, match="DiffusionGemmaForBlockDiffusion needs a newer transformers than the "
+                                         "installed 4.40.0"):
+        load_diffusion_gemma(str(tmp_path))
+
+
 def test_saved_diffusion_gemma_pipeline_loads_as_model_dir(dgemma, tmp_path):
     from diffusers import BlockRefinementScheduler, DiffusionGemmaPipeline
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion

@@ -114,7 +114,13 @@ def load_diffusion_gemma(path: str, name: str | None = None, *, model_dir: Path 
     """``--model dgemma:DIR``: a ``DiffusionGemmaForBlockDiffusion`` folder saved with ``save_pretrained``
     (plus its tokenizer), or a saved ``DiffusionGemmaPipeline`` folder (model/ and processor/ or
     tokenizer/ subfolders). Loaded with transformers (native class, no remote code)."""
-    from transformers import DiffusionGemmaForBlockDiffusion
+    try:
+        from transformers import DiffusionGemmaForBlockDiffusion
+    except ImportError:
+        import transformers
+
+        raise ValueError(f"--model dgemma:{path}: DiffusionGemmaForBlockDiffusion needs a newer transformers than the "
+                         f"installed {transformers.__version__} (one that has the diffusion_gemma model)") from None
 
     from .llada import extra_eos_ids, read_config
     from .masked_lm import DLMTokenizer, dlm_model, load_local_tokenizer

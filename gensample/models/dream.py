@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llada import RMSNorm, attend, load_weights, register_bare_family, rope_tables
+from .llada import RMSNorm, attend, bare_dlm_model, load_weights, read_config, register_bare_family, rope_tables
 
 DREAM_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -159,9 +159,6 @@ def load_dream(path: str, name: str | None = None):
     """``--model dream:DIR``: a Dream folder in the release's layout (config.json with model_type "Dream",
     model*.safetensors, tokenizer files). The network is this module's plain-PyTorch Dream (logits
     re-aligned to the position they score); the folder's own code is never run."""
-    from .llada import PrefixCachedNetwork, extra_eos_ids, read_config
-    from .masked_lm import DLMTokenizer, dlm_model, load_local_tokenizer
-
     spec = f"dream:{path}"
     raw = read_config(Path(path), spec)
     if str(raw.get("model_type", "")).lower() != "dream" and "DreamModel" not in (raw.get("architectures") or []):
@@ -171,13 +168,8 @@ def load_dream(path: str, name: str | None = None):
         net = build_dream(path)
     except ValueError as err:
         raise ValueError(f"--model {spec}: {err}") from None
-    hf_tok = load_local_tokenizer(path, spec)
-    cfg = net.cfg
-    eos = [cfg["eos_token_id"], *extra_eos_ids(hf_tok)]
-    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else cfg["pad_token_id"]
-    tok = DLMTokenizer(hf_tok, int(cfg["mask_token_id"]), eos_ids=[e for e in eos if e is not None], pad_token_id=pad)
-    return dlm_model(name or spec, net, tok, family="dream", logits_size=cfg["vocab_size"],
-                     max_length=net.max_length, network_cached=PrefixCachedNetwork(net))
+    return bare_dlm_model(name or spec, net, path, spec, family="dream", mask_id=int(net.cfg["mask_token_id"]),
+                          logits_size=net.cfg["vocab_size"])
 
 
 register_bare_family("dream", "DreamModel", "Dream", lambda path, name: load_dream(path, name=name))

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..options import MAX_SEQUENCE_LENGTH as MAX_SEQUENCE_LENGTH_LIMIT  # both pipelines refuse longer T5 sequences
-from .loading import LoadedModel
-from .text import PromptEncoder
+from .loading import Family, LoadedModel, _check_class, _load_component, _scheduler_config
+from .text import PromptEncoder, module_device_dtype, token_usage
 
 
 def image_seq_mu(image_seq_len: int, scheduler_config: dict, default_max_shift: float) -> float:
@@ -58,26 +59,30 @@ def check_max_sequence_length(value, default: int) -> int:
     return value
 
 
-def module_device_dtype(module) -> tuple:
-    try:
-        p = next(module.parameters())
-        return p.device, p.dtype
-    except (AttributeError, StopIteration):
-        return torch.device("cpu"), torch.float32
+def sigma_mu_of(scheduler_config: dict, patch: int, default_max_shift: float):
+    """``extras["sigma_mu"]``: event_shape (..., h, w) -> the dynamic-shifting mu of
+    image_seq_len = (h // patch) * (w // patch) (``image_seq_mu``), or None when the scheduler does
+    not shift dynamically."""
+
+    def sigma_mu(event_shape) -> float | None:
+        if not scheduler_config.get("use_dynamic_shifting"):
+            return None
+        h, w = int(event_shape[-2]), int(event_shape[-1])
+        return image_seq_mu((h // patch) * (w // patch), scheduler_config, default_max_shift)
+
+    return sigma_mu
 
 
-def t5_token_usage(tokenizer, prompts: Sequence[str], max_len: int) -> dict:
-    """What T5 sees of each prompt (the keys of ``text.token_usage``; counts include </s>)."""
-    counts = [len(tokenizer(p, truncation=False, verbose=False).input_ids) for p in prompts]
-    return {"max_tokens": max_len, "tokens": counts, "tokens_used": [min(c, max_len) for c in counts],
-            "truncated": [i for i, c in enumerate(counts) if c > max_len]}
+def text_parts(parts: dict) -> dict:
+    """The text encoders and tokenizers a pipeline has (``extras``' entries; absent ones left out)."""
+    return {k: v for k, v in parts.items() if k.startswith(("text_encoder", "tokenizer")) and v is not None}
 
 
 def t5_embeds(tokenizer, encoder, prompts: Sequence[str], max_len: int, device) -> torch.Tensor:
     """(P, max_len, D) T5 last hidden states: tokens padded / truncated to ``max_len`` with </s>
     appended and no attention mask, as SD3's and Flux's ``_get_t5_prompt_embeds`` do; a cut prompt
     gets one warning. Cast to the encoder's dtype, returned on ``device``."""
-    usage = t5_token_usage(tokenizer, prompts, max_len)
+    usage = token_usage(tokenizer, prompts, max_len=max_len)
     for i in usage["truncated"]:
         warnings.warn(f"prompt {prompts[i][:40]!r}... is {usage['tokens'][i]} T5 tokens long; --max-sequence-length "
                       f"{max_len} keeps the first {max_len}", UserWarning, stacklevel=3)
@@ -89,14 +94,36 @@ def t5_embeds(tokenizer, encoder, prompts: Sequence[str], max_len: int, device) 
     return hidden.to(dtype=enc_dtype, device=device)  # (P, max_len, D)
 
 
+class FlowVelocity(torch.nn.Module):
+    """The velocity adapter of a flow-matching transformer (kept as ``self.transformer``, so the
+    state dict's names are the transformer's under ``transformer.``); ``config``, ``dtype``,
+    ``device``: the transformer's. Subclasses implement ``forward``."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return module_device_dtype(self.transformer)[1]
+
+    @property
+    def device(self) -> torch.device:
+        return module_device_dtype(self.transformer)[0]
+
+
 class FlowPromptEncoder(PromptEncoder):
     """Shared state of the SD3 / Flux prompt encoders: the T5 length (``max_sequence_length``)
     and the device of the first text encoder."""
 
     default_max_sequence_length = 256
 
-    def __init__(self, max_sequence_length: int | None = None):
-        self.max_sequence_length = check_max_sequence_length(max_sequence_length, self.default_max_sequence_length)
+    def __init__(self):
+        self.max_sequence_length = self.default_max_sequence_length
 
     def set_max_sequence_length(self, value) -> None:
         self.max_sequence_length = check_max_sequence_length(value, self.default_max_sequence_length)
@@ -145,8 +172,6 @@ T5_TOKENIZER_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
 def load_parts(folder, comps: dict, spec: str, variant, table: dict) -> dict:
     """The components of a pipeline folder: ``table`` maps name -> (allowed classes, required);
     an optional component that model_index.json leaves out (or names as [null, null]) is None."""
-    from .loading import _load_component
-
     parts = {}
     for name, (allowed, required) in table.items():
         if name not in comps:
@@ -167,8 +192,6 @@ def _load_tokenizer(where, name: str, lib_cls: list, allowed: tuple, spec: str):
     config.json, which ``loading._component_dir`` only accepts for ``tokenizer``)."""
     import importlib
 
-    from .loading import _check_class
-
     lib, cls = lib_cls
     _check_class(name, cls, allowed, spec)
     try:
@@ -180,8 +203,6 @@ def _load_tokenizer(where, name: str, lib_cls: list, allowed: tuple, spec: str):
 
 def check_parts(parts: dict, comps: dict, spec: str, table: dict) -> dict:
     """An in-memory pipeline's components checked against ``table`` (as ``load_parts``)."""
-    from .loading import _check_class
-
     out = {}
     for name, (allowed, required) in table.items():
         if parts.get(name) is None:
@@ -212,16 +233,26 @@ def flow_scheduler_config(sched: dict, comps: dict, spec: str) -> dict:
 
 
 # -- the families ---------------------------------------------------------------------------------
-# ``loading.family_of`` imports this module (``loading.FAMILY_MODULES``); it brings in the two loader
-# modules, which register their ``Family`` on import (plugin discovery by name, as FAMILY_MODULES).
-FLOW_FAMILY_MODULES = ("gensample.models.sd3", "gensample.models.flux")
+def flow_family(name: str, pipeline_classes: tuple, table: dict, build_model) -> Family:
+    """The ``Family`` of the pipelines whose class is in ``pipeline_classes`` (their image-conditioned
+    variants fall through to the refusals of ``loading.check_pipeline_kind``): a folder or an in-memory
+    pipeline (used as it is) with the components of ``table`` and a flow-matching scheduler becomes
+    ``build_model(name, parts, scheduler_config, spec)``."""
 
+    def load_folder(folder, index: dict, comps: dict, name_, spec: str, variant) -> FlowPipelineModel:
+        sched = flow_scheduler_config(_scheduler_config(Path(folder), spec), comps, spec)
+        return build_model(name_, load_parts(Path(folder), comps, spec, variant, table), sched, spec)
 
-def _discover() -> None:
-    import importlib
+    def from_pipeline(pipe, parts: dict, comps: dict, spec: str) -> tuple:
+        """(LoadedModel, used components)."""
+        if "scheduler" not in parts:
+            raise ValueError(f"--model {spec}: the pipeline has no scheduler; its flow-matching config is needed")
+        sched = flow_scheduler_config(dict(parts["scheduler"].config), comps, spec)
+        used = check_parts(parts, comps, spec, table)
+        model = build_model(None, used, sched, spec)
+        return model, {"scheduler": parts["scheduler"], **{k: v for k, v in used.items() if v is not None}}
 
-    for name in FLOW_FAMILY_MODULES:
-        importlib.import_module(name)
+    def detect(class_name: str, comps: dict) -> bool:
+        return class_name in pipeline_classes
 
-
-_discover()
+    return Family(name, detect=detect, load_folder=load_folder, from_pipeline=from_pipeline)

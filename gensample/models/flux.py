@@ -17,7 +17,6 @@ al. 2024, arXiv 2403.03206, with rotary position ids): loader, text conditioning
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -28,17 +27,15 @@ from .flow_pipelines import (
     T5_TOKENIZER_CLASSES,
     FlowPipelineModel,
     FlowPromptEncoder,
+    FlowVelocity,
     check_pair,
-    check_parts,
-    flow_scheduler_config,
-    image_seq_mu,
-    load_parts,
-    module_device_dtype,
+    flow_family,
+    sigma_mu_of,
     t5_embeds,
-    t5_token_usage,
+    text_parts,
 )
-from .loading import TOKENIZER_CLASSES, VAE_CLASSES, Family, _scheduler_config, register_family
-from .text import max_tokens, token_usage, warn_truncated
+from .loading import TOKENIZER_CLASSES, VAE_CLASSES, register_family
+from .text import max_tokens, module_device_dtype, token_usage, warn_truncated
 
 PIPELINE_CLASSES = ("FluxPipeline",)
 TRANSFORMER_CLASSES = ("FluxTransformer2DModel",)
@@ -74,28 +71,12 @@ def image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
     return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
 
 
-class FluxVelocity(torch.nn.Module):
+class FluxVelocity(FlowVelocity):
     """v(x_sigma, sigma) of a FluxTransformer2DModel called as ``(sample (B, C, h, w), timestep (B,)
     = sigma * 1000, encoder_hidden_states, pooled_projections[, guidance])``: packs, builds the text /
     image ids, calls the transformer with ``timestep / 1000`` (cast to the sample's dtype first, as
     the pipeline does) and unpacks. ``guidance`` is required iff the transformer is
     guidance-distilled."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    @property
-    def config(self):
-        return self.transformer.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return module_device_dtype(self.transformer)[1]
-
-    @property
-    def device(self) -> torch.device:
-        return module_device_dtype(self.transformer)[0]
 
     def forward(self, sample, timestep, encoder_hidden_states=None, pooled_projections=None, guidance=None, **kwargs):
         if encoder_hidden_states is None or pooled_projections is None:
@@ -128,14 +109,12 @@ class FluxPromptEncoder(FlowPromptEncoder):
 
     default_max_sequence_length = 512
 
-    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, guidance_embeds: bool = False,
-                 max_sequence_length: int | None = None, guidance: float = 1.0):
-        super().__init__(max_sequence_length)
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, guidance_embeds: bool = False):
+        super().__init__()
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
         self.guidance_embeds = bool(guidance_embeds)
-        self.guidance = 1.0
-        self.set_guidance(guidance)
+        self.guidance = 1.0  # the embedded guidance scale (``set_guidance``)
 
     def _modules(self) -> list:
         return [self.text_encoder, self.text_encoder_2]
@@ -174,7 +153,7 @@ class FluxPromptEncoder(FlowPromptEncoder):
     def token_usage(self, prompts: Sequence[str]) -> dict:
         prompts = list(prompts)
         return {"clip_l": token_usage(self.tokenizer, prompts, self.text_encoder),
-                "t5": t5_token_usage(self.tokenizer_2, prompts, self.max_sequence_length)}
+                "t5": token_usage(self.tokenizer_2, prompts, max_len=self.max_sequence_length)}
 
 
 def pipeline_sigmas(steps: int) -> list:
@@ -209,20 +188,11 @@ def build_model(name, parts: dict, scheduler_config: dict, spec: str) -> FlowPip
     sched = scheduler_config
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     size = 2 * ((DEFAULT_SAMPLE_SIZE * f) // (f * 2))  # the pipeline's default pixels, in latent pixels
-
-    def sigma_mu(event_shape) -> float | None:
-        """mu of dynamic shifting from the packed sequence length (h // 2) * (w // 2)."""
-        if not sched.get("use_dynamic_shifting"):
-            return None
-        h, w = int(event_shape[-2]), int(event_shape[-1])
-        return image_seq_mu((h // 2) * (w // 2), sched, DEFAULT_MAX_SHIFT)
-
     distilled = bool(c.guidance_embeds)
     extras = {"vae": vae, "pixel_shape": (int(vae.config.out_channels), size * f, size * f), "text_conditional": True,
-              "family": "flux", "sigma_mu": sigma_mu,
+              "family": "flux", "sigma_mu": sigma_mu_of(sched, 2, DEFAULT_MAX_SHIFT),  # the packed length (h/2)(w/2)
               "flow_base_sigmas": _no_sigmas if sched.get("use_flow_sigmas") else pipeline_sigmas, "latent_multiple": 2,
-              "embedded_guidance": distilled}
-    extras.update({k: v for k, v in parts.items() if k.startswith(("text_encoder", "tokenizer")) and v is not None})
+              "embedded_guidance": distilled, **text_parts(parts)}
     model = FlowPipelineModel(name=name, kind="diffusion", unet=FluxVelocity(tr), scheduler_config=sched,
                               event_shape=(lat, size, size), prediction_type="flow", is_image=True, extras=extras)
     model.extras["prompt_encoder"] = FluxPromptEncoder(parts["tokenizer"], parts["text_encoder"], parts["tokenizer_2"],
@@ -230,27 +200,6 @@ def build_model(name, parts: dict, scheduler_config: dict, spec: str) -> FlowPip
     return model
 
 
-def load_folder(folder: Path, index: dict, comps: dict, name: str, spec: str, variant: str | None) -> FlowPipelineModel:
-    """A FluxPipeline folder (Flux-dev / schnell and fine-tunes)."""
-    sched = flow_scheduler_config(_scheduler_config(Path(folder), spec), comps, spec)
-    parts = load_parts(Path(folder), comps, spec, variant, PARTS)
-    return build_model(name, parts, sched, spec)
-
-
-def from_pipeline(pipe, parts: dict, comps: dict, spec: str) -> tuple:
-    """(LoadedModel, used components) of an in-memory FluxPipeline, used as it is."""
-    if "scheduler" not in parts:
-        raise ValueError(f"--model {spec}: the pipeline has no scheduler; its flow-matching config is needed")
-    sched = flow_scheduler_config(dict(parts["scheduler"].config), comps, spec)
-    used = check_parts(parts, comps, spec, PARTS)
-    model = build_model(None, used, sched, spec)
-    return model, {"scheduler": parts["scheduler"], **used}
-
-
-def detect(class_name: str, comps: dict) -> bool:
-    """FluxPipeline folders / objects (Flux-dev, Flux-schnell and their fine-tunes; Fill / Kontext / Control /
-    image-to-image pipelines fall through to the refusals of ``loading.check_pipeline_kind``)."""
-    return class_name in PIPELINE_CLASSES
-
-
-register_family(Family("flux", detect=detect, load_folder=load_folder, from_pipeline=from_pipeline))
+# FluxPipeline folders / objects (Flux-dev, Flux-schnell and their fine-tunes; Fill / Kontext / Control /
+# image-to-image pipelines fall through to the refusals of ``loading.check_pipeline_kind``)
+register_family(flow_family("flux", PIPELINE_CLASSES, PARTS, build_model))

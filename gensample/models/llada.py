@@ -322,7 +322,11 @@ def load_weights(network: nn.Module, folder: Path, dtype: torch.dtype | None = N
         dtype = next(iter(state.values())).dtype if state else torch.float32
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             dtype = torch.float32
-    missing, unexpected = network.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor whose shape config.json does not give
+        msg = " ".join(str(err).split())
+        raise ValueError(f"{folder}: the weights do not match the architecture in config.json ({msg})") from None
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the architecture in config.json "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
@@ -359,8 +363,6 @@ def load_llada(path: str, name: str | None = None) -> "LoadedModel":
     """``--model llada:DIR``: a LLaDA / LLaDA-Instruct folder in the release's layout (config.json with
     model_type "llada", model*.safetensors, the tokenizer files). The network is this module's
     plain-PyTorch LLaDA; the folder's own modeling code is never run."""
-    from .masked_lm import DLMTokenizer, dlm_model, load_local_tokenizer
-
     spec = f"llada:{path}"
     raw = read_config(Path(path), spec)
     if raw.get("model_type") != "llada" and "LLaDAModelLM" not in (raw.get("architectures") or []):
@@ -370,14 +372,22 @@ def load_llada(path: str, name: str | None = None) -> "LoadedModel":
         net = build_llada(path)
     except ValueError as err:
         raise ValueError(f"--model {spec}: {err}") from None
+    return bare_dlm_model(name or spec, net, path, spec, family="llada", mask_id=int(raw.get("mask_token_id", 126336)),
+                          logits_size=net.cfg["logits_size"])
+
+
+def bare_dlm_model(name: str, net, path: str, spec: str, *, family: str, mask_id: int, logits_size: int) -> "LoadedModel":
+    """The masked-LM ``LoadedModel`` of a plain-PyTorch network (LLaDA, Dream) and the folder's tokenizer:
+    EOS ids = config.json's eos_token_id and the end-of-turn tokens the tokenizer defines; pad = the
+    tokenizer's pad id, else config.json's; ``block_cache="prefix"`` uses ``PrefixCachedNetwork``."""
+    from .masked_lm import DLMTokenizer, dlm_model, load_local_tokenizer
+
     hf_tok = load_local_tokenizer(path, spec)
-    cfg = net.cfg
-    mask_id = int(raw.get("mask_token_id", 126336))
-    eos = [cfg["eos_token_id"], *extra_eos_ids(hf_tok)]
-    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else cfg["pad_token_id"]
+    eos = [net.cfg["eos_token_id"], *extra_eos_ids(hf_tok)]
+    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else net.cfg["pad_token_id"]
     tok = DLMTokenizer(hf_tok, mask_id, eos_ids=eos, pad_token_id=pad)
-    return dlm_model(name or spec, net, tok, family="llada", logits_size=cfg["logits_size"],
-                     max_length=net.max_length, network_cached=PrefixCachedNetwork(net))
+    return dlm_model(name, net, tok, family=family, logits_size=logits_size, max_length=net.max_length,
+                     network_cached=PrefixCachedNetwork(net))
 
 
 def register_bare_family(name: str, architecture: str, label: str, load) -> None:

@@ -410,7 +410,7 @@ class Family:
 
 _FAMILIES: dict[str, Family] = {}
 # family loader modules, imported when a folder or pipeline is resolved (no import cost otherwise)
-FAMILY_MODULES = ("gensample.models.sdxl", "gensample.models.flow_pipelines", "gensample.models.llada",
+FAMILY_MODULES = ("gensample.models.sdxl", "gensample.models.sd3", "gensample.models.flux", "gensample.models.llada",
                   "gensample.models.dream", "gensample.models.diffusion_gemma")
 
 
@@ -424,11 +424,7 @@ def family_of(class_name, comps: dict) -> Family | None:
     import importlib
 
     for mod in FAMILY_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name != mod:
-                raise
+        importlib.import_module(mod)
     for fam in _FAMILIES.values():
         if fam.detect(str(class_name or ""), comps):
             return fam
@@ -479,7 +475,7 @@ def check_pipeline_kind(class_name, comps: dict, spec: str) -> None:
     cls = str(class_name or "this pipeline")
     sched = (comps.get("scheduler") or [None, ""])[1] or ""
     if sched.startswith("FlowMatch") or cls.startswith(("StableDiffusion3", "Flux")):
-        # the supported ones (families "sd3", "flux" of models/flow_pipelines.py) never reach here
+        # the supported ones (families "sd3", "flux": models/sd3.py, flux.py) never reach here
         tag = next((t for t in FLOW_IMAGE_TAGS if t in cls), None)
         why = (f"it conditions on a given image ({tag}), and gensample's samplers draw from noise given a prompt"
                if tag else "this pipeline family has no gensample loader")

@@ -16,7 +16,6 @@ passes the unpacked latent and the timestep sigma * 1000 unchanged (the units SD
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -26,17 +25,15 @@ from .flow_pipelines import (
     T5_TOKENIZER_CLASSES,
     FlowPipelineModel,
     FlowPromptEncoder,
+    FlowVelocity,
     check_pair,
-    check_parts,
-    flow_scheduler_config,
-    image_seq_mu,
-    load_parts,
-    module_device_dtype,
+    flow_family,
+    sigma_mu_of,
     t5_embeds,
-    t5_token_usage,
+    text_parts,
 )
-from .loading import TOKENIZER_CLASSES, VAE_CLASSES, Family, _scheduler_config, register_family
-from .text import max_tokens, token_usage, warn_truncated
+from .loading import TOKENIZER_CLASSES, VAE_CLASSES, register_family
+from .text import max_tokens, module_device_dtype, token_usage, warn_truncated
 
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
 TRANSFORMER_CLASSES = ("SD3Transformer2DModel",)
@@ -50,26 +47,10 @@ PARTS = {
 DEFAULT_MAX_SHIFT = 1.16  # StableDiffusion3Pipeline's fallback for a config without max_shift
 
 
-class SD3Velocity(torch.nn.Module):
+class SD3Velocity(FlowVelocity):
     """v(x_sigma, sigma) of an SD3Transformer2DModel called as ``(sample, timestep,
     encoder_hidden_states, pooled_projections)``; ``timestep`` (B,) or scalar, sigma * 1000, passed
-    as float32 (the scheduler's timesteps). ``config``, ``dtype``, ``device``: the transformer's."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    @property
-    def config(self):
-        return self.transformer.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return module_device_dtype(self.transformer)[1]
-
-    @property
-    def device(self) -> torch.device:
-        return module_device_dtype(self.transformer)[0]
+    as float32 (the scheduler's timesteps)."""
 
     def forward(self, sample, timestep, encoder_hidden_states=None, pooled_projections=None, **kwargs):
         if encoder_hidden_states is None or pooled_projections is None:
@@ -89,8 +70,8 @@ class SD3PromptEncoder(FlowPromptEncoder):
     default_max_sequence_length = 256
 
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, tokenizer_3=None, text_encoder_3=None,
-                 joint_attention_dim: int = 4096, max_sequence_length: int | None = None):
-        super().__init__(max_sequence_length)
+                 joint_attention_dim: int = 4096):
+        super().__init__()
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
         self.tokenizer_3, self.text_encoder_3 = tokenizer_3, text_encoder_3
@@ -137,7 +118,7 @@ class SD3PromptEncoder(FlowPromptEncoder):
         rec = {"clip_l": token_usage(self.tokenizer, prompts, self.text_encoder),
                "clip_g": token_usage(self.tokenizer_2, prompts, self.text_encoder_2)}
         if self.tokenizer_3 is not None:
-            rec["t5"] = t5_token_usage(self.tokenizer_3, prompts, self.max_sequence_length)
+            rec["t5"] = token_usage(self.tokenizer_3, prompts, max_len=self.max_sequence_length)
         else:
             rec["t5"] = {"note": f"no T5 encoder: {self.max_sequence_length} zero embeddings"}
         return rec
@@ -162,19 +143,10 @@ def build_model(name, parts: dict, scheduler_config: dict, spec: str) -> FlowPip
     sched = scheduler_config
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     size = int(c.sample_size)  # the pipeline's default_sample_size: pixels = sample_size * f
-    patch = int(c.patch_size)
-
-    def sigma_mu(event_shape) -> float | None:
-        """mu of dynamic shifting: image_seq_len = (h // patch) * (w // patch) (the pipeline's)."""
-        if not sched.get("use_dynamic_shifting"):
-            return None
-        h, w = int(event_shape[-2]), int(event_shape[-1])
-        return image_seq_mu((h // patch) * (w // patch), sched, DEFAULT_MAX_SHIFT)
-
+    patch = int(c.patch_size)  # image_seq_len = (h // patch) * (w // patch), the pipeline's
     extras = {"vae": vae, "pixel_shape": (int(vae.config.out_channels), size * f, size * f), "text_conditional": True,
-              "family": "sd3", "sigma_mu": sigma_mu, "flow_base_sigmas": None, "latent_multiple": patch,
-              "embedded_guidance": False}
-    extras.update({k: v for k, v in parts.items() if k.startswith(("text_encoder", "tokenizer")) and v is not None})
+              "family": "sd3", "sigma_mu": sigma_mu_of(sched, patch, DEFAULT_MAX_SHIFT), "flow_base_sigmas": None,
+              "latent_multiple": patch, "embedded_guidance": False, **text_parts(parts)}
     model = FlowPipelineModel(name=name, kind="diffusion", unet=SD3Velocity(tr), scheduler_config=sched,
                               event_shape=(int(c.in_channels), size, size), prediction_type="flow", is_image=True,
                               extras=extras)
@@ -184,27 +156,5 @@ def build_model(name, parts: dict, scheduler_config: dict, spec: str) -> FlowPip
     return model
 
 
-def load_folder(folder: Path, index: dict, comps: dict, name: str, spec: str, variant: str | None) -> FlowPipelineModel:
-    """A StableDiffusion3Pipeline folder (SD3 / SD3.5; T5 may be left out)."""
-    sched = flow_scheduler_config(_scheduler_config(Path(folder), spec), comps, spec)
-    parts = load_parts(Path(folder), comps, spec, variant, PARTS)
-    return build_model(name, parts, sched, spec)
-
-
-def from_pipeline(pipe, parts: dict, comps: dict, spec: str) -> tuple:
-    """(LoadedModel, used components) of an in-memory StableDiffusion3Pipeline, used as it is."""
-    if "scheduler" not in parts:
-        raise ValueError(f"--model {spec}: the pipeline has no scheduler; its flow-matching config is needed")
-    sched = flow_scheduler_config(dict(parts["scheduler"].config), comps, spec)
-    used = check_parts(parts, comps, spec, PARTS)
-    model = build_model(None, used, sched, spec)
-    return model, {"scheduler": parts["scheduler"], **{k: v for k, v in used.items() if v is not None}}
-
-
-def detect(class_name: str, comps: dict) -> bool:
-    """StableDiffusion3Pipeline folders / objects (SD3 and SD3.5 text-to-image; the image-conditioned SD3 pipelines fall
-    through to the refusals of ``loading.check_pipeline_kind``)."""
-    return class_name in PIPELINE_CLASSES
-
-
-register_family(Family("sd3", detect=detect, load_folder=load_folder, from_pipeline=from_pipeline))
+# StableDiffusion3Pipeline folders / objects (SD3 and SD3.5 text-to-image; T5 may be left out)
+register_family(flow_family("sd3", PIPELINE_CLASSES, PARTS, build_model))

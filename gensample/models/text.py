@@ -31,15 +31,28 @@ def max_tokens(tokenizer, text_encoder=None) -> int:
     return max_len
 
 
-def token_usage(tokenizer, prompts: Sequence[str], text_encoder=None) -> dict:
+def token_usage(tokenizer, prompts: Sequence[str], text_encoder=None, max_len: int | None = None) -> dict:
     """What the text encoder sees of each prompt, for run.json: ``{"max_tokens": L, "tokens":
     [n_i], "tokens_used": [min(n_i, L)], "truncated": [indices of prompts longer than L]}``
-    (n_i counts the begin / end tokens the tokenizer adds)."""
-    max_len = max_tokens(tokenizer, text_encoder)
+    (n_i counts the begin / end tokens the tokenizer adds). L: ``max_len``, else ``max_tokens``."""
+    if max_len is None:
+        max_len = max_tokens(tokenizer, text_encoder)
     ids = tokenizer(list(prompts), truncation=False, verbose=False).input_ids
     counts = [len(row) for row in ids]
     return {"max_tokens": max_len, "tokens": counts, "tokens_used": [min(c, max_len) for c in counts],
             "truncated": [i for i, c in enumerate(counts) if c > max_len]}
+
+
+def module_device_dtype(module, default_dtype: str | None = "float32") -> tuple:
+    """(device, dtype) of ``module``'s first parameter; for a module without parameters (cpu, the
+    torch dtype named ``default_dtype``, or None)."""
+    import torch
+
+    try:
+        p = next(module.parameters())
+        return p.device, p.dtype
+    except (AttributeError, StopIteration):
+        return torch.device("cpu"), getattr(torch, default_dtype) if default_dtype else None
 
 
 def warn_truncated(tokenizer, prompts: Sequence[str], text_encoder=None) -> dict:
@@ -121,19 +134,11 @@ class ClipPromptEncoder(PromptEncoder):
 
     @property
     def device(self):
-        import torch
-
-        try:
-            return next(self.text_encoder.parameters()).device
-        except (AttributeError, StopIteration):
-            return torch.device("cpu")
+        return module_device_dtype(self.text_encoder)[0]
 
     def cache_key(self) -> tuple:
-        try:
-            dtype = next(self.text_encoder.parameters()).dtype
-        except (AttributeError, StopIteration):
-            dtype = None
-        return (str(self.device), str(dtype))
+        device, dtype = module_device_dtype(self.text_encoder, default_dtype=None)
+        return (str(device), str(dtype))
 
     def encode(self, prompts: Sequence[str]) -> dict:
         return {"encoder_hidden_states": encode_prompts(self.tokenizer, self.text_encoder, list(prompts), self.device)}
