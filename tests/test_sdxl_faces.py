@@ -200,6 +200,25 @@ def test_fkc_sdxl_product_and_annealing_run_to_pixel_images(sdxl):
         fkc(target="product", experts=[PROMPT, NEGATIVE], pooled_prompt_embeds=pooled, num_inference_steps=2)
 
 
+@pytest.mark.parametrize("face", ["FKCPipeline", "STSLPipeline", "SMCPosteriorPipeline"])
+def test_sdxl_faces_without_the_second_text_encoder_pair_name_it(sdxl, face):
+    """Prompts on an SDXL UNet need text_encoder_2 and tokenizer_2: every face refuses through one check in
+    ``_sdxl.encode`` naming both (before: FKCPipeline checked the encoder only, and without tokenizer_2 failed
+    inside diffusers' encode_prompt with an AttributeError)."""
+    pipe = {"FKCPipeline": FKCPipeline, "STSLPipeline": STSLPipeline, "SMCPosteriorPipeline": SMCPosteriorPipeline}[face]
+    pipe = pipe.from_pipe(sdxl)
+    pipe.tokenizer_2 = None
+    op = make_operator("inpaint-box", (3, PIXELS, PIXELS))
+    y = op(torch.zeros(1, 3, PIXELS, PIXELS))
+    with pytest.raises(ValueError, match=f"needs text_encoder_2 and tokenizer_2 to encode prompt \\({face}.from_pipe"):
+        if face == "FKCPipeline":
+            pipe(prompt=PROMPT, target="anneal", beta=2.0, num_particles=2, num_inference_steps=2)
+        elif face == "STSLPipeline":
+            pipe(y, op, method="dps", num_inference_steps=2, batch_size=1, prompt=PROMPT)
+        else:
+            pipe(y, op, noise_std=0.1, num_particles=2, num_inference_steps=2, batch_size=1, prompt=PROMPT)
+
+
 def test_fkc_decodes_an_fp16_force_upcast_vae_in_float32(sdxl):
     """SDXL's VAE config asks for force_upcast (it overflows in fp16): FKCPipeline decodes a float16 VAE
     in float32, as the stock pipeline does, and gives it back in float16."""

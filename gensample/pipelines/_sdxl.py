@@ -102,9 +102,12 @@ def encode(pipe, prompt, negative_prompt=None, *, do_cfg: bool, device, height: 
            original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
            negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None):
     """(cond, uncond): flat dicts (``FLAT_KEYS``), one row per prompt; ``uncond`` is None unless
-    ``do_cfg``. Argument meanings and defaults are StableDiffusionXLPipeline's (``prompt_2`` to the
+    ``do_cfg``. Prompts need the pipeline's ``text_encoder_2`` and ``tokenizer_2`` (ValueError naming them). Argument meanings and defaults are StableDiffusionXLPipeline's (``prompt_2`` to the
     second encoder; a missing negative prompt gives zero embeddings when the pipeline's config has
     ``force_zeros_for_empty_prompt``; negative time ids only when both negative sizes are given)."""
+    if prompt_embeds is None and (getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "tokenizer_2", None) is None):
+        raise ValueError(f"an SDXL UNet needs text_encoder_2 and tokenizer_2 to encode prompt ({type(pipe).__name__}."
+                         f"from_pipe(sdxl_pipe) carries them over); or pass prompt_embeds and pooled_prompt_embeds")
     if prompt_embeds is not None and pooled_prompt_embeds is None:
         raise ValueError("prompt_embeds on an SDXL UNet need pooled_prompt_embeds too (the second encoder's "
                          "pooled output), as in StableDiffusionXLPipeline")

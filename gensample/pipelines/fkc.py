@@ -171,9 +171,6 @@ class FKCPipeline(DiffusionPipeline):
         (``_sdxl.encode``, diffusers' own encoding)."""
         if self.is_sdxl:
             kw = dict(sdxl_kwargs or {})
-            if prompt_embeds is None and self.text_encoder_2 is None:
-                raise ValueError("prompts on an SDXL UNet need text_encoder_2 and tokenizer_2 (FKCPipeline.from_pipe("
-                                 "sdxl_pipe) carries them over); or pass prompt_embeds and pooled_prompt_embeds")
             return _sdxl.encode(self, prompts, negative, do_cfg=do_cfg, device=device, prompt_embeds=prompt_embeds,
                                 negative_prompt_embeds=negative_prompt_embeds, **kw)
         if prompt_embeds is None:

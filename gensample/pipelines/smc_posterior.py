@@ -61,9 +61,6 @@ class SMCPosteriorPipeline(DiffusionPipeline):
     def _condition(self, prompt: str, prompt_embeds, pooled_prompt_embeds, device) -> Optional[dict]:
         """One row of the UNet's text conditioning (flat; SDXL: hidden states, pooled, time ids), or None."""
         if _sdxl.is_sdxl_unet(self.unet):
-            if prompt_embeds is None and (self.text_encoder_2 is None or self.tokenizer_2 is None):
-                raise ValueError("an SDXL UNet needs text_encoder_2 and tokenizer_2 to encode prompt (SMCPosteriorPipeline."
-                                 "from_pipe(sdxl_pipe) carries them over); or pass prompt_embeds and pooled_prompt_embeds")
             cond, _ = _sdxl.encode(self, None if prompt_embeds is not None else [prompt], do_cfg=False, device=device,
                                    prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
             return cond

@@ -143,9 +143,6 @@ class STSLPipeline(DiffusionPipeline):
         denoiser = Denoiser(network, ac, self.scheduler.config.get("prediction_type", "epsilon"), plain_callable=False)
         cond = None
         if sdxl:
-            if prompt_embeds is None and (self.text_encoder_2 is None or self.tokenizer_2 is None):
-                raise ValueError("an SDXL UNet needs text_encoder_2 and tokenizer_2 to encode prompt (STSLPipeline."
-                                 "from_pipe(sdxl_pipe) carries them over); or pass prompt_embeds and pooled_prompt_embeds")
             rows, _ = _sdxl.encode(self, None if prompt_embeds is not None else [prompt], do_cfg=False, device=device,
                                    prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
             cond = {k: v.to(device).expand(batch_size, *v.shape[1:]) for k, v in rows.items()}
