@@ -25,11 +25,10 @@ from ..eval.images import band_plot_png
 from ..io import atomic_write_bytes
 from ..rewards import CallableReward, resolve_reward, reward_option
 from ..samplers.fk_steer import DEFAULTS, FINALS, POTENTIALS, FKSteerConfig, sample_fk_steer
-from ..samplers.fkc import check_proposal, proposal_eta
 from ..samplers.registry import FLOW_MODEL_OPTIONS, SAMPLERS, Option, RunContext, SampleBatch, SamplerSpec, register
-from .fkc import _expert_fn, make_proposal, particle_plan, resolve_target
-from .oms import OMS_START_OPTIONS, check_oms_start
-from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS, check_time_shift_flags
+from .fkc import _expert_fn, check_move, make_proposal, particle_plan, resolve_target
+from .oms import OMS_START_OPTIONS
+from .time_shift import TIME_SHIFT_OPTION, TS_STEP_OPTIONS
 
 NAME = "fk-steer"
 _RESAMPLE_SEED_INDEX = 2**31 - 7  # per-group resampling stream, apart from the particles' own seeds
@@ -111,16 +110,10 @@ def _validate(opts: dict, model) -> None:
     if model.kind != "diffusion":
         raise ValueError(f"sampler {NAME!r} needs a diffusion model, got kind {model.kind!r}")
     target, _ = _target(opts, model)
-    check_time_shift_flags(opts)
-    proposal = make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), target, "cpu", warn=False)
-    eta = target.eta  # the eta of the move that runs: the loop's own or the proposal's (ddpm: 1)
-    if proposal is not None:
-        eta = proposal_eta(proposal, check_proposal(proposal, proposal.timesteps, target))
+    eta = check_move(opts, model, target)  # the eta of the move that runs: the loop's own or the proposal's
     if eta <= 0:
         raise ValueError(f"--eta must be > 0 for {NAME!r}: its move must be stochastic (resampled copies of a deterministic "
                          f"move stay identical), got {eta}")
-    if opts.get("oms_module") is not None:
-        check_oms_start(opts, model)
     reward = _reward(opts)
     prompts = [model.run_prompts[0]] if getattr(model, "text_conditional", False) else None
     try:  # the reward must take this model's samples: one probe row (decoded for latent models), before any sampling

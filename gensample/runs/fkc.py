@@ -29,6 +29,7 @@ from ..samplers.fkc import (
     FKCConfig,
     check_proposal,
     eps_and_x0,
+    proposal_eta,
     sample_fkc,
 )
 from ..samplers.baseline import FlowTwinEpsDDIM, make_scheduler, set_grid
@@ -183,13 +184,21 @@ def _validate(opts: dict, model) -> None:
     cfg, _ = resolve_target(opts, model)
     if model.kind != "diffusion":
         raise ValueError(f"sampler 'fkc' needs a diffusion model, got kind {model.kind!r}")
+    check_move(opts, model, cfg)
+
+
+def check_move(opts: dict, model, cfg: FKCConfig) -> float:
+    """The move's checks before sampling, shared by fkc and fk-steer: the Time-Shift flags, the proposal's
+    own checks (window / stride, Time-Shift's target and quadrature rules) and the One More Step start.
+    Returns the eta of the move that runs (the loop's own, or the proposal's: 1 for ddpm)."""
     check_time_shift_flags(opts)
-    # the proposal's own checks (window / stride, Time-Shift's target and quadrature rules) before sampling
     proposal = make_proposal({**opts, "data_var": None}, model, int(opts["steps"]), cfg, "cpu", warn=False)
+    eta = cfg.eta
     if proposal is not None:
-        check_proposal(proposal, proposal.timesteps, cfg)
+        eta = proposal_eta(proposal, check_proposal(proposal, proposal.timesteps, cfg))
     if opts.get("oms_module") is not None:
         check_oms_start(opts, model)
+    return eta
 
 
 def _stack_conds(conds: list) -> dict:
