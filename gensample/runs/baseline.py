@@ -79,13 +79,9 @@ def _sample_zero_snr(name: str, model, opts: dict, seeds: list[int], ctx: RunCon
         raise ValueError("--oms-module does not apply to a zero-terminal-SNR model: x_T is already pure noise")
     sched = make_scheduler(name, model.scheduler_config, prediction_type=model.prediction_type)
     sched.set_timesteps(opts["steps"], device=ctx.device)
-    den = model.denoiser()
-    gens = ctx.generators(seeds)
-    x = schedule_flaws.start_noise(ctx, gens, model.event_shape, opts.get("offset_noise") or 0.0) * sched.init_noise_sigma
-    cond = model.cond_for(opts.get("class_label"), len(seeds), ctx.device)
-    x = schedule_flaws.direct_loop(sched, x, cond, {"guidance_scale": opts.get("guidance_scale", 1.0),
-                                                    "guidance_rescale": opts.get("guidance_rescale")}, gens, ctx, den)
-    return SampleBatch(x=x, stats={"nfe": den.calls, "model_rows": den.rows})
+    loop_opts = {k: opts.get(k) for k in ("offset_noise", "class_label", "guidance_rescale")}  # no eta: these take none
+    return schedule_flaws.sample_direct(model, {**loop_opts, "guidance_scale": opts.get("guidance_scale", 1.0)}, seeds,
+                                        ctx, sched)
 
 
 def _eps_scaling(opts: dict):

@@ -116,7 +116,12 @@ def sample_zero_snr_ddim(model, opts: dict, seeds: list[int], ctx: RunContext) -
     if opts.get("eps_scale", 1.0) != 1.0 or opts.get("eps_scale_slope", 0.0) != 0.0:
         raise ValueError("--eps-scale / --eps-scale-slope cannot be combined with --rescale-zero-snr "
                          "(the zero-SNR path feeds the raw v / x0 output, not eps)")
-    sched = zero_snr_scheduler(model, opts["steps"], ctx.device)
+    return sample_direct(model, opts, seeds, ctx, zero_snr_scheduler(model, opts["steps"], ctx.device))
+
+
+def sample_direct(model, opts: dict, seeds: list[int], ctx: RunContext, sched) -> SampleBatch:
+    """Samples of ``direct_loop`` with a set stock scheduler built with the model's prediction_type: the
+    start noise (``--offset-noise``) at the scheduler's scale, the run's class label, one row per seed."""
     gens = ctx.generators(seeds)
     den = model.denoiser()
     x_T = start_noise(ctx, gens, model.event_shape, opts.get("offset_noise") or 0.0) * sched.init_noise_sigma
