@@ -118,11 +118,34 @@ class _TimeShiftHook:
         return tuple(args), kwargs
 
 
-def _hook_of(unet) -> Optional[_TimeShiftHook]:
-    for hook in unet._forward_pre_hooks.values():
-        if isinstance(hook, _TimeShiftHook):
+def _hook_of(module, cls=None) -> Optional[_TimeShiftHook]:
+    """The Time-Shift hook of class ``cls`` (exactly: the flow hook subclasses the UNet one) on ``module``."""
+    cls = _TimeShiftHook if cls is None else cls
+    for hook in module._forward_pre_hooks.values():
+        if type(hook) is cls:
             return hook
     return None
+
+
+def _ts_kwargs(cfg: dict, given: dict, default_eta: float) -> dict:
+    """The Time-Shift keywords of a new face: the caller's, else the scheduler config's (a saved face keeps its
+    window / cutoff / variant), the variant's default and ``default_eta``."""
+    ts_kw = {k: (v if v is not None else cfg.get(k)) for k, v in given.items()}
+    ts_kw["variant"] = ts_kw["variant"] or DEFAULT_VARIANT
+    ts_kw["eta"] = float(default_eta if ts_kw["eta"] is None else ts_kw["eta"])
+    return ts_kw
+
+
+def _install(pipe, module, key: str, hook_cls, old, sched):
+    """The hook on ``module`` (one per module, shared by every pipeline that enabled it), the pipeline's state
+    (``key``: "unet" or "transformer", and the scheduler to restore) and its new scheduler."""
+    hook = _hook_of(module, hook_cls)
+    if hook is None:
+        hook = hook_cls()
+        hook.handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    hook.users[id(pipe)] = weakref.ref(pipe)
+    object.__setattr__(pipe, "_ts_state", {key: module, "scheduler": old})  # not a pipeline component
+    pipe.scheduler = sched
 
 
 def enable_time_shift(
@@ -161,24 +184,13 @@ def enable_time_shift(
     old = pipe.scheduler
     cfg = effective_config(old)
     given = {"window_size": window_size, "cutoff": cutoff, "variant": variant, "eta": eta, "data_var": data_var}
-    ts_kw = {k: (v if v is not None else cfg.get(k)) for k, v in given.items()}
-    if ts_kw["eta"] is None:
-        ts_kw["eta"] = 1.0 if type(old).__name__ == "DDPMScheduler" else 0.0
-    ts_kw["variant"] = ts_kw["variant"] or DEFAULT_VARIANT
-    ts_kw["eta"] = float(ts_kw["eta"])
+    ts_kw = _ts_kwargs(cfg, given, 1.0 if type(old).__name__ == "DDPMScheduler" else 0.0)
     sched = TimeShiftScheduler.from_config(cfg, **ts_kw)
     if getattr(pipe, "vae", None) is not None and sched.config.data_var is None:
         warnings.warn("enable_time_shift on a latent pipeline: the paper's statistic ignores the data term "
                       "alpha_bar Var(x0), which for latents (variance ~1) makes it pick the noisiest window edge at "
                       "every step; pass data_var=... (docs/time_shift.md 'Data-aware statistic')", stacklevel=2)
-    unet = pipe.unet
-    hook = _hook_of(unet)
-    if hook is None:
-        hook = _TimeShiftHook()
-        hook.handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
-    hook.users[id(pipe)] = weakref.ref(pipe)
-    object.__setattr__(pipe, "_ts_state", {"unet": unet, "scheduler": old})  # not a pipeline component
-    pipe.scheduler = sched
+    _install(pipe, pipe.unet, "unet", _TimeShiftHook, old, sched)
     return pipe
 
 
@@ -188,7 +200,8 @@ def disable_time_shift(pipe: DiffusionPipeline) -> DiffusionPipeline:
     state = getattr(pipe, "_ts_state", None)
     if state is None:
         raise ValueError("time shift is not enabled on this pipeline")
-    hook = _flow_hook_of(state["transformer"]) if "transformer" in state else _hook_of(state["unet"])
+    hook = (_hook_of(state["transformer"], _FlowTimeShiftHook) if "transformer" in state
+            else _hook_of(state["unet"], _TimeShiftHook))
     if hook is not None:
         hook.users.pop(id(pipe), None)
         if not hook.live_users():
@@ -247,12 +260,6 @@ class _FlowTimeShiftHook(_TimeShiftHook):
         return tuple(args), kwargs
 
 
-def _flow_hook_of(transformer) -> Optional[_FlowTimeShiftHook]:
-    for hook in transformer._forward_pre_hooks.values():
-        if isinstance(hook, _FlowTimeShiftHook):
-            return hook
-    return None
-
 
 def _enable_flow_time_shift(pipe, window_size, cutoff, variant, eta, data_var):
     """`enable_time_shift` on a flow-matching pipeline: a `FlowTimeShiftScheduler` from the pipeline's
@@ -270,21 +277,12 @@ def _enable_flow_time_shift(pipe, window_size, cutoff, variant, eta, data_var):
     old = pipe.scheduler
     cfg = effective_config(old)
     given = {"window_size": window_size, "cutoff": cutoff, "variant": variant, "eta": eta, "data_var": data_var}
-    ts_kw = {k: (v if v is not None else cfg.get(k)) for k, v in given.items()}
-    ts_kw["variant"] = ts_kw["variant"] or DEFAULT_VARIANT
-    ts_kw["eta"] = float(ts_kw["eta"] or 0.0)
-    sched = FlowTimeShiftScheduler.from_config(cfg, **ts_kw)
+    sched = FlowTimeShiftScheduler.from_config(cfg, **_ts_kwargs(cfg, given, 0.0))
     if getattr(pipe, "vae", None) is not None and sched.config.data_var is None and sched.config.window_size != 0:
         warnings.warn("enable_time_shift on a latent flow pipeline: the paper's statistic sigma^2 ignores the data "
                       "term (1 - sigma)^2 Var(x0); pass data_var=... (docs/time_shift.md 'Data-aware statistic')",
                       stacklevel=3)
-    hook = _flow_hook_of(transformer)
-    if hook is None:
-        hook = _FlowTimeShiftHook()
-        hook.handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    hook.users[id(pipe)] = weakref.ref(pipe)
-    object.__setattr__(pipe, "_ts_state", {"transformer": transformer, "scheduler": old})
-    pipe.scheduler = sched
+    _install(pipe, transformer, "transformer", _FlowTimeShiftHook, old, sched)
     return pipe
 
 

@@ -106,7 +106,7 @@ def flow_refusal(spec: "SamplerSpec") -> str | None:
     """None when ``spec`` runs on flow models, else the reason it does not."""
     if spec.flow:
         return None
-    return spec.flow_refusal or FLOW_REFUSALS.get(spec.name) or "it has not been ported to flow-matching models"
+    return spec.flow_refusal or "it has not been ported to flow-matching models"
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
