@@ -122,6 +122,17 @@ def test_dream_forward_matches_reference_golden_and_shifts_by_one():
     torch.testing.assert_close(aligned[:, 0], gold["logits"][:, 0], atol=1e-5, rtol=0)
 
 
+def test_release_networks_are_built_on_meta_and_take_the_folder_tensors(monkeypatch):
+    """build_llada / build_dream make no random float32 copy of the network first (a 7-8 B release would need
+    ~32 GB for it): the network is built on the meta device and every parameter is a loaded tensor."""
+    made = []
+    original = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: made.append(self.weight.is_meta) or original(self))
+    for net in (build_llada(FIX / "llada"), build_dream(FIX / "dream")):
+        assert all(not p.is_meta and p.device.type == "cpu" for p in net.parameters())
+    assert made and all(made)  # every Linear was initialised (if at all) on meta only
+
+
 def test_release_state_dict_names_are_required():
     state = load_file(str(FIX / "llada" / "model.safetensors"))
     assert "model.transformer.blocks.0.up_proj.weight" in state and "model.transformer.ff_out.weight" in state

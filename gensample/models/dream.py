@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llada import RMSNorm, attend, bare_dlm_model, load_weights, read_config, register_bare_family, rope_tables
+from .llada import (RMSNorm, attend, bare_dlm_model, build_on_meta, load_weights, read_config, register_bare_family,
+                    rope_tables)
 
 DREAM_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -152,7 +153,7 @@ def build_dream(folder: str | Path, dtype: torch.dtype | None = None) -> DreamNe
     """DreamNetwork with the weights of a released Dream folder (config.json + safetensors)."""
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    return load_weights(DreamNetwork(cfg), folder, dtype)
+    return load_weights(build_on_meta(DreamNetwork, cfg), folder, dtype)
 
 
 def load_dream(path: str, name: str | None = None):

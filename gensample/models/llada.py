@@ -317,13 +317,17 @@ def read_state_dict(folder: Path) -> dict:
 
 
 def load_weights(network: nn.Module, folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The folder's weights into ``network``, cast to ``dtype`` (default: the weights' own floating dtype).
+    A network built on the meta device (``build_on_meta``) takes the loaded tensors as its parameters, so a
+    7-8 B release is never materialised as a random float32 copy first."""
     state = read_state_dict(folder)
     if dtype is None:
         dtype = next(iter(state.values())).dtype if state else torch.float32
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             dtype = torch.float32
     try:
-        missing, unexpected = network.load_state_dict(state, strict=False)
+        on_meta = any(p.is_meta for p in network.parameters())
+        missing, unexpected = network.load_state_dict(state, strict=False, assign=on_meta)
     except RuntimeError as err:  # a tensor whose shape config.json does not give
         msg = " ".join(str(err).split())
         raise ValueError(f"{folder}: the weights do not match the architecture in config.json ({msg})") from None
@@ -337,7 +341,14 @@ def build_llada(folder: str | Path, dtype: torch.dtype | None = None) -> LLaDANe
     """LLaDANetwork with the weights of a released LLaDA folder (config.json + safetensors)."""
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    return load_weights(LLaDANetwork(cfg), folder, dtype)
+    return load_weights(build_on_meta(LLaDANetwork, cfg), folder, dtype)
+
+
+def build_on_meta(cls, cfg: dict) -> nn.Module:
+    """``cls(cfg)`` on the meta device: shapes only, no memory and no random initialisation (``load_weights``
+    then assigns every parameter from the folder; a missing one is an error there)."""
+    with torch.device("meta"):
+        return cls(cfg)
 
 
 # -- LoadedModel ------------------------------------------------------------------------------------------
