@@ -48,7 +48,6 @@ Sections: 1. parameters, 2. potentials, 3. the loop.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -58,10 +57,7 @@ import torch
 
 from ..core import smc
 from ..core.denoiser import check_finite
-from ..core.noise import normal_like
-from ..core.schedule import as_schedule
-from .fkc import (FKCConfig, check_proposal, combine_eps, combine_x0, direct_steps, ddim_move, node_coefficients,
-                  proposal_eta, weight_rate, zero_snr_move)
+from .fkc import FKCConfig, MovePlan, combine_eps, combine_x0, node_coefficients, weight_rate
 
 POTENTIALS = ("diff", "max", "sum", "instantaneous")
 FINALS = ("resample", "weighted", "best", "one_per_group")
@@ -251,29 +247,15 @@ def sample_fk_steer(
     batched_noise = isinstance(noise_generators, torch.Generator)
     if not batched_noise and len(noise_generators) != N:
         raise ValueError(f"noise_generators must be one torch.Generator or one per particle ({N}), got {len(noise_generators)}")
-    step_kwargs = {}
-    move_eta = target.eta  # the eta of the move: the loop's own, or the proposal's
-    if proposal is not None:
-        step_kwargs = check_proposal(proposal, timesteps, target)
-        move_eta = proposal_eta(proposal, step_kwargs)
-        final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
-    if move_eta <= 0:
-        raise ValueError(f"FK steering needs a stochastic move (eta > 0); eta = {move_eta} would make "
+    plan = MovePlan(alphas_cumprod, timesteps, target, proposal, final_alpha_bar)  # the move (FKC's, or a proposal)
+    if plan.eta <= 0:
+        raise ValueError(f"FK steering needs a stochastic move (eta > 0); eta = {plan.eta} would make "
                          "resampled copies identical forever")
-    shifted = proposal is not None and hasattr(proposal, "model_timesteps")
     G = N // K
     S = len(timesteps)
     M = len(target.betas)
-    schedule = as_schedule(alphas_cumprod)  # a VP table or any core.schedule.Schedule (flows: the VP twin)
-    ab_t, ab_s = schedule.alpha_bar_pairs(timesteps, final_alpha_bar)
     trivial = target.is_trivial
-    coef = node_coefficients(ab_t, ab_s, target.quadrature)  # (S,) FKC weight of each model call (0 on direct steps)
-    direct = direct_steps(ab_t, ab_s)  # (S,) steps from alpha_bar = 0 (a flow's sigma = 1): FKC's direct draw
-    # from alpha_bar = 0 the move is FKC's direct draw at the move's eta, also under a proposal (whose eps-form
-    # step is undefined there), never shifted (docs/compose.md "FKC over any proposal")
-    relabel = getattr(proposal, "model_input", None) if shifted else None  # flows: the model time's twin coordinates
-    takes_x0 = proposal is not None and "pred_original_sample" in inspect.signature(proposal.step).parameters
-    event = tuple(x_T.shape[1:])
+    coef = node_coefficients(plan.ab_t, plan.ab_s, target.quadrature)  # (S,) FKC weight of each model call (0 on direct steps)
     x = x_T.double() / math.sqrt(target.total_beta)  # N(0, I / B): FKC's rho_T (B = 1: x_T itself)
     rewards = torch.zeros((N, S + 1), dtype=torch.float64)  # r_k along each current path
     log_w = torch.zeros((G, K), dtype=torch.float64)
@@ -306,12 +288,7 @@ def sample_fk_steer(
         return ess
 
     for k, t in enumerate(timesteps):
-        shift_k = shifted and not bool(direct[k])
-        t_model = proposal.model_timesteps(x.to(x_T.dtype), t) if shift_k else t  # (N,) under Time-Shift
-        x_in, ab_in = x, ab_t[k]  # the state the model sees and its alpha_bar
-        if shift_k:
-            x_in = relabel(x.to(x_T.dtype), t, t_model).double() if relabel is not None else x
-            ab_in = schedule.alpha_bar(torch.as_tensor(t_model).cpu()).reshape(-1, *([1] * len(event))).to(x.device)
+        t_model, x_in, ab_in, _ = plan.model_point(k, t, x, x_T.dtype)  # (N,) model times under Time-Shift
         eps_out, x0_out = model_fn(x_in.to(x_T.dtype), t_model)  # one model call
         eps_experts = _per_expert(eps_out, M, x)  # (M, N, ...)
         check_finite(eps_experts, sampler, k)
@@ -325,28 +302,11 @@ def sample_fk_steer(
             want = torch.ones(G, dtype=torch.bool) if cfg.ess_threshold >= 1 else ess < cfg.ess_threshold * K
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():
-                carried = [x, x0_hat, eps_hat, rewards] + ([t_model] if shift_k else [])  # per-particle times
-                carried += [x0_experts.movedim(0, 1)] if direct[k] else []  # (N, M, ...) for the direct draw
-                carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
-                x, x0_hat, eps_hat, rewards = carried[:4]
-                t_model = carried[4] if shift_k else t_model
-                x0_experts = carried[-1].movedim(1, 0) if direct[k] else x0_experts
+                (x, x0_hat, eps_hat, rewards), t_model, x0_experts, log_w = plan.resample(
+                    k, [x, x0_hat, eps_hat, rewards], t_model, x0_experts, log_w, cfg.scheme, resample_generators, want)
                 did[:, k] = want
-        if proposal is not None and not direct[k]:  # the scheduler's own step, its noise from the same generators
-            kw = dict(step_kwargs, model_timesteps=t_model) if shifted else dict(step_kwargs)
-            if takes_x0:  # the twin steppers of a flow: the x0 of the velocities
-                kw["pred_original_sample"] = x0_hat.to(x_T.dtype)
-            x = proposal.step(eps_hat.to(x_T.dtype), t, x.to(x_T.dtype), generator=noise_generators, return_dict=True,
-                              **kw).prev_sample.double()
-        else:
-            # drawn in the samples' dtype, as FKC's move and the ddpm sampler's schedulers draw theirs (the same
-            # stream from the same seeds: one draw per particle from its own generator, or one batched draw from a
-            # single generator), used in float64
-            noise = normal_like(x_T, noise_generators).double()
-            if direct[k]:  # from alpha_bar = 0: sample rho_s directly (FKC's zero-SNR start, any betas)
-                x = zero_snr_move(x, x0_experts, target.betas, ab_s[k], move_eta, noise)  # (N, ...) float64
-            else:
-                x = ddim_move(x, eps_hat, ab_t[k], ab_s[k], target.eta, noise, x0_hat)  # (N, ...) float64
+        # float64 state; the proposal reads the samples' dtype, the own move draws its noise in it
+        x = plan.move(k, t, x, eps_hat, x0_hat, x0_experts, t_model, target.betas, noise_generators, x_T.dtype)
         if on_step is not None:
             on_step(k)
     score(S, x)  # the clean end: r_S = r(x0)

@@ -347,6 +347,76 @@ class FKCResult:
     group: torch.Tensor  # (rows,) int64 group index of each output row
 
 
+class MovePlan:
+    """The move of an FKC particle loop (``sample_fkc``, ``fk_steer.sample_fk_steer``), set up once.
+
+    The move is FKC's own float64 DDIM(eta) step (``ddim_move``; eta = ``cfg.eta``) or a proposal scheduler's
+    ``step`` (``check_proposal``; its own eta, ``proposal_eta``). The steps of a zero-SNR start (``direct``:
+    alpha_bar_T = 0, a flow's sigma = 1) are ``zero_snr_move`` at the move's eta, never shifted. Under a
+    Time-Shift proposal the model is called at per-particle model times (``model_point``), on a flow's twin
+    at the same flow point in the model time's coordinates (the proposal's ``model_input``); the twin
+    steppers of a flow also take the experts' x0 (``takes_x0``). ``ab_t`` / ``ab_s``: the grid's alpha_bar
+    pairs, float64 (S,) (docs/compose.md "FKC over any proposal")."""
+
+    def __init__(self, alphas_cumprod, timesteps, cfg: "FKCConfig", proposal=None, final_alpha_bar: float = 1.0):
+        self.schedule = as_schedule(alphas_cumprod)  # a VP table or any core.schedule.Schedule (flows: the twin)
+        self.proposal, self.step_kwargs, self.eta = proposal, {}, float(cfg.eta)
+        if proposal is not None:
+            self.step_kwargs = check_proposal(proposal, timesteps, cfg)
+            self.eta = proposal_eta(proposal, self.step_kwargs)
+            final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
+        self.ab_t, self.ab_s = self.schedule.alpha_bar_pairs(timesteps, final_alpha_bar)
+        self.direct = direct_steps(self.ab_t, self.ab_s)  # (S,) bool
+        self.shifted = proposal is not None and hasattr(proposal, "model_timesteps")
+        self.relabel = getattr(proposal, "model_input", None) if self.shifted else None
+        self.takes_x0 = proposal is not None and "pred_original_sample" in inspect.signature(proposal.step).parameters
+
+    def model_point(self, k: int, t, x: torch.Tensor, dtype: torch.dtype):
+        """(t_model, x_in, ab_in, shifted) of step k: the model time(s) (the grid's t, or (N,) per particle), the
+        state the model sees, its alpha_bar (a float64 scalar, or (N, 1, ...)) and whether the step is shifted.
+        x: the loop's state (``dtype``: the samples' dtype, which the proposal reads)."""
+        if not (self.shifted and not bool(self.direct[k])):
+            return t, x, self.ab_t[k], False
+        xs = x.to(dtype)
+        t_model = self.proposal.model_timesteps(xs, t)
+        x_in = self.relabel(xs, t, t_model).to(x.dtype) if self.relabel is not None else x
+        ab_in = self.schedule.alpha_bar(torch.as_tensor(t_model).cpu()).reshape(-1, *([1] * (x.ndim - 1))).to(x.device)
+        return t_model, x_in, ab_in, True
+
+    def resample(self, k: int, tensors: list, t_model, x0_experts, log_w, scheme: str, generators, mask):
+        """``smc.resample`` of the loop's per-particle tensors together with the move's own per-particle state:
+        the model times of a shifted step and the experts' x0 that a zero-SNR draw reads.
+        Returns (tensors, t_model, x0_experts, log_w)."""
+        shift_k = self.shifted and not bool(self.direct[k])
+        start = bool(self.direct[k]) and x0_experts is not None
+        extra = ([t_model] if shift_k else []) + ([x0_experts.movedim(0, 1)] if start else [])
+        out, log_w, _ = smc.resample(list(tensors) + extra, log_w, scheme, generators, mask=mask)
+        n = len(tensors)
+        if shift_k:
+            t_model = out[n]
+        if start:
+            x0_experts = out[-1].movedim(1, 0)
+        return out[:n], t_model, x0_experts, log_w
+
+    def move(self, k: int, t, x: torch.Tensor, eps_eff, x0_eff, x0_experts, t_model, betas, generators,
+             dtype: torch.dtype) -> torch.Tensor:
+        """x at the next grid time, in x's dtype: the proposal's step (fed the samples' ``dtype``; its noise from
+        the same generators), else ``zero_snr_move`` on a direct step, else ``ddim_move``, their noise drawn in
+        ``dtype`` (one draw per particle from its own generator, or one batched draw) when eta > 0."""
+        if self.proposal is not None and not bool(self.direct[k]):
+            kw = dict(self.step_kwargs)
+            if self.shifted:
+                kw["model_timesteps"] = t_model
+            if self.takes_x0 and x0_eff is not None:  # the twin steppers of a flow: the x0 of the velocities
+                kw["pred_original_sample"] = x0_eff.to(dtype)
+            out = self.proposal.step(eps_eff.to(dtype), t, x.to(dtype), generator=generators, return_dict=True, **kw)
+            return out.prev_sample.to(x.dtype)
+        noise = normal_like(x.to(dtype), generators) if self.eta > 0 else None
+        if bool(self.direct[k]):  # zero terminal SNR: sample rho_s directly (docs/fkc.md "Zero terminal SNR")
+            return zero_snr_move(x, x0_experts, betas, self.ab_s[k], self.eta, noise)
+        return ddim_move(x, eps_eff, self.ab_t[k], self.ab_s[k], self.eta, noise, x0_eff)
+
+
 def _in_window(cfg: FKCConfig, t_frac: float) -> bool:
     hi, lo = cfg.window
     return lo <= t_frac <= hi
@@ -402,36 +472,18 @@ def sample_fkc(
     batched_noise = isinstance(noise_generators, torch.Generator)
     if not batched_noise and len(noise_generators) != N:
         raise ValueError(f"noise_generators must be one generator or one per particle ({N}), got {len(noise_generators)}")
-    schedule = as_schedule(alphas_cumprod)  # a VP table or any core.schedule.Schedule (flows: the VP twin)
-    step_kwargs = {}
-    move_eta = cfg.eta  # the eta of the move: FKC's own, or the proposal's
-    if proposal is not None:
-        step_kwargs = check_proposal(proposal, timesteps, cfg)
-        move_eta = proposal_eta(proposal, step_kwargs)
-        final_alpha_bar = float(getattr(proposal, "final_alpha_cumprod", 1.0))  # where its last step goes
-    if move_eta == 0 and cfg.resample != "never":
+    plan = MovePlan(alphas_cumprod, timesteps, cfg, proposal, final_alpha_bar)
+    if plan.eta == 0 and cfg.resample != "never":
         warnings.warn("FKC with eta=0 (ODE move) and resampling duplicates particles forever "
                       "(docs/fkc.md \"Design choices\"); use eta > 0", RuntimeWarning, stacklevel=2)
-    shifted = proposal is not None and hasattr(proposal, "model_timesteps")
-    relabel = getattr(proposal, "model_input", None) if shifted else None  # flows: the model time's twin coordinates
-    # the twin steppers of a flow also take x0 (the velocity's: no 0/0 near sigma = 1)
-    takes_x0 = proposal is not None and "pred_original_sample" in inspect.signature(proposal.step).parameters
-    ab_t_all, ab_s_all = schedule.alpha_bar_pairs(timesteps, final_alpha_bar)
-    coef = node_coefficients(ab_t_all, ab_s_all, cfg.quadrature)  # (S,) weight of each model call
-    # (S,) zero-SNR start steps (alpha_bar_T = 0: a flow's sigma = 1, a rescaled VP schedule): FKC's zero-SNR
-    # move at the move's eta, also under a proposal (whose eps-form step is undefined from alpha_bar = 0),
-    # never shifted (docs/compose.md "FKC over any proposal")
-    direct = direct_steps(ab_t_all, ab_s_all)
-    event = tuple(x_T.shape[1:])
+    coef = node_coefficients(plan.ab_t, plan.ab_s, cfg.quadrature)  # (S,) weight of each model call
     x = (x_T.double() / math.sqrt(cfg.total_beta)).to(x_T.dtype)  # N(0, I/B) = rho_T for VP (docs/fkc.md)
     log_w = torch.zeros((G, K), dtype=torch.float64)
     ess_trace = torch.empty((G, len(timesteps)), dtype=torch.float64)
     did = torch.zeros((G, len(timesteps)), dtype=torch.bool)
     trivial = cfg.is_trivial
     for k, t in enumerate(timesteps):
-        shift_k = shifted and not bool(direct[k])
-        t_model = proposal.model_timesteps(x, t) if shift_k else t  # (N,) per particle under Time-Shift
-        x_in = relabel(x, t, t_model) if shift_k and relabel is not None else x  # the state the experts see
+        t_model, x_in, ab_in, _ = plan.model_point(k, t, x, x.dtype)  # (N,) per particle under Time-Shift
         out = expert_eps(x_in, t_model)  # (M, N, ...) eps, or a pair (eps, x0) formed from the raw output
         eps_experts, x0_experts = out if isinstance(out, tuple) else (out, None)
         check_finite(eps_experts, sampler, k)
@@ -452,37 +504,21 @@ def sample_fkc(
         ess_trace[:, k] = ess
         eps_eff = combine_eps(eps_experts, cfg.betas)  # (N, ...)
         x0_eff = None  # a proposal that takes no x0 forms it from eps_eff itself
-        if x0_experts is not None and (proposal is None or takes_x0) and not direct[k]:
-            ab_in = ab_t_all[k] if not shift_k else schedule.alpha_bar(torch.as_tensor(t_model).cpu()).reshape(
-                -1, *([1] * len(event))).to(x.device)
+        if x0_experts is not None and (proposal is None or plan.takes_x0) and not plan.direct[k]:
             x0_eff = combine_x0(x0_experts, x_in, cfg.betas, ab_in).to(x.dtype)
-        if cfg.resample != "never" and _in_window(cfg, schedule.fraction(t)):
+        if plan.direct[k] and x0_experts is None:  # eps models at zero SNR: x0 through the clamped alpha_bar
+            x0_experts = torch.stack([eps_and_x0(e, x, plan.ab_t[k], "epsilon")[1] for e in eps_experts])
+        if cfg.resample != "never" and _in_window(cfg, plan.schedule.fraction(t)):
             want = ess < cfg.ess_threshold * K if cfg.resample == "ess" else torch.ones(G, dtype=torch.bool)
             want = want & ~(log_w == log_w[:, :1]).all(1)  # equal weights: nothing to do
             if want.any():
-                start = bool(direct[k]) and x0_experts is not None  # the zero-SNR draw reads the experts' x0
-                carried = ([x, eps_eff] + ([] if x0_eff is None else [x0_eff]) + ([t_model] if shift_k else [])
-                           + ([x0_experts.movedim(0, 1)] if start else []))
-                carried, log_w, _ = smc.resample(carried, log_w, cfg.scheme, resample_generators, mask=want)
-                x, eps_eff = carried[0], carried[1]
-                x0_eff = carried[2] if x0_eff is not None else None
-                t_model = carried[3 if x0_eff is not None else 2] if shift_k else t_model
-                x0_experts = carried[-1].movedim(1, 0) if start else x0_experts
+                tensors = [x, eps_eff] + ([] if x0_eff is None else [x0_eff])
+                tensors, t_model, x0_experts, log_w = plan.resample(k, tensors, t_model, x0_experts, log_w, cfg.scheme,
+                                                                    resample_generators, want)
+                x, eps_eff = tensors[0], tensors[1]
+                x0_eff = tensors[2] if x0_eff is not None else None
                 did[:, k] = want
-        if proposal is not None and not direct[k]:  # the scheduler's own step (its noise from the same generators)
-            kw = dict(step_kwargs, model_timesteps=t_model) if shifted else dict(step_kwargs)
-            if x0_eff is not None:
-                kw["pred_original_sample"] = x0_eff
-            x = proposal.step(eps_eff.to(x.dtype), t, x, generator=noise_generators, return_dict=True, **kw).prev_sample
-        else:
-            eta = move_eta  # cfg.eta without a proposal; the proposal's on its zero-SNR start
-            noise = normal_like(x, noise_generators) if eta > 0 else None  # per particle, or one batched draw
-            if direct[k]:  # zero terminal SNR: sample rho_s directly (docs/fkc.md "Zero terminal SNR")
-                if x0_experts is None:  # eps models: x0 through the clamped alpha_bar
-                    x0_experts = torch.stack([eps_and_x0(e, x, ab_t_all[k], "epsilon")[1] for e in eps_experts])
-                x = zero_snr_move(x, x0_experts, cfg.betas, ab_s_all[k], eta, noise)
-            else:
-                x = ddim_move(x, eps_eff, ab_t_all[k], ab_s_all[k], eta, noise, x0_eff)
+        x = plan.move(k, t, x, eps_eff, x0_eff, x0_experts, t_model, cfg.betas, noise_generators, x.dtype)
         if on_step is not None:
             new_x = on_step(k, x, log_w)
             x = new_x if isinstance(new_x, torch.Tensor) else x
