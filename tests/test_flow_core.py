@@ -348,3 +348,15 @@ def test_fkc_cfg_is_refused_on_a_guidance_distilled_flux_and_anneal_runs(tmp_pat
     a = gensample.run("fkc", pipe, fkc_target="anneal", guidance_scale=3.5, **common).samples["x"]
     b = gensample.run("fkc", pipe, fkc_target="anneal", guidance_scale=1.0, **common).samples["x"]
     assert np.isfinite(a).all() and not np.allclose(a, b)
+
+
+def test_vp_schedule_reads_a_negative_time_as_past_the_end():
+    """VPSchedule.alpha_bar(-1) is 1 (past the clean end) for an integer time as for a float one (before: an
+    integer -1 indexed the table from its end, alpha_bar_T); integer grid times stay exact table entries."""
+    from gensample.core.schedule import VPSchedule, alphas_cumprod_from_config
+    from gensample.models.loading import DEFAULT_SCHEDULER_CONFIG
+
+    table = alphas_cumprod_from_config(DEFAULT_SCHEDULER_CONFIG).double()
+    s = VPSchedule(table)
+    assert float(s.alpha_bar(torch.tensor(-1))) == 1.0 == float(s.alpha_bar(torch.tensor(-1.0)))
+    assert torch.equal(s.alpha_bar(torch.tensor([0, 500, 999])), table[[0, 500, 999]])

@@ -202,9 +202,9 @@ class VPSchedule(Schedule):
     def alpha_bar(self, t) -> torch.Tensor:
         t = torch.as_tensor(t)
         table = self.alphas_cumprod.to(t.device)
-        if not t.is_floating_point() or bool((t == t.round()).all() and (t >= 0).all()):
+        if bool((t >= 0).all()) and (not t.is_floating_point() or bool((t == t.round()).all())):
             return table[t.long().clamp(max=self.num_train_timesteps - 1)]
-        return alpha_bar_at(table, t)
+        return alpha_bar_at(table, t.double() if not t.is_floating_point() else t)  # fractional, or < 0: past the end
 
     def grid(self, steps: int) -> torch.Tensor:
         from .ddim import timestep_grid
